@@ -1,0 +1,46 @@
+"""Every message on the wire: pydantic models, their JSON Schemas, and compatibility goldens."""
+
+from schemas.envelope import SCHEMA_VERSION, Message, Producer, WireModel
+from schemas.messages import (
+    MESSAGE_TYPES,
+    CheckpointEvent,
+    CheckpointStatus,
+    FileDigest,
+    FilterDecision,
+    OffsetRange,
+    RoutedSample,
+    SamplingParams,
+    Score,
+    ScoredTrajectory,
+    Task,
+    Timings,
+    TrainingStage,
+    Trajectory,
+    Turn,
+    Verdict,
+    VerifierSpec,
+)
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "SCHEMA_VERSION",
+    "CheckpointEvent",
+    "CheckpointStatus",
+    "FileDigest",
+    "FilterDecision",
+    "Message",
+    "OffsetRange",
+    "Producer",
+    "RoutedSample",
+    "SamplingParams",
+    "Score",
+    "ScoredTrajectory",
+    "Task",
+    "Timings",
+    "TrainingStage",
+    "Trajectory",
+    "Turn",
+    "Verdict",
+    "VerifierSpec",
+    "WireModel",
+]
