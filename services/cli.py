@@ -1,0 +1,146 @@
+"""The ``flywheel`` command: local broker, topics, services and benchmarks.
+
+Every command reads the same settings as the services (``FLYWHEEL_...`` environment variables),
+so pointing ``FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS`` at a real cluster moves all of them there.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.common import broker as local_kafka
+from services.common import topics as topic_ops
+from services.common.config import ServiceSettings
+from services.common.errors import FlywheelError
+from services.common.logs import setup_logging
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+kafka_app = typer.Typer(no_args_is_help=True, help="A local single-node Kafka broker (KRaft).")
+topics_app = typer.Typer(no_args_is_help=True, help="Topics as code (deploy/topics.yaml).")
+run_app = typer.Typer(no_args_is_help=True, help="Run one service in the foreground.")
+app.add_typer(kafka_app, name="kafka")
+app.add_typer(topics_app, name="topics")
+app.add_typer(run_app, name="run")
+
+err = Console(stderr=True)
+DataDir = Annotated[
+    Path | None, typer.Option(help="Broker data folder [default: $FLYWHEEL_HOME/kafka, "
+                                   "FLYWHEEL_HOME defaults to ./.flywheel].")
+]
+
+
+@kafka_app.command("install")
+def kafka_install() -> None:
+    """Copy the broker's jars from Maven Central into the cache (skipped when present)."""
+    libs, ran = local_kafka.install()
+    err.print(f"{'installed' if ran else 'already installed'}: {libs}")
+
+
+@kafka_app.command("start")
+def kafka_start(
+    data_dir: DataDir = None,
+    port: Annotated[int, typer.Option(help="Client port on 127.0.0.1.")] = 9092,
+) -> None:
+    """Start the broker in the background and print its bootstrap address once it answers."""
+    broker, started = local_kafka.start(data_dir, port)
+    err.print(
+        f"{'started' if started else 'already running'}: pid {broker.pid}, "
+        f"data {broker.data_dir}"
+    )
+    print(broker.bootstrap)
+
+
+@kafka_app.command("stop")
+def kafka_stop(data_dir: DataDir = None) -> None:
+    """Stop the broker started from the data folder."""
+    err.print("stopped" if local_kafka.stop(data_dir) else "not running")
+
+
+@kafka_app.command("status")
+def kafka_status(data_dir: DataDir = None) -> None:
+    """Print the bootstrap address of the running broker; exit 1 if none runs."""
+    broker = local_kafka.status(data_dir)
+    if broker is None:
+        err.print("not running")
+        raise typer.Exit(1)
+    print(broker.bootstrap)
+
+
+TopicsFile = Annotated[Path, typer.Option("--file", help="Topics declaration.")]
+
+
+@topics_app.command("apply")
+def topics_apply(file: TopicsFile = topic_ops.DEFAULT_TOPICS_FILE) -> None:
+    """Create missing topics and set configs that differ; a second run changes nothing."""
+    settings = ServiceSettings(service="cli")
+    specs = topic_ops.load(file, settings.kafka.topic_prefix)
+    report = topic_ops.apply(topic_ops.admin_client(settings.kafka), specs)
+    for change in report.changes:
+        err.print(f"[green]changed[/] {change}")
+    for warning in report.warnings:
+        err.print(f"[yellow]warning[/] {warning}")
+    if not report.changes:
+        err.print(f"no changes: {len(specs)} topics up to date")
+
+
+@topics_app.command("list")
+def topics_list(file: TopicsFile = topic_ops.DEFAULT_TOPICS_FILE) -> None:
+    """Show the declared topics: partitions, declared configs, end offsets."""
+    settings = ServiceSettings(service="cli")
+    specs = topic_ops.load(file, settings.kafka.topic_prefix)
+    states = topic_ops.describe(topic_ops.admin_client(settings.kafka), specs)
+    table = Table(title=f"topics on {settings.kafka.bootstrap_servers}", show_lines=True)
+    for col in ("topic", "partitions", "configs", "end offsets", "records"):
+        table.add_column(col, justify="right" if col in ("partitions", "records") else "left")
+    for st in states:
+        if not st.exists:
+            table.add_row(st.name, "-", "[red]missing[/]", "-", "-")
+            continue
+        configs = "\n".join(f"{k}={v}" for k, v in st.config.items())
+        ends = " ".join(str(st.end_offsets[p]) for p in sorted(st.end_offsets))
+        table.add_row(st.name, str(st.partitions), configs, ends, str(sum(st.end_offsets.values())))
+    Console(width=max(Console().width, 110)).print(table)
+
+
+@run_app.command("relay")
+def run_relay(
+    input_topic: Annotated[list[str] | None, typer.Option("--input", help="Input topic.")] = None,
+    output_topic: Annotated[str | None, typer.Option("--output", help="Output topic.")] = None,
+    message_type: Annotated[str | None, typer.Option("--type", help="Message type.")] = None,
+) -> None:
+    """Copy validated messages from input topics to an output topic, exactly once."""
+    from services.relay.main import RelaySettings, run
+
+    overrides = {
+        k: v for k, v in {
+            "input_topics": input_topic, "output_topic": output_topic,
+            "message_type": message_type,
+        }.items() if v
+    }
+    raise typer.Exit(run(RelaySettings(**overrides)))
+
+
+@app.command("bench")
+def bench(
+    name: Annotated[str, typer.Argument(help="Benchmark name; `flywheel bench list` lists them.")],
+    out: Annotated[Path, typer.Option(help="Folder for NAME.json.")] = Path("results"),
+) -> None:
+    """Run a benchmark from bench/ and write results/NAME.json."""
+    from bench.runner import main as bench_main
+
+    raise typer.Exit(bench_main([name, "--out", str(out)]))
+
+
+def main() -> None:
+    setup_logging("INFO")
+    try:
+        app()
+    except FlywheelError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(1)

@@ -1,0 +1,219 @@
+"""A real single-node Apache Kafka broker (KRaft) for laptops, development and CI, without Docker.
+
+- ``install``: Maven copies the jars pinned in ``deploy/kafka/pom.xml`` into a cache folder
+  keyed by the pom's hash (``~/.cache/flywheel/kafka/<hash>/libs``); skipped when present.
+- ``start``: renders ``deploy/kafka/server.properties`` into the data folder, formats KRaft
+  storage on first use, starts ``kafka.Kafka`` detached, and returns once the broker answers a
+  metadata request. Starting a broker that is already running from that folder is a no-op.
+- ``stop``: SIGTERM (a clean shutdown flushes logs and releases the controller), SIGKILL only
+  after a timeout.
+
+Java 17+ and Maven must be on PATH. Heap: ``KAFKA_HEAP_OPTS`` as with Kafka's own scripts.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from string import Template
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from services.common.config import DEPLOY_DIR
+from services.common.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+KAFKA_DIR = DEPLOY_DIR / "kafka"
+POM = KAFKA_DIR / "pom.xml"
+DEFAULT_HEAP = "-Xms256m -Xmx1g"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("FLYWHEEL_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return Path(base) / "flywheel" if base else Path.home() / ".cache" / "flywheel"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("FLYWHEEL_HOME", ".flywheel")) / "kafka"
+
+
+def libs_dir(cache: Path | None = None) -> Path:
+    digest = hashlib.sha256(POM.read_bytes()).hexdigest()[:12]
+    return (cache or cache_dir()) / "kafka" / digest / "libs"
+
+
+def install(cache: Path | None = None) -> tuple[Path, bool]:
+    """Copy the broker's jars into the cache. Returns (libs folder, whether anything ran)."""
+    libs = libs_dir(cache)
+    if (libs / ".complete").is_file():
+        return libs, False
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise BrokerError("Maven (mvn) is not on PATH; install it (Debian: apt-get install maven)")
+    tmp = libs.with_name(f"libs.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [
+        mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+        f"-DoutputDirectory={tmp}", "-DincludeScope=runtime",
+    ]
+    log.info("resolving Kafka jars: %s", shlex.join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
+        raise BrokerError(f"mvn failed ({done.returncode}):\n{done.stdout[-4000:]}{done.stderr[-4000:]}")
+    (tmp / ".complete").write_text(POM.read_text(encoding="utf-8"), encoding="utf-8")
+    shutil.rmtree(libs, ignore_errors=True)
+    tmp.rename(libs)
+    return libs, True
+
+
+@dataclass
+class LocalBroker:
+    """A broker started from a data folder; its state is kept in ``<data_dir>/broker.json``."""
+
+    data_dir: str
+    pid: int
+    port: int
+    controller_port: int
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def status(data_dir: Path | None = None) -> LocalBroker | None:
+    """The broker running from ``data_dir``, or None."""
+    state = (data_dir or default_data_dir()) / "broker.json"
+    if not state.is_file():
+        return None
+    broker = LocalBroker(**json.loads(state.read_text(encoding="utf-8")))
+    return broker if _is_kafka(broker.pid) else None
+
+
+def start(
+    data_dir: Path | None = None, port: int = 9092, *, libs: Path | None = None,
+    wait_seconds: float = 120.0,
+) -> tuple[LocalBroker, bool]:
+    """Start a broker (or find the one running). Returns (broker, whether it was started now)."""
+    data = (data_dir or default_data_dir()).resolve()
+    running = status(data)
+    if running is not None:
+        return running, False
+    java = shutil.which("java")
+    if java is None:
+        raise BrokerError("java is not on PATH; Kafka needs Java 17 or newer")
+    libs = libs or libs_dir()
+    if not (libs / ".complete").is_file():
+        raise BrokerError(f"Kafka jars not installed in {libs}; run `flywheel kafka install`")
+    _require_free(port)
+    controller_port = _free_port()
+    data.mkdir(parents=True, exist_ok=True)
+    props = data / "server.properties"
+    props.write_text(
+        Template((KAFKA_DIR / "server.properties").read_text(encoding="utf-8")).substitute(
+            port=port, controller_port=controller_port, log_dir=data / "logs"
+        ),
+        encoding="utf-8",
+    )
+    classpath = ["-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.properties'}"]
+    if not (data / "logs" / "meta.properties").is_file():
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        fmt = subprocess.run(
+            [java, *classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+             "-c", str(props)],
+            capture_output=True, text=True, check=False,
+        )
+        if fmt.returncode != 0:
+            raise BrokerError(f"formatting KRaft storage failed:\n{fmt.stdout[-3000:]}{fmt.stderr[-3000:]}")
+    heap = shlex.split(os.environ.get("KAFKA_HEAP_OPTS", DEFAULT_HEAP))
+    logfile = data / "broker.log"
+    with logfile.open("ab") as out:
+        proc = subprocess.Popen(
+            [java, *heap, "-XX:+UseG1GC", "-Djava.awt.headless=true", *classpath,
+             "kafka.Kafka", str(props)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives the CLI; Ctrl-C in the terminal does not reach it
+        )
+    broker = LocalBroker(str(data), proc.pid, port, controller_port)
+    (data / "broker.json").write_text(json.dumps(asdict(broker)), encoding="utf-8")
+    deadline = time.monotonic() + wait_seconds
+    while not _answers(broker.bootstrap):
+        if proc.poll() is not None:
+            raise BrokerError(f"broker exited with {proc.returncode}; log tail:\n{_tail(logfile)}")
+        if time.monotonic() > deadline:
+            stop(data)
+            raise BrokerError(f"broker did not answer within {wait_seconds:.0f} s:\n{_tail(logfile)}")
+        time.sleep(0.25)
+    return broker, True
+
+
+def stop(data_dir: Path | None = None, timeout: float = 60.0) -> bool:
+    """Stop the broker running from ``data_dir``. Returns whether one was running."""
+    broker = status(data_dir)
+    if broker is None:
+        return False
+    os.kill(broker.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _is_kafka(broker.pid):
+        if time.monotonic() > deadline:
+            log.warning("broker %d did not stop in %.0f s; killing it", broker.pid, timeout)
+            os.kill(broker.pid, signal.SIGKILL)
+        time.sleep(0.2)
+    return True
+
+
+def _answers(bootstrap: str) -> bool:
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _QUIET})
+    try:
+        md = admin.list_topics(timeout=1.0)
+    except KafkaException:
+        return False
+    return bool(md.brokers)
+
+
+def _is_kafka(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    if b"kafka.Kafka" not in cmdline:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is not running
+
+
+def _require_free(port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise BrokerError(f"port {port} is in use; choose another with --port") from exc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+_QUIET = logging.getLogger("flywheel.librdkafka.probe")
+_QUIET.propagate = False
+_QUIET.addHandler(logging.NullHandler())

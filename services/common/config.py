@@ -1,0 +1,155 @@
+"""Configuration shared by every service: Kafka connection, runtime, metrics endpoint, logging.
+
+Settings come from the environment with the prefix ``FLYWHEEL_`` and ``__`` for nesting
+(``FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS=broker:9092``,
+``FLYWHEEL_RUNTIME__DELIVERY=at_least_once``). Each service subclasses :class:`ServiceSettings`
+with its own fields. Secrets are ``SecretStr`` and never printed: :meth:`ServiceSettings.redacted`
+is what gets logged at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
+"""Kafka pom, topics file, Prometheus and Grafana files, in the source checkout."""
+
+TOPIC_NAMES = (
+    "tasks", "raw", "scored", "filtered", "rejected",
+    "accepted.cpt", "accepted.sft", "accepted.rl", "checkpoints", "dlq",
+)
+"""Logical topic names. A deployment prefixes all of them (``KafkaSettings.topic_prefix``)."""
+
+
+class KafkaSettings(BaseModel):
+    """Where the cluster is and how to authenticate; mapped onto librdkafka properties."""
+
+    bootstrap_servers: str = Field(default="127.0.0.1:9092", description="host:port,...")
+    topic_prefix: str = Field(default="flywheel.", description="Prepended to every topic name.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: (
+        Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"] | None
+    ) = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = Field(default=None, description="CA bundle (PEM) path.")
+    ssl_certificate_location: str | None = Field(default=None, description="Client cert path.")
+    ssl_key_location: str | None = Field(default=None, description="Client key path.")
+    ssl_key_password: SecretStr | None = None
+    client_properties: dict[str, str] = Field(
+        default_factory=dict,
+        description="Any further librdkafka property, passed through as is "
+        "(e.g. FLYWHEEL_KAFKA__CLIENT_PROPERTIES='{\"socket.keepalive.enable\": \"true\"}').",
+    )
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a logical name: ``topic("raw") == "flywheel.raw"``."""
+        return f"{self.topic_prefix}{name}"
+
+    def client_config(self) -> dict[str, Any]:
+        """librdkafka properties for connection and security, secrets revealed.
+
+        The client's own log lines go to the ``librdkafka`` Python logger (WARNING and up by
+        default, see ``services.common.logs``) instead of raw stderr.
+        """
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+            "logger": logging.getLogger("librdkafka"),
+        }
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password.get_secret_value() if self.sasl_password else None,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+            "ssl.key.password": (
+                self.ssl_key_password.get_secret_value() if self.ssl_key_password else None
+            ),
+        }
+        conf.update({k: v for k, v in optional.items() if v is not None})
+        conf.update(self.client_properties)
+        return conf
+
+
+class RuntimeSettings(BaseModel):
+    """How the consume-process-produce loop batches, commits and shuts down."""
+
+    delivery: Literal["exactly_once", "at_least_once"] = Field(
+        default="exactly_once",
+        description="exactly_once: one Kafka transaction per batch. at_least_once: offsets "
+        "stored only after every output of a record is acknowledged.",
+    )
+    batch_max_records: int = Field(default=1000, ge=1, le=100_000)
+    batch_max_seconds: float = Field(
+        default=0.5, gt=0, le=60, description="A batch closes at this age even if not full."
+    )
+    transaction_timeout_ms: int = Field(default=60_000, ge=1_000, le=900_000)
+    shutdown_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300, description="Bound on finishing the in-flight batch at stop."
+    )
+    broker_down_seconds: float = Field(
+        default=120.0, gt=0, description="Exit non-zero once every broker was unreachable this long."
+    )
+    lag_interval_seconds: float = Field(default=2.0, gt=0, description="Lag gauge refresh.")
+    group_id: str | None = Field(default=None, description="Defaults to '<prefix><service>'.")
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
+
+class MetricsSettings(BaseModel):
+    """The HTTP endpoint serving /metrics, /healthz and /readyz."""
+
+    enabled: bool = True
+    host: str = Field(default="0.0.0.0", description="Bind address.")
+    port: int = Field(default=9400, ge=0, le=65535, description="0 picks a free port.")
+
+
+class ServiceSettings(BaseSettings):
+    """Base of every service's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLYWHEEL_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    service: str = Field(default="service", description="Service name, used in ids and metrics.")
+    instance_id: str = Field(
+        default_factory=socket.gethostname,
+        description="Stable per replica (a StatefulSet pod name, 'generator-0'): it is part of "
+        "the transactional id, so a restarted replica fences its own zombie. Two live replicas "
+        "must never share it.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    def topic(self, name: str) -> str:
+        return self.kafka.topic(name)
+
+    @property
+    def group_id(self) -> str:
+        return self.runtime.group_id or f"{self.kafka.topic_prefix}{self.service}"
+
+    @property
+    def transactional_id(self) -> str:
+        return f"{self.group_id}.{self.instance_id}"
+
+    def redacted(self) -> dict[str, Any]:
+        """The resolved settings as plain data, fit to log: secrets show as '**********'.
+
+        ``SecretStr`` fields dump masked; pass-through client properties whose name mentions a
+        secret (``sasl.oauthbearer.client.secret``, ``ssl.keystore.password``) are masked too.
+        """
+        data = self.model_dump(mode="json")
+        props = data["kafka"]["client_properties"]
+        for key in props:
+            if any(word in key for word in ("password", "secret", "token", "jaas")):
+                props[key] = "**********"
+        return data

@@ -1,0 +1,206 @@
+"""Topics as code: load ``deploy/topics.yaml``, make the cluster match it, and describe it.
+
+``apply`` is convergent and additive: it creates missing topics, sets declared configs that
+differ, and adds partitions where fewer exist than declared. It never deletes a topic, never
+removes a config it does not declare, and cannot remove partitions (Kafka cannot), so it reports
+that as a warning. A second ``apply`` right after the first makes no change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewPartitions,
+    NewTopic,
+    OffsetSpec,
+)
+from pydantic import BaseModel, Field, field_validator
+
+from services.common.config import DEPLOY_DIR, TOPIC_NAMES, KafkaSettings
+from services.common.errors import ConfigError, FlywheelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOPICS_FILE = DEPLOY_DIR / "topics.yaml"
+TIMEOUT = 30.0
+
+
+def _strings(value: dict[str, Any] | None) -> dict[str, str]:
+    # Kafka configs are strings; YAML would hand us ints and bools.
+    return {str(k): str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in (value or {}).items()}
+
+
+class TopicOverride(BaseModel):
+    model_config = {"extra": "forbid"}
+    partitions: int | None = Field(default=None, ge=1)
+    replication_factor: int | None = Field(default=None, ge=1)
+    config: dict[str, str] = Field(default_factory=dict)
+
+    _coerce = field_validator("config", mode="before")(lambda v: _strings(v))
+
+
+class TopicsFile(BaseModel):
+    """The schema of ``topics.yaml``."""
+
+    model_config = {"extra": "forbid"}
+    defaults: TopicOverride = Field(default_factory=TopicOverride)
+    topics: dict[str, TopicOverride | None]
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One topic as it should be: full name, partitions, replication, declared configs."""
+
+    name: str
+    partitions: int
+    replication_factor: int | None
+    config: dict[str, str]
+
+
+@dataclass
+class ApplyReport:
+    changes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TopicState:
+    name: str
+    exists: bool
+    partitions: int
+    config: dict[str, str]
+    end_offsets: dict[int, int]
+
+
+def load(path: Path = DEFAULT_TOPICS_FILE, prefix: str = "flywheel.") -> list[TopicSpec]:
+    """Parse and validate the topics file; every logical flywheel topic must be declared."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read topics file {path}: {exc}") from exc
+    spec = TopicsFile.model_validate(raw)
+    missing = [n for n in TOPIC_NAMES if n not in spec.topics]
+    if missing:
+        raise ConfigError(f"{path} does not declare: {', '.join(missing)}")
+    d = spec.defaults
+    out = []
+    for name, override in spec.topics.items():
+        o = override or TopicOverride()
+        out.append(TopicSpec(
+            name=f"{prefix}{name}",
+            partitions=o.partitions or d.partitions or 1,
+            replication_factor=o.replication_factor or d.replication_factor,
+            config=d.config | o.config,
+        ))
+    return out
+
+
+def admin_client(kafka: KafkaSettings) -> AdminClient:
+    return AdminClient(kafka.client_config())
+
+
+def apply(admin: AdminClient, specs: list[TopicSpec]) -> ApplyReport:
+    """Make the cluster match ``specs``; see the module docstring for what that means."""
+    report = ApplyReport()
+    existing = _partition_counts(admin)
+    to_create = [s for s in specs if s.name not in existing]
+    if to_create:
+        futures = admin.create_topics(
+            [NewTopic(s.name, s.partitions, s.replication_factor or -1, config=s.config)
+             for s in to_create],
+            request_timeout=TIMEOUT,
+        )
+        for s in to_create:
+            _wait(futures[s.name], f"create topic {s.name}")
+            report.changes.append(f"created {s.name} ({s.partitions} partitions)")
+    present = [s for s in specs if s.name in existing]
+    actual = _configs(admin, [s.name for s in present])
+    for s in present:
+        differing = {k: v for k, v in s.config.items() if actual[s.name].get(k) != v}
+        if differing:
+            resource = ConfigResource(
+                ConfigResource.Type.TOPIC, s.name,
+                incremental_configs=[
+                    ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+                    for k, v in sorted(differing.items())
+                ],
+            )
+            for fut in admin.incremental_alter_configs([resource]).values():
+                _wait(fut, f"alter configs of {s.name}")
+            for k, v in sorted(differing.items()):
+                report.changes.append(f"{s.name}: {k} {actual[s.name].get(k)!r} -> {v!r}")
+        have = existing[s.name]
+        if have < s.partitions:
+            fut = admin.create_partitions([NewPartitions(s.name, s.partitions)])[s.name]
+            _wait(fut, f"add partitions to {s.name}")
+            report.changes.append(f"{s.name}: partitions {have} -> {s.partitions}")
+            report.warnings.append(
+                f"{s.name}: more partitions re-map keys; records of one group written before "
+                "and after the change may sit in different partitions"
+            )
+        elif have > s.partitions:
+            report.warnings.append(
+                f"{s.name} has {have} partitions, {s.partitions} declared; Kafka cannot remove "
+                "partitions, left as is"
+            )
+    return report
+
+
+def describe(admin: AdminClient, specs: list[TopicSpec]) -> list[TopicState]:
+    """Each declared topic's partitions, declared configs as set on the cluster, end offsets."""
+    existing = _partition_counts(admin)
+    present = [s.name for s in specs if s.name in existing]
+    configs = _configs(admin, present)
+    request = {
+        TopicPartition(name, p): OffsetSpec.latest()
+        for name in present for p in range(existing[name])
+    }
+    ends: dict[str, dict[int, int]] = {name: {} for name in present}
+    if request:
+        for tp, fut in admin.list_offsets(request, request_timeout=TIMEOUT).items():
+            ends[tp.topic][tp.partition] = _wait(fut, f"list offsets of {tp.topic}").offset
+    out = []
+    for s in specs:
+        if s.name in existing:
+            declared = {k: configs[s.name].get(k, "") for k in sorted(s.config)}
+            out.append(TopicState(s.name, True, existing[s.name], declared, ends[s.name]))
+        else:
+            out.append(TopicState(s.name, False, 0, {}, {}))
+    return out
+
+
+def _partition_counts(admin: AdminClient) -> dict[str, int]:
+    try:
+        md = admin.list_topics(timeout=TIMEOUT)
+    except KafkaException as exc:
+        raise FlywheelError(f"cannot reach the Kafka cluster: {exc.args[0]}") from exc
+    return {name: len(t.partitions) for name, t in md.topics.items()}
+
+
+def _configs(admin: AdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+    if not names:
+        return {}
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, n) for n in names]
+    out = {}
+    for res, fut in admin.describe_configs(resources, request_timeout=TIMEOUT).items():
+        entries = _wait(fut, f"describe configs of {res.name}")
+        out[res.name] = {k: e.value for k, e in entries.items()}
+    return out
+
+
+def _wait(future: Any, what: str) -> Any:
+    try:
+        return future.result()
+    except KafkaException as exc:
+        raise FlywheelError(f"{what} failed: {exc.args[0]}") from exc
