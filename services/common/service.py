@@ -1,0 +1,66 @@
+"""Running a stage as a service: the top-level error boundary every entry point goes through.
+
+``serve`` logs the resolved config (secrets redacted), starts the health endpoint, turns
+SIGTERM/SIGINT into a graceful stop, runs the runtime, and returns the process exit code:
+0 after a requested stop, 1 after a fatal error (logged with its reason).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from services.common.config import ServiceSettings
+from services.common.errors import FlywheelError
+from services.common.logs import setup_logging
+from services.common.metrics import HealthServer
+from services.common.runtime import StreamRuntime
+from services.common.stage import Stage
+
+log = logging.getLogger(__name__)
+
+
+def serve(settings: ServiceSettings, stage: Stage[Any], input_topics: Sequence[str]) -> int:
+    setup_logging(settings.log_level)
+    log.info("config: %s", json.dumps(settings.redacted(), sort_keys=True))
+    runtime = StreamRuntime(settings, stage, input_topics)
+    health = None
+    if settings.metrics.enabled:
+        health = HealthServer(
+            settings.metrics.host, settings.metrics.port,
+            alive=lambda: runtime.alive, ready=lambda: runtime.ready,
+        ).start()
+    restore = _stop_on_signals(runtime)
+    try:
+        runtime.run()
+    except FlywheelError as exc:
+        log.error("%s stopped: %s", settings.service, exc)
+        return 1
+    finally:
+        restore()
+        if health is not None:
+            health.close()
+    return 0
+
+
+def _stop_on_signals(runtime: StreamRuntime) -> Any:
+    """SIGTERM and SIGINT ask the runtime to stop; returns a function restoring the handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, finishing the batch in flight", signal.Signals(signum).name)
+        runtime.stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore

@@ -1,0 +1,108 @@
+"""What a stage is, and the pure part of handling a batch: decode, process, isolate failures.
+
+A stage is plain Python over typed records: it never imports ``confluent_kafka``, never sees an
+offset and never commits. :class:`~services.common.runtime.StreamRuntime` feeds it batches and
+owns everything Kafka. Unit tests call ``stage.process`` directly.
+
+Stages must be pure with respect to the batch: calling ``process`` twice on the same records
+yields the same outputs. The runtime relies on that when it re-runs a failed batch record by
+record to find the one that raised, and when an aborted transaction replays a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from pydantic import ValidationError
+
+from schemas import Message
+
+In = TypeVar("In", bound=Message)
+In_contra = TypeVar("In_contra", bound=Message, contravariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One record to produce: the full topic name, the message, and optionally its key.
+
+    Without a key, the message's own ``partition_key()`` is used.
+    """
+
+    topic: str
+    value: Message
+    key: str | None = None
+
+
+class Stage(Protocol[In_contra]):
+    """A transformation from a batch of input messages to output records."""
+
+    @property
+    def input_type(self) -> type[Message]:
+        """The message type of every input topic; records that fail it are dead-lettered."""
+        ...
+
+    def process(self, batch: Sequence[In_contra]) -> list[Output]:
+        """Outputs for the whole batch. Raise to reject; see :func:`apply_stage`."""
+        ...
+
+
+class DecodeFailure(Exception):
+    """A record value that is not a valid message; ``kind`` is 'decode' or 'schema'."""
+
+    def __init__(self, kind: str, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.cause = cause
+
+
+def decode(model: type[In], value: bytes | None) -> In:
+    """Parse one record value, telling undecodable bytes ('decode') from a bad shape ('schema')."""
+    if value is None:
+        raise DecodeFailure("decode", "record has no value (tombstone)")
+    try:
+        return model.from_bytes(value)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        kind = "decode" if errors and errors[0]["type"] in {"json_invalid", "json_type"} else "schema"
+        raise DecodeFailure(kind, _summary(exc), exc) from exc
+
+
+def _summary(exc: ValidationError, limit: int = 5) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:limit]:
+        where = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{where}: {err['msg']}")
+    more = exc.error_count() - limit
+    return f"{exc.title}: " + "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+@dataclass(slots=True)
+class StageResult(Generic[In]):
+    outputs: list[Output]
+    failed: list[tuple[int, BaseException]]
+    """Index into the batch, and what the stage raised on that record alone."""
+
+
+def apply_stage(stage: Stage[In], batch: Sequence[In]) -> StageResult[In]:
+    """Run ``stage`` on ``batch``; if it raises, run it record by record to isolate the culprits.
+
+    A record that raises when processed alone is reported in ``failed`` (it goes to the DLQ);
+    the others' outputs are kept. Batch-level stages (group assembly, batched model calls) see
+    the whole batch in the common case and single records only after a failure.
+    """
+    if not batch:
+        return StageResult([], [])
+    try:
+        return StageResult(stage.process(batch), [])
+    except Exception:  # noqa: BLE001 - isolated per record below, then dead-lettered
+        pass
+    outputs: list[Output] = []
+    failed: list[tuple[int, BaseException]] = []
+    for i, record in enumerate(batch):
+        try:
+            outputs.extend(stage.process([record]))
+        except Exception as exc:  # noqa: BLE001 - the per-record boundary: to the DLQ
+            failed.append((i, exc))
+    return StageResult(outputs, failed)

@@ -1,0 +1,51 @@
+"""Fixtures. Integration tests share one real Kafka broker per session.
+
+The broker comes from ``FLYWHEEL_TEST_BOOTSTRAP`` if set (an existing cluster), otherwise it is
+started from the jars ``flywheel kafka install`` put in the cache (installed here if missing),
+in a temporary folder on a free port, and stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.common import broker as local_kafka
+from tests.kafka import Broker
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    existing = os.environ.get("FLYWHEEL_TEST_BOOTSTRAP")
+    if existing:
+        yield Broker(existing)
+        return
+    local_kafka.install()
+    data = tmp_path_factory.mktemp("kafka")
+    started, _ = local_kafka.start(data, _free_port())
+    try:
+        yield Broker(started.bootstrap)
+    finally:
+        local_kafka.stop(data)
+
+
+@pytest.fixture
+def uid() -> str:
+    """A short unique suffix for topic and group names, so tests never share state."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]

@@ -1,0 +1,188 @@
+"""The streaming runtime against a real broker: dead letters, metrics, readiness, delivery modes."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+import pytest
+
+from schemas import Task
+from services.common.errors import FatalRuntimeError
+from services.common.metrics import HealthServer
+from services.common.runtime import StreamRuntime
+from services.common.stage import Output
+from services.relay.stage import RelayStage
+from tests import factories
+from tests.integration.runners import InThread, settings
+from tests.kafka import Broker, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+class BoomStage:
+    """Relays tasks, but raises on any batch holding a prompt with 'boom' in it."""
+
+    input_type = Task
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+
+    def process(self, batch: Sequence[Task]) -> list[Output]:
+        for t in batch:
+            if "boom" in t.prompt:
+                raise RuntimeError(f"cannot handle {t.task_id}")
+        return [Output(self.output, t) for t in batch]
+
+
+def _scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+def _sample(body: str, name: str, **labels: str) -> float | None:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in body.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None if want else None
+
+
+def test_poison_records_go_to_the_dlq_and_the_rest_comes_out(kafka: Broker, uid: str) -> None:
+    src, out, dlq = f"in-{uid}", f"out-{uid}", f"dlq-{uid}"
+    kafka.create_topics([src, out, dlq], partitions=3)
+    boom = factories.task(99)
+    boom.prompt = "boom"
+    bad = {
+        b"bad-utf8": (b"\xff\xfe\x00not utf-8", "decode"),
+        b"bad-json": (b'{"task_id": "t", "env": ', "decode"),
+        b"bad-schema": (json.dumps({"task_id": "t", "env": "x"}).encode(), "schema"),
+        b"bad-stage": (boom.to_bytes(), "stage"),
+    }
+    records: list[tuple[bytes | None, bytes | None]] = []
+    for i in range(12):
+        records.append((f"ok-{i}".encode(), factories.task(i).to_bytes()))
+        if i % 3 == 0:
+            key = list(bad)[i // 3]
+            records.append((key, bad[key][0]))
+    kafka.produce(src, records, headers=[("trace-id", b"t-1")])
+    sources = {m.key(): m for m in kafka.read_all(src)}
+
+    service = f"dlq{uid}"
+    rt = StreamRuntime(settings(kafka.bootstrap, service), BoomStage(out), [src], dlq_topic=dlq)
+    with InThread(rt) as running:
+        wait_until(lambda: len(kafka.read_all(out)) == 12 and len(kafka.read_all(dlq)) == 4,
+                   60, "12 outputs and 4 dead letters")
+    assert running.error is None
+
+    assert sorted(Task.from_bytes(m.value()).task_id for m in kafka.read_all(out)) == sorted(
+        f"arith-{i}" for i in range(12)
+    )
+    letters = {m.key(): m for m in kafka.read_all(dlq)}
+    assert set(letters) == set(bad)
+    for key, (value, kind) in bad.items():
+        letter, source = letters[key], sources[key]
+        headers = dict(letter.headers())
+        assert letter.value() == value, "the original bytes are kept"
+        assert headers["flywheel-error-type"] == kind.encode()
+        assert headers["flywheel-error-class"] in (b"ValidationError", b"RuntimeError")
+        assert headers["flywheel-error-message"]
+        assert headers["flywheel-source-topic"] == src.encode()
+        assert headers["flywheel-source-partition"] == str(source.partition()).encode()
+        assert headers["flywheel-source-offset"] == str(source.offset()).encode()
+        assert headers["flywheel-service"] == service.encode()
+        assert headers["trace-id"] == b"t-1"
+    assert b"cannot handle arith-99" in dict(letters[b"bad-stage"].headers())[
+        "flywheel-error-message"
+    ]
+
+
+def test_metrics_move_lag_returns_to_zero_and_readiness_follows_assignment(
+    kafka: Broker, uid: str
+) -> None:
+    """Two instances, one partition: exactly one is assigned, so exactly one is ready."""
+    src, out = f"in-{uid}", f"out-{uid}"
+    kafka.create_topics([src, out, f"flywheel.dlq-{uid}"], partitions=1)
+    n = 20_000
+    kafka.produce(src, ((None, factories.task(i).to_bytes()) for i in range(n)))
+    service = f"metrics{uid}"
+    runtimes, servers = [], []
+    for i in range(2):
+        s = settings(kafka.bootstrap, service, batch_max_records=100)
+        s.instance_id = f"i{i}"
+        rt = StreamRuntime(s, RelayStage(Task, out), [src], dlq_topic=f"flywheel.dlq-{uid}")
+        runtimes.append(rt)
+        servers.append(HealthServer("127.0.0.1", 0, alive=lambda rt=rt: rt.alive,
+                                    ready=lambda rt=rt: rt.ready).start())
+    ports = [srv.port for srv in servers]
+    try:
+        assert [_scrape(p, "/readyz")[0] for p in ports] == [503, 503]
+        with InThread(runtimes[0]) as first, InThread(runtimes[1]) as second:
+            lags, consumed = [], []
+            def progressed() -> bool:
+                body = _scrape(ports[0])[1]
+                lag = _sample(body, "flywheel_runtime_consumer_lag_records", service=service)
+                if lag is not None:
+                    lags.append(lag)
+                consumed.append(_sample(body, "flywheel_runtime_records_consumed_total",
+                                        service=service, topic=src) or 0.0)
+                return consumed[-1] >= n and lags[-1:] == [0.0]
+            wait_until(progressed, 120, "all records consumed and lag back to 0", interval=0.05)
+            assert max(lags) > 0, "lag was never seen above 0 while a backlog existed"
+            assert consumed == sorted(consumed) and len(set(consumed)) > 2, "counter moved"
+
+            body = _scrape(ports[0])[1]
+            assert _sample(body, "flywheel_runtime_records_produced_total",
+                           service=service, topic=out) == n
+            assert (_sample(body, "flywheel_runtime_transactions_total", service=service,
+                            outcome="committed") or 0) >= n / 100
+            assert re.search(rf'flywheel_runtime_batch_seconds_count{{service="{service}"}}', body)
+            readiness = sorted(_scrape(p, "/readyz")[0] for p in ports)
+            assert readiness == [200, 503]
+            assert [_scrape(p, "/healthz")[0] for p in ports] == [200, 200]
+
+            # The assigned instance leaves: the other takes the partition over and gets ready.
+            active = 0 if runtimes[0].ready else 1
+            (first if active == 0 else second).__exit__()
+            other = ports[1 - active]
+            wait_until(lambda: _scrape(other, "/readyz")[0] == 200, 60, "failover readiness")
+            assert _scrape(ports[active], "/healthz")[0] == 503
+        assert first.error is None and second.error is None
+    finally:
+        for srv in servers:
+            srv.close()
+    assert len(kafka.read_all(out)) == n
+
+
+def test_at_least_once_delivers_everything_and_commits_after_delivery(
+    kafka: Broker, uid: str
+) -> None:
+    src, out = f"in-{uid}", f"out-{uid}"
+    kafka.create_topics([src, out], partitions=3)
+    n = 5000
+    kafka.produce(src, ((None, factories.task(i).to_bytes()) for i in range(n)))
+    service = f"alo{uid}"
+    s = settings(kafka.bootstrap, service, delivery="at_least_once")
+    with InThread(StreamRuntime(s, RelayStage(Task, out), [src])) as running:
+        wait_until(lambda: sum(kafka.committed(s.group_id, src).values()) == n, 60,
+                   "offsets of every input committed")
+    assert running.error is None
+    ids = [Task.from_bytes(m.value()).task_id for m in kafka.read_all(out)]
+    assert sorted(set(ids)) == sorted(f"arith-{i}" for i in range(n))
+    assert kafka.committed(s.group_id, src) == kafka.end_offsets(src)
+
+
+def test_a_missing_input_topic_stops_the_service_with_a_clear_error(
+    kafka: Broker, uid: str
+) -> None:
+    s = settings(kafka.bootstrap, f"missing{uid}")
+    rt = StreamRuntime(s, RelayStage(Task, f"out-{uid}"), [f"no-such-topic-{uid}"])
+    with pytest.raises(FatalRuntimeError, match="topics apply"):
+        rt.run()
+    assert not rt.alive

@@ -1,0 +1,116 @@
+"""Helpers for integration tests against a real broker: topics, producing, reading back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+
+@dataclass(frozen=True)
+class Broker:
+    bootstrap: str
+
+    def admin(self) -> AdminClient:
+        return AdminClient({"bootstrap.servers": self.bootstrap})
+
+    def create_topics(self, names: Iterable[str], partitions: int = 3) -> None:
+        admin = self.admin()  # must outlive its futures
+        futures = admin.create_topics([NewTopic(n, partitions, 1) for n in names])
+        for fut in futures.values():
+            fut.result()
+
+    def produce(
+        self, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> int:
+        """Produce (key, value) pairs and wait until all are acknowledged."""
+        producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        errors: list[KafkaError] = []
+
+        def report(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                errors.append(err)
+
+        n = 0
+        for key, value in records:
+            while True:
+                try:
+                    producer.produce(topic, value, key, headers=headers, on_delivery=report)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            n += 1
+        assert producer.flush(60) == 0, "records left unacknowledged"
+        assert not errors, errors
+        return n
+
+    def end_offsets(self, topic: str, isolation: str = "read_committed") -> dict[int, int]:
+        consumer = Consumer({
+            "bootstrap.servers": self.bootstrap, "group.id": "offsets-probe",
+            "isolation.level": isolation,
+        })
+        try:
+            md = consumer.list_topics(topic, timeout=10)
+            return {
+                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in md.topics[topic].partitions
+            }
+        finally:
+            consumer.close()
+
+    def read_all(
+        self, topic: str, *, isolation: str = "read_committed", timeout: float = 60,
+    ) -> list[Message]:
+        """Every record of ``topic`` up to the end offsets as of now (for read_committed: the
+        last stable offset, so a transaction still open is not waited for)."""
+        ends = self.end_offsets(topic, isolation)
+        consumer = Consumer({
+            "bootstrap.servers": self.bootstrap, "group.id": "reader",
+            "isolation.level": isolation, "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        })
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        out: list[Message] = []
+        done = {p for p, end in ends.items() if end == 0}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(done) < len(ends):
+                assert time.monotonic() < deadline, f"reading {topic} timed out"
+                for msg in consumer.consume(1000, 0.5):
+                    err = msg.error()
+                    if err is not None:
+                        assert err.code() == KafkaError._PARTITION_EOF, err
+                        if msg.offset() >= ends[msg.partition()]:
+                            done.add(msg.partition())
+                        continue
+                    out.append(msg)
+                    if msg.offset() + 1 >= ends[msg.partition()]:
+                        done.add(msg.partition())
+        finally:
+            consumer.close()
+        return out
+
+    def committed(self, group: str, topic: str) -> dict[int, int]:
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group})
+        try:
+            md = consumer.list_topics(topic, timeout=10)
+            tps = [TopicPartition(topic, p) for p in md.topics[topic].partitions]
+            return {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
+        finally:
+            consumer.close()
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)

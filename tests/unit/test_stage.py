@@ -1,0 +1,84 @@
+"""The pure half of the runtime: decoding, failure isolation, the relay stage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from schemas import Task
+from services.common.stage import DecodeFailure, Output, apply_stage, decode
+from services.relay.stage import RelayStage
+from tests import factories
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        (b"\xff\xfe not utf-8", "decode"),
+        (b"{not json", "decode"),
+        (None, "decode"),
+        (b'"just a string"', "schema"),
+        (b'{"task_id": "t"}', "schema"),
+        (b'{"task_id": "t", "env": "arithmetic", "prompt": "1+1", "difficulty": -1}', "schema"),
+    ],
+)
+def test_decode_tells_bad_bytes_from_bad_shape(value: bytes | None, kind: str) -> None:
+    with pytest.raises(DecodeFailure) as info:
+        decode(Task, value)
+    assert info.value.kind == kind
+    assert str(info.value)
+
+
+def test_decode_names_the_failing_fields() -> None:
+    with pytest.raises(DecodeFailure, match="env: Field required"):
+        decode(Task, b'{"task_id": "t", "prompt": "p"}')
+
+
+class Fussy:
+    """Raises on any batch holding a task whose prompt says 'boom'; counts calls."""
+
+    input_type = Task
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def process(self, batch: Sequence[Task]) -> list[Output]:
+        self.calls.append(len(batch))
+        if any("boom" in t.prompt for t in batch):
+            raise ValueError("boom in prompt")
+        return [Output("out", t) for t in batch]
+
+
+def test_apply_stage_runs_the_whole_batch_when_nothing_fails() -> None:
+    stage = Fussy()
+    batch = [factories.task(i) for i in range(5)]
+    result = apply_stage(stage, batch)
+    assert [o.value for o in result.outputs] == batch
+    assert result.failed == []
+    assert stage.calls == [5]
+
+
+def test_apply_stage_isolates_the_records_that_raise() -> None:
+    stage = Fussy()
+    batch = [factories.task(i) for i in range(6)]
+    batch[1].prompt = "boom"
+    batch[4].prompt = "boom again"
+    result = apply_stage(stage, batch)
+    assert [o.value.task_id for o in result.outputs] == ["arith-0", "arith-2", "arith-3", "arith-5"]
+    assert [i for i, _ in result.failed] == [1, 4]
+    assert all(isinstance(e, ValueError) for _, e in result.failed)
+    assert stage.calls == [6, 1, 1, 1, 1, 1, 1]
+
+
+def test_apply_stage_on_empty_batch_does_not_call_the_stage() -> None:
+    stage = Fussy()
+    assert apply_stage(stage, []).outputs == []
+    assert stage.calls == []
+
+
+def test_relay_forwards_each_record_unchanged() -> None:
+    batch = [factories.task(i) for i in range(3)]
+    outputs = RelayStage(Task, "copy").process(batch)
+    assert [(o.topic, o.value) for o in outputs] == [("copy", t) for t in batch]
+    assert all(o.key is None for o in outputs)
