@@ -1,1 +1,1 @@
-"""Benchmarks: each compares against a baseline measured in the same run, writes results/NAME.json."""
+"""Benchmarks: each measures a baseline in the same run and writes results/NAME.json."""

@@ -59,7 +59,7 @@ class Message(WireModel):
     )
 
     message_type: ClassVar[str]
-    """Name written into the ``flywheel-type`` record header and used for the JSON Schema file."""
+    """The type's name, as used for its JSON Schema file and in ``MESSAGE_TYPES``."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

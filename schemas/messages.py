@@ -72,12 +72,11 @@ class Turn(WireModel):
 
     @model_validator(mode="after")
     def _aligned(self) -> Turn:
-        if self.token_ids is not None and self.logprobs is not None:
-            if len(self.token_ids) != len(self.logprobs):
-                raise ValueError(
-                    f"token_ids ({len(self.token_ids)}) and logprobs ({len(self.logprobs)}) "
-                    "must have the same length"
-                )
+        ids, lps = self.token_ids, self.logprobs
+        if ids is not None and lps is not None and len(ids) != len(lps):
+            raise ValueError(
+                f"token_ids ({len(ids)}) and logprobs ({len(lps)}) must have the same length"
+            )
         return self
 
 
@@ -255,4 +254,4 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     m.message_type: m
     for m in (Task, Trajectory, ScoredTrajectory, FilterDecision, RoutedSample, CheckpointEvent)
 }
-"""Every top-level message type by name (the ``flywheel-type`` header value)."""
+"""Every top-level message type by name."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -117,7 +117,7 @@ def run_relay(
     """Copy validated messages from input topics to an output topic, exactly once."""
     from services.relay.main import RelaySettings, run
 
-    overrides = {
+    overrides: dict[str, Any] = {
         k: v for k, v in {
             "input_topics": input_topic, "output_topic": output_topic,
             "message_type": message_type,

@@ -95,11 +95,12 @@ class Broker:
         return out
 
     def committed(self, group: str, topic: str) -> dict[int, int]:
+        """Committed offset per partition; 0 where the group committed nothing yet."""
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group})
         try:
             md = consumer.list_topics(topic, timeout=10)
             tps = [TopicPartition(topic, p) for p in md.topics[topic].partitions]
-            return {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
+            return {tp.partition: max(0, tp.offset) for tp in consumer.committed(tps, timeout=10)}
         finally:
             consumer.close()
 

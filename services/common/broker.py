@@ -28,6 +28,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from string import Template
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
@@ -73,7 +74,8 @@ def install(cache: Path | None = None) -> tuple[Path, bool]:
     log.info("resolving Kafka jars: %s", shlex.join(cmd))
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
-        raise BrokerError(f"mvn failed ({done.returncode}):\n{done.stdout[-4000:]}{done.stderr[-4000:]}")
+        output = done.stdout[-4000:] + done.stderr[-4000:]
+        raise BrokerError(f"mvn failed ({done.returncode}):\n{output}")
     (tmp / ".complete").write_text(POM.read_text(encoding="utf-8"), encoding="utf-8")
     shutil.rmtree(libs, ignore_errors=True)
     tmp.rename(libs)
@@ -128,7 +130,8 @@ def start(
         ),
         encoding="utf-8",
     )
-    classpath = ["-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.properties'}"]
+    log4j = KAFKA_DIR / "log4j2.properties"
+    classpath = ["-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={log4j}"]
     if not (data / "logs" / "meta.properties").is_file():
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         fmt = subprocess.run(
@@ -137,7 +140,8 @@ def start(
             capture_output=True, text=True, check=False,
         )
         if fmt.returncode != 0:
-            raise BrokerError(f"formatting KRaft storage failed:\n{fmt.stdout[-3000:]}{fmt.stderr[-3000:]}")
+            output = fmt.stdout[-3000:] + fmt.stderr[-3000:]
+            raise BrokerError(f"formatting KRaft storage failed:\n{output}")
     heap = shlex.split(os.environ.get("KAFKA_HEAP_OPTS", DEFAULT_HEAP))
     logfile = data / "broker.log"
     with logfile.open("ab") as out:
@@ -155,7 +159,9 @@ def start(
             raise BrokerError(f"broker exited with {proc.returncode}; log tail:\n{_tail(logfile)}")
         if time.monotonic() > deadline:
             stop(data)
-            raise BrokerError(f"broker did not answer within {wait_seconds:.0f} s:\n{_tail(logfile)}")
+            raise BrokerError(
+                f"broker did not answer within {wait_seconds:.0f} s:\n{_tail(logfile)}"
+            )
         time.sleep(0.25)
     return broker, True
 
@@ -176,7 +182,8 @@ def stop(data_dir: Path | None = None, timeout: float = 60.0) -> bool:
 
 
 def _answers(bootstrap: str) -> bool:
-    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _QUIET})
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _QUIET}
+    admin = AdminClient(conf)
     try:
         md = admin.list_topics(timeout=1.0)
     except KafkaException:

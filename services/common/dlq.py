@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 MAX_MESSAGE_BYTES = 4096
 
+Headers = list[tuple[str, str | bytes | None]]
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
@@ -36,13 +38,13 @@ class DeadLetter:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
+    headers: Headers
 
-    def record_headers(self, service: str, instance: str) -> list[tuple[str, bytes]]:
+    def record_headers(self, service: str, instance: str) -> Headers:
         text = self.message.encode("utf-8", "replace")
         if len(text) > MAX_MESSAGE_BYTES:
             text = text[: MAX_MESSAGE_BYTES - 3] + b"..."
-        ours = [
+        ours: Headers = [
             ("flywheel-error-type", self.kind.encode()),
             ("flywheel-error-class", self.error_class.encode()),
             ("flywheel-error-message", text),

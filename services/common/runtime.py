@@ -18,10 +18,12 @@ is rewound to the batch's first offsets, so the batch is processed again. The
 ``transactional.id`` is stable per instance: a restarted instance calling
 ``init_transactions`` aborts its predecessor's open transaction and fences it.
 
-At-least-once: an idempotent producer without transactions. A batch's input offsets are stored
-(and auto-committed) only once every output and dead letter of that batch, and of every batch
-before it, is acknowledged by the broker. A crash replays the uncommitted tail, so outputs may
-repeat; none is lost.
+At-least-once: an idempotent producer without transactions. A batch's input offsets are
+stored, and then auto-committed by the consumer, only after a producer flush has confirmed
+every output and dead letter of that batch. The flush for batch N runs just before batch N+1
+is produced (or when the loop idles, or partitions are revoked, or at stop), so the broker
+acknowledges N while N+1 is consumed and processed. A crash replays what was not committed,
+so outputs may repeat; none is lost.
 
 Errors: a record-level failure never stops the service (the DLQ boundary). Anything else, a
 fenced producer, an undeliverable output, a broker unreachable past ``broker_down_seconds``, a
@@ -38,44 +40,50 @@ import contextlib
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from confluent_kafka import (
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message as KafkaMessage,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Message as KafkaMessage
+from pydantic import ValidationError
 
-from schemas import Message, Producer as ProducerInfo
+from schemas import Message
+from schemas import Producer as ProducerInfo
 from services.common import metrics as m
 from services.common.config import ServiceSettings
-from services.common.dlq import DeadLetter
+from services.common.dlq import DeadLetter, Headers
 from services.common.errors import FatalRuntimeError
-from services.common.stage import DecodeFailure, Stage, apply_stage, decode
+from services.common.stage import DecodeFailure, Output, Stage, apply_stage, decode
 
 log = logging.getLogger(__name__)
 
-TYPE_HEADER = "flywheel-type"
 
+class _Sources:
+    """The bytes each decoded input record was read as, for outputs that forward it."""
 
-@dataclass(slots=True)
-class _Acks:
-    """At-least-once bookkeeping for one batch: outputs not yet acknowledged, offsets to store."""
+    __slots__ = ("_by_id", "_next", "_raw", "_records")
 
-    offsets: list[TopicPartition]
-    remaining: int = 0
-    error: KafkaError | None = None
+    def __init__(self, records: list[Message], raw: list[bytes | None]) -> None:
+        self._records, self._raw = records, raw
+        self._by_id: dict[int, bytes | None] | None = None
+        self._next = 0
 
-    def ack(self, err: KafkaError | None, _msg: KafkaMessage) -> None:
-        self.remaining -= 1
-        if err is not None and self.error is None:
-            self.error = err
+    def raw(self, record: Message) -> bytes | None:
+        # Stages that forward usually do so in input order: try the next record first.
+        i = self._next
+        if i < len(self._records) and self._records[i] is record:
+            self._next = i + 1
+            return self._raw[i]
+        if self._by_id is None:  # built on the first out-of-order forward only
+            pairs = zip(self._records, self._raw, strict=True)
+            self._by_id = {id(r): raw for r, raw in pairs}
+        try:
+            return self._by_id[id(record)]
+        except KeyError:
+            raise ValueError("Output(forward=True) names a record that is not an input of "
+                             "this batch; build a new message instead") from None
 
 
 @dataclass(slots=True)
@@ -103,7 +111,8 @@ class StreamRuntime:
         self._alive = False
         self._assignment: set[tuple[str, int]] = set()
         self._pending = _Batch()
-        self._acks: deque[_Acks] = deque()
+        self._delivery_error: KafkaError | None = None
+        self._unconfirmed: list[TopicPartition] | None = None
         self._fatal: KafkaError | None = None
         self._connected = False
         self._down_since: float | None = None
@@ -142,8 +151,8 @@ class StreamRuntime:
                 batch = self._collect()
                 if batch:
                     self._handle(batch)
-                if not self.exactly_once:
-                    self._store_acked_offsets()
+                elif self._unconfirmed is not None:
+                    self._confirm()
                 self._check_health()
         finally:
             self._close()
@@ -159,19 +168,23 @@ class StreamRuntime:
             "enable.auto.offset.store": False,
             "enable.auto.commit": not self.exactly_once,
             "auto.commit.interval.ms": 1000,
+            "session.timeout.ms": s.runtime.session_timeout_ms,
         }
+        if s.runtime.static_membership:
+            consumer_conf["group.instance.id"] = s.instance_id
         producer_conf = common | {
             "client.id": f"{s.transactional_id}.producer",
             "enable.idempotence": True,
             "linger.ms": 5,
+            # Successes need no callback: a transaction's commit, or at-least-once's flush,
+            # confirms them all at once. Failures are recorded.
+            "delivery.report.only.error": True,
+            "on_delivery": self._on_failed_delivery,
         }
         if self.exactly_once:
             producer_conf |= {
                 "transactional.id": s.transactional_id,
                 "transaction.timeout.ms": s.runtime.transaction_timeout_ms,
-                # Transactional delivery failures surface at commit; report only those.
-                "delivery.report.only.error": True,
-                "on_delivery": self._on_failed_delivery,
             }
         self._producer = Producer(producer_conf)
         if self.exactly_once:
@@ -195,13 +208,16 @@ class StreamRuntime:
         )
 
     def _collect(self) -> list[KafkaMessage]:
-        """Up to ``batch_max_records`` records, waiting at most ``batch_max_seconds`` after the
-        first; an empty list after a short idle wait so the loop can look at stop and health."""
+        """Up to ``batch_max_records`` records or ``batch_max_bytes`` of values, waiting at most
+        ``batch_max_seconds`` after the first; an empty list after a short idle wait so the
+        loop can look at stop and health."""
         assert self._consumer is not None
         rt = self.settings.runtime
         batch = self._pending
         batch.records = []
-        while len(batch.records) < rt.batch_max_records and not self._stop.is_set():
+        size = 0
+        while (len(batch.records) < rt.batch_max_records and size < rt.batch_max_bytes
+               and not self._stop.is_set()):
             if batch.records:
                 timeout = batch.started + rt.batch_max_seconds - time.monotonic()
                 if timeout <= 0:
@@ -209,7 +225,7 @@ class StreamRuntime:
             else:
                 timeout = 0.2
             got = self._consumer.consume(
-                rt.batch_max_records - len(batch.records), timeout=min(timeout, 0.2)
+                min(rt.batch_max_records - len(batch.records), 1000), timeout=min(timeout, 0.2)
             )
             for msg in got:
                 err = msg.error()
@@ -217,6 +233,7 @@ class StreamRuntime:
                     if not batch.records:
                         batch.started = time.monotonic()
                     batch.records.append(msg)
+                    size += len(msg)
                 else:
                     self._on_consume_error(err)
             if not batch.records:
@@ -230,27 +247,43 @@ class StreamRuntime:
         dead: list[DeadLetter] = []
         good: list[Message] = []
         good_src: list[KafkaMessage] = []
+        good_raw: list[bytes | None] = []
         model = self.stage.input_type
+        validate = model.__pydantic_validator__.validate_json
+        last: dict[tuple[Any, Any], Any] = {}  # (topic, partition) -> offset, never None here
+        # The per-record hot path: validate directly, classify a failure only when one occurs.
         for msg in records:
+            last[msg.topic(), msg.partition()] = msg.offset()
+            value = msg.value()
             try:
-                good.append(decode(model, msg.value()))
+                if value is None:
+                    raise TypeError("tombstone")
+                good.append(validate(value))
                 good_src.append(msg)
-            except DecodeFailure as exc:
-                cls = type(exc.cause).__name__ if exc.cause else "DecodeFailure"
-                dead.append(_dead_letter(msg, exc.kind, cls, str(exc)))
+                good_raw.append(value)
+            except (ValidationError, TypeError):
+                try:
+                    good.append(decode(model, value))  # raises DecodeFailure, with its kind
+                    good_src.append(msg)
+                    good_raw.append(value)
+                except DecodeFailure as exc:
+                    cls = type(exc.cause).__name__ if exc.cause else "DecodeFailure"
+                    dead.append(_dead_letter(msg, exc.kind, cls, str(exc)))
         result = apply_stage(self.stage, good)
-        for index, exc in result.failed:
-            dead.append(_dead_letter(good_src[index], "stage", type(exc).__name__, str(exc)))
+        for index, error in result.failed:
+            letter = _dead_letter(good_src[index], "stage", type(error).__name__, str(error))
+            dead.append(letter)
             log.warning(
-                "stage raised on %s[%d]@%d: %s: %s", good_src[index].topic(),
-                good_src[index].partition(), good_src[index].offset(), type(exc).__name__, exc,
+                "stage raised on %s[%d]@%d: %s: %s", letter.topic, letter.partition,
+                letter.offset, letter.error_class, error,
             )
-        offsets = _next_offsets(records)
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+        sources = _Sources(good, good_raw)
         if self.exactly_once:
-            if not self._transact(result.outputs, dead, offsets, records):
+            if not self._transact(result.outputs, dead, offsets, records, sources):
                 return
         else:
-            self._produce_acked(result.outputs, dead, offsets)
+            self._produce_unconfirmed(result.outputs, dead, offsets, sources)
         self._count(records, result.outputs, dead)
         self._m_batch_seconds.observe(time.perf_counter() - started)
         self._m_batch_records.observe(len(records))
@@ -259,14 +292,14 @@ class StreamRuntime:
 
     def _transact(
         self, outputs: list[Any], dead: list[DeadLetter], offsets: list[TopicPartition],
-        records: list[KafkaMessage],
+        records: list[KafkaMessage], sources: _Sources,
     ) -> bool:
         """One transaction for the batch; False if it was aborted and the batch rewound."""
         assert self._producer is not None and self._consumer is not None
         producer, consumer = self._producer, self._consumer
         try:
             producer.begin_transaction()
-            self._produce_all(outputs, dead, None)
+            self._produce_all(outputs, dead, sources)
             group = consumer.consumer_group_metadata()
             self._bounded(lambda t: producer.send_offsets_to_transaction(offsets, group, t))
             self._bounded(producer.commit_transaction)
@@ -317,67 +350,74 @@ class StreamRuntime:
         assert self._consumer is not None
         first: dict[tuple[str, int], int] = {}
         for msg in records:
-            first.setdefault((msg.topic(), msg.partition()), msg.offset())
+            topic, partition, offset = _origin(msg)
+            first.setdefault((topic, partition), offset)
         for (topic, partition), offset in first.items():
             if (topic, partition) in self._assignment:
                 self._consumer.seek(TopicPartition(topic, partition, offset))
 
     # -- at-least-once ----------------------------------------------------------------------
 
-    def _produce_acked(
-        self, outputs: list[Any], dead: list[DeadLetter], offsets: list[TopicPartition]
+    def _produce_unconfirmed(
+        self, outputs: list[Any], dead: list[DeadLetter], offsets: list[TopicPartition],
+        sources: _Sources,
     ) -> None:
-        acks = _Acks(offsets, remaining=len(outputs) + len(dead))
-        self._acks.append(acks)
-        self._produce_all(outputs, dead, acks.ack)
-        assert self._producer is not None
-        self._producer.poll(0)
+        """Confirm the previous batch, then produce this one; its offsets wait for the next
+        confirmation. One flush per batch, not a Python callback per record."""
+        self._confirm()
+        self._produce_all(outputs, dead, sources)
+        self._unconfirmed = offsets
 
-    def _store_acked_offsets(self) -> None:
-        """Store the offsets of every leading batch whose outputs are all acknowledged."""
-        assert self._consumer is not None and self._producer is not None
-        self._producer.poll(0)
-        while self._acks and self._acks[0].remaining <= 0:
-            acks = self._acks.popleft()
-            if acks.error is not None:
-                raise FatalRuntimeError(f"output not delivered: {acks.error}")
-            mine = [tp for tp in acks.offsets if (tp.topic, tp.partition) in self._assignment]
-            if mine:
-                self._consumer.store_offsets(offsets=mine)
+    def _confirm(self) -> None:
+        """Flush (every produced record acknowledged), then store the pending batch's offsets."""
+        assert self._producer is not None and self._consumer is not None
+        left = self._producer.flush(self.settings.runtime.transaction_timeout_ms / 1000)
+        if self._delivery_error is not None:
+            raise FatalRuntimeError(f"output not delivered: {self._delivery_error}")
+        if left:
+            raise FatalRuntimeError(f"{left} outputs not acknowledged in time")
+        offsets, self._unconfirmed = self._unconfirmed, None
+        mine = [tp for tp in offsets or () if (tp.topic, tp.partition) in self._assignment]
+        if mine:
+            self._consumer.store_offsets(offsets=mine)
 
     # -- producing --------------------------------------------------------------------------
 
-    def _produce_all(self, outputs: Iterable[Any], dead: list[DeadLetter], on_delivery: Any) -> None:
+    def _produce_all(
+        self, outputs: Iterable[Output], dead: list[DeadLetter], sources: _Sources
+    ) -> None:
+        """Hand every output and dead letter to the producer. This is the per-record hot path:
+        local names, no per-record headers (a topic's message type is fixed, see
+        ``schemas.messages``)."""
         assert self._producer is not None
-        produce = self._produce
+        produce = self._producer.produce
+        identity = self._identity
         for out in outputs:
-            value: Message = out.value
-            if value.producer is None:
-                value.producer = self._identity
-            produce(
-                out.topic, value.to_bytes(), (out.key or value.partition_key()).encode(),
-                [(TYPE_HEADER, value.message_type.encode())], on_delivery,
-            )
+            value = out.value
+            if out.forward:
+                data = sources.raw(value)
+            else:
+                if value.producer is None:
+                    value.producer = identity
+                data = value.to_bytes()
+            key = out.key or value.partition_key()
+            try:
+                produce(out.topic, data, key)
+            except BufferError:
+                self._produce_when_room(out.topic, data, key, None)
         s = self.settings
         for d in dead:
-            produce(
-                self.dlq_topic, d.value, d.key, d.record_headers(s.service, s.instance_id),
-                on_delivery,
+            self._produce_when_room(
+                self.dlq_topic, d.value, d.key, d.record_headers(s.service, s.instance_id)
             )
 
-    def _produce(
-        self, topic: str, value: bytes | None, key: bytes | None,
-        headers: list[tuple[str, bytes]], on_delivery: Any,
+    def _produce_when_room(
+        self, topic: str, value: bytes | None, key: str | bytes | None, headers: Headers | None
     ) -> None:
         assert self._producer is not None
         while True:
             try:
-                if on_delivery is None:
-                    self._producer.produce(topic, value, key, headers=headers)
-                else:
-                    self._producer.produce(
-                        topic, value, key, headers=headers, on_delivery=on_delivery
-                    )
+                self._producer.produce(topic, value, key, headers=headers)
                 return
             except BufferError:
                 # Local queue full: serve delivery reports until there is room.
@@ -397,9 +437,8 @@ class StreamRuntime:
         self._pending.records = [
             r for r in self._pending.records if (r.topic(), r.partition()) not in gone
         ]
-        if not self.exactly_once and self._producer is not None:
-            self._producer.flush(self.settings.runtime.shutdown_timeout_seconds)
-            self._store_acked_offsets()
+        if self._unconfirmed is not None:
+            self._confirm()  # at-least-once: store what was delivered before the offsets go
         self._assignment -= gone
         for topic, partition in gone:
             with contextlib.suppress(KeyError):  # no lag reported for it yet
@@ -420,6 +459,7 @@ class StreamRuntime:
     def _on_failed_delivery(self, err: KafkaError | None, msg: KafkaMessage) -> None:
         if err is not None:
             log.error("delivery to %s failed: %s", msg.topic(), err)
+            self._delivery_error = self._delivery_error or err
 
     def _on_consume_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
@@ -495,7 +535,11 @@ class StreamRuntime:
         self, records: list[KafkaMessage], outputs: list[Any], dead: list[DeadLetter]
     ) -> None:
         svc = self.settings.service
-        for topic, n in Counter(r.topic() for r in records).items():
+        consumed = (
+            {self.input_topics[0]: len(records)} if len(self.input_topics) == 1
+            else Counter(r.topic() for r in records)
+        )
+        for topic, n in consumed.items():
             m.RECORDS_CONSUMED.labels(svc, topic).inc(n)
         for topic, n in Counter(o.topic for o in outputs).items():
             m.RECORDS_PRODUCED.labels(svc, topic).inc(n)
@@ -512,8 +556,8 @@ class StreamRuntime:
             left = self._producer.flush(deadline)
             if left:
                 log.error("%d produced records not acknowledged at shutdown", left)
-            if not self.exactly_once and self._consumer is not None and not left:
-                self._store_acked_offsets()
+            elif self._unconfirmed is not None and self._delivery_error is None:
+                self._confirm()
         if self._consumer is not None:
             # Leaves the group (a prompt rebalance for the others) and, at-least-once,
             # commits the stored offsets.
@@ -521,20 +565,19 @@ class StreamRuntime:
         log.info("runtime stopped: service=%s", self.settings.service)
 
 
+def _origin(msg: KafkaMessage) -> tuple[str, int, int]:
+    """Topic, partition, offset of a consumed record (always set on a consumed record)."""
+    return cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset())
+
+
 def _dead_letter(msg: KafkaMessage, kind: str, error_class: str, message: str) -> DeadLetter:
+    topic, partition, offset = _origin(msg)
+    headers = msg.headers() or []
     return DeadLetter(
-        kind=kind, error_class=error_class, message=message, topic=msg.topic(),
-        partition=msg.partition(), offset=msg.offset(), key=msg.key(), value=msg.value(),
-        headers=list(msg.headers() or []),
+        kind=kind, error_class=error_class, message=message, topic=topic, partition=partition,
+        offset=offset, key=msg.key(), value=msg.value(),
+        headers=list(headers.items() if isinstance(headers, dict) else headers),
     )
-
-
-def _next_offsets(records: list[KafkaMessage]) -> list[TopicPartition]:
-    """The offset to resume from for each partition in the batch (last offset + 1)."""
-    last: dict[tuple[str, int], int] = {}
-    for msg in records:
-        last[(msg.topic(), msg.partition())] = msg.offset()
-    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
 
 def _fmt(partitions: list[TopicPartition]) -> str:

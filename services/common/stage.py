@@ -23,16 +23,29 @@ In = TypeVar("In", bound=Message)
 In_contra = TypeVar("In_contra", bound=Message, contravariant=True)
 
 
-@dataclass(frozen=True, slots=True)
 class Output:
     """One record to produce: the full topic name, the message, and optionally its key.
 
-    Without a key, the message's own ``partition_key()`` is used.
+    Without a key, the message's own ``partition_key()`` is used. ``forward=True`` declares
+    that ``value`` is one of the batch's input records, unchanged: the runtime then writes the
+    exact bytes it read (no re-encoding; fields unknown to this version survive byte for byte).
+
+    A plain slotted class rather than a frozen dataclass: one is built per output record, and
+    a frozen dataclass's ``__init__`` costs several times more.
     """
 
-    topic: str
-    value: Message
-    key: str | None = None
+    __slots__ = ("forward", "key", "topic", "value")
+
+    def __init__(
+        self, topic: str, value: Message, key: str | None = None, forward: bool = False
+    ) -> None:
+        self.topic = topic
+        self.value = value
+        self.key = key
+        self.forward = forward
+
+    def __repr__(self) -> str:
+        return f"Output({self.topic!r}, {type(self.value).__name__}, key={self.key!r})"
 
 
 class Stage(Protocol[In_contra]):
@@ -65,7 +78,8 @@ def decode(model: type[In], value: bytes | None) -> In:
         return model.from_bytes(value)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        kind = "decode" if errors and errors[0]["type"] in {"json_invalid", "json_type"} else "schema"
+        bad_bytes = bool(errors) and errors[0]["type"] in {"json_invalid", "json_type"}
+        kind = "decode" if bad_bytes else "schema"
         raise DecodeFailure(kind, _summary(exc), exc) from exc
 
 
@@ -96,13 +110,13 @@ def apply_stage(stage: Stage[In], batch: Sequence[In]) -> StageResult[In]:
         return StageResult([], [])
     try:
         return StageResult(stage.process(batch), [])
-    except Exception:  # noqa: BLE001 - isolated per record below, then dead-lettered
+    except Exception:
         pass
     outputs: list[Output] = []
     failed: list[tuple[int, BaseException]] = []
     for i, record in enumerate(batch):
         try:
             outputs.extend(stage.process([record]))
-        except Exception as exc:  # noqa: BLE001 - the per-record boundary: to the DLQ
+        except Exception as exc:
             failed.append((i, exc))
     return StageResult(outputs, failed)

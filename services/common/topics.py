@@ -9,12 +9,13 @@ that as a warning. A second ``apply`` right after the first makes no change.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOPICS_FILE = DEPLOY_DIR / "topics.yaml"
 TIMEOUT = 30.0
+_METADATA_LAG = {
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+}
 
 
 def _strings(value: dict[str, Any] | None) -> dict[str, str]:
@@ -167,9 +172,8 @@ def describe(admin: AdminClient, specs: list[TopicSpec]) -> list[TopicState]:
         for name in present for p in range(existing[name])
     }
     ends: dict[str, dict[int, int]] = {name: {} for name in present}
-    if request:
-        for tp, fut in admin.list_offsets(request, request_timeout=TIMEOUT).items():
-            ends[tp.topic][tp.partition] = _wait(fut, f"list offsets of {tp.topic}").offset
+    for tp, offset in _list_offsets(admin, request).items():
+        ends[tp.topic][tp.partition] = offset
     out = []
     for s in specs:
         if s.name in existing:
@@ -177,6 +181,30 @@ def describe(admin: AdminClient, specs: list[TopicSpec]) -> list[TopicState]:
             out.append(TopicState(s.name, True, existing[s.name], declared, ends[s.name]))
         else:
             out.append(TopicState(s.name, False, 0, {}, {}))
+    return out
+
+
+def _list_offsets(
+    admin: AdminClient, request: dict[TopicPartition, OffsetSpec], attempts: int = 20
+) -> dict[TopicPartition, int]:
+    """End offsets, retrying partitions whose leader is not known yet (just created or grown:
+    the metadata reaches the broker's cache a moment after the admin call returns)."""
+    out: dict[TopicPartition, int] = {}
+    for attempt in range(attempts):
+        retry = {}
+        for tp, fut in admin.list_offsets(request, request_timeout=TIMEOUT).items():
+            try:
+                out[tp] = fut.result().offset
+            except KafkaException as exc:
+                err = exc.args[0]
+                transient = err.retriable() or err.code() in _METADATA_LAG
+                if not transient or attempt == attempts - 1:
+                    raise FlywheelError(f"list offsets of {tp.topic}: {err}") from exc
+                retry[tp] = request[tp]
+        if not retry:
+            break
+        request = retry
+        time.sleep(0.25)
     return out
 
 

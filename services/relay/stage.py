@@ -16,4 +16,4 @@ class RelayStage:
         self.output_topic = output_topic
 
     def process(self, batch: Sequence[Message]) -> list[Output]:
-        return [Output(self.output_topic, record) for record in batch]
+        return [Output(self.output_topic, record, forward=True) for record in batch]

@@ -16,7 +16,9 @@ from services.common.runtime import StreamRuntime
 REPO = Path(__file__).resolve().parents[2]
 
 
-def settings(bootstrap: str, service: str, *, prefix: str = "flywheel.", **runtime: Any) -> ServiceSettings:
+def settings(
+    bootstrap: str, service: str, *, prefix: str = "flywheel.", **runtime: Any
+) -> ServiceSettings:
     return ServiceSettings(
         service=service, instance_id="i0",
         kafka={"bootstrap_servers": bootstrap, "topic_prefix": prefix},
@@ -36,7 +38,7 @@ class InThread:
     def _run(self) -> None:
         try:
             self.runtime.run()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:
             self.error = exc
 
     def __enter__(self) -> InThread:

@@ -71,7 +71,8 @@ def test_topics_file_must_declare_every_topic(tmp_path: Path) -> None:
 def test_topics_file_rejects_unknown_keys_and_coerces_values(tmp_path: Path) -> None:
     body = "".join(f"  {n}: {{}}\n" for n in TOPIC_NAMES)
     f = tmp_path / "topics.yaml"
-    f.write_text("defaults:\n  partitions: 2\n  config: {retention.ms: -1, x: true}\ntopics:\n" + body)
+    defaults = "defaults:\n  partitions: 2\n  config: {retention.ms: -1, x: true}\n"
+    f.write_text(defaults + "topics:\n" + body)
     spec = topics.load(f)[0]
     assert spec.config == {"retention.ms": "-1", "x": "true"} and spec.partitions == 2
     f.write_text("topics:\n" + body + "  raw: {partitons: 3}\n")

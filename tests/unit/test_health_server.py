@@ -32,7 +32,8 @@ def test_endpoints_follow_state() -> None:
         metrics.RECORDS_CONSUMED.labels("health-test", "t").inc(3)
         code, body = _get(server.port, "/metrics")
         assert code == 200
-        assert 'flywheel_runtime_records_consumed_total{service="health-test",topic="t"} 3.0' in body
+        sample = 'flywheel_runtime_records_consumed_total{service="health-test",topic="t"} 3.0'
+        assert sample in body
         assert _get(server.port, "/nope")[0] == 404
     finally:
         server.close()

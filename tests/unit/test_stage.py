@@ -81,4 +81,17 @@ def test_relay_forwards_each_record_unchanged() -> None:
     batch = [factories.task(i) for i in range(3)]
     outputs = RelayStage(Task, "copy").process(batch)
     assert [(o.topic, o.value) for o in outputs] == [("copy", t) for t in batch]
-    assert all(o.key is None for o in outputs)
+    assert all(o.key is None and o.forward for o in outputs)
+
+
+def test_forwarded_outputs_resolve_to_the_exact_input_bytes() -> None:
+    from services.common.runtime import _Sources
+
+    raw = [factories.task(i).to_bytes() + b" " for i in range(4)]  # trailing space: not re-encoded
+    records = [Task.from_bytes(r) for r in raw]
+    sources = _Sources(records, list(raw))
+    assert [sources.raw(r) for r in records] == raw  # in order: the cheap path
+    sources = _Sources(records, list(raw))
+    assert [sources.raw(r) for r in reversed(records)] == raw[::-1]  # any order
+    with pytest.raises(ValueError, match="not an input"):
+        sources.raw(factories.task(9))
