@@ -22,8 +22,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.fault]
 N = 20_000
 
 
-def _seed(kafka: Broker, topic: str, n: int) -> None:
-    kafka.produce(topic, ((f"k{i}".encode(), factories.task(i).to_bytes()) for i in range(n)))
+def _relay_topics(kafka: Broker, prefix: str) -> tuple[str, str]:
+    """Input (seeded with N tasks), output and dlq topics for a relay under ``prefix``."""
+    src, out = f"{prefix}in", f"{prefix}out"
+    kafka.create_topics([src, out, f"{prefix}dlq"], partitions=3)
+    kafka.produce(src, ((f"k{i}".encode(), factories.task(i).to_bytes()) for i in range(N)))
+    return src, out
 
 
 def _ids(kafka: Broker, topic: str) -> Counter[str]:
@@ -40,9 +44,7 @@ def test_sigkill_mid_stream_then_restart_gives_each_record_exactly_once(
     kafka: Broker, uid: str, tmp_path: Path
 ) -> None:
     prefix = f"crash{uid}."
-    src, out = f"{prefix}in", f"{prefix}out"
-    kafka.create_topics([src, out, f"{prefix}dlq"], partitions=3)
-    _seed(kafka, src, N)
+    src, out = _relay_topics(kafka, prefix)
     expected = {str(Task.from_bytes(m.value()).event_id) for m in kafka.read_all(src)}
     assert len(expected) == N
 
@@ -92,9 +94,7 @@ def test_sigterm_finishes_the_batch_in_flight_and_exits_cleanly(
     kafka: Broker, uid: str, tmp_path: Path
 ) -> None:
     prefix = f"term{uid}."
-    src, out = f"{prefix}in", f"{prefix}out"
-    kafka.create_topics([src, out, f"{prefix}dlq"], partitions=3)
-    _seed(kafka, src, N)
+    src, out = _relay_topics(kafka, prefix)
     log = tmp_path / "relay.log"
     proc = spawn_relay(kafka.bootstrap, service="relay", prefix=prefix, inputs=[src], output=out,
                        log=log, batch_max_records=200, shutdown_timeout_seconds=10)
