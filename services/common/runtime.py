@@ -59,6 +59,17 @@ from services.common.stage import DecodeFailure, Output, Stage, apply_stage, dec
 
 log = logging.getLogger(__name__)
 
+CONSUMER_TUNING: dict[str, Any] = {
+    # librdkafka pauses fetching a partition for fetch.queue.backoff.ms (default 1000 ms) once
+    # its prefetch queue is over the thresholds below: a consumer working through a backlog
+    # then idles for a second at a time (bench runtime: 50k -> 140k records/s at-least-once).
+    "fetch.queue.backoff.ms": 20,
+    # 16 MiB of prefetch per consumer is a full batch (batch_max_bytes) ahead; the default
+    # 64 MiB only costs memory.
+    "queued.max.messages.kbytes": 16384,
+}
+PRODUCER_TUNING: dict[str, Any] = {"linger.ms": 5}
+
 
 class _Sources:
     """The bytes each decoded input record was read as, for outputs that forward it."""
@@ -160,7 +171,9 @@ class StreamRuntime:
     def _open(self) -> None:
         s = self.settings
         common = s.kafka.client_config() | {"error_cb": self._on_error}
-        consumer_conf = common | {
+        # Defaults the user's client_properties (inside `common`) may override; the keys after
+        # `common` are what the delivery guarantees rest on and are not overridable.
+        consumer_conf = CONSUMER_TUNING | common | {
             "group.id": s.group_id,
             "client.id": f"{s.transactional_id}.consumer",
             "isolation.level": "read_committed",
@@ -172,10 +185,9 @@ class StreamRuntime:
         }
         if s.runtime.static_membership:
             consumer_conf["group.instance.id"] = s.instance_id
-        producer_conf = common | {
+        producer_conf = PRODUCER_TUNING | common | {
             "client.id": f"{s.transactional_id}.producer",
             "enable.idempotence": True,
-            "linger.ms": 5,
             # Successes need no callback: a transaction's commit, or at-least-once's flush,
             # confirms them all at once. Failures are recorded.
             "delivery.report.only.error": True,
