@@ -1,6 +1,7 @@
 """The consume-process-produce loop every stage runs in.
 
-One batch at a time (bounded by ``batch_max_records`` and ``batch_max_seconds``):
+One batch at a time (bounded by ``batch_max_records``, ``batch_max_bytes`` and
+``batch_max_seconds``):
 
 1. consume records from the input topics (``read_committed``: aborted output of an upstream
    stage is never seen);
@@ -14,7 +15,8 @@ Exactly-once (the default), in this order, per batch:
 (next offset per input partition, with the consumer's group metadata) ->
 ``commit_transaction``. Outputs, dead letters and input offsets become visible together or not
 at all. If the commit fails with an abortable error, the transaction is aborted and the consumer
-is rewound to the batch's first offsets, so the batch is processed again. The
+is rewound to the batch's first offsets, so the batch is processed again (after
+``MAX_CONSECUTIVE_ABORTS`` aborts in a row the cause is taken to be persistent: fatal). The
 ``transactional.id`` is stable per instance: a restarted instance calling
 ``init_transactions`` aborts its predecessor's open transaction and fences it.
 
@@ -27,8 +29,9 @@ so outputs may repeat; none is lost.
 
 Errors: a record-level failure never stops the service (the DLQ boundary). Anything else, a
 fenced producer, an undeliverable output, a broker unreachable past ``broker_down_seconds``, a
-missing input topic, raises :class:`FatalRuntimeError`; the service exits non-zero with the
-reason logged and the uncommitted batch left to be consumed again.
+missing input, output or dead-letter topic (output topics are checked when first used),
+raises :class:`FatalRuntimeError`; the service exits non-zero with the reason logged and the
+uncommitted batch left to be consumed again.
 
 Stop (SIGTERM/SIGINT or :meth:`StreamRuntime.stop`): no new batch starts; the one in flight is
 committed, and if that does not finish within ``shutdown_timeout_seconds`` it is aborted.
@@ -69,6 +72,7 @@ CONSUMER_TUNING: dict[str, Any] = {
     "queued.max.messages.kbytes": 16384,
 }
 PRODUCER_TUNING: dict[str, Any] = {"linger.ms": 5}
+MAX_CONSECUTIVE_ABORTS = 5
 
 
 class _Sources:
@@ -125,6 +129,9 @@ class StreamRuntime:
         self._delivery_error: KafkaError | None = None
         self._unconfirmed: list[TopicPartition] | None = None
         self._fatal: KafkaError | None = None
+        self._aborts_in_a_row = 0
+        self._in_transaction = False
+        self._known_topics: set[str] = set()
         self._connected = False
         self._down_since: float | None = None
         self._next_health = 0.0
@@ -206,6 +213,7 @@ class StreamRuntime:
                 self._producer.init_transactions(s.runtime.transaction_timeout_ms / 1000)
             except KafkaException as exc:
                 raise FatalRuntimeError(f"init_transactions failed: {exc.args[0]}") from exc
+        self._require_topic(self.dlq_topic)
         self._consumer = Consumer(consumer_conf)
         self._consumer.subscribe(
             self.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -311,17 +319,26 @@ class StreamRuntime:
         producer, consumer = self._producer, self._consumer
         try:
             producer.begin_transaction()
+            self._in_transaction = True
             self._produce_all(outputs, dead, sources)
             group = consumer.consumer_group_metadata()
             self._bounded(lambda t: producer.send_offsets_to_transaction(offsets, group, t))
             self._bounded(producer.commit_transaction)
+            self._in_transaction = False
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
             if err.fatal() or not (err.txn_requires_abort() or err.retriable()):
                 raise FatalRuntimeError(f"transaction failed: {err}") from exc
+            self._aborts_in_a_row += 1
+            if self._aborts_in_a_row > MAX_CONSECUTIVE_ABORTS:
+                raise FatalRuntimeError(
+                    f"{self._aborts_in_a_row} transactions aborted in a row, last: {err}"
+                ) from exc
             log.warning("transaction aborted, batch will be processed again: %s", err)
             self._abort(records)
             return False
+        self._aborts_in_a_row = 0
+        self._in_transaction = False
         self._m_committed.inc()
         return True
 
@@ -354,6 +371,7 @@ class StreamRuntime:
             self._bounded(self._producer.abort_transaction)
         except KafkaException as exc:
             raise FatalRuntimeError(f"abort_transaction failed: {exc.args[0]}") from exc
+        self._in_transaction = False
         self._m_aborted.inc()
         self._rewind(records)
 
@@ -404,7 +422,10 @@ class StreamRuntime:
         assert self._producer is not None
         produce = self._producer.produce
         identity = self._identity
+        known = self._known_topics
         for out in outputs:
+            if out.topic not in known:
+                self._require_topic(out.topic)
             value = out.value
             if out.forward:
                 data = sources.raw(value)
@@ -422,6 +443,22 @@ class StreamRuntime:
             self._produce_when_room(
                 self.dlq_topic, d.value, d.key, d.record_headers(s.service, s.instance_id)
             )
+
+    def _require_topic(self, topic: str) -> None:
+        """Fail fast on a topic that does not exist: librdkafka would only fail its records
+        after a metadata timeout, and every transaction holding them would abort."""
+        assert self._producer is not None
+        try:
+            meta = self._producer.list_topics(topic, timeout=10).topics.get(topic)
+        except KafkaException as exc:
+            raise FatalRuntimeError(f"cannot look up topic {topic!r}: {exc.args[0]}") from exc
+        if meta is None or meta.error is not None:
+            why = meta.error if meta is not None else "no metadata"
+            raise FatalRuntimeError(
+                f"topic {topic!r} is not available ({why}); create the topics with "
+                "`flywheel topics apply`"
+            )
+        self._known_topics.add(topic)
 
     def _produce_when_room(
         self, topic: str, value: bytes | None, key: str | bytes | None, headers: Headers | None
@@ -564,6 +601,13 @@ class StreamRuntime:
         self._alive = False
         self._m_ready.set(0)
         deadline = self.settings.runtime.shutdown_timeout_seconds
+        if self._producer is not None and self._in_transaction:
+            # Leaving on an error mid-transaction: abort now rather than let the open
+            # transaction hold back read_committed readers until transaction_timeout_ms.
+            try:
+                self._producer.abort_transaction(deadline)
+            except KafkaException as exc:
+                log.warning("could not abort the open transaction: %s", exc.args[0])
         if self._producer is not None:
             left = self._producer.flush(deadline)
             if left:

@@ -126,9 +126,20 @@ def apply(admin: AdminClient, specs: list[TopicSpec]) -> ApplyReport:
              for s in to_create],
             request_timeout=TIMEOUT,
         )
+        raced = []
         for s in to_create:
-            _wait(futures[s.name], f"create topic {s.name}")
+            try:
+                futures[s.name].result()
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise FlywheelError(f"create topic {s.name} failed: {exc.args[0]}") from exc
+                # Created a moment ago (by an earlier apply, or another operator) but not yet
+                # in the metadata we read: check it like any existing topic.
+                raced.append(s.name)
+                continue
             report.changes.append(f"created {s.name} ({s.partitions} partitions)")
+        if raced:
+            existing |= _wait_for_metadata(admin, raced)
     present = [s for s in specs if s.name in existing]
     actual = _configs(admin, [s.name for s in present])
     for s in present:
@@ -206,6 +217,20 @@ def _list_offsets(
         request = retry
         time.sleep(0.25)
     return out
+
+
+def _wait_for_metadata(
+    admin: AdminClient, names: list[str], timeout: float = 30.0
+) -> dict[str, int]:
+    """Partition counts of topics that exist but may not show in metadata yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = _partition_counts(admin)
+        if all(n in counts for n in names):
+            return {n: counts[n] for n in names}
+        if time.monotonic() > deadline:
+            raise FlywheelError(f"topics {names} exist but never appeared in metadata")
+        time.sleep(0.25)
 
 
 def _partition_counts(admin: AdminClient) -> dict[str, int]:

@@ -65,10 +65,13 @@ def test_cli_broker_lifecycle_kcat_and_idempotent_topics(tmp_path: Path) -> None
         second = _flywheel("topics", "apply", env=env)
         assert second.returncode == 0, second.stderr
         assert "no changes" in second.stderr and "changed" not in second.stderr
-        listing = subprocess.run([kcat, "-L", "-b", address], capture_output=True, text=True,
+
+        def kcat_lists_every_topic() -> bool:  # new topics reach metadata a moment later
+            out = subprocess.run([kcat, "-L", "-b", address], capture_output=True, text=True,
                                  timeout=60, check=True).stdout
-        for name in TOPIC_NAMES:
-            assert f'topic "flywheel.{name}"' in listing
+            return all(f'topic "flywheel.{name}"' in out for name in TOPIC_NAMES)
+
+        wait_until(kcat_lists_every_topic, 30, "kcat -L to list every topic")
 
         # Stop and start again from the same folder: storage is not reformatted, topics stay.
         assert _flywheel("kafka", "stop", "--data-dir", str(data)).returncode == 0

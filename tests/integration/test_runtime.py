@@ -164,12 +164,13 @@ def test_at_least_once_delivers_everything_and_commits_after_delivery(
     kafka: Broker, uid: str
 ) -> None:
     src, out = f"in-{uid}", f"out-{uid}"
-    kafka.create_topics([src, out], partitions=3)
+    kafka.create_topics([src, out, f"dlq-{uid}"], partitions=3)
     n = 5000
     kafka.produce(src, ((None, factories.task(i).to_bytes()) for i in range(n)))
     service = f"alo{uid}"
     s = settings(kafka.bootstrap, service, delivery="at_least_once")
-    with InThread(StreamRuntime(s, RelayStage(Task, out), [src])) as running:
+    rt = StreamRuntime(s, RelayStage(Task, out), [src], dlq_topic=f"dlq-{uid}")
+    with InThread(rt) as running:
         wait_until(lambda: sum(kafka.committed(s.group_id, src).values()) == n, 60,
                    "offsets of every input committed")
     assert running.error is None
@@ -181,8 +182,33 @@ def test_at_least_once_delivers_everything_and_commits_after_delivery(
 def test_a_missing_input_topic_stops_the_service_with_a_clear_error(
     kafka: Broker, uid: str
 ) -> None:
+    kafka.create_topics([f"out-{uid}", f"dlq-{uid}"], partitions=1)
     s = settings(kafka.bootstrap, f"missing{uid}")
-    rt = StreamRuntime(s, RelayStage(Task, f"out-{uid}"), [f"no-such-topic-{uid}"])
+    rt = StreamRuntime(s, RelayStage(Task, f"out-{uid}"), [f"no-such-topic-{uid}"],
+                       dlq_topic=f"dlq-{uid}")
     with pytest.raises(FatalRuntimeError, match="topics apply"):
         rt.run()
     assert not rt.alive
+
+
+def test_a_missing_output_topic_stops_the_service_instead_of_aborting_forever(
+    kafka: Broker, uid: str
+) -> None:
+    src = f"in-{uid}"
+    kafka.create_topics([src, f"dlq-{uid}"], partitions=1)
+    kafka.produce(src, [(None, factories.task(0).to_bytes())])
+    s = settings(kafka.bootstrap, f"noout{uid}")
+    rt = StreamRuntime(s, RelayStage(Task, f"no-such-output-{uid}"), [src],
+                       dlq_topic=f"dlq-{uid}")
+    with pytest.raises(FatalRuntimeError, match=f"no-such-output-{uid}"):
+        rt.run()
+    assert kafka.committed(s.group_id, src) == {0: 0}, "nothing may be committed"
+
+
+def test_a_missing_dlq_topic_is_refused_at_start(kafka: Broker, uid: str) -> None:
+    src = f"in-{uid}"
+    kafka.create_topics([src], partitions=1)
+    s = settings(kafka.bootstrap, f"nodlq{uid}")
+    rt = StreamRuntime(s, RelayStage(Task, src), [src], dlq_topic=f"no-such-dlq-{uid}")
+    with pytest.raises(FatalRuntimeError, match=f"no-such-dlq-{uid}"):
+        rt.run()
