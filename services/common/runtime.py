@@ -14,9 +14,13 @@ Exactly-once (the default), in this order, per batch:
 ``begin_transaction`` -> produce outputs and dead letters -> ``send_offsets_to_transaction``
 (next offset per input partition, with the consumer's group metadata) ->
 ``commit_transaction``. Outputs, dead letters and input offsets become visible together or not
-at all. If the commit fails with an abortable error, the transaction is aborted and the consumer
-is rewound to the batch's first offsets, so the batch is processed again (after
-``MAX_CONSECUTIVE_ABORTS`` aborts in a row the cause is taken to be persistent: fatal). The
+at all. The commit of batch N is deferred until batch N+1 has been consumed and processed (or
+the consumer is idle, or partitions are revoked, or the runtime stops): the broker
+acknowledges N's records while the stage works on N+1, so the commit rarely waits. Latency
+grows by at most one batch. If the commit fails with an abortable error, the transaction is
+aborted and the consumer is rewound to the first offsets of every batch not committed, so they
+are processed again (after ``MAX_CONSECUTIVE_ABORTS`` aborts in a row the cause is taken to be
+persistent: fatal). The
 ``transactional.id`` is stable per instance: a restarted instance calling
 ``init_transactions`` aborts its predecessor's open transaction and fences it.
 
@@ -102,6 +106,18 @@ class _Sources:
 
 
 @dataclass(slots=True)
+class _Prepared:
+    """A batch that was decoded and processed: what to produce and which offsets it covers."""
+
+    records: list[KafkaMessage]
+    outputs: list[Output]
+    dead: list[DeadLetter]
+    offsets: list[TopicPartition]
+    sources: _Sources
+    started: float
+
+
+@dataclass(slots=True)
 class _Batch:
     records: list[KafkaMessage] = field(default_factory=list)
     started: float = 0.0
@@ -130,7 +146,7 @@ class StreamRuntime:
         self._unconfirmed: list[TopicPartition] | None = None
         self._fatal: KafkaError | None = None
         self._aborts_in_a_row = 0
-        self._in_transaction = False
+        self._open_batch: _Prepared | None = None
         self._known_topics: set[str] = set()
         self._connected = False
         self._down_since: float | None = None
@@ -166,12 +182,10 @@ class StreamRuntime:
         try:
             while not self._stop.is_set():
                 self._raise_if_fatal()
-                batch = self._collect()
-                if batch:
-                    self._handle(batch)
-                elif self._unconfirmed is not None:
-                    self._confirm()
+                self._handle(self._collect())
                 self._check_health()
+            if self._open_batch is not None:
+                self._commit_open()  # stopping: the last batch, within shutdown_timeout
         finally:
             self._close()
 
@@ -217,7 +231,7 @@ class StreamRuntime:
         self._consumer = Consumer(consumer_conf)
         self._consumer.subscribe(
             self.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
+            on_lost=self._on_lost,
         )
         self._alive = True
         self._connected = True
@@ -262,7 +276,8 @@ class StreamRuntime:
         records, batch.records = batch.records, []
         return records
 
-    def _handle(self, records: list[KafkaMessage]) -> None:
+    def _prepare(self, records: list[KafkaMessage]) -> _Prepared:
+        """Decode, validate and run the stage: everything about a batch that is pure."""
         started = time.perf_counter()
         dead: list[DeadLetter] = []
         good: list[Message] = []
@@ -297,50 +312,105 @@ class StreamRuntime:
                 "stage raised on %s[%d]@%d: %s: %s", letter.topic, letter.partition,
                 letter.offset, letter.error_class, error,
             )
-        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
-        sources = _Sources(good, good_raw)
+        return _Prepared(
+            records=records, outputs=result.outputs, dead=dead,
+            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()],
+            sources=_Sources(good, good_raw), started=started,
+        )
+
+    def _handle(self, records: list[KafkaMessage]) -> None:
+        """One step of the loop with a batch (possibly empty, meaning the consumer is idle)."""
+        batch = self._prepare(records) if records else None
         if self.exactly_once:
-            if not self._transact(result.outputs, dead, offsets, records, sources):
-                return
-        else:
-            self._produce_unconfirmed(result.outputs, dead, offsets, sources)
-        self._count(records, result.outputs, dead)
-        self._m_batch_seconds.observe(time.perf_counter() - started)
+            self._transact_pipelined(batch)
+        elif batch is not None:
+            self._produce_unconfirmed(batch)
+            self._finished(batch)
+        elif self._unconfirmed is not None:
+            self._confirm()
+
+    def _finished(self, batch: _Prepared) -> None:
+        """Metrics for a batch whose outputs are committed (or, at-least-once, produced)."""
+        svc = self.settings.service
+        records, outputs, dead = batch.records, batch.outputs, batch.dead
+        consumed = (
+            {self.input_topics[0]: len(records)} if len(self.input_topics) == 1
+            else Counter(r.topic() for r in records)
+        )
+        for topic, n in consumed.items():
+            m.RECORDS_CONSUMED.labels(svc, topic).inc(n)
+        for topic, n in Counter(o.topic for o in outputs).items():
+            m.RECORDS_PRODUCED.labels(svc, topic).inc(n)
+        for (topic, kind), n in Counter((d.topic, d.kind) for d in dead).items():
+            m.RECORDS_DEAD_LETTERED.labels(svc, topic, kind).inc(n)
+        self._m_batch_seconds.observe(time.perf_counter() - batch.started)
         self._m_batch_records.observe(len(records))
 
     # -- exactly-once -----------------------------------------------------------------------
 
-    def _transact(
-        self, outputs: list[Any], dead: list[DeadLetter], offsets: list[TopicPartition],
-        records: list[KafkaMessage], sources: _Sources,
-    ) -> bool:
-        """One transaction for the batch; False if it was aborted and the batch rewound."""
-        assert self._producer is not None and self._consumer is not None
-        producer, consumer = self._producer, self._consumer
+    def _transact_pipelined(self, batch: _Prepared | None) -> None:
+        """Commit the open transaction (the previous batch), then open one for ``batch``.
+
+        The previous batch's records were produced before this batch was consumed and
+        processed, so by now the broker has mostly acknowledged them and the commit is short:
+        the broker's work overlaps the stage's instead of following it. On an abort both
+        batches are rewound and this one's outputs are dropped.
+        """
+        if self._open_batch is not None and not self._commit_open():
+            if batch is not None:
+                self._rewind(batch.records)
+            return
+        if batch is None:
+            return
+        assert self._producer is not None
+        self._open_batch = batch  # from here on, an abort rewinds it
         try:
-            producer.begin_transaction()
-            self._in_transaction = True
-            self._produce_all(outputs, dead, sources)
-            group = consumer.consumer_group_metadata()
-            self._bounded(lambda t: producer.send_offsets_to_transaction(offsets, group, t))
-            self._bounded(producer.commit_transaction)
-            self._in_transaction = False
+            self._producer.begin_transaction()
+            self._produce_all(batch.outputs, batch.dead, batch.sources)
         except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if err.fatal() or not (err.txn_requires_abort() or err.retriable()):
-                raise FatalRuntimeError(f"transaction failed: {err}") from exc
-            self._aborts_in_a_row += 1
-            if self._aborts_in_a_row > MAX_CONSECUTIVE_ABORTS:
-                raise FatalRuntimeError(
-                    f"{self._aborts_in_a_row} transactions aborted in a row, last: {err}"
-                ) from exc
-            log.warning("transaction aborted, batch will be processed again: %s", err)
-            self._abort(records)
+            self._abort_open(exc)
+
+    def _commit_open(self) -> bool:
+        """send_offsets_to_transaction + commit_transaction for the open batch; False if the
+        transaction had to be aborted (the batch is then rewound)."""
+        assert self._producer is not None and self._consumer is not None
+        batch, producer = self._open_batch, self._producer
+        assert batch is not None
+        try:
+            group = self._consumer.consumer_group_metadata()
+            self._bounded(lambda t: producer.send_offsets_to_transaction(batch.offsets, group, t))
+            self._bounded(producer.commit_transaction)
+        except KafkaException as exc:
+            self._abort_open(exc)
             return False
+        self._open_batch = None
         self._aborts_in_a_row = 0
-        self._in_transaction = False
         self._m_committed.inc()
+        self._finished(batch)
         return True
+
+    def _abort_open(self, exc: KafkaException) -> None:
+        """Abort the open transaction after ``exc``, rewind its batch; fatal if it cannot be
+        aborted, or if transactions keep aborting."""
+        err: KafkaError = exc.args[0]
+        # On the fatal paths the batch stays open, so _close() still tries to abort it.
+        if err.fatal() or not (err.txn_requires_abort() or err.retriable()):
+            raise FatalRuntimeError(f"transaction failed: {err}") from exc
+        self._aborts_in_a_row += 1
+        if self._aborts_in_a_row > MAX_CONSECUTIVE_ABORTS:
+            raise FatalRuntimeError(
+                f"{self._aborts_in_a_row} transactions aborted in a row, last: {err}"
+            ) from exc
+        log.warning("transaction aborted, batch will be processed again: %s", err)
+        assert self._producer is not None
+        try:
+            self._bounded(self._producer.abort_transaction)
+        except KafkaException as abort_exc:
+            raise FatalRuntimeError(f"abort_transaction failed: {abort_exc.args[0]}") from exc
+        self._m_aborted.inc()
+        batch, self._open_batch = self._open_batch, None
+        if batch is not None:
+            self._rewind(batch.records)
 
     def _bounded(self, call: Any) -> None:
         """Run a transactional call in short slices, retrying timeouts and retriable errors,
@@ -365,16 +435,6 @@ class StreamRuntime:
                     raise
                 log.debug("transactional call retrying: %s", err)
 
-    def _abort(self, records: list[KafkaMessage]) -> None:
-        assert self._producer is not None and self._consumer is not None
-        try:
-            self._bounded(self._producer.abort_transaction)
-        except KafkaException as exc:
-            raise FatalRuntimeError(f"abort_transaction failed: {exc.args[0]}") from exc
-        self._in_transaction = False
-        self._m_aborted.inc()
-        self._rewind(records)
-
     def _rewind(self, records: list[KafkaMessage]) -> None:
         """Seek each still-assigned partition back to the batch's first offset in it."""
         assert self._consumer is not None
@@ -388,15 +448,12 @@ class StreamRuntime:
 
     # -- at-least-once ----------------------------------------------------------------------
 
-    def _produce_unconfirmed(
-        self, outputs: list[Any], dead: list[DeadLetter], offsets: list[TopicPartition],
-        sources: _Sources,
-    ) -> None:
+    def _produce_unconfirmed(self, batch: _Prepared) -> None:
         """Confirm the previous batch, then produce this one; its offsets wait for the next
         confirmation. One flush per batch, not a Python callback per record."""
         self._confirm()
-        self._produce_all(outputs, dead, sources)
-        self._unconfirmed = offsets
+        self._produce_all(batch.outputs, batch.dead, batch.sources)
+        self._unconfirmed = batch.offsets
 
     def _confirm(self) -> None:
         """Flush (every produced record acknowledged), then store the pending batch's offsets."""
@@ -480,20 +537,41 @@ class StreamRuntime:
         log.info("assigned %s", _fmt(partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Still a member of the old generation: finish what was processed while we may.
+        if self._open_batch is not None:
+            self._commit_open()
+        if self._unconfirmed is not None:
+            self._confirm()  # at-least-once: store what was delivered before the offsets go
+        self._unassign(partitions)
+        log.info("revoked %s", _fmt(partitions))
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The group already moved on (session timed out): committing would be fenced, and the
+        # new owners re-read from the committed offsets. Abort what is open.
+        if self._open_batch is not None:
+            self._open_batch = None
+            assert self._producer is not None
+            try:
+                self._bounded(self._producer.abort_transaction)
+            except KafkaException as exc:
+                raise FatalRuntimeError(f"abort_transaction failed: {exc.args[0]}") from exc
+            self._m_aborted.inc()
+        self._unconfirmed = None
+        self._unassign(partitions)
+        log.warning("lost %s (session expired); uncommitted work dropped", _fmt(partitions))
+
+    def _unassign(self, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         # Records collected for a revoked partition but not yet in a transaction belong to the
         # partition's next owner, which will read them from the last committed offset.
         self._pending.records = [
             r for r in self._pending.records if (r.topic(), r.partition()) not in gone
         ]
-        if self._unconfirmed is not None:
-            self._confirm()  # at-least-once: store what was delivered before the offsets go
         self._assignment -= gone
         for topic, partition in gone:
             with contextlib.suppress(KeyError):  # no lag reported for it yet
                 m.CONSUMER_LAG.remove(self.settings.service, topic, str(partition))
         self._m_ready.set(1 if self.ready else 0)
-        log.info("revoked %s", _fmt(partitions))
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -580,30 +658,17 @@ class StreamRuntime:
                 pos = low if low >= 0 else 0
             m.CONSUMER_LAG.labels(svc, tp.topic, str(tp.partition)).set(max(0, high - pos))
 
-    def _count(
-        self, records: list[KafkaMessage], outputs: list[Any], dead: list[DeadLetter]
-    ) -> None:
-        svc = self.settings.service
-        consumed = (
-            {self.input_topics[0]: len(records)} if len(self.input_topics) == 1
-            else Counter(r.topic() for r in records)
-        )
-        for topic, n in consumed.items():
-            m.RECORDS_CONSUMED.labels(svc, topic).inc(n)
-        for topic, n in Counter(o.topic for o in outputs).items():
-            m.RECORDS_PRODUCED.labels(svc, topic).inc(n)
-        for (topic, kind), n in Counter((d.topic, d.kind) for d in dead).items():
-            m.RECORDS_DEAD_LETTERED.labels(svc, topic, kind).inc(n)
-
     # -- shutdown ---------------------------------------------------------------------------
 
     def _close(self) -> None:
         self._alive = False
         self._m_ready.set(0)
         deadline = self.settings.runtime.shutdown_timeout_seconds
-        if self._producer is not None and self._in_transaction:
+        if self._producer is not None and self._open_batch is not None:
             # Leaving on an error mid-transaction: abort now rather than let the open
             # transaction hold back read_committed readers until transaction_timeout_ms.
+            # Cleared either way, so the revoke that consumer.close() triggers leaves it alone.
+            self._open_batch = None
             try:
                 self._producer.abort_transaction(deadline)
             except KafkaException as exc:
