@@ -133,7 +133,7 @@ def start(
     log4j = KAFKA_DIR / "log4j2.properties"
     classpath = ["-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={log4j}"]
     if not (data / "logs" / "meta.properties").is_file():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = _cluster_id()
         fmt = subprocess.run(
             [java, *classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
              "-c", str(props)],
@@ -181,6 +181,15 @@ def stop(data_dir: Path | None = None, timeout: float = 60.0) -> bool:
     return True
 
 
+def _cluster_id() -> str:
+    """A KRaft cluster id: a random UUID in URL-safe base64, never starting with '-' (the
+    storage tool would read it as an option; Kafka's own Uuid.randomUuid() avoids it too)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def _answers(bootstrap: str) -> bool:
     conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _QUIET}
     admin = AdminClient(conf)
@@ -198,7 +207,10 @@ def _is_kafka(pid: int) -> bool:
         return False
     if b"kafka.Kafka" not in cmdline:
         return False
-    stat = Path(f"/proc/{pid}/stat").read_text()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # exited in between
+        return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is not running
 
 

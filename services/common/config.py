@@ -95,6 +95,11 @@ class RuntimeSettings(BaseModel):
     batch_max_bytes: int = Field(
         default=16 * 2**20, ge=1024, description="Bound on the summed record values of a batch."
     )
+    max_record_bytes: int = Field(
+        default=8 * 2**20 - 2**16, ge=1024,
+        description="Largest value produced. An input whose output is larger is dead-lettered; "
+        "keep it below the topics' max.message.bytes (deploy/topics.yaml: 8 MiB).",
+    )
     batch_max_seconds: float = Field(
         default=0.5, gt=0, le=60, description="A batch closes at this age even if not full."
     )

@@ -43,7 +43,9 @@ class DeadLetter:
     def record_headers(self, service: str, instance: str) -> Headers:
         text = self.message.encode("utf-8", "replace")
         if len(text) > MAX_MESSAGE_BYTES:
-            text = text[: MAX_MESSAGE_BYTES - 3] + b"..."
+            # Cut on a character boundary so the header stays valid UTF-8.
+            cut = text[: MAX_MESSAGE_BYTES - 3].decode("utf-8", "ignore").encode()
+            text = cut + b"..."
         ours: Headers = [
             ("flywheel-error-type", self.kind.encode()),
             ("flywheel-error-class", self.error_class.encode()),

@@ -24,6 +24,13 @@ class FatalRuntimeError(FlywheelError):
     """
 
 
+class DependencyError(FlywheelError):
+    """Raised by a stage when something it depends on is down (a model server, a sandbox pool):
+    the failure is not about the records, so they must not be dead-lettered. The runtime stops
+    the service with a non-zero exit; the uncommitted batch is processed again after restart.
+    """
+
+
 class RecordError(FlywheelError):
     """One input record could not be handled; it goes to the dead-letter topic.
 

@@ -38,7 +38,9 @@ raises :class:`FatalRuntimeError`; the service exits non-zero with the reason lo
 uncommitted batch left to be consumed again.
 
 Stop (SIGTERM/SIGINT or :meth:`StreamRuntime.stop`): no new batch starts; the one in flight is
-committed, and if that does not finish within ``shutdown_timeout_seconds`` it is aborted.
+committed within ``shutdown_timeout_seconds``. A commit that cannot finish in that time cannot
+be aborted either (librdkafka keeps it in progress): the service exits non-zero, and the broker
+aborts the transaction at ``transaction_timeout_ms``, or the restarted instance fences it.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from schemas import Producer as ProducerInfo
 from services.common import metrics as m
 from services.common.config import ServiceSettings
 from services.common.dlq import DeadLetter, Headers
-from services.common.errors import FatalRuntimeError
+from services.common.errors import FatalRuntimeError, FlywheelError
 from services.common.stage import DecodeFailure, Output, Stage, apply_stage, decode
 
 log = logging.getLogger(__name__)
@@ -105,15 +107,18 @@ class _Sources:
                              "this batch; build a new message instead") from None
 
 
+_Encoded = tuple[str, str | None, bytes | None]
+"""An output ready to produce: topic, key, value."""
+
+
 @dataclass(slots=True)
 class _Prepared:
-    """A batch that was decoded and processed: what to produce and which offsets it covers."""
+    """A batch that was decoded, processed and encoded: what to produce, which offsets."""
 
     records: list[KafkaMessage]
-    outputs: list[Output]
+    encoded: list[_Encoded]
     dead: list[DeadLetter]
     offsets: list[TopicPartition]
-    sources: _Sources
     started: float
 
 
@@ -178,14 +183,16 @@ class StreamRuntime:
 
     def run(self) -> None:
         """Consume, process and produce until :meth:`stop`; raise FatalRuntimeError on failure."""
-        self._open()
         try:
+            self._open()
             while not self._stop.is_set():
                 self._raise_if_fatal()
                 self._handle(self._collect())
                 self._check_health()
             if self._open_batch is not None:
                 self._commit_open()  # stopping: the last batch, within shutdown_timeout
+        except KafkaException as exc:
+            raise FatalRuntimeError(f"Kafka client error: {exc.args[0]}") from exc
         finally:
             self._close()
 
@@ -208,6 +215,8 @@ class StreamRuntime:
             consumer_conf["group.instance.id"] = s.instance_id
         producer_conf = PRODUCER_TUNING | common | {
             "client.id": f"{s.transactional_id}.producer",
+            # Room for the largest record the runtime lets through, plus framing.
+            "message.max.bytes": s.runtime.max_record_bytes + 2**16,
             "enable.idempotence": True,
             # Successes need no callback: a transaction's commit, or at-least-once's flush,
             # confirms them all at once. Failures are recorded.
@@ -312,11 +321,69 @@ class StreamRuntime:
                 "stage raised on %s[%d]@%d: %s: %s", letter.topic, letter.partition,
                 letter.offset, letter.error_class, error,
             )
+        sources = _Sources(good, good_raw)
+        encoded, too_big = self._encode(result.outputs, sources)
+        if too_big:
+            failed = {i for i, _ in result.failed}
+            encoded = self._isolate_oversized(good, good_src, failed, sources, dead)
         return _Prepared(
-            records=records, outputs=result.outputs, dead=dead,
+            records=records, encoded=encoded, dead=dead,
             offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()],
-            sources=_Sources(good, good_raw), started=started,
+            started=started,
         )
+
+    def _encode(self, outputs: Iterable[Output], sources: _Sources) -> tuple[list[_Encoded], bool]:
+        """Topic, key and bytes of each output, and whether any is over ``max_record_bytes``.
+
+        Forwarded outputs reuse the bytes they were read as; new messages get this service as
+        their producer unless the stage named one. Output topics are checked on first use.
+        """
+        identity, known = self._identity, self._known_topics
+        limit = self.settings.runtime.max_record_bytes
+        encoded: list[_Encoded] = []
+        too_big = False
+        for out in outputs:
+            if out.topic not in known:
+                self._require_topic(out.topic)
+            value = out.value
+            if out.forward:
+                data = sources.raw(value)
+            else:
+                if value.producer is None:
+                    value.producer = identity
+                data = value.to_bytes()
+            if data is not None and len(data) > limit:
+                too_big = True
+            encoded.append((out.topic, out.key or value.partition_key(), data))
+        return encoded, too_big
+
+    def _isolate_oversized(
+        self, good: list[Message], good_src: list[KafkaMessage], failed: set[int],
+        sources: _Sources, dead: list[DeadLetter],
+    ) -> list[_Encoded]:
+        """Rare path: some output is too large to produce. Process record by record, and
+        dead-letter each input whose outputs do not fit; keep the others' outputs."""
+        limit = self.settings.runtime.max_record_bytes
+        encoded: list[_Encoded] = []
+        for i, record in enumerate(good):
+            if i in failed:
+                continue  # already dead-lettered
+            try:
+                mine, too_big = self._encode(self.stage.process([record]), sources)
+            except FlywheelError:
+                raise
+            except Exception as exc:
+                dead.append(_dead_letter(good_src[i], "stage", type(exc).__name__, str(exc)))
+                continue
+            if too_big:
+                size = max(len(d) for _, _, d in mine if d is not None)
+                dead.append(_dead_letter(
+                    good_src[i], "stage", "OutputTooLarge",
+                    f"an output of {size} bytes exceeds max_record_bytes ({limit})",
+                ))
+            else:
+                encoded.extend(mine)
+        return encoded
 
     def _handle(self, records: list[KafkaMessage]) -> None:
         """One step of the loop with a batch (possibly empty, meaning the consumer is idle)."""
@@ -332,14 +399,14 @@ class StreamRuntime:
     def _finished(self, batch: _Prepared) -> None:
         """Metrics for a batch whose outputs are committed (or, at-least-once, produced)."""
         svc = self.settings.service
-        records, outputs, dead = batch.records, batch.outputs, batch.dead
+        records, dead = batch.records, batch.dead
         consumed = (
             {self.input_topics[0]: len(records)} if len(self.input_topics) == 1
             else Counter(r.topic() for r in records)
         )
         for topic, n in consumed.items():
             m.RECORDS_CONSUMED.labels(svc, topic).inc(n)
-        for topic, n in Counter(o.topic for o in outputs).items():
+        for topic, n in Counter(topic for topic, _, _ in batch.encoded).items():
             m.RECORDS_PRODUCED.labels(svc, topic).inc(n)
         for (topic, kind), n in Counter((d.topic, d.kind) for d in dead).items():
             m.RECORDS_DEAD_LETTERED.labels(svc, topic, kind).inc(n)
@@ -356,9 +423,7 @@ class StreamRuntime:
         the broker's work overlaps the stage's instead of following it. On an abort both
         batches are rewound and this one's outputs are dropped.
         """
-        if self._open_batch is not None and not self._commit_open():
-            if batch is not None:
-                self._rewind(batch.records)
+        if self._open_batch is not None and not self._commit_open(also_rewind=batch):
             return
         if batch is None:
             return
@@ -366,13 +431,14 @@ class StreamRuntime:
         self._open_batch = batch  # from here on, an abort rewinds it
         try:
             self._producer.begin_transaction()
-            self._produce_all(batch.outputs, batch.dead, batch.sources)
+            self._produce_all(batch.encoded, batch.dead)
         except KafkaException as exc:
             self._abort_open(exc)
 
-    def _commit_open(self) -> bool:
+    def _commit_open(self, also_rewind: _Prepared | None = None) -> bool:
         """send_offsets_to_transaction + commit_transaction for the open batch; False if the
-        transaction had to be aborted (the batch is then rewound)."""
+        transaction had to be aborted. Then the open batch, and ``also_rewind`` (a batch
+        processed after it, not produced yet), are rewound together."""
         assert self._producer is not None and self._consumer is not None
         batch, producer = self._open_batch, self._producer
         assert batch is not None
@@ -381,7 +447,7 @@ class StreamRuntime:
             self._bounded(lambda t: producer.send_offsets_to_transaction(batch.offsets, group, t))
             self._bounded(producer.commit_transaction)
         except KafkaException as exc:
-            self._abort_open(exc)
+            self._abort_open(exc, also_rewind)
             return False
         self._open_batch = None
         self._aborts_in_a_row = 0
@@ -389,12 +455,20 @@ class StreamRuntime:
         self._finished(batch)
         return True
 
-    def _abort_open(self, exc: KafkaException) -> None:
-        """Abort the open transaction after ``exc``, rewind its batch; fatal if it cannot be
-        aborted, or if transactions keep aborting."""
+    def _abort_open(self, exc: KafkaException, also_rewind: _Prepared | None = None) -> None:
+        """Abort the open transaction after ``exc`` and rewind its batch (and ``also_rewind``);
+        fatal if it cannot be aborted, or if transactions keep aborting."""
         err: KafkaError = exc.args[0]
         # On the fatal paths the batch stays open, so _close() still tries to abort it.
-        if err.fatal() or not (err.txn_requires_abort() or err.retriable()):
+        if err.fatal() or not err.txn_requires_abort():
+            if err.retriable():
+                # A call that timed out stays in progress inside librdkafka: it can only be
+                # resumed, not aborted. The broker aborts it after transaction.timeout.ms, or
+                # the restarted instance fences it at once.
+                raise FatalRuntimeError(
+                    f"transaction did not complete in time: {err}; it will be aborted by the "
+                    "broker or by this instance's successor"
+                ) from exc
             raise FatalRuntimeError(f"transaction failed: {err}") from exc
         self._aborts_in_a_row += 1
         if self._aborts_in_a_row > MAX_CONSECUTIVE_ABORTS:
@@ -409,8 +483,8 @@ class StreamRuntime:
             raise FatalRuntimeError(f"abort_transaction failed: {abort_exc.args[0]}") from exc
         self._m_aborted.inc()
         batch, self._open_batch = self._open_batch, None
-        if batch is not None:
-            self._rewind(batch.records)
+        records = [*(batch.records if batch else ()), *(also_rewind.records if also_rewind else ())]
+        self._rewind(records)
 
     def _bounded(self, call: Any) -> None:
         """Run a transactional call in short slices, retrying timeouts and retriable errors,
@@ -434,17 +508,19 @@ class StreamRuntime:
                 if not err.retriable() or time.monotonic() >= deadline:
                     raise
                 log.debug("transactional call retrying: %s", err)
+                time.sleep(0.05)  # some retriable errors return at once
 
     def _rewind(self, records: list[KafkaMessage]) -> None:
-        """Seek each still-assigned partition back to the batch's first offset in it."""
+        """Seek each still-assigned partition back to the lowest offset ``records`` hold in it,
+        and drop what was collected from those partitions since (it will be read again)."""
         assert self._consumer is not None
-        first: dict[tuple[str, int], int] = {}
-        for msg in records:
-            topic, partition, offset = _origin(msg)
-            first.setdefault((topic, partition), offset)
+        first = _first_offsets(records)
         for (topic, partition), offset in first.items():
             if (topic, partition) in self._assignment:
                 self._consumer.seek(TopicPartition(topic, partition, offset))
+        self._pending.records = [
+            r for r in self._pending.records if (r.topic(), r.partition()) not in first
+        ]
 
     # -- at-least-once ----------------------------------------------------------------------
 
@@ -452,7 +528,7 @@ class StreamRuntime:
         """Confirm the previous batch, then produce this one; its offsets wait for the next
         confirmation. One flush per batch, not a Python callback per record."""
         self._confirm()
-        self._produce_all(batch.outputs, batch.dead, batch.sources)
+        self._produce_all(batch.encoded, batch.dead)
         self._unconfirmed = batch.offsets
 
     def _confirm(self) -> None:
@@ -470,36 +546,26 @@ class StreamRuntime:
 
     # -- producing --------------------------------------------------------------------------
 
-    def _produce_all(
-        self, outputs: Iterable[Output], dead: list[DeadLetter], sources: _Sources
-    ) -> None:
-        """Hand every output and dead letter to the producer. This is the per-record hot path:
-        local names, no per-record headers (a topic's message type is fixed, see
-        ``schemas.messages``)."""
+    def _produce_all(self, encoded: list[_Encoded], dead: list[DeadLetter]) -> None:
+        """Hand every output and dead letter to the producer. The per-record hot path: no
+        per-record headers (a topic's message type is fixed, see ``schemas.messages``)."""
         assert self._producer is not None
         produce = self._producer.produce
-        identity = self._identity
-        known = self._known_topics
-        for out in outputs:
-            if out.topic not in known:
-                self._require_topic(out.topic)
-            value = out.value
-            if out.forward:
-                data = sources.raw(value)
-            else:
-                if value.producer is None:
-                    value.producer = identity
-                data = value.to_bytes()
-            key = out.key or value.partition_key()
+        for topic, key, data in encoded:
             try:
-                produce(out.topic, data, key)
+                produce(topic, data, key)
             except BufferError:
-                self._produce_when_room(out.topic, data, key, None)
+                self._produce_when_room(topic, data, key, None)
         s = self.settings
+        limit = s.runtime.max_record_bytes
         for d in dead:
-            self._produce_when_room(
-                self.dlq_topic, d.value, d.key, d.record_headers(s.service, s.instance_id)
-            )
+            headers = d.record_headers(s.service, s.instance_id)
+            value = d.value
+            if value is not None and len(value) > limit:
+                # Too large to carry: the headers say where the original still is.
+                headers.append(("flywheel-value-omitted", f"{len(value)} bytes".encode()))
+                value = None
+            self._produce_when_room(self.dlq_topic, value, d.key, headers)
 
     def _require_topic(self, topic: str) -> None:
         """Fail fast on a topic that does not exist: librdkafka would only fail its records
@@ -626,7 +692,10 @@ class StreamRuntime:
             log.warning("broker probe failed: %s", exc.args[0])
         else:
             self._connected, self._down_since = True, None
-            self._update_lag()
+            try:
+                self._update_lag()
+            except KafkaException as exc:  # a metric is not worth stopping for
+                log.warning("could not refresh consumer lag: %s", exc.args[0])
         self._m_ready.set(1 if self.ready else 0)
         if self._down_since and now - self._down_since > self.settings.runtime.broker_down_seconds:
             raise FatalRuntimeError(
@@ -678,17 +747,37 @@ class StreamRuntime:
             if left:
                 log.error("%d produced records not acknowledged at shutdown", left)
             elif self._unconfirmed is not None and self._delivery_error is None:
-                self._confirm()
+                try:
+                    self._confirm()
+                except (FatalRuntimeError, KafkaException) as exc:
+                    log.error("last batch not confirmed at shutdown: %s", exc)
+        # Whatever is still unconfirmed stays uncommitted: the revoke that close() triggers
+        # must not flush again.
+        self._unconfirmed = None
         if self._consumer is not None:
-            # Leaves the group (a prompt rebalance for the others) and, at-least-once,
-            # commits the stored offsets.
-            self._consumer.close()
+            # At-least-once, commits the stored offsets. A dynamic member leaves the group at
+            # once; a static one keeps its partitions until session_timeout_ms, for its restart.
+            try:
+                self._consumer.close()
+            except KafkaException as exc:
+                log.warning("consumer close: %s", exc.args[0])
         log.info("runtime stopped: service=%s", self.settings.service)
 
 
 def _origin(msg: KafkaMessage) -> tuple[str, int, int]:
     """Topic, partition, offset of a consumed record (always set on a consumed record)."""
     return cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset())
+
+
+def _first_offsets(records: list[KafkaMessage]) -> dict[tuple[str, int], int]:
+    """The lowest offset per partition among ``records`` (in any order)."""
+    first: dict[tuple[str, int], int] = {}
+    for msg in records:
+        topic, partition, offset = _origin(msg)
+        key = (topic, partition)
+        if key not in first or offset < first[key]:
+            first[key] = offset
+    return first
 
 
 def _dead_letter(msg: KafkaMessage, kind: str, error_class: str, message: str) -> DeadLetter:

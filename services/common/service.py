@@ -2,7 +2,8 @@
 
 ``serve`` logs the resolved config (secrets redacted), starts the health endpoint, turns
 SIGTERM/SIGINT into a graceful stop, runs the runtime, and returns the process exit code:
-0 after a requested stop, 1 after a fatal error (logged with its reason).
+0 after a requested stop, 1 after a fatal error (logged with its reason; an unexpected
+exception is logged with its traceback).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def serve(settings: ServiceSettings, stage: Stage[Any], input_topics: Sequence[s
         runtime.run()
     except FlywheelError as exc:
         log.error("%s stopped: %s", settings.service, exc)
+        return 1
+    except Exception:
+        log.exception("%s stopped by an unexpected error", settings.service)
         return 1
     finally:
         restore()

@@ -11,6 +11,7 @@ record to find the one that raised, and when an aborted transaction replays a ba
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -18,6 +19,9 @@ from typing import Generic, Protocol, TypeVar
 from pydantic import ValidationError
 
 from schemas import Message
+from services.common.errors import DependencyError
+
+log = logging.getLogger(__name__)
 
 In = TypeVar("In", bound=Message)
 In_contra = TypeVar("In_contra", bound=Message, contravariant=True)
@@ -105,18 +109,24 @@ def apply_stage(stage: Stage[In], batch: Sequence[In]) -> StageResult[In]:
     A record that raises when processed alone is reported in ``failed`` (it goes to the DLQ);
     the others' outputs are kept. Batch-level stages (group assembly, batched model calls) see
     the whole batch in the common case and single records only after a failure.
+    :class:`~services.common.errors.DependencyError` is not about records: it propagates.
     """
     if not batch:
         return StageResult([], [])
     try:
         return StageResult(stage.process(batch), [])
-    except Exception:
-        pass
+    except DependencyError:
+        raise
+    except Exception as exc:
+        log.warning("stage failed on a batch of %d (%s: %s); retrying record by record",
+                    len(batch), type(exc).__name__, exc)
     outputs: list[Output] = []
     failed: list[tuple[int, BaseException]] = []
     for i, record in enumerate(batch):
         try:
             outputs.extend(stage.process([record]))
+        except DependencyError:
+            raise
         except Exception as exc:
             failed.append((i, exc))
     return StageResult(outputs, failed)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import pytest
 
 from schemas import Task
-from services.common.errors import FatalRuntimeError
+from services.common.errors import DependencyError, FatalRuntimeError
 from services.common.metrics import HealthServer
 from services.common.runtime import StreamRuntime
 from services.common.stage import Output
@@ -212,3 +212,46 @@ def test_a_missing_dlq_topic_is_refused_at_start(kafka: Broker, uid: str) -> Non
     rt = StreamRuntime(s, RelayStage(Task, src), [src], dlq_topic=f"no-such-dlq-{uid}")
     with pytest.raises(FatalRuntimeError, match=f"no-such-dlq-{uid}"):
         rt.run()
+
+
+def test_an_input_whose_output_is_too_large_is_dead_lettered_and_the_rest_flows(
+    kafka: Broker, uid: str
+) -> None:
+    src, out, dlq = f"in-{uid}", f"out-{uid}", f"dlq-{uid}"
+    kafka.create_topics([src, out, dlq], partitions=1)
+    big = factories.task(7, pad=50_000).to_bytes()
+    kafka.produce(src, [(b"small-0", factories.task(0).to_bytes()), (b"big", big),
+                        (b"small-1", factories.task(1).to_bytes())])
+    s = settings(kafka.bootstrap, f"big{uid}", max_record_bytes=20_000)
+    with InThread(StreamRuntime(s, RelayStage(Task, out), [src], dlq_topic=dlq)) as running:
+        wait_until(lambda: len(kafka.read_all(out)) == 2 and len(kafka.read_all(dlq)) == 1,
+                   60, "2 outputs and 1 dead letter")
+    assert running.error is None
+    assert sorted(m.key() for m in kafka.read_all(out)) == [b"arith-0", b"arith-1"]  # task_id
+    [letter] = kafka.read_all(dlq)
+    headers = dict(letter.headers())
+    assert letter.key() == b"big" and letter.value() is None
+    assert headers["flywheel-error-class"] == b"OutputTooLarge"
+    assert headers["flywheel-value-omitted"] == f"{len(big)} bytes".encode()
+    assert headers["flywheel-source-offset"] == b"1"
+
+
+class DownStage:
+    input_type = Task
+
+    def process(self, batch: Sequence[Task]) -> list[Output]:
+        raise DependencyError("scoring sandbox pool unreachable")
+
+
+def test_a_dependency_failure_stops_the_service_without_dead_lettering(
+    kafka: Broker, uid: str
+) -> None:
+    src, dlq = f"in-{uid}", f"dlq-{uid}"
+    kafka.create_topics([src, dlq], partitions=1)
+    kafka.produce(src, [(None, factories.task(i).to_bytes()) for i in range(5)])
+    s = settings(kafka.bootstrap, f"down{uid}")
+    rt = StreamRuntime(s, DownStage(), [src], dlq_topic=dlq)
+    with pytest.raises(DependencyError, match="unreachable"):
+        rt.run()
+    assert kafka.read_all(dlq) == []
+    assert kafka.committed(s.group_id, src) == {0: 0}, "the batch stays to be processed again"

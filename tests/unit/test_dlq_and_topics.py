@@ -78,3 +78,17 @@ def test_topics_file_rejects_unknown_keys_and_coerces_values(tmp_path: Path) -> 
     f.write_text("topics:\n" + body + "  raw: {partitons: 3}\n")
     with pytest.raises(ValidationError):
         topics.load(f)
+
+
+def test_a_truncated_error_message_stays_valid_utf8() -> None:
+    headers = dict(_letter("é" * 3000).record_headers("s", "i"))
+    text = headers["flywheel-error-message"]
+    assert isinstance(text, bytes) and len(text) <= MAX_MESSAGE_BYTES
+    assert text.decode("utf-8").endswith("...")
+
+
+def test_kraft_cluster_ids_never_start_with_a_dash() -> None:
+    from services.common.broker import _cluster_id
+
+    ids = [_cluster_id() for _ in range(2000)]  # a leading '-' would show up ~30 times
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)

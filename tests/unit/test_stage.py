@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import pytest
 
 from schemas import Task
+from services.common.errors import DependencyError
 from services.common.stage import DecodeFailure, Output, apply_stage, decode
 from services.relay.stage import RelayStage
 from tests import factories
@@ -95,3 +96,44 @@ def test_forwarded_outputs_resolve_to_the_exact_input_bytes() -> None:
     assert [sources.raw(r) for r in reversed(records)] == raw[::-1]  # any order
     with pytest.raises(ValueError, match="not an input"):
         sources.raw(factories.task(9))
+
+
+class Down:
+    """A stage whose dependency is down: every call fails, for reasons not about the record."""
+
+    input_type = Task
+
+    def process(self, batch: Sequence[Task]) -> list[Output]:
+        raise DependencyError("reward model server unreachable")
+
+
+def test_dependency_errors_propagate_instead_of_dead_lettering_the_batch() -> None:
+    with pytest.raises(DependencyError, match="unreachable"):
+        apply_stage(Down(), [factories.task(i) for i in range(3)])
+
+
+class _At:
+    """A consumed record's coordinates (what the runtime reads off a Kafka message)."""
+
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self._where = (topic, partition, offset)
+
+    def topic(self) -> str:
+        return self._where[0]
+
+    def partition(self) -> int:
+        return self._where[1]
+
+    def offset(self) -> int:
+        return self._where[2]
+
+
+def test_rewind_targets_the_lowest_uncommitted_offset_of_every_partition() -> None:
+    """The open batch (offsets 0-4 of p0) and the one processed after it (5-9 of p0, 3 of p1)
+    are rewound together: p0 must go back to 0, not to 5."""
+    from services.common.runtime import _first_offsets
+
+    open_batch = [_At("t", 0, o) for o in range(5)]
+    next_batch = [_At("t", 0, o) for o in range(5, 10)] + [_At("t", 1, 3)]
+    for records in (open_batch + next_batch, next_batch + open_batch):
+        assert _first_offsets(records) == {("t", 0): 0, ("t", 1): 3}  # type: ignore[arg-type]
