@@ -24,7 +24,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 kafka_app = typer.Typer(no_args_is_help=True, help="A local single-node Kafka broker (KRaft).")
 topics_app = typer.Typer(no_args_is_help=True, help="Topics as code (deploy/topics.yaml).")
 run_app = typer.Typer(no_args_is_help=True, help="Run one service in the foreground.")
+tasks_app = typer.Typer(no_args_is_help=True, help="Publish tasks.")
 app.add_typer(kafka_app, name="kafka")
+app.add_typer(tasks_app, name="tasks")
 app.add_typer(topics_app, name="topics")
 app.add_typer(run_app, name="run")
 
@@ -124,6 +126,43 @@ def run_relay(
         }.items() if v
     }
     raise typer.Exit(run(RelaySettings(**overrides)))
+
+
+@tasks_app.command("seed")
+def tasks_seed(
+    env: Annotated[str, typer.Option(help="Environment to draw tasks from.")] = "arithmetic",
+    count: Annotated[int, typer.Option(min=1, help="How many tasks.")] = 100,
+    file: Annotated[Path | None, typer.Option(help="JSONL task file instead of --env.")] = None,
+    difficulty: Annotated[float | None, typer.Option(help="Default: the env's mix.")] = None,
+    seed: Annotated[int | None, typer.Option(help="RNG seed, for a reproducible set.")] = None,
+) -> None:
+    """Publish tasks to the tasks topic, from an environment or a JSONL file."""
+    import random
+
+    from schemas import Producer as ProducerInfo
+    from services import envs
+    from services.envs.reference import load_task_file
+    from services.feeder.publish import TaskPublisher
+
+    settings = ServiceSettings(service="cli")
+    if file is not None:
+        tasks = load_task_file(file)
+        for name in {t.env for t in tasks}:
+            envs.get(name)  # every env named in the file must exist
+    else:
+        tasks = envs.get(env).tasks(count, rng=random.Random(seed), difficulty=difficulty)
+    topic = settings.topic("tasks")
+    publisher = TaskPublisher(settings.kafka, topic,
+                              ProducerInfo(service="cli", instance=settings.instance_id))
+    err.print(f"published {publisher.publish(tasks)} tasks to {topic}")
+
+
+@run_app.command("feeder")
+def run_feeder() -> None:
+    """Keep the tasks topic topped up (FLYWHEEL_ENV, FLYWHEEL_TARGET_BACKLOG, ...)."""
+    from services.feeder.main import FeederSettings, run
+
+    raise typer.Exit(run(FeederSettings()))
 
 
 @app.command("bench")

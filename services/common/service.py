@@ -15,7 +15,7 @@ import signal
 import threading
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from services.common.config import ServiceSettings
 from services.common.errors import FlywheelError
@@ -27,20 +27,41 @@ from services.common.stage import Stage
 log = logging.getLogger(__name__)
 
 
+class Loop(Protocol):
+    """What ``serve_loop`` runs: a blocking ``run`` that returns after ``stop``."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 def serve(settings: ServiceSettings, stage: Stage[Any], input_topics: Sequence[str]) -> int:
+    """Run a stream stage as a service (the common case)."""
     setup_logging(settings.log_level)
     log.info("config: %s", json.dumps(settings.redacted(), sort_keys=True))
     runtime = StreamRuntime(settings, stage, input_topics)
     tune_gc()
+    return serve_loop(settings, runtime)
+
+
+def serve_loop(settings: ServiceSettings, loop: Loop) -> int:
+    """Health endpoint, signals and the top-level error boundary around ``loop.run()``."""
+    setup_logging(settings.log_level)
     health = None
     if settings.metrics.enabled:
         health = HealthServer(
             settings.metrics.host, settings.metrics.port,
-            alive=lambda: runtime.alive, ready=lambda: runtime.ready,
+            alive=lambda: loop.alive, ready=lambda: loop.ready,
         ).start()
-    restore = _stop_on_signals(runtime)
+    restore = _stop_on_signals(loop)
     try:
-        runtime.run()
+        loop.run()
     except FlywheelError as exc:
         log.error("%s stopped: %s", settings.service, exc)
         return 1
@@ -68,8 +89,8 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def _stop_on_signals(runtime: StreamRuntime) -> Any:
-    """SIGTERM and SIGINT ask the runtime to stop; returns a function restoring the handlers."""
+def _stop_on_signals(runtime: Loop) -> Any:
+    """SIGTERM and SIGINT ask the loop to stop; returns a function restoring the handlers."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 

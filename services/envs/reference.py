@@ -1,0 +1,65 @@
+"""``reference``: single-turn tasks checked by their declared ``VerifierSpec``; the default
+environment of tasks loaded from a JSONL file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from schemas import Task, Turn, VerifierSpec
+from services.common.errors import ConfigError
+from services.envs.base import Environment, Verification, last_assistant
+from services.envs.verify import check
+
+
+class Reference(Environment):
+    name = "reference"
+
+    def tasks(self, count: int, *, rng: random.Random, difficulty: float | None = None
+              ) -> list[Task]:
+        raise ConfigError("reference tasks come from a file: `flywheel tasks seed --file F`")
+
+    def verify(self, task: Task, turns: Sequence[Turn]) -> Verification:
+        if task.verifier is None:
+            return Verification(passed=None, score=0.0, details={"reason": "no verifier"})
+        passed, details = check(task.verifier, last_assistant(turns))
+        return Verification(passed=passed, score=1.0 if passed else 0.0, details=details)
+
+
+def load_task_file(path: Path) -> list[Task]:
+    """Tasks from JSONL: one object per line with ``prompt`` and ``answer`` or ``verifier``;
+    optional ``env`` (default ``reference``), ``task_id`` (default: a hash of env and prompt),
+    ``difficulty``, ``metadata``. Blank lines are skipped; a bad line is an error naming it."""
+    tasks = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read task file {path}: {exc}") from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise ValueError("each line must be an object with a 'prompt'")
+            env = row.get("env", "reference")
+            verifier = row.get("verifier")
+            if verifier is None and "answer" in row:
+                verifier = {"kind": "exact", "answer": str(row["answer"])}
+            digest = hashlib.sha256(f"{env}\n{row['prompt']}".encode()).hexdigest()[:16]
+            tasks.append(Task(
+                task_id=str(row.get("task_id") or f"{env}:{digest}"),
+                env=env,
+                prompt=row["prompt"],
+                verifier=VerifierSpec.model_validate(verifier) if verifier else None,
+                difficulty=float(row.get("difficulty", 0)),
+                metadata=row.get("metadata", {}),
+            ))
+        except (ValueError, ValidationError) as exc:
+            raise ConfigError(f"{path}:{number}: {exc}") from exc
+    return tasks

@@ -1,0 +1,76 @@
+"""Publishing tasks, and measuring how many are still waiting for a generator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from schemas import Producer as ProducerInfo
+from schemas import Task
+from services.common.config import KafkaSettings
+from services.common.errors import FatalRuntimeError
+
+
+class TaskPublisher:
+    """An idempotent producer for ``Task`` records, keyed by ``task_id``."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str, identity: ProducerInfo) -> None:
+        self.topic, self.identity = topic, identity
+        self._producer = Producer(kafka.client_config() | {
+            "enable.idempotence": True, "linger.ms": 5, "on_delivery": self._on_delivery,
+            "delivery.report.only.error": True,
+        })
+        self._error: KafkaError | None = None
+
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None and self._error is None:
+            self._error = err
+
+    def publish(self, tasks: Iterable[Task], timeout: float = 60.0) -> int:
+        """Produce every task and wait until the broker acknowledged them all."""
+        n = 0
+        for task in tasks:
+            if task.producer is None:
+                task.producer = self.identity
+            while True:
+                try:
+                    self._producer.produce(self.topic, task.to_bytes(), task.partition_key())
+                    break
+                except BufferError:
+                    self._producer.poll(0.05)
+            n += 1
+        left = self._producer.flush(timeout)
+        if self._error is not None or left:
+            raise FatalRuntimeError(
+                f"publishing tasks to {self.topic} failed: {self._error or f'{left} unacked'}"
+            )
+        return n
+
+
+class Backlog:
+    """Tasks published but not yet committed by the generators' consumer group."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str, group: str) -> None:
+        self.topic = topic
+        # Not subscribed: this consumer only reads the group's committed offsets.
+        self._consumer = Consumer(kafka.client_config() | {
+            "group.id": group, "enable.auto.commit": False,
+        })
+
+    def size(self) -> int:
+        try:
+            meta = self._consumer.list_topics(self.topic, timeout=10).topics[self.topic]
+            tps = [TopicPartition(self.topic, p) for p in meta.partitions]
+            committed = {tp.partition: tp.offset for tp in self._consumer.committed(tps, 10)}
+            total = 0
+            for tp in tps:
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+                start = committed.get(tp.partition, -1)
+                total += high - max(start, low)
+        except KafkaException as exc:
+            raise FatalRuntimeError(f"cannot measure the backlog of {self.topic}: {exc}") from exc
+        return total
+
+    def close(self) -> None:
+        self._consumer.close()

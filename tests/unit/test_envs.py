@@ -1,0 +1,119 @@
+"""Environments: task generation, episodes, verification, the registry, task files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from schemas import Task, Turn, VerifierSpec
+from services import envs
+from services.common.errors import ConfigError
+from services.envs.reference import load_task_file
+from services.envs.verify import check
+
+
+def _episode(env: envs.Environment, task: Task, answers: list[str]) -> list[Turn]:
+    """Play ``answers`` as the policy until the environment ends the episode."""
+    turns = env.initial_turns(task)
+    for answer in answers:
+        turns.append(Turn(role="assistant", content=answer))
+        result = env.step(task, turns)
+        if result.done:
+            return turns
+        assert result.reply is not None
+        turns.append(result.reply)
+    raise AssertionError("episode did not end")
+
+
+def test_registry_knows_the_built_in_environments() -> None:
+    assert {"arithmetic", "guess", "reference"} <= set(envs.names())
+    with pytest.raises(ConfigError, match="unknown environment"):
+        envs.get("chess")
+
+
+def test_arithmetic_tasks_follow_difficulty_and_are_checked_exactly() -> None:
+    env = envs.get("arithmetic")
+    tasks = env.tasks(50, rng=random.Random(1), difficulty=3)
+    assert all(t.difficulty == 3 and t.env == "arithmetic" for t in tasks)
+    for t in tasks:
+        a, b = t.prompt.rstrip("=").split("+")
+        assert len(a) == 3 and len(b) == 3 and t.verifier is not None
+        right, wrong = str(int(a) + int(b)), str(int(a) + int(b) + 1)
+        assert env.verify(t, _episode(env, t, [right])).passed
+        assert env.verify(t, _episode(env, t, [f"{right} because"])).passed
+        assert not env.verify(t, _episode(env, t, [wrong])).passed
+        assert not env.verify(t, _episode(env, t, ["no idea"])).passed
+
+
+def test_arithmetic_is_deterministic_per_seed_and_ids_follow_content() -> None:
+    a = envs.get("arithmetic").tasks(20, rng=random.Random(7))
+    b = envs.get("arithmetic").tasks(20, rng=random.Random(7))
+    assert [t.task_id for t in a] == [t.task_id for t in b]
+    assert all(t.task_id == f"arithmetic:{t.prompt.rstrip('=')}" for t in a)
+
+
+def test_guessing_is_multi_turn_with_feedback() -> None:
+    env = envs.get("guess")
+    [task] = env.tasks(1, rng=random.Random(3), difficulty=4)
+    secret = int(task.verifier.answer)  # type: ignore[union-attr]
+    low, high = 1, 16
+    answers = []
+    turns = env.initial_turns(task)
+    while True:  # binary search, as a perfect policy would
+        guess = (low + high) // 2
+        answers.append(guess)
+        turns.append(Turn(role="assistant", content=str(guess)))
+        step = env.step(task, turns)
+        if step.done:
+            break
+        assert step.reply is not None and step.reply.content in ("higher", "lower")
+        turns.append(step.reply)
+        low, high = (guess + 1, high) if step.reply.content == "higher" else (low, guess - 1)
+    verdict = env.verify(task, turns)
+    assert verdict.passed and answers[-1] == secret
+    assert sum(t.role == "assistant" for t in turns) == len(answers) <= 4
+    assert verdict.score == pytest.approx(min(1.0, 4 / len(answers)))
+
+
+def test_guessing_ends_after_its_turn_budget_and_fails() -> None:
+    env = envs.get("guess")
+    [task] = env.tasks(1, rng=random.Random(5), difficulty=3)
+    wrong = "0"
+    turns = _episode(env, task, [wrong] * 10)
+    assert sum(t.role == "assistant" for t in turns) == 5  # bits + 2
+    assert env.verify(task, turns).passed is False
+
+
+def test_declared_verifiers() -> None:
+    assert check(VerifierSpec(kind="exact", answer="Paris"), " Paris ")[0]
+    assert check(VerifierSpec(kind="exact", answer="Paris", params={"case_insensitive": True}),
+                 "paris")[0]
+    assert check(VerifierSpec(kind="numeric", answer="3.14", params={"tolerance": 0.01}),
+                 "about 3.141")[0]
+    assert not check(VerifierSpec(kind="numeric", answer="3.14"), "none")[0]
+    assert check(VerifierSpec(kind="regex", params={"pattern": r"^\d{3}$"}), "123")[0]
+    with pytest.raises(ConfigError):
+        check(VerifierSpec(kind="unit_tests"), "x")
+
+
+def test_task_files(tmp_path: Path) -> None:
+    f = tmp_path / "tasks.jsonl"
+    f.write_text("\n".join([
+        json.dumps({"prompt": "Capital of France?", "answer": "Paris"}),
+        "",
+        json.dumps({"prompt": "2+2=", "env": "arithmetic", "answer": "4", "difficulty": 1}),
+        json.dumps({"prompt": "pi?", "verifier": {"kind": "numeric", "answer": "3.14",
+                                                  "params": {"tolerance": 0.01}}}),
+    ]))
+    tasks = load_task_file(f)
+    assert [t.env for t in tasks] == ["reference", "arithmetic", "reference"]
+    ref = envs.get("reference")
+    turns = [Turn(role="user", content="pi?"), Turn(role="assistant", content="3.141")]
+    assert ref.verify(tasks[2], turns).passed
+    assert tasks[0].task_id == load_task_file(f)[0].task_id  # stable ids
+    f.write_text(json.dumps({"prompt": "ok", "answer": "1"}) + "\n" + '{"answer": 1}\n')
+    with pytest.raises(ConfigError, match=r"tasks.jsonl:2"):
+        load_task_file(f)
