@@ -124,9 +124,9 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
 
     def close(self) -> None:
-        shutdown = getattr(self.llm.llm_engine, "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        # Stop the engine-core process now, rather than at interpreter exit, where its monitor
+        # thread logs into closed streams.
+        self.llm.llm_engine.engine_core.shutdown()
 
 
 class TransformersEngine:
