@@ -157,6 +157,14 @@ def tasks_seed(
     err.print(f"published {publisher.publish(tasks)} tasks to {topic}")
 
 
+@run_app.command("generator")
+def run_generator() -> None:
+    """Turn tasks into trajectories with the promoted policy (FLYWHEEL_MODEL_PATH, ...)."""
+    from services.generator.main import GeneratorSettings, run
+
+    raise typer.Exit(run(GeneratorSettings()))
+
+
 @run_app.command("feeder")
 def run_feeder() -> None:
     """Keep the tasks topic topped up (FLYWHEEL_ENV, FLYWHEEL_TARGET_BACKLOG, ...)."""

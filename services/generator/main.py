@@ -1,0 +1,91 @@
+"""``flywheel run generator``: settings, engine, catch-up on checkpoints, then serve."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from schemas import SamplingParams
+from services.common.config import RuntimeSettings, ServiceSettings
+from services.common.logs import setup_logging
+from services.common.service import serve
+from services.generator.engines import Engine, TransformersEngine, VLLMDtype, VLLMEngine
+from services.generator.episodes import Policy
+from services.generator.reload import CheckpointFollower, Reloader
+from services.generator.stage import GeneratorStage
+
+log = logging.getLogger(__name__)
+
+
+class SamplingSettings(BaseModel):
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=-1, ge=-1)
+    max_tokens: int = Field(default=32, ge=1)
+
+
+class VLLMSettings(BaseModel):
+    dtype: VLLMDtype = "auto"
+    max_model_len: int | None = Field(default=None, ge=16)
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="On CPU: the fraction of host memory."
+    )
+    kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+
+
+class GeneratorSettings(ServiceSettings):
+    service: str = "generator"
+    model_path: Path = Field(description="Hugging Face causal-LM folder served at start.")
+    model_name: str = Field(default="policy", description="CheckpointEvent.model to follow.")
+    base_version: int = Field(default=0, ge=0, description="Version of model_path.")
+    checkpoint_root: Path = Field(
+        default=Path(".flywheel/checkpoints"),
+        description="Checkpoints are loaded only from inside this folder.",
+    )
+    backend: Literal["vllm", "transformers"] = "vllm"
+    samples_per_task: int = Field(default=4, ge=1, description="Group size n; RL needs n > 1.")
+    max_turns: int = Field(default=8, ge=1)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    vllm: VLLMSettings = Field(default_factory=VLLMSettings)
+    runtime: RuntimeSettings = Field(default_factory=lambda: RuntimeSettings(
+        delivery="at_least_once", batch_max_records=64, batch_max_seconds=0.5,
+    ))
+
+
+def build_engine(settings: GeneratorSettings) -> tuple[Engine, object]:
+    if settings.backend == "vllm":
+        v = settings.vllm
+        engine = VLLMEngine(settings.model_path, dtype=v.dtype, max_model_len=v.max_model_len,
+                            gpu_memory_utilization=v.gpu_memory_utilization,
+                            kv_cache_gib=v.kv_cache_gib)
+        return engine, engine.tokenizer
+    hf = TransformersEngine(settings.model_path)
+    return hf, hf.tokenizer
+
+
+def run(settings: GeneratorSettings) -> int:
+    setup_logging(settings.log_level)
+    log.info("config: %s", json.dumps(settings.redacted(), sort_keys=True))
+    engine, tokenizer = build_engine(settings)
+    reloader = Reloader(engine, settings.checkpoint_root,
+                        Policy(settings.model_name, settings.base_version), settings.model_path)
+    follower = CheckpointFollower(settings.kafka, settings.topic("checkpoints"), reloader)
+    follower.catch_up()  # a generator that starts late serves the latest promoted version
+    reloader.apply_pending()
+    follower.start()
+    s = settings.sampling
+    stage = GeneratorStage(
+        engine, tokenizer, reloader, settings.topic("raw"), samples=settings.samples_per_task,
+        sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                max_tokens=s.max_tokens),
+        max_turns=settings.max_turns,
+    )
+    try:
+        return serve(settings, stage, [settings.topic("tasks")])
+    finally:
+        follower.stop()
+        engine.close()

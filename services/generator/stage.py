@@ -1,0 +1,50 @@
+"""The generator's stage: tasks in, trajectories out, with the weights promoted last."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from schemas import SamplingParams, Task
+from services.common.stage import Output
+from services.generator.engines import Engine
+from services.generator.episodes import run_episodes
+from services.generator.reload import Reloader
+
+TRAJECTORIES = Counter("flywheel_generator_trajectories_total", "Trajectories produced.")
+TOKENS = Counter("flywheel_generator_tokens_total", "Completion tokens sampled.")
+GENERATION_SECONDS = Histogram(
+    "flywheel_generator_generation_seconds", "Engine time per batch of episodes.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+ENGINE_BATCH = Histogram(
+    "flywheel_generator_engine_batch_episodes", "Episodes per engine batch.",
+    buckets=(1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096),
+)
+
+
+class GeneratorStage:
+    """Runs ``samples`` episodes per task; swaps in a newly promoted checkpoint first."""
+
+    input_type = Task
+
+    def __init__(self, engine: Engine, tokenizer: Any, reloader: Reloader, output_topic: str,
+                 *, samples: int, sampling: SamplingParams, max_turns: int) -> None:
+        self.engine, self.tokenizer, self.reloader = engine, tokenizer, reloader
+        self.output_topic, self.samples = output_topic, samples
+        self.sampling, self.max_turns = sampling, max_turns
+
+    def process(self, batch: Sequence[Task]) -> list[Output]:
+        self.reloader.apply_pending()  # between batches: nothing is in flight
+        trajectories = run_episodes(
+            self.engine, self.tokenizer, batch, samples=self.samples, sampling=self.sampling,
+            policy=self.reloader.policy, max_turns=self.max_turns,
+        )
+        ENGINE_BATCH.observe(len(batch) * self.samples)
+        GENERATION_SECONDS.observe(sum(t.timings.generation_seconds for t in trajectories))
+        TRAJECTORIES.inc(len(trajectories))
+        TOKENS.inc(sum(len(turn.token_ids or []) for t in trajectories for turn in t.turns
+                       if turn.role == "assistant"))
+        return [Output(self.output_topic, t) for t in trajectories]

