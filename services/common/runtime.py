@@ -476,15 +476,19 @@ class StreamRuntime:
                 f"{self._aborts_in_a_row} transactions aborted in a row, last: {err}"
             ) from exc
         log.warning("transaction aborted, batch will be processed again: %s", err)
-        assert self._producer is not None
-        try:
-            self._bounded(self._producer.abort_transaction)
-        except KafkaException as abort_exc:
-            raise FatalRuntimeError(f"abort_transaction failed: {abort_exc.args[0]}") from exc
-        self._m_aborted.inc()
+        self._abort_transaction()
         batch, self._open_batch = self._open_batch, None
         records = [*(batch.records if batch else ()), *(also_rewind.records if also_rewind else ())]
         self._rewind(records)
+
+    def _abort_transaction(self) -> None:
+        """abort_transaction within the bounds of ``_bounded``; fatal if it fails."""
+        assert self._producer is not None
+        try:
+            self._bounded(self._producer.abort_transaction)
+        except KafkaException as exc:
+            raise FatalRuntimeError(f"abort_transaction failed: {exc.args[0]}") from exc
+        self._m_aborted.inc()
 
     def _bounded(self, call: Any) -> None:
         """Run a transactional call in short slices, retrying timeouts and retriable errors,
@@ -616,12 +620,7 @@ class StreamRuntime:
         # new owners re-read from the committed offsets. Abort what is open.
         if self._open_batch is not None:
             self._open_batch = None
-            assert self._producer is not None
-            try:
-                self._bounded(self._producer.abort_transaction)
-            except KafkaException as exc:
-                raise FatalRuntimeError(f"abort_transaction failed: {exc.args[0]}") from exc
-            self._m_aborted.inc()
+            self._abort_transaction()
         self._unconfirmed = None
         self._unassign(partitions)
         log.warning("lost %s (session expired); uncommitted work dropped", _fmt(partitions))
