@@ -37,6 +37,17 @@ class VLLMSettings(BaseModel):
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
 
 
+class GeneratorRuntimeSettings(RuntimeSettings):
+    """The generator's runtime defaults, kept when only some FLYWHEEL_RUNTIME__ are set.
+
+    At-least-once: DESIGN has the generator's producer idempotent and repeats dropped by id
+    downstream (trajectory ids are deterministic). Batches are tasks, each worth n episodes.
+    """
+
+    delivery: Literal["exactly_once", "at_least_once"] = "at_least_once"
+    batch_max_records: int = Field(default=64, ge=1, le=100_000)
+
+
 class GeneratorSettings(ServiceSettings):
     service: str = "generator"
     model_path: Path = Field(description="Hugging Face causal-LM folder served at start.")
@@ -51,9 +62,7 @@ class GeneratorSettings(ServiceSettings):
     max_turns: int = Field(default=8, ge=1)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     vllm: VLLMSettings = Field(default_factory=VLLMSettings)
-    runtime: RuntimeSettings = Field(default_factory=lambda: RuntimeSettings(
-        delivery="at_least_once", batch_max_records=64, batch_max_seconds=0.5,
-    ))
+    runtime: GeneratorRuntimeSettings = Field(default_factory=GeneratorRuntimeSettings)
 
 
 def build_engine(settings: GeneratorSettings) -> tuple[Engine, object]:

@@ -57,3 +57,18 @@ def test_security_settings_map_to_librdkafka(monkeypatch: pytest.MonkeyPatch) ->
 def test_unset_security_settings_are_not_passed() -> None:
     conf = ServiceSettings().kafka.client_config()
     assert not any(k.startswith(("sasl.", "ssl.")) for k in conf)
+
+
+def test_a_service_keeps_its_runtime_defaults_when_one_runtime_setting_is_overridden(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.generator.main import GeneratorSettings
+
+    monkeypatch.setenv("FLYWHEEL_MODEL_PATH", "/models/tiny")
+    assert GeneratorSettings().runtime.delivery == "at_least_once"
+    monkeypatch.setenv("FLYWHEEL_RUNTIME__SESSION_TIMEOUT_MS", "20000")
+    s = GeneratorSettings()
+    assert (s.runtime.delivery, s.runtime.batch_max_records, s.runtime.session_timeout_ms) == (
+        "at_least_once", 64, 20000)
+    monkeypatch.setenv("FLYWHEEL_RUNTIME__DELIVERY", "exactly_once")
+    assert GeneratorSettings().runtime.delivery == "exactly_once"
