@@ -157,9 +157,7 @@ def apply(admin: AdminClient, specs: list[TopicSpec]) -> ApplyReport:
             for k, v in sorted(differing.items()):
                 report.changes.append(f"{s.name}: {k} {actual[s.name].get(k)!r} -> {v!r}")
         have = existing[s.name]
-        if have < s.partitions:
-            fut = admin.create_partitions([NewPartitions(s.name, s.partitions)])[s.name]
-            _wait(fut, f"add partitions to {s.name}")
+        if have < s.partitions and _add_partitions(admin, s.name, s.partitions):
             report.changes.append(f"{s.name}: partitions {have} -> {s.partitions}")
             report.warnings.append(
                 f"{s.name}: more partitions re-map keys; records of one group written before "
@@ -217,6 +215,23 @@ def _list_offsets(
         request = retry
         time.sleep(0.25)
     return out
+
+
+def _add_partitions(admin: AdminClient, name: str, count: int) -> bool:
+    """Grow ``name`` to ``count`` partitions; False if it already has them (an earlier apply
+    did it a moment ago and the metadata we read had not caught up)."""
+    try:
+        admin.create_partitions([NewPartitions(name, count)])[name].result()
+        return True
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.INVALID_PARTITIONS:
+            raise FlywheelError(f"add partitions to {name} failed: {exc.args[0]}") from exc
+    deadline = time.monotonic() + 30
+    while _partition_counts(admin).get(name, 0) < count:
+        if time.monotonic() > deadline:
+            raise FlywheelError(f"add partitions to {name}: refused, and it does not have {count}")
+        time.sleep(0.25)
+    return False
 
 
 def _wait_for_metadata(

@@ -113,6 +113,9 @@ def test_apply_converges_and_describe_shows_end_offsets(kafka: Broker, uid: str)
              s.replication_factor, s.config) for s in specs]
     report = topics.apply(admin, grown)
     assert report.changes == [f"{raw}: partitions 6 -> 8"] and report.warnings
+    assert topics.apply(admin, grown).changes == [], "applying the same file again is a no-op"
+    wait_until(lambda: topics.describe(admin, [s for s in specs if s.name == raw])[0]
+               .partitions == 8, 30, "the new partitions to show in metadata")
     shrunk = topics.apply(admin, specs)
     assert shrunk.changes == [] and "cannot remove" in shrunk.warnings[0]
 
