@@ -25,13 +25,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
@@ -61,16 +58,8 @@ def _broker() -> Iterator[str]:
     if existing:
         yield existing
         return
-    local_kafka.install()
-    with tempfile.TemporaryDirectory(prefix="bench-kafka-") as data:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        started, _ = local_kafka.start(Path(data), port)
-        try:
-            yield started.bootstrap
-        finally:
-            local_kafka.stop(Path(data))
+    with local_kafka.temporary() as broker:
+        yield broker.bootstrap
 
 
 def _record(i: int) -> bytes:

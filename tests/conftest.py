@@ -8,7 +8,6 @@ in a temporary folder on a free port, and stopped at the end of the session.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,25 +18,14 @@ from services.common import broker as local_kafka
 from tests.kafka import Broker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
-def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+def kafka() -> Iterator[Broker]:
     existing = os.environ.get("FLYWHEEL_TEST_BOOTSTRAP")
     if existing:
         yield Broker(existing)
         return
-    local_kafka.install()
-    data = tmp_path_factory.mktemp("kafka")
-    started, _ = local_kafka.start(data, _free_port())
-    try:
-        yield Broker(started.bootstrap)
-    finally:
-        local_kafka.stop(data)
+    with local_kafka.temporary() as broker:
+        yield Broker(broker.bootstrap)
 
 
 @pytest.fixture

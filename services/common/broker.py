@@ -14,6 +14,7 @@ Java 17+ and Maven must be on PATH. Heap: ``KAFKA_HEAP_OPTS`` as with Kafka's ow
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,8 +24,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from string import Template
@@ -121,7 +124,7 @@ def start(
     if not (libs / ".complete").is_file():
         raise BrokerError(f"Kafka jars not installed in {libs}; run `flywheel kafka install`")
     _require_free(port)
-    controller_port = _free_port()
+    controller_port = free_port()
     data.mkdir(parents=True, exist_ok=True)
     props = data / "server.properties"
     props.write_text(
@@ -190,6 +193,19 @@ def _cluster_id() -> str:
             return cid
 
 
+@contextlib.contextmanager
+def temporary() -> Iterator[LocalBroker]:
+    """A throwaway broker (jars installed if missing) in a temporary folder on a free port,
+    stopped on exit: for test sessions and benchmarks."""
+    install()
+    with tempfile.TemporaryDirectory(prefix="flywheel-kafka-") as data:
+        broker, _ = start(Path(data), free_port())
+        try:
+            yield broker
+        finally:
+            stop(Path(data))
+
+
 def _answers(bootstrap: str) -> bool:
     conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _QUIET}
     admin = AdminClient(conf)
@@ -223,7 +239,8 @@ def _require_free(port: int) -> None:
             raise BrokerError(f"port {port} is in use; choose another with --port") from exc
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

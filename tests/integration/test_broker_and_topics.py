@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from services.common import topics
+from services.common.broker import free_port
 from services.common.config import TOPIC_NAMES
 from tests.kafka import Broker, wait_until
 
@@ -28,15 +28,9 @@ def _flywheel(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_cli_broker_lifecycle_kcat_and_idempotent_topics(tmp_path: Path) -> None:
     """`flywheel kafka install && flywheel kafka start`, kcat -L, `topics apply` twice, restart."""
-    data, port = tmp_path / "kafka", _free_port()
+    data, port = tmp_path / "kafka", free_port()
     install = _flywheel("kafka", "install")
     assert install.returncode == 0, install.stderr
     assert "already installed" in _flywheel("kafka", "install").stderr

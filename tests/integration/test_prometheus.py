@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import urllib.parse
 import urllib.request
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from schemas import Task
+from services.common.broker import free_port
 from services.common.metrics import HealthServer
 from services.common.runtime import StreamRuntime
 from services.relay.stage import RelayStage
@@ -23,12 +23,6 @@ from tests.kafka import Broker, wait_until
 pytestmark = pytest.mark.integration
 
 PROMETHEUS = shutil.which("prometheus")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _query(port: int, expr: str) -> list[dict]:
@@ -59,7 +53,7 @@ def test_prometheus_scrapes_runtime_metrics(kafka: Broker, uid: str, tmp_path: P
     rt = StreamRuntime(settings(kafka.bootstrap, service), RelayStage(Task, out), [src],
                        dlq_topic=f"dlq-{uid}")
     health = HealthServer("127.0.0.1", 0, alive=lambda: rt.alive, ready=lambda: rt.ready).start()
-    prom_port = _free_port()
+    prom_port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
