@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +23,7 @@ DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 TOPIC_NAMES = (
     "tasks", "raw", "scored", "filtered", "rejected",
     "accepted.cpt", "accepted.sft", "accepted.rl", "checkpoints", "dlq",
+    "filter.state", "router.state",
 )
 """Logical topic names. A deployment prefixes all of them (``KafkaSettings.topic_prefix``)."""
 
@@ -161,6 +162,12 @@ class ServiceSettings(BaseSettings):
     @property
     def transactional_id(self) -> str:
         return f"{self.group_id}.{self.instance_id}"
+
+    @classmethod
+    def with_overrides(cls, **overrides: Any) -> Self:
+        """Settings from the environment, with the non-None ``overrides`` (CLI options) on
+        top."""
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
 
     def redacted(self) -> dict[str, Any]:
         """The resolved settings as plain data, fit to log: secrets show as '**********'.

@@ -37,6 +37,13 @@ missing input, output or dead-letter topic (output topics are checked when first
 raises :class:`FatalRuntimeError`; the service exits non-zero with the reason logged and the
 uncommitted batch left to be consumed again.
 
+State: a :class:`~services.common.stage.StatefulStage` (filter, router) is run per input
+partition with that partition's state (:mod:`services.common.state`). Its changes go to the
+changelog topic in the batch's transaction; its timers (``tick``) run every ``tick_seconds``
+even when no input arrives, in a transaction of their own if need be. Assigned partitions are
+restored from the changelog before their first record is processed, revoked ones dropped, and
+after an abort every owned partition is restored again.
+
 Stop (SIGTERM/SIGINT or :meth:`StreamRuntime.stop`): no new batch starts; the one in flight is
 committed within ``shutdown_timeout_seconds``. A commit that cannot finish in that time cannot
 be aborted either (librdkafka keeps it in progress): the service exits non-zero, and the broker
@@ -63,8 +70,18 @@ from schemas import Producer as ProducerInfo
 from services.common import metrics as m
 from services.common.config import ServiceSettings
 from services.common.dlq import DeadLetter, Headers
-from services.common.errors import FatalRuntimeError, FlywheelError
-from services.common.stage import DecodeFailure, Output, Stage, apply_stage, decode
+from services.common.errors import ConfigError, FatalRuntimeError, FlywheelError
+from services.common.stage import (
+    DecodeFailure,
+    Output,
+    Stage,
+    StageResult,
+    StatefulStage,
+    apply_process,
+    apply_stage,
+    decode,
+)
+from services.common.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +137,11 @@ class _Prepared:
     dead: list[DeadLetter]
     offsets: list[TopicPartition]
     started: float
+    state: list[tuple[int, str, bytes | None]] = field(default_factory=list)
+    """Changelog records of a stateful stage: (partition, key, value)."""
+
+    def empty(self) -> bool:
+        return not (self.records or self.encoded or self.dead or self.state)
 
 
 @dataclass(slots=True)
@@ -132,7 +154,8 @@ class StreamRuntime:
     """Runs one :class:`Stage` over ``input_topics`` until stopped. See the module docstring."""
 
     def __init__(
-        self, settings: ServiceSettings, stage: Stage[Any], input_topics: Sequence[str],
+        self, settings: ServiceSettings, stage: Stage[Any] | StatefulStage[Any],
+        input_topics: Sequence[str],
         *, dlq_topic: str | None = None,
     ) -> None:
         if not input_topics:
@@ -158,6 +181,16 @@ class StreamRuntime:
         self._next_health = 0.0
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
+        self._stateful: StatefulStage[Any] | None = None
+        self._store: StateStore | None = None
+        self._next_tick = 0.0
+        if isinstance(stage, StatefulStage):
+            if not self.exactly_once:
+                raise ConfigError(f"{settings.service} keeps state: it needs "
+                                  "runtime.delivery=exactly_once")
+            if len(self.input_topics) != 1:
+                raise ConfigError("a stage with state reads exactly one input topic")
+            self._stateful, self._store = stage, stage.state
         svc = settings.service
         self._m_batch_seconds = m.BATCH_SECONDS.labels(svc)
         self._m_batch_records = m.BATCH_RECORDS.labels(svc)
@@ -237,6 +270,8 @@ class StreamRuntime:
             except KafkaException as exc:
                 raise FatalRuntimeError(f"init_transactions failed: {exc.args[0]}") from exc
         self._require_topic(self.dlq_topic)
+        if self._store is not None:
+            self._require_changelog(self._store.changelog_topic)
         self._consumer = Consumer(consumer_conf)
         self._consumer.subscribe(
             self.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -313,7 +348,7 @@ class StreamRuntime:
                 except DecodeFailure as exc:
                     cls = type(exc.cause).__name__ if exc.cause else "DecodeFailure"
                     dead.append(_dead_letter(msg, exc.kind, cls, str(exc)))
-        result = apply_stage(self.stage, good)
+        result = self._run_stage(good, good_src)
         for index, error in result.failed:
             letter = _dead_letter(good_src[index], "stage", type(error).__name__, str(error))
             dead.append(letter)
@@ -329,8 +364,53 @@ class StreamRuntime:
         return _Prepared(
             records=records, encoded=encoded, dead=dead,
             offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()],
-            started=started,
+            started=started, state=self._store.changes() if self._store is not None else [],
         )
+
+    def _run_stage(self, good: list[Message], src: list[KafkaMessage]) -> StageResult[Any]:
+        """The stage over the decoded records. A stateful stage runs per input partition,
+        with that partition's state, and then its timers when they are due."""
+        stage, store = self._stateful, self._store
+        if stage is None or store is None:
+            return apply_stage(cast(Stage[Any], self.stage), good)
+        store.begin()
+        by_partition: dict[int, list[int]] = {}
+        for i, msg in enumerate(src):
+            by_partition.setdefault(cast(int, msg.partition()), []).append(i)
+        outputs: list[Output] = []
+        failed: list[tuple[int, BaseException]] = []
+        for partition, indexes in by_partition.items():
+            state = store.partition(partition)
+            result = apply_process(
+                lambda batch, state=state: stage.process_partition(state, batch),  # type: ignore[misc]
+                [good[i] for i in indexes], store,
+            )
+            outputs.extend(result.outputs)
+            failed.extend((indexes[j], exc) for j, exc in result.failed)
+        outputs.extend(self._tick())
+        return StageResult(outputs, failed)
+
+    def _tick(self) -> list[Output]:
+        """Every ``tick_seconds``: the stage's timers for every owned partition. A timer that
+        raises is logged and undone; it runs again at the next tick."""
+        stage, store = self._stateful, self._store
+        now = time.monotonic()
+        if stage is None or store is None or now < self._next_tick:
+            return []
+        self._next_tick = now + stage.tick_seconds
+        outputs: list[Output] = []
+        wall = time.time()
+        for partition in store.owned():
+            mark = store.mark()
+            try:
+                outputs.extend(stage.tick(store.partition(partition), wall))
+            except FlywheelError:
+                raise
+            except Exception:
+                store.undo(mark)
+                log.exception("timer of partition %d failed; retried at the next tick",
+                              partition)
+        return outputs
 
     def _encode(self, outputs: Iterable[Output], sources: _Sources) -> tuple[list[_Encoded], bool]:
         """Topic, key and bytes of each output, and whether any is over ``max_record_bytes``.
@@ -365,16 +445,24 @@ class StreamRuntime:
         dead-letter each input whose outputs do not fit; keep the others' outputs."""
         limit = self.settings.runtime.max_record_bytes
         encoded: list[_Encoded] = []
+        store = self._store
+        if store is not None:
+            store.undo(0)  # the whole batch's changes; redone below, record by record
         for i, record in enumerate(good):
             if i in failed:
                 continue  # already dead-lettered
+            mark = store.mark() if store is not None else 0
             try:
-                mine, too_big = self._encode(self.stage.process([record]), sources)
+                mine, too_big = self._encode(self._process_one(good_src[i], record), sources)
             except FlywheelError:
                 raise
             except Exception as exc:
+                if store is not None:
+                    store.undo(mark)
                 dead.append(_dead_letter(good_src[i], "stage", type(exc).__name__, str(exc)))
                 continue
+            if too_big and store is not None:
+                store.undo(mark)
             if too_big:
                 size = max(len(d) for _, _, d in mine if d is not None)
                 dead.append(_dead_letter(
@@ -385,9 +473,20 @@ class StreamRuntime:
                 encoded.extend(mine)
         return encoded
 
+    def _process_one(self, msg: KafkaMessage, record: Message) -> list[Output]:
+        """One record alone, on the oversized-output path. A stateful stage's changes for the
+        batch were undone first; this redoes them record by record (undone again if the
+        record's outputs do not fit)."""
+        if self._stateful is None or self._store is None:
+            return cast(Stage[Any], self.stage).process([record])
+        return self._stateful.process_partition(
+            self._store.partition(cast(int, msg.partition())), [record])
+
     def _handle(self, records: list[KafkaMessage]) -> None:
         """One step of the loop with a batch (possibly empty, meaning the consumer is idle)."""
-        batch = self._prepare(records) if records else None
+        batch = self._prepare(records) if records or self._tick_due() else None
+        if batch is not None and batch.empty():
+            batch = None
         if self.exactly_once:
             self._transact_pipelined(batch)
         elif batch is not None:
@@ -395,6 +494,9 @@ class StreamRuntime:
             self._finished(batch)
         elif self._unconfirmed is not None:
             self._confirm()
+
+    def _tick_due(self) -> bool:
+        return self._stateful is not None and time.monotonic() >= self._next_tick
 
     def _finished(self, batch: _Prepared) -> None:
         """Metrics for a batch whose outputs are committed (or, at-least-once, produced)."""
@@ -410,8 +512,9 @@ class StreamRuntime:
             m.RECORDS_PRODUCED.labels(svc, topic).inc(n)
         for (topic, kind), n in Counter((d.topic, d.kind) for d in dead).items():
             m.RECORDS_DEAD_LETTERED.labels(svc, topic, kind).inc(n)
-        self._m_batch_seconds.observe(time.perf_counter() - batch.started)
-        self._m_batch_records.observe(len(records))
+        if records:
+            self._m_batch_seconds.observe(time.perf_counter() - batch.started)
+            self._m_batch_records.observe(len(records))
 
     # -- exactly-once -----------------------------------------------------------------------
 
@@ -431,7 +534,7 @@ class StreamRuntime:
         self._open_batch = batch  # from here on, an abort rewinds it
         try:
             self._producer.begin_transaction()
-            self._produce_all(batch.encoded, batch.dead)
+            self._produce_all(batch.encoded, batch.dead, batch.state)
         except KafkaException as exc:
             self._abort_open(exc)
 
@@ -443,8 +546,10 @@ class StreamRuntime:
         batch, producer = self._open_batch, self._producer
         assert batch is not None
         try:
-            group = self._consumer.consumer_group_metadata()
-            self._bounded(lambda t: producer.send_offsets_to_transaction(batch.offsets, group, t))
+            if batch.offsets:  # a batch of timer outputs alone consumed nothing
+                group = self._consumer.consumer_group_metadata()
+                self._bounded(
+                    lambda t: producer.send_offsets_to_transaction(batch.offsets, group, t))
             self._bounded(producer.commit_transaction)
         except KafkaException as exc:
             self._abort_open(exc, also_rewind)
@@ -480,6 +585,9 @@ class StreamRuntime:
         batch, self._open_batch = self._open_batch, None
         records = [*(batch.records if batch else ()), *(also_rewind.records if also_rewind else ())]
         self._rewind(records)
+        if self._store is not None:
+            # Memory is ahead of the changelog by the aborted batches: read it back.
+            self._restore(self._store.owned())
 
     def _abort_transaction(self) -> None:
         """abort_transaction within the bounds of ``_bounded``; fatal if it fails."""
@@ -550,11 +658,25 @@ class StreamRuntime:
 
     # -- producing --------------------------------------------------------------------------
 
-    def _produce_all(self, encoded: list[_Encoded], dead: list[DeadLetter]) -> None:
-        """Hand every output and dead letter to the producer. The per-record hot path: no
-        per-record headers (a topic's message type is fixed, see ``schemas.messages``)."""
+    def _produce_all(
+        self, encoded: list[_Encoded], dead: list[DeadLetter],
+        state: Sequence[tuple[int, str, bytes | None]] = (),
+    ) -> None:
+        """Hand every output, dead letter and state change to the producer. The per-record
+        hot path: no per-record headers (a topic's message type is fixed, see
+        ``schemas.messages``)."""
         assert self._producer is not None
         produce = self._producer.produce
+        if state:
+            assert self._store is not None
+            changelog = self._store.changelog_topic
+            for partition, state_key, value in state:
+                while True:
+                    try:
+                        produce(changelog, value, state_key, partition=partition)
+                        break
+                    except BufferError:
+                        self._producer.poll(0.05)
         for topic, key, data in encoded:
             try:
                 produce(topic, data, key)
@@ -587,6 +709,25 @@ class StreamRuntime:
             )
         self._known_topics.add(topic)
 
+    def _require_changelog(self, topic: str) -> None:
+        """The changelog must exist and have a partition for every input partition: the state
+        of input partition p is written to its partition p."""
+        self._require_topic(topic)
+        assert self._producer is not None
+        meta = self._producer.list_topics(timeout=10).topics
+        need = max(len(meta[t].partitions) for t in self.input_topics if t in meta) \
+            if any(t in meta for t in self.input_topics) else 0
+        have = len(meta[topic].partitions)
+        if have < need:
+            raise FatalRuntimeError(
+                f"state changelog {topic!r} has {have} partitions but the input has {need}; "
+                "give it as many (deploy/topics.yaml) and `flywheel topics apply`")
+
+    def _restore(self, partitions: list[int]) -> None:
+        assert self._store is not None
+        self._store.restore(self.settings.kafka.client_config(), partitions,
+                            self.settings.runtime.transaction_timeout_ms / 1000)
+
     def _produce_when_room(
         self, topic: str, value: bytes | None, key: str | bytes | None, headers: Headers | None
     ) -> None:
@@ -602,6 +743,9 @@ class StreamRuntime:
     # -- callbacks from librdkafka (run inside consume/poll on this thread) -----------------
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._store is not None:
+            # Before any record of these partitions is processed.
+            self._restore([tp.partition for tp in partitions])
         self._assignment.update((tp.topic, tp.partition) for tp in partitions)
         self._m_ready.set(1 if self.ready else 0)
         log.info("assigned %s", _fmt(partitions))
@@ -633,6 +777,8 @@ class StreamRuntime:
             r for r in self._pending.records if (r.topic(), r.partition()) not in gone
         ]
         self._assignment -= gone
+        if self._store is not None:
+            self._store.drop([partition for _, partition in gone])
         for topic, partition in gone:
             with contextlib.suppress(KeyError):  # no lag reported for it yet
                 m.CONSUMER_LAG.remove(self.settings.service, topic, str(partition))

@@ -22,7 +22,7 @@ from services.common.errors import FlywheelError
 from services.common.logs import setup_logging
 from services.common.metrics import HealthServer
 from services.common.runtime import StreamRuntime
-from services.common.stage import Stage
+from services.common.stage import Stage, StatefulStage
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class Loop(Protocol):
     def stop(self) -> None: ...
 
 
-def serve(settings: ServiceSettings, stage: Stage[Any], input_topics: Sequence[str]) -> int:
+def serve(settings: ServiceSettings, stage: Stage[Any] | StatefulStage[Any],
+          input_topics: Sequence[str]) -> int:
     """Run a stream stage as a service (the common case)."""
     setup_logging(settings.log_level)
     log.info("config: %s", json.dumps(settings.redacted(), sort_keys=True))

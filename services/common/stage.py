@@ -12,14 +12,17 @@ record to find the one that raised, and when an aborted transaction replays a ba
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
 from pydantic import ValidationError
 
 from schemas import Message
 from services.common.errors import DependencyError
+
+if TYPE_CHECKING:
+    from services.common.state import PartitionState, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,35 @@ class Stage(Protocol[In_contra]):
 
     def process(self, batch: Sequence[In_contra]) -> list[Output]:
         """Outputs for the whole batch. Raise to reject; see :func:`apply_stage`."""
+        ...
+
+
+@runtime_checkable
+class StatefulStage(Protocol[In_contra]):
+    """A stage with keyed state per input partition (see :mod:`services.common.state`).
+
+    The runtime hands it one input partition's records at a time, with that partition's
+    state; every change it makes is committed with the batch's outputs, or undone. Given the
+    same state and the same records it must produce the same outputs and the same changes.
+    Requires exactly-once delivery and a single input topic.
+    """
+
+    @property
+    def input_type(self) -> type[Message]: ...
+
+    @property
+    def state(self) -> StateStore:
+        """The store the runtime restores, journals and writes to the changelog."""
+        ...
+
+    tick_seconds: float
+    """How often :meth:`tick` runs for every owned partition, even with no input."""
+
+    def process_partition(self, state: PartitionState, batch: Sequence[In_contra]
+                          ) -> list[Output]: ...
+
+    def tick(self, state: PartitionState, now: float) -> list[Output]:
+        """Outputs due by time alone (timeouts); ``now`` is ``time.time()``."""
         ...
 
 
@@ -111,22 +143,38 @@ def apply_stage(stage: Stage[In], batch: Sequence[In]) -> StageResult[In]:
     the whole batch in the common case and single records only after a failure.
     :class:`~services.common.errors.DependencyError` is not about records: it propagates.
     """
+    return apply_process(stage.process, batch)
+
+
+def apply_process(
+    process: Callable[[Sequence[In]], list[Output]], batch: Sequence[In],
+    state: StateStore | None = None,
+) -> StageResult[In]:
+    """:func:`apply_stage` for any process function; with ``state``, the changes a raising
+    call made are undone before the next call, so each record is processed exactly once
+    against the state."""
     if not batch:
         return StageResult([], [])
+    mark = state.mark() if state is not None else 0
     try:
-        return StageResult(stage.process(batch), [])
+        return StageResult(process(batch), [])
     except DependencyError:
         raise
     except Exception as exc:
+        if state is not None:
+            state.undo(mark)
         log.warning("stage failed on a batch of %d (%s: %s); retrying record by record",
                     len(batch), type(exc).__name__, exc)
     outputs: list[Output] = []
     failed: list[tuple[int, BaseException]] = []
     for i, record in enumerate(batch):
+        mark = state.mark() if state is not None else 0
         try:
-            outputs.extend(stage.process([record]))
+            outputs.extend(process([record]))
         except DependencyError:
             raise
         except Exception as exc:
+            if state is not None:
+                state.undo(mark)
             failed.append((i, exc))
     return StageResult(outputs, failed)

@@ -10,12 +10,13 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from schemas import SamplingParams
+from services.common.checkpoints import CheckpointFollower
 from services.common.config import RuntimeSettings, ServiceSettings
 from services.common.logs import setup_logging
 from services.common.service import serve
 from services.generator.engines import Engine, TransformersEngine, VLLMDtype, VLLMEngine
 from services.generator.episodes import Policy
-from services.generator.reload import CheckpointFollower, Reloader
+from services.generator.reload import RELOAD_REFUSALS, Reloader
 from services.generator.stage import GeneratorStage
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ def run(settings: GeneratorSettings) -> int:
     engine, tokenizer = build_engine(settings)
     reloader = Reloader(engine, settings.checkpoint_root,
                         Policy(settings.model_name, settings.base_version), settings.model_path)
-    follower = CheckpointFollower(settings.kafka, settings.topic("checkpoints"), reloader)
+    follower = CheckpointFollower(
+        settings.kafka, settings.topic("checkpoints"), reloader,
+        on_invalid=RELOAD_REFUSALS.labels("invalid_event").inc)
     follower.catch_up()  # a generator that starts late serves the latest promoted version
     reloader.apply_pending()
     follower.start()

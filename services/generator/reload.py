@@ -14,17 +14,12 @@ import json
 import logging
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import ValidationError
 
 from schemas import CheckpointEvent
-from services.common.config import KafkaSettings
-from services.common.errors import FatalRuntimeError
 from services.generator.checkpoint import CheckpointRefused, verify
 from services.generator.engines import Engine
 from services.generator.episodes import Policy
@@ -102,74 +97,6 @@ class Reloader:
         POLICY_VERSION.set(version)
         log.info("now serving %s v%d (reload %.1f ms)", self.policy.model, version, 1e3 * seconds)
         return True
-
-
-class CheckpointFollower:
-    """Reads the whole ``checkpoints`` topic and keeps following it, offering every event."""
-
-    def __init__(self, kafka: KafkaSettings, topic: str, reloader: Reloader) -> None:
-        self.topic, self.reloader = topic, reloader
-        self._consumer = Consumer(kafka.client_config() | {
-            # Not a member of any real group: it reads everything, commits nothing.
-            "group.id": f"checkpoint-follower-{uuid.uuid4().hex}",
-            "enable.auto.commit": False, "isolation.level": "read_committed",
-        })
-        meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
-            raise FatalRuntimeError(f"topic {topic!r} is not available; `flywheel topics apply`")
-        self._partitions = sorted(meta.partitions)
-        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
-                               for p in self._partitions])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="checkpoint-follower",
-                                        daemon=True)
-
-    def catch_up(self, timeout: float = 60.0) -> None:
-        """Read up to the end of the topic as it is now (a late generator's first step)."""
-        ends = {p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p),
-                                                        timeout=10, cached=False)[1]
-                for p in self._partitions}
-        deadline = time.monotonic() + timeout
-        while True:
-            positions = self._consumer.position([TopicPartition(self.topic, p)
-                                                 for p in self._partitions])
-            if all(tp.offset >= ends[tp.partition] or ends[tp.partition] == 0
-                   for tp in positions):
-                return
-            if time.monotonic() > deadline:
-                raise FatalRuntimeError(f"could not read {self.topic} to its end in time")
-            self._poll_once(0.5)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
-        self._consumer.close()
-
-    def _follow(self) -> None:
-        while not self._stop.is_set():
-            self._poll_once(0.5)
-
-    def _poll_once(self, timeout: float) -> None:
-        msg = self._consumer.poll(timeout)
-        if msg is None:
-            return
-        err = msg.error()
-        if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:
-                log.warning("checkpoint follower: %s", err)
-            return
-        try:
-            event = CheckpointEvent.from_bytes(msg.value() or b"")
-        except ValidationError as exc:
-            RELOAD_REFUSALS.labels("invalid_event").inc()
-            log.error("invalid checkpoint event at %s[%s]@%s: %s", msg.topic(), msg.partition(),
-                      msg.offset(), exc.errors(include_url=False)[:3])
-            return
-        self.reloader.offer(event)
 
 
 def _architecture(folder: Path) -> dict[str, Any]:

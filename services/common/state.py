@@ -1,0 +1,207 @@
+"""Keyed stage state that survives restarts and moves with its partitions.
+
+Some stages must remember: the filter its dedup memory and the groups it is assembling, the
+router the RL groups it is assembling. Their state is partitioned exactly like their input:
+the state of input partition ``p`` lives in memory on the instance that owns ``p``, and every
+change to it is also written to partition ``p`` of a compacted *changelog* topic, inside the
+same Kafka transaction as the batch's outputs and input offsets (Kafka Streams' design). So:
+
+- after a crash, the state a new owner restores from the changelog is exactly the state that
+  goes with the committed input offsets: no decision is lost or taken twice;
+- when a partition moves to another instance, the new owner restores it the same way;
+- a batch whose transaction aborts is discarded by restoring its partitions again.
+
+Within a batch, changes are journaled so that the runtime can undo what a failing ``process``
+call did before it re-runs records one by one (see :func:`services.common.stage.apply_stage`).
+
+Values are JSON: anything ``json.dumps`` takes. Keys are strings; a stage picks a prefix per
+kind of entry (``"g/<group>"``...) and scans them with :meth:`PartitionState.keys`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, cast
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from services.common.errors import FatalRuntimeError
+
+log = logging.getLogger(__name__)
+
+_ABSENT = object()
+
+
+class PartitionState:
+    """The state of one input partition: a dict of JSON values."""
+
+    __slots__ = ("_data", "_store", "partition")
+
+    def __init__(self, store: StateStore, partition: int, data: dict[str, Any]) -> None:
+        self._store = store
+        self.partition = partition
+        self._data = data
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def put(self, key: str, value: Any) -> None:
+        self._store._journal.append((self.partition, key, self._data.get(key, _ABSENT)))
+        self._data[key] = value
+
+    def delete(self, key: str) -> None:
+        if key in self._data:
+            self._store._journal.append((self.partition, key, self._data.pop(key)))
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Keys starting with ``prefix``, in insertion order (a copy: safe to mutate while
+        iterating)."""
+        return [k for k in self._data if k.startswith(prefix)]
+
+
+class StateStore:
+    """Every partition's state for one stage, and the changelog that makes it durable.
+
+    The runtime owns the lifecycle: :meth:`restore` on assignment, :meth:`drop` on
+    revocation, :meth:`begin` / :meth:`changes` around each batch, :meth:`mark` /
+    :meth:`undo` around each ``process`` call. Stages only use :meth:`partition`.
+    """
+
+    def __init__(self, changelog_topic: str) -> None:
+        self.changelog_topic = changelog_topic
+        self._parts: dict[int, dict[str, Any]] = {}
+        self._journal: list[tuple[int, str, Any]] = []
+
+    # -- used by stages ----------------------------------------------------------------------
+
+    def partition(self, partition: int) -> PartitionState:
+        """The state of an owned input partition."""
+        try:
+            return PartitionState(self, partition, self._parts[partition])
+        except KeyError:
+            raise KeyError(f"partition {partition} is not owned by this instance") from None
+
+    def owned(self) -> list[int]:
+        return sorted(self._parts)
+
+    def adopt(self, partition: int, data: dict[str, Any] | None = None) -> None:
+        """Own ``partition`` with ``data`` (empty by default); :meth:`restore` does this from
+        the changelog, tests and tools directly."""
+        self._parts[partition] = dict(data or {})
+
+    # -- used by the runtime -----------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start a batch: from here, every change is journaled."""
+        self._journal = []
+
+    def mark(self) -> int:
+        return len(self._journal)
+
+    def undo(self, mark: int) -> None:
+        """Revert every change made since ``mark``."""
+        while len(self._journal) > mark:
+            partition, key, old = self._journal.pop()
+            data = self._parts.get(partition)
+            if data is None:
+                continue
+            if old is _ABSENT:
+                data.pop(key, None)
+            else:
+                data[key] = old
+
+    def changes(self) -> list[tuple[int, str, bytes | None]]:
+        """The batch's changelog records: (partition, key, JSON value or None for a delete),
+        one per key changed, with its value at the end of the batch."""
+        touched: dict[tuple[int, str], None] = {}
+        for partition, key, _ in self._journal:
+            touched[partition, key] = None
+        out: list[tuple[int, str, bytes | None]] = []
+        for partition, key in touched:
+            data = self._parts.get(partition)
+            if data is None:
+                continue  # revoked meanwhile: its next owner restores from the changelog
+            if key in data:
+                out.append((partition, key, json.dumps(data[key], separators=(",", ":"))
+                            .encode()))
+            else:
+                out.append((partition, key, None))
+        self._journal = []
+        return out
+
+    def drop(self, partitions: list[int]) -> None:
+        for p in partitions:
+            self._parts.pop(p, None)
+
+    def restore(self, consumer_config: dict[str, Any], partitions: list[int],
+                timeout: float) -> None:
+        """Rebuild the state of ``partitions`` from the changelog (read_committed, from the
+        start to the end), replacing what is in memory."""
+        if not partitions:
+            return
+        started = time.monotonic()
+        fresh: dict[int, dict[str, Any]] = {p: {} for p in partitions}
+        consumer = Consumer(consumer_config | {
+            "group.id": f"{self.changelog_topic}.restore",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        })
+        try:
+            ends: dict[int, int] = {}
+            for p in partitions:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(self.changelog_topic, p), timeout=timeout)
+                if high > low:
+                    ends[p] = high
+            if ends:
+                consumer.assign([TopicPartition(self.changelog_topic, p, 0) for p in ends])
+                self._read(consumer, fresh, ends, started + timeout)
+        except KafkaException as exc:
+            raise FatalRuntimeError(
+                f"cannot restore state from {self.changelog_topic}: {exc.args[0]}") from exc
+        finally:
+            consumer.close()
+        for p, data in fresh.items():
+            self.adopt(p, data)
+        entries = sum(len(fresh[p]) for p in partitions)
+        log.info("restored %d state entries of partitions %s from %s in %.2f s", entries,
+                 partitions, self.changelog_topic, time.monotonic() - started)
+
+    def _read(self, consumer: Consumer, fresh: dict[int, dict[str, Any]],
+              ends: dict[int, int], deadline: float) -> None:
+        """Consume until every partition's position reached its end offset. Under
+        read_committed the position also moves past transaction markers and aborted
+        records, which is why positions, not record offsets, are compared."""
+        waiting = dict(ends)
+        while waiting:
+            if time.monotonic() > deadline:
+                raise FatalRuntimeError(
+                    f"state restore from {self.changelog_topic} did not reach the end of "
+                    f"partitions {sorted(waiting)} in time (an open transaction?)")
+            for msg in consumer.consume(1000, timeout=0.5):
+                err = msg.error()
+                if err is not None:
+                    if err.code() != err._PARTITION_EOF:
+                        raise KafkaException(err)
+                    continue
+                data = fresh[cast(int, msg.partition())]
+                key = cast(bytes, msg.key()).decode()
+                value = msg.value()
+                if value is None:
+                    data.pop(key, None)
+                else:
+                    data[key] = json.loads(value)
+            positions = consumer.position(
+                [TopicPartition(self.changelog_topic, p) for p in waiting])
+            for tp in positions:
+                if tp.offset >= waiting[tp.partition]:
+                    del waiting[tp.partition]

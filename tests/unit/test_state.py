@@ -1,0 +1,77 @@
+"""The state store's journal: what a failing process call changed is undone exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from schemas import Task
+from services.common.stage import Output, apply_process
+from services.common.state import StateStore
+from tests import factories
+
+
+def test_changes_are_the_last_value_of_each_touched_key_or_a_delete() -> None:
+    store = StateStore("t.state")
+    store.adopt(0, {"kept": 1, "gone": 2})
+    store.adopt(3)
+    store.begin()
+    p0, p3 = store.partition(0), store.partition(3)
+    p0.put("a", {"x": 1})
+    p0.put("a", {"x": 2})
+    p0.delete("gone")
+    p3.put("b", [1, 2])
+    assert sorted(store.changes()) == [(0, "a", b'{"x":2}'), (0, "gone", None), (3, "b", b"[1,2]")]
+    assert store.changes() == []  # drained
+
+
+def test_undo_restores_values_deletes_and_absences() -> None:
+    store = StateStore("t.state")
+    store.adopt(0, {"k": 1, "d": 5})
+    store.begin()
+    state = store.partition(0)
+    state.put("k", 2)
+    mark = store.mark()
+    state.put("k", 3)
+    state.put("new", 1)
+    state.delete("d")
+    store.undo(mark)
+    assert (state.get("k"), "new" in state, state.get("d")) == (2, False, 5)
+    assert store.changes() == [(0, "k", b"2")]
+
+
+class Counting:
+    """Counts records per task in state and raises on a poisoned task."""
+
+    input_type = Task
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    def process(self, batch: Sequence[Task]) -> list[Output]:
+        state = self.store.partition(0)
+        for task in batch:
+            state.put(task.task_id, state.get(task.task_id, 0) + 1)
+            if task.env == "poison":
+                raise ValueError("poisoned")
+        return [Output("out", t) for t in batch]
+
+
+def test_a_record_that_raises_leaves_no_trace_and_the_others_count_once() -> None:
+    store = StateStore("t.state")
+    store.adopt(0)
+    store.begin()
+    stage = Counting(store)
+    bad = factories.task(1).model_copy(update={"env": "poison"})
+    batch = [factories.task(0), bad, factories.task(0), factories.task(2)]
+    result = apply_process(stage.process, batch, store)
+    assert [i for i, _ in result.failed] == [1]
+    state = store.partition(0)
+    assert (state.get("arith-0"), state.get("arith-1"), state.get("arith-2")) == (2, None, 1)
+    assert len(result.outputs) == 3
+
+
+def test_a_partition_not_owned_is_an_error() -> None:
+    with pytest.raises(KeyError, match="not owned"):
+        StateStore("t.state").partition(2)
