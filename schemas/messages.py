@@ -3,15 +3,17 @@
 | topic                    | message            | key         |
 | ------------------------ | ------------------ | ----------- |
 | tasks                    | Task               | task_id     |
-| raw                      | Trajectory         | group_id    |
-| scored                   | ScoredTrajectory   | group_id    |
-| filtered, rejected       | FilterDecision     | group_id    |
+| raw                      | Trajectory         | task_id     |
+| scored                   | ScoredTrajectory   | task_id     |
+| filtered, rejected       | FilterDecision     | task_id     |
 | accepted.cpt / .sft / .rl| RoutedSample       | group_id    |
 | checkpoints              | CheckpointEvent    | model       |
 
-Keys put the samples of one group (all drawn for one task) in one partition all the way down,
-so RL group assembly never has to look across partitions, and keep the events of one model in
-order. ``dlq`` carries the original record bytes with error headers, not a message type.
+Keys put every sample ever drawn for one task in one partition from ``raw`` to ``filtered``:
+a group (the samples drawn for a task at one time) never has to be assembled across
+partitions, and the filter's duplicate memory of a task is complete on whichever instance owns
+its partition. Checkpoint events of one model stay in order. ``dlq`` carries the original
+record bytes with error headers, not a message type.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ class Trajectory(Message):
         return self
 
     def partition_key(self) -> str:
-        return self.group_id
+        return self.task.task_id
 
 
 class Score(WireModel):
@@ -158,7 +160,7 @@ class ScoredTrajectory(Message):
     reward_rule: str = Field(description="The declared rule that combined scores into reward.")
 
     def partition_key(self) -> str:
-        return self.trajectory.group_id
+        return self.trajectory.task.task_id
 
 
 class FilterDecision(Message):
@@ -175,6 +177,15 @@ class FilterDecision(Message):
     )
     policy_name: str
     policy_hash: str = Field(description="sha256 of the policy file content.")
+    group_accepted: int | None = Field(
+        default=None, ge=0,
+        description="How many samples of this group the filter accepted; the router's RL "
+        "group assembly waits for that many.",
+    )
+    latest_version: int | None = Field(
+        default=None, ge=0, description="Latest promoted version known to the filter when it "
+        "decided: the reference for staleness.",
+    )
 
     @model_validator(mode="after")
     def _rejection_has_reason(self) -> FilterDecision:
@@ -183,7 +194,7 @@ class FilterDecision(Message):
         return self
 
     def partition_key(self) -> str:
-        return self.scored.trajectory.group_id
+        return self.scored.trajectory.task.task_id
 
 
 class RoutedSample(Message):

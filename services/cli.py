@@ -173,6 +173,36 @@ def run_feeder() -> None:
     raise typer.Exit(run(FeederSettings()))
 
 
+@run_app.command("scorer")
+def run_scorer(
+    config: Annotated[Path | None, typer.Option(help="Scorer config (YAML).")] = None,
+) -> None:
+    """Score raw trajectories: rewards and verdicts (raw -> scored)."""
+    from services.scorer.main import ScorerSettings, run
+
+    raise typer.Exit(run(ScorerSettings.with_overrides(config_file=config)))
+
+
+@run_app.command("filter")
+def run_filter(
+    policy: Annotated[Path | None, typer.Option(help="Filter policy (YAML).")] = None,
+) -> None:
+    """Accept or reject scored trajectories, with reasons (scored -> filtered | rejected)."""
+    from services.filter.main import FilterSettings, run
+
+    raise typer.Exit(run(FilterSettings.with_overrides(policy_file=policy)))
+
+
+@run_app.command("router")
+def run_router(
+    policy: Annotated[Path | None, typer.Option(help="Routing policy (YAML).")] = None,
+) -> None:
+    """Route accepted samples to CPT, SFT and RL (filtered -> accepted.*)."""
+    from services.router.main import RouterSettings, run
+
+    raise typer.Exit(run(RouterSettings.with_overrides(policy_file=policy)))
+
+
 @app.command("bench")
 def bench(
     name: Annotated[str, typer.Argument(help="Benchmark name; `flywheel bench list` lists them.")],

@@ -73,3 +73,24 @@ def spawn_relay(
             [sys.executable, "-m", "services", "run", "relay"], cwd=REPO, env=env,
             stdout=out, stderr=subprocess.STDOUT,
         )
+
+
+def spawn_service(
+    bootstrap: str, command: list[str], *, prefix: str, instance: str, log: Path,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m services run <command...>`` as its own process."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    full |= {
+        "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "FLYWHEEL_KAFKA__TOPIC_PREFIX": prefix,
+        "FLYWHEEL_INSTANCE_ID": instance,
+        "FLYWHEEL_METRICS__PORT": "0",
+        "FLYWHEEL_RUNTIME__LAG_INTERVAL_SECONDS": "0.5",
+        **(env or {}),
+    }
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services", "run", *command], cwd=REPO, env=full,
+            stdout=out, stderr=subprocess.STDOUT,
+        )

@@ -100,12 +100,12 @@ def test_stale_detects_a_drifted_file(tmp_path: Path) -> None:
     assert stale(tmp_path) == ["Removed.json", "Task.json"]
 
 
-def test_group_samples_share_a_key_and_tasks_key_by_task() -> None:
+def test_every_sample_of_a_task_shares_its_key_down_to_the_filter() -> None:
     a = factories.trajectory(5, sample_index=0)
     b = factories.trajectory(5, sample_index=1)
-    assert a.partition_key() == b.partition_key() == "g-5"
-    assert factories.scored(5).partition_key() == "g-5"
-    assert factories.decision(5).partition_key() == "g-5"
+    assert a.partition_key() == b.partition_key() == "arith-5"
+    assert factories.scored(5).partition_key() == "arith-5"
+    assert factories.decision(5).partition_key() == "arith-5"
     assert factories.routed(5).partition_key() == "g-5"
     assert factories.task(5).partition_key() == "arith-5"
     assert factories.checkpoint().partition_key() == "tiny"

@@ -1,0 +1,20 @@
+"""Text measures shared by the scorer's heuristics and the filter's rules."""
+
+from __future__ import annotations
+
+import re
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """Case-folded, whitespace collapsed and stripped: what duplicates are compared on."""
+    return _SPACE.sub(" ", text.casefold()).strip()
+
+
+def repetition_ratio(text: str, n: int = 3) -> float:
+    """1 - distinct/total over the word n-grams of ``text``; 0.0 when it has none. A
+    completion stuck in a loop scores close to 1."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0

@@ -1,0 +1,1 @@
+"""Filter: quality control of scored trajectories (scored -> filtered | rejected)."""

@@ -1,0 +1,187 @@
+"""The filter's stage: per-sample rules, duplicate memory and group rules, with the policy
+hash on every decision.
+
+Samples are decided group by group. A group's members arrive in one partition (keyed by
+task), usually together; they wait in partition state until all ``group_size`` are there, or
+until ``groups.timeout_seconds`` after the first (then flagged ``incomplete_group``). Then:
+
+1. per-sample rules: ``low_reward``, ``verdict``, ``too_short``, ``too_long``, ``truncated``,
+   ``repetitive``, ``stale`` (all that apply are listed);
+2. samples that passed them are looked up in the task's duplicate memory, which holds the
+   samples accepted earlier: ``duplicate`` (same normalized completion) or
+   ``near_duplicate`` (MinHash Jaccard >= threshold). Members of one group are independent
+   draws and are not rejected as duplicates of each other (GRPO needs the whole group); a
+   repeat inside the group is flagged ``duplicate_in_group`` for the router instead;
+3. the accepted samples enter the memory, and the group is flagged ``no_rl_signal`` when
+   fewer than two were accepted or their rewards are all equal (DAPO's dynamic sampling).
+
+A trajectory id seen twice while its group is assembling is rejected as ``duplicate`` at
+once; one seen again after its group was decided is a duplicate of itself in the memory (if
+it was accepted) or meets the same rules again (if not): nothing is accepted twice.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from schemas import FilterDecision, ScoredTrajectory
+from services.common.stage import Output
+from services.common.state import PartitionState, StateStore
+from services.common.text import repetition_ratio
+from services.filter import metrics as m
+from services.filter.dedup import Fingerprint, Memory, fingerprint
+from services.filter.policy import FilterPolicy
+
+NAMESPACE = uuid.UUID("0b5b8f2e-3c1d-4a8e-9f7a-5d6c2e1b9a40")
+"""uuid5 namespace of decision ids: one per (scored trajectory, policy)."""
+
+
+class FilterStage:
+    input_type = ScoredTrajectory
+    tick_seconds = 1.0
+
+    def __init__(self, policy: FilterPolicy, policy_hash: str, *, accepted_topic: str,
+                 rejected_topic: str, state: StateStore,
+                 latest_version: Callable[[str], int | None] = lambda _model: None) -> None:
+        self.policy, self.policy_hash = policy, policy_hash
+        self.accepted_topic, self.rejected_topic = accepted_topic, rejected_topic
+        self.state = state
+        self.latest_version = latest_version
+        self._pending_groups: dict[int, int] = {}
+
+    # -- the stage protocol -----------------------------------------------------------------
+
+    def process_partition(self, state: PartitionState, batch: Sequence[ScoredTrajectory]
+                          ) -> list[Output]:
+        outputs: list[Output] = []
+        now = time.time()
+        for scored in batch:
+            traj = scored.trajectory
+            gkey = f"g/{traj.group_id}"
+            group = state.get(gkey)
+            if group is None:
+                group = {"t": now, "n": traj.group_size, "have": []}
+            if traj.sample_index in group["have"]:
+                outputs.append(self._decision(scored, ["duplicate"], [], None))
+                m.DUPLICATE_HITS.labels("trajectory_id").inc()
+                continue
+            group = {**group, "have": [*group["have"], traj.sample_index]}
+            state.put(f"m/{traj.group_id}/{traj.sample_index}",
+                      scored.model_dump(mode="json"))
+            if len(group["have"]) >= group["n"]:
+                outputs.extend(self._decide(state, traj.group_id, group, now, complete=True))
+            else:
+                state.put(gkey, group)
+        return outputs
+
+    def tick(self, state: PartitionState, now: float) -> list[Output]:
+        outputs: list[Output] = []
+        timeout = self.policy.groups.timeout_seconds
+        pending = state.keys("g/")
+        for gkey in pending:
+            group = state.get(gkey)
+            if now - group["t"] >= timeout:
+                outputs.extend(self._decide(state, gkey[2:], group, now, complete=False))
+        self._pending_groups[state.partition] = len(state.keys("g/"))
+        m.PENDING_GROUPS.set(sum(self._pending_groups.get(p, 0) for p in self.state.owned()))
+        return outputs
+
+    # -- deciding a group -------------------------------------------------------------------
+
+    def _decide(self, state: PartitionState, group_id: str, group: dict[str, Any], now: float,
+                *, complete: bool) -> list[Output]:
+        members = []
+        for index in sorted(group["have"]):
+            key = f"m/{group_id}/{index}"
+            members.append(ScoredTrajectory.model_validate(state.get(key)))
+            state.delete(key)
+        state.delete(f"g/{group_id}")
+        p = self.policy
+        reasons = [self._rules(s) for s in members]
+        fps: list[Fingerprint | None] = [None] * len(members)
+        flags: list[list[str]] = [[] for _ in members]
+        task_id = members[0].trajectory.task.task_id
+        mkey = f"d/{task_id}"
+        memory = Memory([list(e) for e in state.get(mkey, {"e": []})["e"]])
+        seen: set[str] = set()
+        for i, s in enumerate(members):
+            if reasons[i] or not (p.dedup.exact or p.dedup.near):
+                continue
+            fp = fingerprint(s.trajectory.completion, num_perm=p.dedup.num_perm,
+                             shingle=p.dedup.shingle)
+            hit = memory.match(fp, exact=p.dedup.exact, near=p.dedup.near,
+                               threshold=p.dedup.threshold)
+            if hit is not None:
+                reasons[i].append(hit[0])
+                m.DUPLICATE_HITS.labels(hit[0]).inc()
+                continue
+            fps[i] = fp
+            if fp.exact in seen:
+                flags[i].append("duplicate_in_group")
+            seen.add(fp.exact)
+        accepted = [i for i, r in enumerate(reasons) if not r]
+        for i in accepted:
+            kept = fps[i]
+            if kept is not None:
+                memory.add(kept, group_id, p.dedup.memory_per_task)
+        if memory.entries:
+            state.put(mkey, {"e": memory.entries})
+        rewards = [members[i].reward for i in accepted]
+        group_flags = []
+        if len(rewards) < 2 or max(rewards) - min(rewards) <= p.groups.min_reward_spread:
+            group_flags.append("no_rl_signal")
+        if not complete:
+            group_flags.append("incomplete_group")
+        m.GROUP_ASSEMBLY_SECONDS.observe(max(0.0, now - group["t"]))
+        if members:
+            m.ACCEPT_RATIO.set(len(accepted) / len(members))
+        return [
+            self._decision(s, reasons[i], [*flags[i], *group_flags] if not reasons[i] else
+                           group_flags, len(accepted))
+            for i, s in enumerate(members)
+        ]
+
+    def _rules(self, s: ScoredTrajectory) -> list[str]:
+        p, t = self.policy, s.trajectory
+        reasons = []
+        if p.min_reward is not None and s.reward < p.min_reward:
+            reasons.append("low_reward")
+        if s.verdict not in p.verdicts:
+            reasons.append("verdict")
+        if p.length.unit == "tokens" and t.completion_token_ids is not None:
+            n = len(t.completion_token_ids)
+        else:
+            n = len(t.completion)
+        if n < p.length.min:
+            reasons.append("too_short")
+        if p.length.max is not None and n > p.length.max:
+            reasons.append("too_long")
+        if p.reject_truncated and t.finish_reason == "length":
+            reasons.append("truncated")
+        if p.repetition is not None and \
+                repetition_ratio(t.completion, p.repetition.ngram) > p.repetition.max_ratio:
+            reasons.append("repetitive")
+        if p.max_staleness is not None:
+            latest = self.latest_version(t.model)
+            if latest is not None and latest - t.policy_version > p.max_staleness:
+                reasons.append("stale")
+        return reasons
+
+    def _decision(self, s: ScoredTrajectory, reasons: list[str], flags: list[str],
+                  group_accepted: int | None) -> Output:
+        decision = FilterDecision(
+            event_id=uuid.uuid5(NAMESPACE, f"{s.event_id}:{self.policy_hash}"),
+            scored=s, accepted=not reasons, reasons=reasons, flags=flags,
+            policy_name=self.policy.name, policy_hash=self.policy_hash,
+            group_accepted=group_accepted,
+            latest_version=self.latest_version(s.trajectory.model),
+        )
+        m.DECISIONS.labels("accepted" if not reasons else "rejected").inc()
+        for r in reasons:
+            m.REJECTIONS.labels(r).inc()
+        for f in flags:
+            m.FLAGS.labels(f).inc()
+        return Output(self.accepted_topic if not reasons else self.rejected_topic, decision)

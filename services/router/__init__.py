@@ -1,0 +1,1 @@
+"""Router: accepted samples to continual pre-training, SFT and RL (filtered -> accepted.*)."""

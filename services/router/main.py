@@ -1,0 +1,33 @@
+"""``flywheel run router``: filtered -> accepted.cpt / .sft / .rl, exactly once, with state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from services.common.config import ServiceSettings
+from services.common.policy import load_policy
+from services.common.service import serve
+from services.common.state import StateStore
+from services.router.policy import RoutingPolicy
+from services.router.stage import RouterStage
+
+
+class RouterSettings(ServiceSettings):
+    """Router settings, e.g. ``FLYWHEEL_POLICY_FILE=deploy/policies/router.yaml``."""
+
+    service: str = "router"
+    policy_file: Path | None = Field(default=None, description="Routing policy (YAML); the "
+                                     "embedded default without it.")
+
+
+def build_stage(settings: RouterSettings) -> RouterStage:
+    policy, digest = load_policy(RoutingPolicy, settings.policy_file)
+    topics = {s: settings.topic(f"accepted.{s}") for s in ("cpt", "sft", "rl")}
+    return RouterStage(policy, digest, topics=topics,
+                       state=StateStore(settings.topic("router.state")))
+
+
+def run(settings: RouterSettings) -> int:
+    return serve(settings, build_stage(settings), [settings.topic("filtered")])

@@ -1,0 +1,152 @@
+"""The router's stage: accepted decisions to ``accepted.sft``, ``accepted.cpt`` and
+``accepted.rl`` by the routing policy.
+
+SFT and CPT are per sample and routed at once. RL needs the whole group: the filter tells in
+every decision how many samples of the group it accepted (``group_accepted``) and whether
+they carry a signal, so the router knows at the first member whether a group can go to RL,
+and waits in partition state until that many members arrived (or ``rl.timeout_seconds``).
+Mix caps count routed samples per stage in partition state. Everything is exactly once with
+the runtime's transactions; routed ids are deterministic (stage, decision or group, policy).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from schemas import FilterDecision, RoutedSample, TrainingStage
+from services.common.stage import Output
+from services.common.state import PartitionState, StateStore
+from services.router import metrics as m
+from services.router.policy import RoutingPolicy, SampleRoute
+
+NAMESPACE = uuid.UUID("a3d6f1c2-58b4-4e1f-8c7d-9e0b2a4f6d13")
+REASONS = {"sft": "verified_correct", "cpt": "clean_not_verified_correct"}
+
+
+class RouterStage:
+    input_type = FilterDecision
+    tick_seconds = 1.0
+
+    def __init__(self, policy: RoutingPolicy, policy_hash: str, *, topics: dict[str, str],
+                 state: StateStore) -> None:
+        self.policy, self.policy_hash = policy, policy_hash
+        self.topics = topics
+        self.state = state
+        self._pending: dict[int, int] = {}
+
+    def process_partition(self, state: PartitionState, batch: Sequence[FilterDecision]
+                          ) -> list[Output]:
+        outputs: list[Output] = []
+        now = time.time()
+        for decision in batch:
+            if not decision.accepted:
+                raise ValueError("the router reads accepted decisions only (the filtered "
+                                 f"topic); decision {decision.event_id} is a rejection")
+            for stage in ("sft", "cpt"):
+                route: SampleRoute = getattr(self.policy, stage)
+                if self._wants(route, decision) and self._room(state, stage, route.max_share, 1):
+                    outputs.append(self._routed(stage, decision.scored.trajectory.group_id,
+                                                [decision], route.weight,
+                                                REASONS[stage]))
+            outputs.extend(self._collect_rl(state, decision, now))
+        return outputs
+
+    def tick(self, state: PartitionState, now: float) -> list[Output]:
+        rl = self.policy.rl
+        outputs: list[Output] = []
+        for gkey in state.keys("r/"):
+            group = state.get(gkey)
+            if now - group["t"] < rl.timeout_seconds:
+                continue
+            members = self._take(state, gkey[2:], group)
+            if rl.on_timeout == "emit" and len(members) >= rl.min_group_size:
+                outputs.extend(self._emit_rl(state, gkey[2:], members, group, now))
+            else:
+                m.RL_GROUPS.labels("timeout").inc()
+        self._pending[state.partition] = len(state.keys("r/"))
+        m.PENDING_GROUPS.set(sum(self._pending.get(p, 0) for p in self.state.owned()))
+        return outputs
+
+    # -- RL ---------------------------------------------------------------------------------
+
+    def _collect_rl(self, state: PartitionState, d: FilterDecision, now: float) -> list[Output]:
+        rl = self.policy.rl
+        expected = d.group_accepted
+        if not rl.enabled or expected is None:
+            return []
+        traj = d.scored.trajectory
+        gkey = f"r/{traj.group_id}"
+        group = state.get(gkey)
+        if group is None:
+            # Group-level facts are the same on every member: decide on the first one.
+            if rl.require_signal and "no_rl_signal" in d.flags:
+                m.RL_SKIPPED.labels("no_signal").inc()
+                return []
+            if expected < rl.min_group_size:
+                m.RL_SKIPPED.labels("too_small").inc()
+                return []
+            group = {"t": now, "n": expected, "have": []}
+        if traj.sample_index in group["have"]:
+            return []  # the same member again
+        group = {**group, "have": [*group["have"], traj.sample_index]}
+        state.put(f"rm/{traj.group_id}/{traj.sample_index}", d.model_dump(mode="json"))
+        if len(group["have"]) < group["n"]:
+            state.put(gkey, group)
+            return []
+        members = self._take(state, traj.group_id, group)
+        return self._emit_rl(state, traj.group_id, members, group, now)
+
+    def _take(self, state: PartitionState, group_id: str, group: dict[str, Any]
+              ) -> list[FilterDecision]:
+        members = []
+        for index in sorted(group["have"]):
+            key = f"rm/{group_id}/{index}"
+            members.append(FilterDecision.model_validate(state.get(key)))
+            state.delete(key)
+        state.delete(f"r/{group_id}")
+        return members
+
+    def _emit_rl(self, state: PartitionState, group_id: str, members: list[FilterDecision],
+                 group: dict[str, Any], now: float) -> list[Output]:
+        rl = self.policy.rl
+        if not self._room(state, "rl", rl.max_share, len(members)):
+            m.RL_GROUPS.labels("capped").inc()
+            return []
+        m.RL_GROUPS.labels("routed").inc()
+        m.GROUP_ASSEMBLY_SECONDS.observe(max(0.0, now - group["t"]))
+        return [self._routed("rl", group_id, members, rl.weight, "group_with_reward_variance")]
+
+    # -- shared -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _wants(route: SampleRoute, d: FilterDecision) -> bool:
+        s = d.scored
+        return (route.enabled and s.verdict in route.verdicts
+                and (route.min_reward is None or s.reward >= route.min_reward)
+                and not any(f in d.flags for f in route.skip_flags))
+
+    def _room(self, state: PartitionState, stage: str, max_share: float | None, k: int) -> bool:
+        """Apply the stage's mix cap, and count the ``k`` samples if they are let through."""
+        counts = state.get("c", {"cpt": 0, "sft": 0, "rl": 0})
+        total = sum(counts.values())
+        if (max_share is not None and total >= self.policy.cap_warmup
+                and counts[stage] + k > max_share * (total + k)):
+            m.CAPPED.labels(stage).inc(k)
+            return False
+        state.put("c", {**counts, stage: counts[stage] + k})
+        return True
+
+    def _routed(self, stage: TrainingStage, group_id: str, decisions: list[FilterDecision],
+                weight: float, reason: str) -> Output:
+        ident = group_id if stage == "rl" else str(decisions[0].event_id)
+        sample = RoutedSample(
+            event_id=uuid.uuid5(NAMESPACE, f"{stage}:{ident}:{self.policy_hash}"),
+            stage=stage, group_id=group_id, samples=[d.scored for d in decisions],
+            decision_ids=[d.event_id for d in decisions], weight=weight, reason=reason,
+            policy_name=self.policy.name, policy_hash=self.policy_hash,
+        )
+        m.ROUTED_SAMPLES.labels(stage).inc(len(decisions))
+        return Output(self.topics[stage], sample)

@@ -1,0 +1,1 @@
+"""Scorer: attaches rewards and verdicts to raw trajectories (raw -> scored)."""

@@ -1,0 +1,182 @@
+"""Filter and router logic on their partition state, without a broker (the broker tests in
+tests/integration/test_quality.py run the same planted mix through the real services)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas import FilterDecision, RoutedSample, ScoredTrajectory
+from services.common.errors import ConfigError
+from services.common.policy import load_policy
+from services.common.stage import Output
+from services.common.state import StateStore
+from services.filter.policy import DedupRule, FilterPolicy, GroupRule
+from services.filter.stage import FilterStage
+from services.router.policy import RoutingPolicy, SampleRoute
+from services.router.stage import RouterStage
+from tests import planted
+
+
+def make_filter(policy: FilterPolicy | None = None, digest: str = "f" * 64) -> FilterStage:
+    store = StateStore("filter.state")
+    store.adopt(0)
+    return FilterStage(policy or planted.filter_policy(), digest, accepted_topic="filtered",
+                       rejected_topic="rejected", state=store,
+                       latest_version=lambda _m: planted.LATEST_VERSION)
+
+
+def make_router(policy: RoutingPolicy | None = None) -> RouterStage:
+    store = StateStore("router.state")
+    store.adopt(0)
+    topics = {s: f"accepted.{s}" for s in ("cpt", "sft", "rl")}
+    return RouterStage(policy or planted.routing_policy(), "r" * 64, topics=topics, state=store)
+
+
+def run(stage: FilterStage | RouterStage, batch: Sequence[Any]) -> list[Output]:
+    stage.state.begin()
+    return stage.process_partition(stage.state.partition(0), batch)
+
+
+def values(outputs: list[Output], topic: str) -> list[Any]:
+    return [o.value for o in outputs if o.topic == topic]
+
+
+def test_the_planted_mix_meets_exactly_the_expected_counts() -> None:
+    records, expected = planted.planted_mix(90)
+    decisions = run(make_filter(), records)
+    accepted = values(decisions, "filtered")
+    rejected = values(decisions, "rejected")
+    assert len(accepted) == expected.accepted
+    assert Counter(r for d in rejected for r in d.reasons) == expected.rejected
+    assert all(len(d.reasons) == 1 for d in rejected)
+    routed = run(make_router(), accepted)
+    assert len(values(routed, "accepted.sft")) == expected.sft
+    assert len(values(routed, "accepted.cpt")) == expected.cpt
+    rl: list[RoutedSample] = values(routed, "accepted.rl")
+    assert len(rl) == expected.rl_groups
+    assert sum(len(r.samples) for r in rl) == expected.rl_samples
+    for group in rl:  # a whole group, in sample order, with reward variance
+        assert [s.trajectory.sample_index for s in group.samples] == sorted(
+            s.trajectory.sample_index for s in group.samples)
+        assert len({s.reward for s in group.samples}) > 1
+
+
+def test_every_decision_records_the_policy_hash_and_a_new_policy_file_changes_it(
+        tmp_path: Path) -> None:
+    file = tmp_path / "filter.yaml"
+    file.write_text(planted.FILTER_POLICY_YAML)
+    policy, first = load_policy(FilterPolicy, file)
+    file.write_text(planted.FILTER_POLICY_YAML + "reject_truncated: true\n")
+    _, second = load_policy(FilterPolicy, file)
+    assert first != second and len(first) == 64
+    records, _ = planted.planted_mix(3)
+    for digest in (first, second):
+        decisions = [o.value for o in run(make_filter(policy, digest), records)]
+        assert {d.policy_hash for d in decisions} == {digest}
+        assert {d.policy_name for d in decisions} == {"planted"}
+
+
+def test_a_bad_policy_file_is_a_clear_error(tmp_path: Path) -> None:
+    file = tmp_path / "filter.yaml"
+    file.write_text("min_reward: high\n")
+    with pytest.raises(ConfigError, match="invalid"):
+        load_policy(FilterPolicy, file)
+    file.write_text("unknown_rule: 1\n")
+    with pytest.raises(ConfigError, match="unknown_rule"):
+        load_policy(FilterPolicy, file)
+
+
+def test_an_incomplete_group_waits_then_is_decided_at_its_timeout() -> None:
+    stage = make_filter(planted.filter_policy().model_copy(
+        update={"groups": GroupRule(timeout_seconds=30)}))
+    records, _ = planted.planted_mix(1)  # one varied group of 4
+    assert run(stage, records[:3]) == []
+    state = stage.state.partition(0)
+    t0 = state.get(f"g/{records[0].trajectory.group_id}")["t"]
+    assert stage.tick(state, t0 + 29) == []
+    decided = [o.value for o in stage.tick(state, t0 + 31)]
+    assert len(decided) == 3 and all(d.accepted for d in decided)
+    assert all("incomplete_group" in d.flags for d in decided)
+    assert {d.group_accepted for d in decided} == {3}
+    assert state.keys("g/") == [] and state.keys("m/") == []
+
+
+def test_a_redelivered_sample_is_never_accepted_twice() -> None:
+    stage = make_filter()
+    records, _ = planted.planted_mix(1)
+    first = run(stage, records[:2])
+    assert first == []
+    again = [o.value for o in run(stage, [records[1]])]  # while the group assembles
+    assert [d.reasons for d in again] == [["duplicate"]]
+    done = [o.value for o in run(stage, records[2:])]
+    assert len(done) == 4 and all(d.accepted for d in done)
+    later = [o.value for o in run(stage, records)]  # the whole group again, after
+    assert [d.reasons for d in later] == [["duplicate"]] * 4
+    part = run(stage, records[:1])  # part of it again: waits, then meets the memory
+    assert part == []
+    tail = stage.tick(stage.state.partition(0), 1e12)
+    assert [d.value.reasons for d in tail] == [["duplicate"]]
+
+
+def test_the_duplicate_memory_per_task_is_bounded() -> None:
+    policy = planted.filter_policy().model_copy(update={"dedup": DedupRule(memory_per_task=3)})
+    stage = make_filter(policy)
+    records, _ = planted.planted_mix(1)
+    run(stage, records)
+    memory = stage.state.partition(0).get(f"d/{records[0].trajectory.task.task_id}")["e"]
+    assert len(memory) == 3
+    assert [e[0] for e in memory] == [e[0] for e in memory][-3:]
+
+
+def _accepted(records: list[ScoredTrajectory]) -> list[FilterDecision]:
+    return values(run(make_filter(), records), "filtered")
+
+
+def test_rl_groups_wait_for_every_accepted_member_across_batches() -> None:
+    records, _ = planted.planted_mix(1)
+    decisions = _accepted(records)
+    router = make_router()
+    first = run(router, decisions[:3])
+    assert values(first, "accepted.rl") == []
+    rest = run(router, decisions[3:])
+    [group] = values(rest, "accepted.rl")
+    assert [s.trajectory.sample_index for s in group.samples] == [0, 1, 2, 3]
+    assert group.decision_ids == [d.event_id for d in decisions]
+    assert router.state.partition(0).keys("r") == []
+
+
+def test_an_rl_group_missing_members_is_dropped_at_its_timeout() -> None:
+    records, _ = planted.planted_mix(1)
+    decisions = _accepted(records)
+    router = make_router()
+    run(router, decisions[:2])
+    state = router.state.partition(0)
+    assert router.tick(state, 1e12) == []
+    assert state.keys("r") == []
+    emit = make_router(RoutingPolicy(rl={"on_timeout": "emit"}))  # type: ignore[arg-type]
+    run(emit, decisions[:2])
+    [group] = values(emit.tick(emit.state.partition(0), 1e12), "accepted.rl")
+    assert len(group.samples) == 2
+
+
+def test_a_mix_cap_bounds_a_stages_share() -> None:
+    records, _ = planted.planted_mix(45)
+    decisions = _accepted(records)
+    policy = RoutingPolicy(cpt=SampleRoute(verdicts=["incorrect", "unverified"], max_share=0.1),
+                           cap_warmup=10)
+    routed = run(make_router(policy), decisions)
+    counts = Counter(o.topic for o in routed for _ in o.value.samples)
+    assert counts["accepted.cpt"] <= 0.1 * sum(counts.values()) + 1
+    assert counts["accepted.cpt"] > 0
+
+
+def test_the_router_refuses_rejections() -> None:
+    records, _ = planted.planted_mix(5)
+    rejected = values(run(make_filter(), records), "rejected")
+    with pytest.raises(ValueError, match="accepted decisions only"):
+        run(make_router(), rejected[:1])

@@ -1,0 +1,235 @@
+"""The code sandbox: each limit and rule stops a real child process, and scoring goes on.
+
+Every run starts a real interpreter under small limits; the whole file takes a few seconds,
+most of it the CPU-time and wall-clock cases.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.scorer.sandbox import (
+    _VIOLATION_EXIT,
+    KILL_REASONS,
+    SandboxLimits,
+    _parse_report,
+    _Report,
+    _verdict,
+    run_python_tests,
+)
+
+LIMITS = SandboxLimits(cpu_seconds=1, wall_seconds=3)
+SOLUTION = "def add(a, b):\n    return a + b\n"
+TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
+
+
+def test_a_correct_solution_passes_and_its_output_is_kept() -> None:
+    result = run_python_tests(SOLUTION + "print('hello')\n", TESTS, LIMITS)
+    assert (result.status, result.reason, result.exit_code) == ("passed", None, 0)
+    assert result.stdout == "hello\n"
+    assert {"rlimits", "audit_hook"} <= set(result.isolation)
+
+
+def test_a_wrong_solution_fails_with_the_assertion() -> None:
+    result = run_python_tests("def add(a, b):\n    return a - b\n", TESTS, LIMITS)
+    assert (result.status, result.reason) == ("failed", "AssertionError")
+    assert 'File "tests.py", line 1' in result.stderr
+    assert "harness" not in result.stderr
+
+
+@pytest.mark.parametrize(("solution", "tests", "reason"), [
+    ("def add(a, b:\n    return a + b\n", TESTS, "SyntaxError"),
+    (SOLUTION, "assert add(1, 1) == 2\nassert add(1 1) == 2\n", "SyntaxError"),
+    ("def f(n):\n    return f(n + 1)\n", "f(0)\n", "RecursionError"),
+    ("import sys\nsys.exit(0)\n", TESTS, "SystemExit"),  # exiting early is not passing
+    ("import os\nos._exit(0)\n", TESTS, "NoReport"),
+])
+def test_errors_fail_with_their_class(solution: str, tests: str, reason: str) -> None:
+    result = run_python_tests(solution, tests, LIMITS)
+    assert (result.status, result.reason) == ("failed", reason)
+
+
+@pytest.mark.parametrize(("solution", "reason"), [
+    ("while True:\n    pass\n", "cpu_time"),
+    ("x = bytearray(10 * 1024**3)\n", "memory"),
+    ("import socket\nsocket.socket()\n", "network"),
+    ("import socket\ntry:\n    socket.socket()\nexcept BaseException:\n    pass\n", "network"),
+    ("import socket\nsocket.getaddrinfo('example.com', 80)\n", "network"),
+    ("import os\nwhile True:\n    os.fork()\n", "process_limit"),
+    ("import subprocess\nsubprocess.run(['true'])\n", "process_limit"),
+    # spawn goes through _posixsubprocess.fork_exec, which raises no audit event of its own
+    ("import multiprocessing as mp\nmp.get_context('spawn').Process(target=print).start()\n",
+     "process_limit"),
+    ("print('x' * 10_000_000)\n", "output_size"),
+    ("import ctypes\nctypes.string_at(id(1), 8)\n", "forbidden"),
+    ("import gc\nhooks = gc.get_objects()\n", "forbidden"),
+])
+def test_limits_and_rules_kill_the_run(solution: str, reason: str) -> None:
+    result = run_python_tests(solution, TESTS, LIMITS)
+    assert (result.status, result.reason) == ("killed", reason), result.stderr
+    assert len(result.stdout) <= LIMITS.output_bytes
+    assert result.seconds < LIMITS.wall_seconds
+
+
+def test_a_sleeping_solution_is_killed_by_the_wall_clock() -> None:
+    result = run_python_tests("import time\ntime.sleep(100)\n", TESTS, LIMITS)
+    assert (result.status, result.reason) == ("killed", "wall_clock")
+    assert LIMITS.wall_seconds <= result.seconds < LIMITS.wall_seconds + 2
+
+
+def test_asyncio_still_works_under_the_network_rule() -> None:
+    solution = "import asyncio\n\nasync def twice(x):\n    return 2 * x\n"
+    result = run_python_tests(solution, "assert asyncio.run(twice(4)) == 8\n", LIMITS)
+    assert result.status == "passed", result.stderr
+
+
+def test_a_fork_bomb_leaves_no_process_behind_and_scoring_goes_on() -> None:
+    bomb = "import os\nprint(os.getsid(0), flush=True)\nwhile True:\n    os.fork()\n"
+    result = run_python_tests(bomb, TESTS, LIMITS)
+    assert (result.status, result.reason) == ("killed", "process_limit")
+    assert _session_members(int(result.stdout)) == []
+    for killer in ("x = bytearray(10 * 1024**3)\n", "print('x' * 10_000_000)\n",
+                   "import socket\nsocket.socket()\n"):
+        assert run_python_tests(killer, TESTS, LIMITS).status == "killed"
+    after = run_python_tests(SOLUTION, TESTS, LIMITS)
+    assert after.status == "passed"
+    assert after.seconds < LIMITS.wall_seconds
+
+
+def test_descendants_are_killed_when_the_run_ends(tmp_path: Path) -> None:
+    # The audit hook stops every fork a solution can make, so a stand-in interpreter leaves
+    # the descendant: it reports a pass at once and exits, with `sleep` still running.
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import os, subprocess, sys\n"
+                    "print(subprocess.Popen(['sleep', '60']).pid, flush=True)\n"
+                    "os.write(int(sys.argv[3]), b'started audit_hook\\npassed\\n')\n")
+    fake.chmod(0o755)
+    result = run_python_tests(SOLUTION, TESTS, LIMITS, python=str(fake))
+    assert result.status == "passed"
+    assert _dies_within(int(result.stdout), seconds=2)
+
+
+def _dies_within(pid: int, seconds: float) -> bool:
+    """Whether ``pid`` is gone or a zombie within ``seconds``: SIGKILL lands when the target
+    is next scheduled, a moment after killpg returns."""
+    deadline = time.monotonic() + seconds
+    while _state(pid) not in (None, "Z"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_network_namespace_has_only_loopback() -> None:
+    solution = ("def interfaces():\n    with open('/proc/self/net/dev') as f:\n"
+                "        return [line.split(':')[0].strip() for line in f.readlines()[2:]]\n")
+    result = run_python_tests(solution, "assert interfaces() == ['lo'], interfaces()\n", LIMITS)
+    if "netns" not in result.isolation:
+        pytest.skip("no network namespaces here (they need root or CAP_SYS_ADMIN)")
+    assert result.status == "passed", result.stderr
+
+
+def test_as_root_the_child_runs_as_nobody_with_a_process_limit() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("privileges are only dropped by a root parent")
+    solution = (
+        "import os, threading\n\n"
+        "def threads_started(n):\n"
+        "    release, started = threading.Event(), 0\n"
+        "    try:\n"
+        "        for _ in range(n):\n"
+        "            threading.Thread(target=release.wait, daemon=True).start()\n"
+        "            started += 1\n"
+        "    except RuntimeError:\n"
+        "        pass\n"
+        "    release.set()\n"
+        "    return started\n")
+    tests = ("assert (os.getuid(), os.getgid(), os.getgroups()) == (65534, 65534, [])\n"
+             "assert threads_started(20) < 8\n"  # RLIMIT_NPROC counts threads, child included
+             "try:\n    open('/proc/self/mem', 'rb')\nexcept PermissionError:\n    pass\n"
+             "else:\n    raise AssertionError('/proc/self/mem is open to the solution')\n")
+    # The interpreter must be one uid 65534 can run; a pyenv under /root is not.
+    for python in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
+        if Path(python).exists():
+            result = run_python_tests(solution, tests, LIMITS, python=python)
+            if "setuid" in result.isolation:
+                break
+    else:
+        pytest.skip("no interpreter here that uid 65534 can run")
+    assert result.status == "passed", result.stderr
+    assert {"setuid", "nproc", "nondumpable"} <= set(result.isolation)
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after "(comm)": state, ppid, pgrp, session, ...; None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()
+
+
+def _state(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def _session_members(sid: int) -> list[int]:
+    """Pids of processes in session ``sid`` that are not dead zombies."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if fields and int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+# The mapping from what the parent saw to a verdict, case by case, including endings the
+# runs above cannot provoke on purpose (the OOM killer, a crash, a hook that could not report).
+STARTED = ("audit_hook",)
+
+
+@pytest.mark.parametrize(("returncode", "cpu", "report", "expected"), [
+    (-signal.SIGXCPU, 1.0, _Report(STARTED, None, None), ("killed", "cpu_time")),
+    (-signal.SIGKILL, 2.0, _Report(STARTED, None, None), ("killed", "cpu_time")),
+    (-signal.SIGKILL, 0.3, _Report(STARTED, None, None), ("killed", "memory")),
+    (-signal.SIGSEGV, 0.3, _Report(STARTED, None, None), ("killed", "memory")),
+    (-signal.SIGABRT, 0.3, _Report(STARTED, None, None), ("killed", "memory")),
+    (3, 0.3, _Report(STARTED, None, "memory"), ("killed", "memory")),
+    (-signal.SIGXFSZ, 0.3, _Report(STARTED, None, None), ("killed", "output_size")),
+    (-signal.SIGALRM, 0.3, _Report(STARTED, None, None), ("killed", "forbidden")),
+    (_VIOLATION_EXIT, 0.3, _Report(STARTED, "network", None), ("killed", "network")),
+    (_VIOLATION_EXIT, 0.3, _Report(STARTED, None, None), ("killed", "forbidden")),
+    (0, 0.3, _Report(STARTED, None, "passed"), ("passed", None)),
+    (1, 0.3, _Report(STARTED, None, "passed"), ("failed", "NoReport")),
+    (1, 0.3, _Report(STARTED, None, "failed KeyError"), ("failed", "KeyError")),
+    (0, 0.3, _Report(STARTED, None, None), ("failed", "NoReport")),
+])
+def test_verdict_mapping(returncode: int, cpu: float, report: _Report,
+                         expected: tuple[str, str | None]) -> None:
+    verdict = _verdict(report, returncode, cpu_seconds=cpu, timed_out=False, output_over=False,
+                       cpu_limit=1)
+    assert verdict == expected
+    assert verdict[0] != "killed" or verdict[1] in KILL_REASONS
+
+
+def test_output_and_wall_clock_come_before_the_way_the_child_ended() -> None:
+    report = _Report(STARTED, None, "failed OSError")
+    assert _verdict(report, 1, cpu_seconds=0.1, timed_out=False, output_over=True,
+                    cpu_limit=1) == ("killed", "output_size")
+    assert _verdict(report, -signal.SIGKILL, cpu_seconds=0.1, timed_out=True,
+                    output_over=False, cpu_limit=1) == ("killed", "wall_clock")
+
+
+def test_report_lines_are_sanitised() -> None:
+    report = _parse_report(b"started audit_hook nondumpable root\nfailed bad name\n"
+                           b"violation escape\n")
+    assert report == _Report(("audit_hook", "nondumpable"), "forbidden", "failed Exception")
+    assert _parse_report(b"").started is None
