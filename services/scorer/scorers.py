@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,6 +59,19 @@ class CodeConfig(_Config):
     name: str = "code"
     limits: SandboxLimits = Field(default_factory=SandboxLimits)
     parallelism: int = Field(default=2, ge=1, description="Sandboxes run at once per batch.")
+    python: str | None = Field(
+        default=None, description="Interpreter for solutions (standard library only). Default: "
+        "when running as root, the system's /usr/bin/python3, which the unprivileged sandbox "
+        "user can execute (a virtualenv under /root is not); otherwise this interpreter.")
+
+
+def sandbox_python(configured: str | None) -> str:
+    if configured:
+        return configured
+    system = Path("/usr/bin/python3")
+    if os.geteuid() == 0 and os.access(system, os.X_OK):
+        return str(system)
+    return sys.executable
 
 
 class RewardModelConfig(_Config):
@@ -150,6 +165,7 @@ class CodeScorer:
         self.name, self.version = config.name, config.digest()
         self.limits = config.limits
         self.parallelism = config.parallelism
+        self.python = sandbox_python(config.python)
 
     def score(self, batch: Sequence[Trajectory]) -> list[Score | None]:
         jobs: dict[int, tuple[str, str]] = {}
@@ -166,7 +182,8 @@ class CodeScorer:
         if not jobs:
             return out
         with ThreadPoolExecutor(max_workers=min(self.parallelism, len(jobs))) as pool:
-            futures = {i: pool.submit(run_python_tests, code, tests, self.limits)
+            futures = {i: pool.submit(run_python_tests, code, tests, self.limits,
+                                      python=self.python)
                        for i, (code, tests) in jobs.items()}
             for i, future in futures.items():
                 try:
@@ -181,6 +198,7 @@ class CodeScorer:
                     passed=passed,
                     details={"status": result.status, "reason": result.reason,
                              "seconds": round(result.seconds, 3),
+                             "isolation": ",".join(result.isolation),
                              "stderr": result.stderr[-500:]},
                 )
         return out

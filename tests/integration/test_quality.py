@@ -155,3 +155,45 @@ def test_sigkill_of_filter_and_router_mid_stream_changes_nothing(
                 p.terminate()
                 p.wait(30)
     _check(kafka, prefix, expected)
+
+
+def test_the_scorer_service_scores_raw_trajectories_exactly_once(
+        kafka: Broker, uid: str) -> None:
+    from schemas import ScoredTrajectory, Trajectory, Turn
+    from services import envs
+    from services.scorer.main import ScorerSettings
+    from services.scorer.stage import ScorerStage, ScoringConfig
+
+    prefix = f"s{uid}."
+    settings = KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)
+    topic_ops.apply(topic_ops.admin_client(settings), topic_ops.load(prefix=prefix))
+    env = envs.get("arithmetic")
+    raw = []
+    for i in range(300):
+        task = env.task(i, "+", 7)
+        answer = str(i + 7) if i % 3 else str(i + 8)  # one in three is wrong
+        raw.append(Trajectory(
+            task=task, group_id=f"g{i}", sample_index=0, group_size=1,
+            turns=[Turn(role="user", content=task.prompt),
+                   Turn(role="assistant", content=answer)],
+            completion=answer, policy_version=0, model="tiny"))
+    kafka.produce(f"{prefix}raw", [(t.partition_key().encode(), t.to_bytes()) for t in raw]
+                  + [(b"bad", b'{"not": "a trajectory"}')])
+    ss = _service_settings(ScorerSettings, kafka, prefix)
+    assert isinstance(ss, ScorerSettings)
+    stage = ScorerStage(ScoringConfig(), ss.topic("scored"))
+    with InThread(StreamRuntime(ss, stage, [ss.topic("raw")])) as s:
+        wait_until(lambda: len(kafka.read_all(f"{prefix}scored")) >= 300 or s.error, 120,
+                   "300 scored trajectories", interval=1)
+        wait_until(lambda: kafka.read_all(f"{prefix}dlq"), 30, "the bad record dead-lettered")
+        time.sleep(1)
+    assert s.error is None
+    scored = [ScoredTrajectory.from_bytes(m.value()) for m in kafka.read_all(f"{prefix}scored")]
+    assert len(scored) == 300
+    assert len({x.trajectory.event_id for x in scored}) == 300
+    verdicts = Counter(x.verdict for x in scored)
+    assert verdicts == {"correct": 200, "incorrect": 100}
+    assert {m.key() for m in kafka.read_all(f"{prefix}scored")} == {
+        t.partition_key().encode() for t in raw}
+    [dead] = kafka.read_all(f"{prefix}dlq")
+    assert dict(dead.headers() or [])["flywheel-error-type"] == b"schema"
