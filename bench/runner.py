@@ -20,7 +20,7 @@ from typing import Any
 
 from services.common.logs import setup_logging
 
-BENCHMARKS = ("runtime", "generator")
+BENCHMARKS = ("runtime", "generator", "quality")
 """Registered benchmarks; later issues add theirs."""
 
 

@@ -53,7 +53,7 @@ TARGETS = {"at_least_once": 0.8, "exactly_once": 0.5}
 
 
 @contextlib.contextmanager
-def _broker() -> Iterator[str]:
+def broker() -> Iterator[str]:
     existing = os.environ.get("FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS")
     if existing:
         yield existing
@@ -84,7 +84,9 @@ def _seed(bootstrap: str, topic: str) -> None:
         raise RuntimeError("seeding the input topic did not finish")
 
 
-def _bare(bootstrap: str, src: str, out: str) -> float:
+def bare_pass_through(bootstrap: str, src: str, out: str, records: int = RECORDS) -> float:
+    """Seconds for a plain consume -> produce loop to copy ``records`` records, from the first
+    consumed to the last acknowledged."""
     consumer = Consumer(CONSUMER_TUNING | {
         "bootstrap.servers": bootstrap, "group.id": f"bench-bare-{uuid.uuid4().hex}",
         "auto.offset.reset": "earliest", "isolation.level": "read_committed",
@@ -95,7 +97,7 @@ def _bare(bootstrap: str, src: str, out: str) -> float:
     consumer.subscribe([src])
     seen, started = 0, 0.0
     try:
-        while seen < RECORDS:
+        while seen < records:
             for msg in consumer.consume(1000, 0.2):
                 if msg.error():
                     continue
@@ -151,7 +153,7 @@ def _runtime(bootstrap: str, src: str, out: str, dlq: str, delivery: str) -> flo
 
 
 def run() -> dict[str, Any]:
-    with _broker() as bootstrap:
+    with broker() as bootstrap:
         admin = AdminClient({"bootstrap.servers": bootstrap})
         tag = uuid.uuid4().hex[:8]
         src, dlq = f"bench-runtime-in-{tag}", f"bench-runtime-dlq-{tag}"
@@ -169,7 +171,7 @@ def run() -> dict[str, Any]:
         for r in rounds:
             for mode in seconds:
                 out = outputs[f"{mode}-{r}"]
-                took = (_bare(bootstrap, src, out) if mode == "bare"
+                took = (bare_pass_through(bootstrap, src, out) if mode == "bare"
                         else _runtime(bootstrap, src, out, dlq, mode))
                 log.info("%s %s: %.0f records/s", "warm-up" if r < 0 else f"round {r}", mode,
                          RECORDS / took)

@@ -1,0 +1,209 @@
+"""``bench quality``: trajectories per second through the scorer, the filter and the router,
+against a bare Kafka pass-through of the same records in the same run.
+
+N raw arithmetic trajectories (groups of 4 drawn for one task, half of them correct, keyed by
+task as generators write them) are seeded once. Then, per round, on fresh topics:
+
+- ``bare``: a plain consume -> produce copy of the raw records (``bench.runtime``'s loop);
+- ``scorer``: the scorer service's runtime and stage (default config: the arithmetic
+  verifier, length and repetition heuristics) over the raw records, exactly once;
+- ``filter``: the filter over what the scorer wrote (default policy: rules, dedup memory,
+  group assembly, state changelog), exactly once;
+- ``router``: the router over what the filter accepted (default policy), exactly once.
+
+Each stage runs alone over the full backlog; the clock starts at its first batch and stops
+when the batch holding its N-th input record is committed. Running the three stages as
+separate processes, as deployed, the pipeline goes as fast as its slowest stage
+(``pipeline_rps``, reported), as long as there are cores for all three.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import statistics
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from bench.runtime import bare_pass_through, broker
+from schemas import Message, Trajectory, Turn
+from services import envs
+from services.common import topics as topic_ops
+from services.common.config import KafkaSettings, ServiceSettings
+from services.common.runtime import StreamRuntime
+from services.common.service import tune_gc
+from services.common.stage import Output
+from services.common.state import PartitionState, StateStore
+from services.filter.main import FilterSettings
+from services.filter.main import build_stage as build_filter
+from services.router.main import RouterSettings
+from services.router.main import build_stage as build_router
+from services.scorer.stage import ScorerStage, ScoringConfig
+
+log = logging.getLogger(__name__)
+
+RECORDS = int(os.environ.get("BENCH_QUALITY_RECORDS", "20000"))
+ROUNDS = int(os.environ.get("BENCH_QUALITY_ROUNDS", "3"))
+GROUP = 4
+
+
+def _trajectories(n: int) -> list[Trajectory]:
+    rng = random.Random(0)
+    env = envs.get("arithmetic")
+    out: list[Trajectory] = []
+    seen: set[str] = set()
+    while len(out) < n:
+        task = env.tasks(1, rng=rng, difficulty=3)[0]
+        if task.task_id in seen:
+            continue  # a repeated task would be a duplicate: every record must reach the router
+        seen.add(task.task_id)
+        g = len(seen)
+        right = task.verifier.answer if task.verifier else "0"
+        gid = f"bench-{g}"
+        for i in range(GROUP):
+            answer = right if i % 2 == 0 else str(int(right or 0) + 1 + i)
+            text = f"{answer}"
+            out.append(Trajectory(
+                task=task, group_id=gid, sample_index=i, group_size=GROUP,
+                turns=[Turn(role="user", content=task.prompt),
+                       Turn(role="assistant", content=text,
+                            token_ids=list(range(len(text))), logprobs=[-0.1] * len(text))],
+                completion=text, completion_token_ids=list(range(len(text))),
+                completion_logprobs=[-0.1] * len(text), finish_reason="stop",
+                policy_version=0, model="tiny"))
+    return out
+
+
+def _seed(bootstrap: str, topic: str, records: Sequence[Message]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    for r in records:
+        while True:
+            try:
+                producer.produce(topic, r.to_bytes(), r.partition_key())
+                break
+            except BufferError:
+                producer.poll(0.05)
+    if producer.flush(120):
+        raise RuntimeError("seeding did not finish")
+
+
+class _Clock:
+    """Wraps a stage (plain or stateful): starts a clock at its first batch and stops the
+    runtime once it has been handed ``expected`` input records."""
+
+    def __init__(self, inner: Any, expected: int) -> None:
+        self.inner, self.expected = inner, expected
+        self.input_type = inner.input_type
+        self.seen, self.started = 0, 0.0
+        self.runtime: StreamRuntime | None = None
+        if hasattr(inner, "state"):
+            self.state: StateStore = inner.state
+            self.tick_seconds: float = inner.tick_seconds
+            self.process_partition = self._partition
+            self.tick = inner.tick
+        else:
+            self.process = self._plain
+
+    def _count(self, n: int) -> None:
+        if not self.seen:
+            self.started = time.perf_counter()
+        self.seen += n
+        if self.seen >= self.expected and self.runtime is not None:
+            self.runtime.stop()
+
+    def _plain(self, batch: Sequence[Message]) -> list[Output]:
+        self._count(len(batch))
+        result: list[Output] = self.inner.process(batch)
+        return result
+
+    def _partition(self, state: PartitionState, batch: Sequence[Message]) -> list[Output]:
+        self._count(len(batch))
+        result: list[Output] = self.inner.process_partition(state, batch)
+        return result
+
+
+def _timed(settings: ServiceSettings, stage: Any, source: str, expected: int) -> float:
+    clock = _Clock(stage, expected)
+    runtime = StreamRuntime(settings, clock, [source])
+    clock.runtime = runtime
+    runtime.run()
+    if clock.seen < expected:
+        raise RuntimeError(f"{settings.service}: saw {clock.seen} of {expected}")
+    return time.perf_counter() - clock.started
+
+
+def _settings(cls: type, bootstrap: str, prefix: str, **extra: Any) -> Any:
+    return cls(instance_id="bench", kafka={"bootstrap_servers": bootstrap,
+                                            "topic_prefix": prefix},
+               metrics={"enabled": False}, runtime={"static_membership": False}, **extra)
+
+
+def _round(bootstrap: str, src: str, records: int) -> dict[str, float]:
+    prefix = f"bq{uuid.uuid4().hex[:8]}."
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    topic_ops.apply(topic_ops.admin_client(kafka), topic_ops.load(prefix=prefix))
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    copy = f"{prefix}bare"
+    for fut in admin.create_topics([NewTopic(copy, 6, 1)]).values():
+        fut.result()
+    seconds = {"bare": bare_pass_through(bootstrap, src, copy, records)}
+    ss = _settings(ServiceSettings, bootstrap, prefix, service="scorer")
+    seconds["scorer"] = _timed(ss, ScorerStage(ScoringConfig(), ss.topic("scored")), src,
+                               records)
+    fs = _settings(FilterSettings, bootstrap, prefix)
+    seconds["filter"] = _timed(fs, build_filter(fs), fs.topic("scored"), records)
+    rs = _settings(RouterSettings, bootstrap, prefix)
+    seconds["router"] = _timed(rs, build_router(rs), rs.topic("filtered"), records)
+    for fut in admin.delete_topics([copy, *(s.name for s in topic_ops.load(prefix=prefix))]
+                                   ).values():
+        fut.result()
+    return seconds
+
+
+def run() -> dict[str, Any]:
+    trajectories = _trajectories(RECORDS)
+    n = len(trajectories)
+    with broker() as bootstrap:
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        src = f"bench-quality-raw-{uuid.uuid4().hex[:8]}"
+        for fut in admin.create_topics([NewTopic(src, 6, 1)]).values():
+            fut.result()
+        _seed(bootstrap, src, trajectories)
+        tune_gc()
+        # The default filter policy accepts every sample here (no task repeats, lengths in
+        # bounds), so the router reads all of them.
+        runs = []
+        for r in range(-1, ROUNDS):  # round -1 warms the broker's JVM up, untimed
+            seconds = _round(bootstrap, src, n)
+            log.info("%s: %s", "warm-up" if r < 0 else f"round {r}",
+                     {k: f"{n / v:.0f}/s" for k, v in seconds.items()})
+            if r >= 0:
+                runs.append(seconds)
+        for fut in admin.delete_topics([src]).values():
+            fut.result()
+    rates = {k: [n / s[k] for s in runs] for k in runs[0]}
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    pipeline = min(median[k] for k in ("scorer", "filter", "router"))
+    return {
+        "records": n,
+        "group_size": GROUP,
+        "rounds": ROUNDS,
+        "records_per_second": {k: [round(x) for x in v] for k, v in rates.items()},
+        "median_records_per_second": {k: round(v) for k, v in median.items()},
+        "ratio_to_bare": {k: round(median[k] / median["bare"], 3)
+                          for k in ("scorer", "filter", "router")},
+        "summary": {
+            "bare_rps": round(median["bare"]),
+            "scorer_rps": round(median["scorer"]),
+            "filter_rps": round(median["filter"]),
+            "router_rps": round(median["router"]),
+            "pipeline_rps": round(pipeline),
+            "pipeline_ratio_to_bare": round(pipeline / median["bare"], 3),
+        },
+    }
