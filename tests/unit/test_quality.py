@@ -180,3 +180,13 @@ def test_the_router_refuses_rejections() -> None:
     rejected = values(run(make_filter(), records), "rejected")
     with pytest.raises(ValueError, match="accepted decisions only"):
         run(make_router(), rejected[:1])
+
+
+def test_the_example_policy_files_are_the_embedded_defaults() -> None:
+    from services.common.config import DEPLOY_DIR
+    from services.scorer.stage import ScoringConfig
+
+    folder = DEPLOY_DIR / "policies"
+    assert load_policy(FilterPolicy, folder / "filter.yaml")[0] == FilterPolicy()
+    assert load_policy(RoutingPolicy, folder / "router.yaml")[0] == RoutingPolicy()
+    assert ScoringConfig.load(folder / "scorer.yaml") == ScoringConfig()
