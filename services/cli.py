@@ -7,6 +7,7 @@ so pointing ``FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS`` at a real cluster moves all of
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -201,6 +202,28 @@ def run_router(
     from services.router.main import RouterSettings, run
 
     raise typer.Exit(run(RouterSettings.with_overrides(policy_file=policy)))
+
+
+@app.command("replay")
+def replay_command(
+    service: Annotated[str, typer.Argument(help="scorer, filter or router.")],
+    name: Annotated[str, typer.Option(help="Names the replay: outputs go under "
+                                           "<prefix>replay.<name>.")],
+    policy: Annotated[Path | None, typer.Option(
+        "--policy", "--config", help="Policy (filter, router) or config (scorer) file.")] = None,
+    since: Annotated[datetime | None, typer.Option(
+        help="Start at the first record at or after this time (default: the beginning).")
+    ] = None,
+) -> None:
+    """Re-run a stage over history under a new policy, into topics of its own; stops at the
+    input's end offsets as of the start."""
+    from services.replay import INPUTS, replay
+
+    if service not in INPUTS:
+        raise typer.BadParameter(f"one of {sorted(INPUTS)}", param_hint="SERVICE")
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    raise typer.Exit(replay(service, name, policy, since))  # type: ignore[arg-type]
 
 
 @app.command("bench")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -123,6 +124,12 @@ class RuntimeSettings(BaseModel):
         default=15_000, ge=6_000, le=300_000, description="How long a silent member is kept."
     )
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    until_end: bool = Field(
+        default=False, description="Replay: stop by itself once every input partition is "
+        "processed up to the end offset it had when the service started.")
+    start_at: datetime | None = Field(
+        default=None, description="Replay: a partition the group has no committed offset for "
+        "starts at its first record at or after this time (else auto_offset_reset).")
 
 
 class MetricsSettings(BaseModel):

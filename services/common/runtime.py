@@ -61,7 +61,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka import Message as KafkaMessage
 from pydantic import ValidationError
 
@@ -184,6 +191,7 @@ class StreamRuntime:
         self._stateful: StatefulStage[Any] | None = None
         self._store: StateStore | None = None
         self._next_tick = 0.0
+        self._ends: dict[tuple[str, int], int] | None = None
         if isinstance(stage, StatefulStage):
             if not self.exactly_once:
                 raise ConfigError(f"{settings.service} keeps state: it needs "
@@ -222,6 +230,10 @@ class StreamRuntime:
                 self._raise_if_fatal()
                 self._handle(self._collect())
                 self._check_health()
+                if self._ends is not None and self._reached_end():
+                    log.info("every input partition processed up to its end offset at start; "
+                             "stopping (until_end)")
+                    self._stop.set()
             if self._open_batch is not None:
                 self._commit_open()  # stopping: the last batch, within shutdown_timeout
         except KafkaException as exc:
@@ -273,6 +285,8 @@ class StreamRuntime:
         if self._store is not None:
             self._require_changelog(self._store.changelog_topic)
         self._consumer = Consumer(consumer_conf)
+        if s.runtime.until_end:
+            self._ends = self._end_offsets()
         self._consumer.subscribe(
             self.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
             on_lost=self._on_lost,
@@ -742,13 +756,67 @@ class StreamRuntime:
 
     # -- callbacks from librdkafka (run inside consume/poll on this thread) -----------------
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.settings.runtime.start_at is not None:
+            self._start_at(consumer, partitions)
         if self._store is not None:
             # Before any record of these partitions is processed.
             self._restore([tp.partition for tp in partitions])
         self._assignment.update((tp.topic, tp.partition) for tp in partitions)
         self._m_ready.set(1 if self.ready else 0)
         log.info("assigned %s", _fmt(partitions))
+
+    def _start_at(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions without a committed offset start at ``runtime.start_at``."""
+        start_at = self.settings.runtime.start_at
+        assert start_at is not None
+        committed = consumer.committed(partitions, timeout=10)
+        fresh = [TopicPartition(tp.topic, tp.partition, int(start_at.timestamp() * 1000))
+                 for tp in committed if tp.offset < 0]
+        if not fresh:
+            return
+        found = {(tp.topic, tp.partition): tp.offset
+                 for tp in consumer.offsets_for_times(fresh, timeout=10)}
+        for tp in partitions:
+            offset = found.get((tp.topic, tp.partition))
+            if offset is not None:
+                tp.offset = offset if offset >= 0 else OFFSET_END  # nothing that recent
+        consumer.assign(partitions)
+        log.info("starting at %s: %s", start_at.isoformat(), _fmt(partitions))
+
+    def _end_offsets(self) -> dict[tuple[str, int], int]:
+        """End offset of every input partition now: where ``until_end`` stops."""
+        assert self._consumer is not None
+        ends: dict[tuple[str, int], int] = {}
+        for topic in self.input_topics:
+            meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is None or meta.error is not None:
+                raise FatalRuntimeError(f"input topic {topic!r} is not available")
+            for p in meta.partitions:
+                _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                               timeout=10)
+                ends[topic, p] = high
+        log.info("until_end: stopping at %d records in all", sum(ends.values()))
+        return ends
+
+    def _reached_end(self) -> bool:
+        """Every input partition is owned and processed to its end offset at start (or the
+        group's committed offset is there already)."""
+        assert self._consumer is not None and self._ends is not None
+        if self._pending.records or {k for k, end in self._ends.items() if end > 0} - \
+                self._assignment:
+            return False
+        owned = [TopicPartition(t, p) for (t, p), end in self._ends.items() if end > 0]
+        positions = self._consumer.position(owned) if owned else []
+        unknown = [tp for tp in positions if tp.offset < 0]
+        committed = {(tp.topic, tp.partition): tp.offset
+                     for tp in (self._consumer.committed(unknown, timeout=10) if unknown
+                                else [])}
+        for tp in positions:
+            at = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
+            if at < self._ends[tp.topic, tp.partition]:
+                return False
+        return True
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Still a member of the old generation: finish what was processed while we may.

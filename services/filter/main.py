@@ -33,16 +33,20 @@ def build_stage(settings: FilterSettings, latest: LatestPromoted | None = None) 
     )
 
 
-def run(settings: FilterSettings) -> int:
+def run(settings: FilterSettings, *, input_topic: str | None = None,
+        checkpoints_topic: str | None = None) -> int:
+    """Serve the filter; a replay reads ``input_topic`` and ``checkpoints_topic`` of the live
+    deployment while writing under its own prefix."""
     latest = LatestPromoted()
     stage = build_stage(settings, latest)
     follower = None
     if stage.policy.max_staleness is not None:
-        follower = CheckpointFollower(settings.kafka, settings.topic("checkpoints"), latest)
+        follower = CheckpointFollower(
+            settings.kafka, checkpoints_topic or settings.topic("checkpoints"), latest)
         follower.catch_up()
         follower.start()
     try:
-        return serve(settings, stage, [settings.topic("scored")])
+        return serve(settings, stage, [input_topic or settings.topic("scored")])
     finally:
         if follower is not None:
             follower.stop()

@@ -29,5 +29,5 @@ def build_stage(settings: RouterSettings) -> RouterStage:
                        state=StateStore(settings.topic("router.state")))
 
 
-def run(settings: RouterSettings) -> int:
-    return serve(settings, build_stage(settings), [settings.topic("filtered")])
+def run(settings: RouterSettings, *, input_topic: str | None = None) -> int:
+    return serve(settings, build_stage(settings), [input_topic or settings.topic("filtered")])

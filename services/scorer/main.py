@@ -19,7 +19,7 @@ class ScorerSettings(ServiceSettings):
         default=None, description="Scorer config (YAML); the embedded default without it.")
 
 
-def run(settings: ScorerSettings) -> int:
+def run(settings: ScorerSettings, *, input_topic: str | None = None) -> int:
     config = ScoringConfig.load(settings.config_file)
     stage = ScorerStage(config, settings.topic("scored"))
-    return serve(settings, stage, [settings.topic("raw")])
+    return serve(settings, stage, [input_topic or settings.topic("raw")])

@@ -77,9 +77,9 @@ def spawn_relay(
 
 def spawn_service(
     bootstrap: str, command: list[str], *, prefix: str, instance: str, log: Path,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, verb: str = "run",
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -m services run <command...>`` as its own process."""
+    """Start ``python -m services <verb> <command...>`` as its own process."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     full |= {
         "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
@@ -91,6 +91,6 @@ def spawn_service(
     }
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "services", "run", *command], cwd=REPO, env=full,
+            [sys.executable, "-m", "services", verb, *command], cwd=REPO, env=full,
             stdout=out, stderr=subprocess.STDOUT,
         )
