@@ -362,6 +362,7 @@ class StreamRuntime:
                 except DecodeFailure as exc:
                     cls = type(exc.cause).__name__ if exc.cause else "DecodeFailure"
                     dead.append(_dead_letter(msg, exc.kind, cls, str(exc)))
+        store = self._store
         result = self._run_stage(good, good_src)
         for index, error in result.failed:
             letter = _dead_letter(good_src[index], "stage", type(error).__name__, str(error))
@@ -372,13 +373,25 @@ class StreamRuntime:
             )
         sources = _Sources(good, good_raw)
         encoded, too_big = self._encode(result.outputs, sources)
-        if too_big:
+        limit = self.settings.runtime.max_record_bytes
+        if too_big or (store is not None and store.largest_change(0) > limit):
             failed = {i for i, _ in result.failed}
             encoded = self._isolate_oversized(good, good_src, failed, sources, dead)
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+        if store is not None and self._tick_due():
+            # After the records, so the oversized path above never undoes timer work.
+            mark = store.mark()
+            timed, timed_dead = self._tick(sources)
+            if not offsets:
+                offsets = self._fence_offsets()
+                if not offsets:  # nothing to fence a transaction with yet: try again later
+                    store.undo(mark)
+                    timed, timed_dead = [], []
+            encoded.extend(timed)
+            dead.extend(timed_dead)
         return _Prepared(
-            records=records, encoded=encoded, dead=dead,
-            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()],
-            started=started, state=self._store.changes() if self._store is not None else [],
+            records=records, encoded=encoded, dead=dead, offsets=offsets, started=started,
+            state=store.changes() if store is not None else [],
         )
 
     def _run_stage(self, good: list[Message], src: list[KafkaMessage]) -> StageResult[Any]:
@@ -401,30 +414,63 @@ class StreamRuntime:
             )
             outputs.extend(result.outputs)
             failed.extend((indexes[j], exc) for j, exc in result.failed)
-        outputs.extend(self._tick())
         return StageResult(outputs, failed)
 
-    def _tick(self) -> list[Output]:
-        """Every ``tick_seconds``: the stage's timers for every owned partition. A timer that
-        raises is logged and undone; it runs again at the next tick."""
+    def _tick(self, sources: _Sources) -> tuple[list[_Encoded], list[DeadLetter]]:
+        """The stage's timers for every owned partition (every ``tick_seconds``). A timer that
+        raises is logged and undone; it runs again at the next tick. A timer output too large
+        to produce becomes a dead letter naming it (its state change is kept: retrying would
+        fail the same way forever)."""
         stage, store = self._stateful, self._store
-        now = time.monotonic()
-        if stage is None or store is None or now < self._next_tick:
-            return []
-        self._next_tick = now + stage.tick_seconds
-        outputs: list[Output] = []
+        assert stage is not None and store is not None
+        self._next_tick = time.monotonic() + stage.tick_seconds
+        limit = self.settings.runtime.max_record_bytes
+        encoded: list[_Encoded] = []
+        dead: list[DeadLetter] = []
         wall = time.time()
         for partition in store.owned():
             mark = store.mark()
             try:
-                outputs.extend(stage.tick(store.partition(partition), wall))
+                outputs = stage.tick(store.partition(partition), wall)
+                if store.largest_change(mark) > limit:
+                    raise ValueError("a timer's state change exceeds max_record_bytes")
+                mine, too_big = self._encode(outputs, sources)
             except FlywheelError:
                 raise
             except Exception:
                 store.undo(mark)
                 log.exception("timer of partition %d failed; retried at the next tick",
                               partition)
-        return outputs
+                continue
+            for topic, key, data in mine:
+                if too_big and data is not None and len(data) > limit:
+                    log.error("timer output for %s (key %s) of %d bytes exceeds "
+                              "max_record_bytes; dead-lettered", topic, key, len(data))
+                    dead.append(DeadLetter(
+                        kind="stage", error_class="OutputTooLarge",
+                        message=f"timer output of {len(data)} bytes for {topic} exceeds "
+                        f"max_record_bytes ({limit})", topic=topic, partition=partition,
+                        offset=-1, key=key.encode() if key else None, value=None, headers=[]))
+                else:
+                    encoded.append((topic, key, data))
+        return encoded, dead
+
+    def _fence_offsets(self) -> list[TopicPartition]:
+        """Offsets to send with a transaction that consumed nothing (timer outputs only):
+        ``send_offsets_to_transaction`` carries the group generation, which is what fences a
+        member that lost its partitions without knowing yet. Re-committing where the group
+        already is changes nothing."""
+        assert self._consumer is not None
+        owned = [TopicPartition(t, p) for t, p in sorted(self._assignment)]
+        if not owned:
+            return []
+        positions = [tp for tp in self._consumer.position(owned) if tp.offset >= 0]
+        have = {(tp.topic, tp.partition) for tp in positions}
+        rest = [tp for tp in owned if (tp.topic, tp.partition) not in have]
+        if rest:
+            positions += [tp for tp in self._consumer.committed(rest, timeout=10)
+                          if tp.offset >= 0]
+        return positions
 
     def _encode(self, outputs: Iterable[Output], sources: _Sources) -> tuple[list[_Encoded], bool]:
         """Topic, key and bytes of each output, and whether any is over ``max_record_bytes``.
@@ -474,6 +520,12 @@ class StreamRuntime:
                 if store is not None:
                     store.undo(mark)
                 dead.append(_dead_letter(good_src[i], "stage", type(exc).__name__, str(exc)))
+                continue
+            if store is not None and store.largest_change(mark) > limit:
+                store.undo(mark)
+                dead.append(_dead_letter(
+                    good_src[i], "stage", "StateTooLarge",
+                    f"its state change exceeds max_record_bytes ({limit})"))
                 continue
             if too_big and store is not None:
                 store.undo(mark)
@@ -738,9 +790,11 @@ class StreamRuntime:
                 "give it as many (deploy/topics.yaml) and `flywheel topics apply`")
 
     def _restore(self, partitions: list[int]) -> None:
+        """A transaction a predecessor left open holds the restore back until the broker
+        aborts it (transaction_timeout_ms) or its instance is fenced: wait that long and more."""
         assert self._store is not None
         self._store.restore(self.settings.kafka.client_config(), partitions,
-                            self.settings.runtime.transaction_timeout_ms / 1000)
+                            self.settings.runtime.transaction_timeout_ms / 1000 + 60)
 
     def _produce_when_room(
         self, topic: str, value: bytes | None, key: str | bytes | None, headers: Headers | None

@@ -39,6 +39,11 @@ class PartitionState:
 
     __slots__ = ("_data", "_store", "partition")
 
+    @property
+    def assigned_at(self) -> float:
+        """Wall time this instance took the partition (restored it): not persisted."""
+        return self._store._assigned_at.get(self.partition, 0.0)
+
     def __init__(self, store: StateStore, partition: int, data: dict[str, Any]) -> None:
         self._store = store
         self.partition = partition
@@ -78,6 +83,7 @@ class StateStore:
     def __init__(self, changelog_topic: str) -> None:
         self.changelog_topic = changelog_topic
         self._parts: dict[int, dict[str, Any]] = {}
+        self._assigned_at: dict[int, float] = {}
         self._journal: list[tuple[int, str, Any]] = []
 
     # -- used by stages ----------------------------------------------------------------------
@@ -96,6 +102,7 @@ class StateStore:
         """Own ``partition`` with ``data`` (empty by default); :meth:`restore` does this from
         the changelog, tests and tools directly."""
         self._parts[partition] = dict(data or {})
+        self._assigned_at[partition] = time.time()
 
     # -- used by the runtime -----------------------------------------------------------------
 
@@ -118,6 +125,16 @@ class StateStore:
             else:
                 data[key] = old
 
+    def largest_change(self, mark: int) -> int:
+        """Encoded size of the largest value changed since ``mark`` (0 if none): the runtime
+        keeps changelog records under ``max_record_bytes``."""
+        largest = 0
+        for partition, key, _ in self._journal[mark:]:
+            data = self._parts.get(partition)
+            if data is not None and key in data:
+                largest = max(largest, len(_encode(data[key])))
+        return largest
+
     def changes(self) -> list[tuple[int, str, bytes | None]]:
         """The batch's changelog records: (partition, key, JSON value or None for a delete),
         one per key changed, with its value at the end of the batch."""
@@ -130,8 +147,7 @@ class StateStore:
             if data is None:
                 continue  # revoked meanwhile: its next owner restores from the changelog
             if key in data:
-                out.append((partition, key, json.dumps(data[key], separators=(",", ":"))
-                            .encode()))
+                out.append((partition, key, _encode(data[key])))
             else:
                 out.append((partition, key, None))
         self._journal = []
@@ -140,6 +156,7 @@ class StateStore:
     def drop(self, partitions: list[int]) -> None:
         for p in partitions:
             self._parts.pop(p, None)
+            self._assigned_at.pop(p, None)
 
     def restore(self, consumer_config: dict[str, Any], partitions: list[int],
                 timeout: float) -> None:
@@ -149,6 +166,7 @@ class StateStore:
             return
         started = time.monotonic()
         fresh: dict[int, dict[str, Any]] = {p: {} for p in partitions}
+        ends = self._true_ends(consumer_config, partitions, timeout)
         consumer = Consumer(consumer_config | {
             "group.id": f"{self.changelog_topic}.restore",
             "isolation.level": "read_committed",
@@ -156,12 +174,6 @@ class StateStore:
             "enable.partition.eof": True,
         })
         try:
-            ends: dict[int, int] = {}
-            for p in partitions:
-                low, high = consumer.get_watermark_offsets(
-                    TopicPartition(self.changelog_topic, p), timeout=timeout)
-                if high > low:
-                    ends[p] = high
             if ends:
                 consumer.assign([TopicPartition(self.changelog_topic, p, 0) for p in ends])
                 self._read(consumer, fresh, ends, started + timeout)
@@ -175,6 +187,30 @@ class StateStore:
         entries = sum(len(fresh[p]) for p in partitions)
         log.info("restored %d state entries of partitions %s from %s in %.2f s", entries,
                  partitions, self.changelog_topic, time.monotonic() - started)
+
+    def _true_ends(self, consumer_config: dict[str, Any], partitions: list[int],
+                   timeout: float) -> dict[int, int]:
+        """The high watermark of each non-empty partition. Asked read_uncommitted: under
+        read_committed the answer is the last stable offset, which lags a transaction that
+        has just committed until its markers are written, and the restore would miss it."""
+        consumer = Consumer(consumer_config | {
+            "group.id": f"{self.changelog_topic}.restore",
+            "isolation.level": "read_uncommitted", "enable.auto.commit": False,
+        })
+        try:
+            ends = {}
+            for p in partitions:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(self.changelog_topic, p), timeout=min(timeout, 30))
+                if high > low:
+                    ends[p] = high
+            return ends
+        except KafkaException as exc:
+            raise FatalRuntimeError(
+                f"cannot read the end offsets of {self.changelog_topic}: {exc.args[0]}"
+            ) from exc
+        finally:
+            consumer.close()
 
     def _read(self, consumer: Consumer, fresh: dict[int, dict[str, Any]],
               ends: dict[int, int], deadline: float) -> None:
@@ -205,3 +241,47 @@ class StateStore:
             for tp in positions:
                 if tp.offset >= waiting[tp.partition]:
                     del waiting[tp.partition]
+
+
+class EventClock:
+    """When a timeout is due, in event time, for stages that wait for more input (groups).
+
+    Each partition keeps its *stream time*, the latest event time (a record's ``created_at``)
+    it has seen, in its state: a group waiting since event time ``t`` times out when the
+    stream has moved ``timeout`` past ``t``, so a consumer catching up on a backlog, or a
+    replay of old history, does not time out groups whose members are merely further down
+    the log. When a partition receives nothing for ``timeout`` of wall time (counted from
+    its last record or from when this instance took it, whichever is later), the wall clock
+    takes over, so the last groups before a pause are not held forever.
+    """
+
+    KEY = "clock"
+
+    def __init__(self) -> None:
+        self._last_input: dict[int, float] = {}
+
+    def observe(self, state: PartitionState, event_times: list[float]) -> float:
+        """Advance the partition's stream time past ``event_times``; returns it."""
+        stream = float(state.get(self.KEY, 0.0))
+        latest = max(event_times, default=stream)
+        if latest > stream:
+            state.put(self.KEY, latest)
+            stream = latest
+        if event_times:
+            self._last_input[state.partition] = time.time()
+        return stream
+
+    def stream_time(self, state: PartitionState) -> float:
+        return float(state.get(self.KEY, 0.0))
+
+    def due(self, state: PartitionState, since: float, timeout: float, now: float) -> bool:
+        """Whether something waiting since event time ``since`` has waited ``timeout``."""
+        if self.stream_time(state) - since >= timeout:
+            return True
+        quiet_since = max(self._last_input.get(state.partition, 0.0), state.assigned_at)
+        return now - quiet_since >= timeout and now - since >= timeout
+
+
+def _encode(value: Any) -> bytes:
+    """Compact UTF-8 JSON (non-ASCII kept as is: escaping would double CJK text)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -45,6 +45,9 @@ class GroupRule(_Strict):
                                    "this long after its first sample is decided as it is.")
     min_reward_spread: float = Field(default=1e-6, ge=0, description="Accepted rewards of a "
                                      "group within this spread carry no RL signal.")
+    remember_seconds: float = Field(default=86400.0, gt=0, description="A decided group is "
+                                    "remembered this long (event time): a late member is "
+                                    "decided alone instead of opening the group again.")
 
 
 class FilterPolicy(_Strict):

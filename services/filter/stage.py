@@ -15,21 +15,23 @@ until ``groups.timeout_seconds`` after the first (then flagged ``incomplete_grou
 3. the accepted samples enter the memory, and the group is flagged ``no_rl_signal`` when
    fewer than two were accepted or their rewards are all equal (DAPO's dynamic sampling).
 
-A trajectory id seen twice while its group is assembling is rejected as ``duplicate`` at
-once; one seen again after its group was decided is a duplicate of itself in the memory (if
-it was accepted) or meets the same rules again (if not): nothing is accepted twice.
+A sample index seen twice while its group is assembling is rejected as ``duplicate`` at
+once. A decided group is remembered (``groups.remember_seconds``): a member arriving after the
+decision is decided alone, flagged ``late_member`` and without ``group_accepted`` (so never part
+of an RL group); if it was seen before, it is a duplicate of itself in the memory (if it was
+accepted) or meets the same rules again: nothing is accepted twice. Timeouts run in event time
+(:class:`~services.common.state.EventClock`).
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from schemas import FilterDecision, ScoredTrajectory
 from services.common.stage import Output
-from services.common.state import PartitionState, StateStore
+from services.common.state import EventClock, PartitionState, StateStore
 from services.common.text import repetition_ratio
 from services.filter import metrics as m
 from services.filter.dedup import Fingerprint, Memory, fingerprint
@@ -50,20 +52,25 @@ class FilterStage:
         self.accepted_topic, self.rejected_topic = accepted_topic, rejected_topic
         self.state = state
         self.latest_version = latest_version
+        self.clock = EventClock()
         self._pending_groups: dict[int, int] = {}
+        self._next_sweep: dict[int, float] = {}
 
     # -- the stage protocol -----------------------------------------------------------------
 
     def process_partition(self, state: PartitionState, batch: Sequence[ScoredTrajectory]
                           ) -> list[Output]:
         outputs: list[Output] = []
-        now = time.time()
         for scored in batch:
             traj = scored.trajectory
+            now = self.clock.observe(state, [scored.created_at.timestamp()])
             gkey = f"g/{traj.group_id}"
             group = state.get(gkey)
+            if group is None and f"x/{traj.group_id}" in state:
+                outputs.extend(self._decide_late(state, scored))
+                continue
             if group is None:
-                group = {"t": now, "n": traj.group_size, "have": []}
+                group = {"t": scored.created_at.timestamp(), "n": traj.group_size, "have": []}
             if traj.sample_index in group["have"]:
                 outputs.append(self._decision(scored, ["duplicate"], [], None))
                 m.DUPLICATE_HITS.labels("trajectory_id").inc()
@@ -79,12 +86,19 @@ class FilterStage:
 
     def tick(self, state: PartitionState, now: float) -> list[Output]:
         outputs: list[Output] = []
-        timeout = self.policy.groups.timeout_seconds
-        pending = state.keys("g/")
-        for gkey in pending:
+        rule = self.policy.groups
+        for gkey in state.keys("g/"):
             group = state.get(gkey)
-            if now - group["t"] >= timeout:
-                outputs.extend(self._decide(state, gkey[2:], group, now, complete=False))
+            if self.clock.due(state, group["t"], rule.timeout_seconds, now):
+                outputs.extend(self._decide(state, gkey[2:], group,
+                                            max(now, self.clock.stream_time(state)),
+                                            complete=False))
+        if now >= self._next_sweep.get(state.partition, 0.0):  # forget old decided groups
+            self._next_sweep[state.partition] = now + 60
+            horizon = self.clock.stream_time(state) - rule.remember_seconds
+            for xkey in state.keys("x/"):
+                if state.get(xkey) < horizon:
+                    state.delete(xkey)
         self._pending_groups[state.partition] = len(state.keys("g/"))
         m.PENDING_GROUPS.set(sum(self._pending_groups.get(p, 0) for p in self.state.owned()))
         return outputs
@@ -99,6 +113,7 @@ class FilterStage:
             members.append(ScoredTrajectory.model_validate(state.get(key)))
             state.delete(key)
         state.delete(f"g/{group_id}")
+        state.put(f"x/{group_id}", self.clock.stream_time(state))
         p = self.policy
         reasons = [self._rules(s) for s in members]
         fps: list[Fingerprint | None] = [None] * len(members)
@@ -144,6 +159,25 @@ class FilterStage:
             for i, s in enumerate(members)
         ]
 
+    def _decide_late(self, state: PartitionState, s: ScoredTrajectory) -> list[Output]:
+        """A member of a group decided already: alone, against the rules and the memory."""
+        reasons = self._rules(s)
+        p = self.policy
+        mkey = f"d/{s.trajectory.task.task_id}"
+        if not reasons and (p.dedup.exact or p.dedup.near):
+            memory = Memory([list(e) for e in state.get(mkey, {"e": []})["e"]])
+            fp = fingerprint(s.trajectory.completion, num_perm=p.dedup.num_perm,
+                             shingle=p.dedup.shingle)
+            hit = memory.match(fp, exact=p.dedup.exact, near=p.dedup.near,
+                               threshold=p.dedup.threshold)
+            if hit is not None:
+                reasons.append(hit[0])
+                m.DUPLICATE_HITS.labels(hit[0]).inc()
+            else:
+                memory.add(fp, s.trajectory.group_id, p.dedup.memory_per_task)
+                state.put(mkey, {"e": memory.entries})
+        return [self._decision(s, reasons, ["late_member"], None)]
+
     def _rules(self, s: ScoredTrajectory) -> list[str]:
         p, t = self.policy, s.trajectory
         reasons = []
@@ -172,8 +206,11 @@ class FilterStage:
 
     def _decision(self, s: ScoredTrajectory, reasons: list[str], flags: list[str],
                   group_accepted: int | None) -> Output:
+        outcome = "+".join(reasons) or "accepted"
         decision = FilterDecision(
-            event_id=uuid.uuid5(NAMESPACE, f"{s.event_id}:{self.policy_hash}"),
+            # One id per (sample, policy, outcome): a repeat rejected as a duplicate of its
+            # earlier acceptance does not share that acceptance's id.
+            event_id=uuid.uuid5(NAMESPACE, f"{s.event_id}:{self.policy_hash}:{outcome}"),
             scored=s, accepted=not reasons, reasons=reasons, flags=flags,
             policy_name=self.policy.name, policy_hash=self.policy_hash,
             group_accepted=group_accepted,

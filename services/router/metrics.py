@@ -9,7 +9,8 @@ ROUTED_SAMPLES = Counter("flywheel_router_routed_samples_total",
 RL_GROUPS = Counter("flywheel_router_rl_groups_total",
                     "Assembled RL groups by outcome: routed, capped, timeout.", ["outcome"])
 RL_SKIPPED = Counter("flywheel_router_rl_skipped_samples_total",
-                     "Accepted samples not sent to RL, by reason: no_signal, too_small.",
+                     "Accepted samples not sent to RL, by reason: no_signal, too_small, "
+                     "group_closed.",
                      ["reason"])
 CAPPED = Counter("flywheel_router_capped_total", "Samples a stage's mix cap held back.",
                  ["stage"])

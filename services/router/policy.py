@@ -42,6 +42,9 @@ class RLRoute(_Strict):
     timeout_seconds: float = Field(default=120.0, gt=0, description="A group still missing "
                                    "members this long after its first is handled per "
                                    "on_timeout.")
+    remember_seconds: float = Field(default=86400.0, gt=0, description="A routed or timed-out "
+                                    "group is remembered this long (event time): stragglers "
+                                    "never open it again.")
     on_timeout: Literal["drop", "emit"] = Field(
         default="drop", description="drop: an incomplete group never reaches RL; emit: send "
         "what arrived if it still has min_group_size samples.")

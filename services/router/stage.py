@@ -5,20 +5,22 @@ SFT and CPT are per sample and routed at once. RL needs the whole group: the fil
 every decision how many samples of the group it accepted (``group_accepted``) and whether
 they carry a signal, so the router knows at the first member whether a group can go to RL,
 and waits in partition state until that many members arrived (or ``rl.timeout_seconds``).
-Mix caps count routed samples per stage in partition state. Everything is exactly once with
-the runtime's transactions; routed ids are deterministic (stage, decision or group, policy).
+Mix caps count routed samples per stage in partition state. A group routed to RL (or dropped
+at its timeout) is remembered for ``rl.remember_seconds`` so that a straggler never opens it
+again: one RL sample per group. Timeouts run in event time
+(:class:`~services.common.state.EventClock`). Everything is exactly once with the runtime's
+transactions; routed ids are deterministic (stage, decision or group, policy).
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from schemas import FilterDecision, RoutedSample, TrainingStage
 from services.common.stage import Output
-from services.common.state import PartitionState, StateStore
+from services.common.state import EventClock, PartitionState, StateStore
 from services.router import metrics as m
 from services.router.policy import RoutingPolicy, SampleRoute
 
@@ -35,13 +37,15 @@ class RouterStage:
         self.policy, self.policy_hash = policy, policy_hash
         self.topics = topics
         self.state = state
+        self.clock = EventClock()
         self._pending: dict[int, int] = {}
+        self._next_sweep: dict[int, float] = {}
 
     def process_partition(self, state: PartitionState, batch: Sequence[FilterDecision]
                           ) -> list[Output]:
         outputs: list[Output] = []
-        now = time.time()
         for decision in batch:
+            now = self.clock.observe(state, [decision.created_at.timestamp()])
             if not decision.accepted:
                 raise ValueError("the router reads accepted decisions only (the filtered "
                                  f"topic); decision {decision.event_id} is a rejection")
@@ -59,13 +63,20 @@ class RouterStage:
         outputs: list[Output] = []
         for gkey in state.keys("r/"):
             group = state.get(gkey)
-            if now - group["t"] < rl.timeout_seconds:
+            if not self.clock.due(state, group["t"], rl.timeout_seconds, now):
                 continue
             members = self._take(state, gkey[2:], group)
             if rl.on_timeout == "emit" and len(members) >= rl.min_group_size:
-                outputs.extend(self._emit_rl(state, gkey[2:], members, group, now))
+                outputs.extend(self._emit_rl(state, gkey[2:], members, group,
+                                             max(now, self.clock.stream_time(state))))
             else:
                 m.RL_GROUPS.labels("timeout").inc()
+        if now >= self._next_sweep.get(state.partition, 0.0):  # forget old routed groups
+            self._next_sweep[state.partition] = now + 60
+            horizon = self.clock.stream_time(state) - rl.remember_seconds
+            for xkey in state.keys("rx/"):
+                if state.get(xkey) < horizon:
+                    state.delete(xkey)
         self._pending[state.partition] = len(state.keys("r/"))
         m.PENDING_GROUPS.set(sum(self._pending.get(p, 0) for p in self.state.owned()))
         return outputs
@@ -80,6 +91,9 @@ class RouterStage:
         traj = d.scored.trajectory
         gkey = f"r/{traj.group_id}"
         group = state.get(gkey)
+        if group is None and f"rx/{traj.group_id}" in state:
+            m.RL_SKIPPED.labels("group_closed").inc()
+            return []  # routed or timed out already
         if group is None:
             # Group-level facts are the same on every member: decide on the first one.
             if rl.require_signal and "no_rl_signal" in d.flags:
@@ -88,7 +102,7 @@ class RouterStage:
             if expected < rl.min_group_size:
                 m.RL_SKIPPED.labels("too_small").inc()
                 return []
-            group = {"t": now, "n": expected, "have": []}
+            group = {"t": d.created_at.timestamp(), "n": expected, "have": []}
         if traj.sample_index in group["have"]:
             return []  # the same member again
         group = {**group, "have": [*group["have"], traj.sample_index]}
@@ -107,6 +121,7 @@ class RouterStage:
             members.append(FilterDecision.model_validate(state.get(key)))
             state.delete(key)
         state.delete(f"r/{group_id}")
+        state.put(f"rx/{group_id}", self.clock.stream_time(state))
         return members
 
     def _emit_rl(self, state: PartitionState, group_id: str, members: list[FilterDecision],

@@ -117,10 +117,51 @@ def test_a_redelivered_sample_is_never_accepted_twice() -> None:
     assert len(done) == 4 and all(d.accepted for d in done)
     later = [o.value for o in run(stage, records)]  # the whole group again, after
     assert [d.reasons for d in later] == [["duplicate"]] * 4
-    part = run(stage, records[:1])  # part of it again: waits, then meets the memory
-    assert part == []
-    tail = stage.tick(stage.state.partition(0), 1e12)
-    assert [d.value.reasons for d in tail] == [["duplicate"]]
+    late = [o.value for o in run(stage, records[:1])]  # a straggler: decided alone, at once
+    assert [(d.reasons, d.flags, d.group_accepted) for d in late] == [
+        (["duplicate"], ["late_member"], None)]
+    assert len({d.event_id for d in [*done, *later]}) == 8  # a repeat has an id of its own
+
+
+def test_a_late_member_is_decided_alone_and_never_joins_an_rl_group() -> None:
+    records, _ = planted.planted_mix(1)
+    stage = make_filter(planted.filter_policy().model_copy(
+        update={"groups": GroupRule(timeout_seconds=30)}))
+    run(stage, records[:3])
+    state = stage.state.partition(0)
+    first = [o.value for o in stage.tick(state, 1e12)]  # the group times out with 3
+    [late] = [o.value for o in run(stage, records[3:])]
+    assert late.accepted and late.flags == ["late_member"] and late.group_accepted is None
+    router = make_router()
+    routed = run(router, [*[d for d in first if d.accepted], late])
+    [group] = values(routed, "accepted.rl")
+    assert len(group.samples) == 3  # the late one went to SFT/CPT only
+    per_sample = values(routed, "accepted.sft") + values(routed, "accepted.cpt")
+    assert any(late.event_id in r.decision_ids for r in per_sample)
+
+
+def test_timeouts_follow_event_time_not_a_restart() -> None:
+    """A restored group whose first member is old in wall time is not timed out before the
+    stream moves on or the partition stays quiet for the timeout after being taken."""
+    stage = make_filter(planted.filter_policy().model_copy(
+        update={"groups": GroupRule(timeout_seconds=30)}))
+    records, _ = planted.planted_mix(1)
+    old = [r.model_copy(update={"created_at": r.created_at.replace(year=2020)})
+           for r in records]
+    run(stage, old[:2])
+    state = stage.state.partition(0)
+    now = state.assigned_at + 1
+    assert stage.tick(state, now) == []  # the backlog may still hold the rest
+    assert stage.tick(state, now + 31) != []  # quiet for the timeout: the wall clock decides
+
+
+def test_the_router_sends_a_group_to_rl_once() -> None:
+    records, _ = planted.planted_mix(1)
+    decisions = _accepted(records)
+    router = make_router()
+    assert len(values(run(router, decisions), "accepted.rl")) == 1
+    assert values(run(router, decisions[:2]), "accepted.rl") == []  # replayed stragglers
+    assert router.state.partition(0).keys("r/") == []
 
 
 def test_the_duplicate_memory_per_task_is_bounded() -> None:
@@ -147,7 +188,8 @@ def test_rl_groups_wait_for_every_accepted_member_across_batches() -> None:
     [group] = values(rest, "accepted.rl")
     assert [s.trajectory.sample_index for s in group.samples] == [0, 1, 2, 3]
     assert group.decision_ids == [d.event_id for d in decisions]
-    assert router.state.partition(0).keys("r") == []
+    assert router.state.partition(0).keys("r/") == []
+    assert router.state.partition(0).keys("rm/") == []
 
 
 def test_an_rl_group_missing_members_is_dropped_at_its_timeout() -> None:
@@ -157,7 +199,7 @@ def test_an_rl_group_missing_members_is_dropped_at_its_timeout() -> None:
     run(router, decisions[:2])
     state = router.state.partition(0)
     assert router.tick(state, 1e12) == []
-    assert state.keys("r") == []
+    assert state.keys("r/") == [] and state.keys("rm/") == []
     emit = make_router(RoutingPolicy(rl={"on_timeout": "emit"}))  # type: ignore[arg-type]
     run(emit, decisions[:2])
     [group] = values(emit.tick(emit.state.partition(0), 1e12), "accepted.rl")

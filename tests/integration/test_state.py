@@ -1,0 +1,116 @@
+"""Stage state on a real broker: restored after a restart, kept under the record size limit,
+timers that cannot produce their output do not loop."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import pytest
+
+from schemas import Task
+from services.common.runtime import StreamRuntime
+from services.common.stage import Output
+from services.common.state import PartitionState, StateStore
+from tests import factories
+from tests.integration.runners import InThread, settings
+from tests.kafka import Broker, wait_until
+
+pytestmark = pytest.mark.integration
+
+LIMIT = 4096
+
+
+class Tally:
+    """Numbers the tasks of each partition 1, 2, 3... in state. env 'big' makes a state value
+    over the limit; env 'alarm' sets a timer whose output is over it."""
+
+    input_type = Task
+    tick_seconds = 0.2
+
+    def __init__(self, changelog: str, output: str) -> None:
+        self.state = StateStore(changelog)
+        self.output = output
+
+    def process_partition(self, state: PartitionState, batch: Sequence[Task]) -> list[Output]:
+        out = []
+        for task in batch:
+            n = state.get("n", 0) + 1
+            state.put("n", n)
+            if task.env == "big":
+                state.put("blob", "x" * (2 * LIMIT))
+            if task.env == "alarm":
+                state.put("alarm", task.task_id)
+            out.append(Output(self.output, task.model_copy(
+                update={"metadata": {"n": n, "partition": state.partition}})))
+        return out
+
+    def tick(self, state: PartitionState, now: float) -> list[Output]:
+        alarm = state.get("alarm")
+        if alarm is None:
+            return []
+        state.delete("alarm")
+        return [Output(self.output, Task(task_id=alarm, env="alarm", prompt="y" * 2 * LIMIT))]
+
+
+def _topics(kafka: Broker, uid: str) -> tuple[str, str, str, str]:
+    names = (f"st{uid}.in", f"st{uid}.out", f"st{uid}.dlq", f"st{uid}.tally.state")
+    kafka.create_topics(names, partitions=2)
+    return names
+
+
+def _runtime(kafka: Broker, uid: str, names: tuple[str, str, str, str]) -> StreamRuntime:
+    src, out, dlq, changelog = names
+    s = settings(kafka.bootstrap, "tally", prefix=f"st{uid}.", max_record_bytes=LIMIT,
+                 batch_max_records=7)
+    return StreamRuntime(s, Tally(changelog, out), [src], dlq_topic=dlq)
+
+
+def _numbers(kafka: Broker, topic: str) -> dict[int, list[int]]:
+    seen: dict[int, list[int]] = defaultdict(list)
+    for m in kafka.read_all(topic):
+        meta = Task.from_bytes(m.value()).metadata
+        if "n" in meta:
+            seen[meta["partition"]].append(meta["n"])
+    return seen
+
+
+def test_state_is_restored_from_the_changelog_after_a_restart(kafka: Broker, uid: str) -> None:
+    names = _topics(kafka, uid)
+    src, out = names[0], names[1]
+    kafka.produce(src, ((f"k{i}".encode(), factories.task(i).to_bytes()) for i in range(40)))
+    with InThread(_runtime(kafka, uid, names)) as r:
+        wait_until(lambda: sum(map(len, _numbers(kafka, out).values())) >= 40 or r.error, 60,
+                   "the first 40 numbered")
+    assert r.error is None
+    kafka.produce(src, ((f"k{i}".encode(), factories.task(i).to_bytes())
+                        for i in range(40, 90)))
+    with InThread(_runtime(kafka, uid, names)) as r:  # a new process would do the same
+        wait_until(lambda: sum(map(len, _numbers(kafka, out).values())) >= 90 or r.error, 60,
+                   "all 90 numbered")
+    assert r.error is None
+    numbers = _numbers(kafka, out)
+    assert sum(map(len, numbers.values())) == 90
+    for seq in numbers.values():  # each partition counted on from its restored state
+        assert sorted(seq) == list(range(1, len(seq) + 1))
+
+
+def test_oversized_state_and_timer_outputs_are_dead_lettered_once(
+        kafka: Broker, uid: str) -> None:
+    names = _topics(kafka, uid)
+    src, out, dlq = names[0], names[1], names[2]
+    tasks = [factories.task(i) for i in range(10)]
+    tasks[3] = tasks[3].model_copy(update={"env": "big"})
+    tasks[6] = tasks[6].model_copy(update={"env": "alarm"})
+    kafka.produce(src, ((b"same-key", t.to_bytes()) for t in tasks))  # one partition, in order
+    with InThread(_runtime(kafka, uid, names)) as r:
+        wait_until(lambda: len(kafka.read_all(dlq)) >= 2 or r.error, 60, "two dead letters")
+        time.sleep(2)  # a looping timer would dead-letter again meanwhile
+        assert r.error is None
+    letters = {dict(m.headers() or [])["flywheel-error-class"]: m
+               for m in kafka.read_all(dlq)}
+    assert len(kafka.read_all(dlq)) == 2
+    assert set(letters) == {b"StateTooLarge", b"OutputTooLarge"}
+    [numbers] = _numbers(kafka, out).values()
+    assert sorted(numbers) == list(range(1, 10))  # the big one left no trace in the count
