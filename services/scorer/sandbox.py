@@ -2,9 +2,10 @@
 
 The code verifier rewards a coding completion by running it against the task's tests. The
 completion is written by the policy being trained, so it is untrusted: it may loop, allocate
-without bound, flood its output, open sockets, fork, or try to break out of whatever watches
-it. Each run gets its own temporary folder and a fresh interpreter (``python -I harness.py``),
-and these layers, each recorded in ``SandboxResult.isolation`` when it was active:
+without bound, flood its output, open sockets, fork, signal other processes, or try to break
+out of whatever watches it. Each run gets its own temporary folder and a fresh interpreter
+(``python -I harness.py``), and these layers, each recorded in ``SandboxResult.isolation`` when
+it was active (``isolation_plan(python)`` tells beforehand which of the parent's will be):
 
 - ``rlimits``: set between fork and exec. ``RLIMIT_CPU`` (SIGXCPU at the limit, SIGKILL one
   second later), ``RLIMIT_AS`` (memory), ``RLIMIT_FSIZE`` (stdout and stderr are files, so
@@ -15,18 +16,46 @@ and these layers, each recorded in ``SandboxResult.isolation`` when it was activ
   up). Needs root or CAP_SYS_ADMIN, probed once per process in a throwaway child.
 - ``setuid`` and ``nproc``: as root, the child drops to uid/gid 65534 (nobody) and gets
   ``RLIMIT_NPROC=max_processes``, which the kernel ignores for root. Needs an interpreter
-  that uid 65534 can run (probed once per interpreter); one under a private home folder
-  (``/root/.pyenv``) cannot, and the run then stays root with a warning: insist on
-  ``"setuid" in result.isolation`` where that matters.
+  that uid 65534 can run (probed once per interpreter), such as ``/usr/bin/python3``; one
+  under a private home folder (``/root/.pyenv``) cannot. Without this layer the solution runs
+  with the scorer's own uid: it can read the scorer's environment (``/proc/<ppid>/environ``,
+  credentials) and files, and with native code signal or trace it. So ``run_python_tests``
+  raises ``SandboxUnavailable`` instead, unless called with ``require_isolation=False`` (then
+  it runs anyway, with a warning).
 - ``audit_hook``: the harness installs ``sys.addaudithook`` before any solution code runs.
   Sockets and name lookups are the violation ``network``; fork, exec, spawn, system and
   Popen are ``process_limit``; ctypes, subinterpreters, raising rlimits, signalling other
-  processes and the ways to reach or shadow the hook are ``forbidden``. On a violation the
-  hook writes the reason to the report pipe and calls ``os._exit``: it never raises, since
-  the solution could catch the exception.
+  processes (``os.kill``, ``os.killpg``; ``fcntl``/``ioctl`` requests that make the kernel
+  signal a chosen process or feed a terminal: ``F_SETOWN``, ``F_SETOWN_EX``, ``F_SETSIG``,
+  ``FIOSETOWN``, ``SIOCSPGRP``, ``TIOCSTI``) and the ways to reach or shadow the hook are
+  ``forbidden``. Some functions raise no audit event, so before the hook the harness replaces
+  them, in the C module and in its Python face, with stubs whose call is a violation:
+  ``pidfd_open``, ``setpriority``, ``sched_setaffinity``, ``sched_setscheduler`` and
+  ``sched_setparam`` (``os``, ``posix``), ``pidfd_send_signal`` (``signal``, ``_signal``):
+  ``forbidden``; ``_posixsubprocess.fork_exec`` (multiprocessing's spawn):
+  ``process_limit`` (``os.waitid`` and ``signal.pthread_kill`` stay: they reach only the
+  solution's own children and threads). ``importlib.reload`` brings none back (``os`` and
+  ``signal`` copy the stubs again; the C modules keep their state and are not initialised
+  again). A fresh instance of one of those C modules (or of ``_imp``) would: importing one
+  anew (after deleting it from ``sys.modules``) is a violation, and so is creating one
+  through ``_imp.create_builtin`` or
+  ``_imp.create_dynamic`` (what ``importlib.util.module_from_spec`` calls; they raise no
+  audit event of their own, so the harness wraps them to report the name first). On a
+  violation the hook writes the reason to the report pipe and calls ``os._exit``: it never
+  raises, since the solution could catch the exception.
+- ``seccomp``: the harness sets ``no_new_privs`` and a seccomp filter under which
+  ``pidfd_open``, ``pidfd_send_signal``, ``pidfd_getfd``, ``process_madvise`` and
+  ``process_mrelease`` fail with EPERM, however the solution reaches them: the wrappers above
+  keep the original ``_imp`` functions in their closures, and an open ``/proc/<pid>``
+  directory is a pidfd too. x86_64 and aarch64 only (the numbers are the same on both).
 - ``nondumpable``: the harness sets ``PR_SET_DUMPABLE=0``, so ``/proc/self/mem`` (the usual
   way to patch an audit hook out of memory) belongs to root, out of the solution's reach
   unless it runs as root.
+
+The parent reads nothing from the run's folder by path once the child has started: stdout and
+stderr through descriptors it opened before the start, the report through a non-blocking pipe.
+A solution that can write the folder (no ``setuid``) therefore cannot make the parent block on
+a FIFO or follow a symlink; ``shutil.rmtree`` removes the folder without following symlinks.
 
 Kill reasons (``status == "killed"``), first match wins:
 
@@ -47,15 +76,22 @@ Otherwise ``passed`` when the harness reports that solution and tests ran to the
 ``RecursionError``), or ``NoReport`` when the interpreter ended before the harness could
 report (the solution called ``os._exit``).
 
-Threat model. This contains resource abuse, network access and process creation, with the
-kernel layers (rlimits, netns, uid 65534, RLIMIT_NPROC) as the boundary and the audit hook as
-an early, precise tripwire; audit hooks are not a security boundary on their own. It does NOT
-stop a solution from subverting its own test harness: the solution runs in the harness's
-interpreter and can forge a pass on the report pipe or return objects that compare equal to
-anything. That is reward hacking, to be caught elsewhere (held-out tests, review of high-reward
-samples). Also out of scope: concurrent runs share uid 65534 (``max_processes`` counts all of
-its processes and threads on the host), and the solution may read world-readable files and
-write to world-writable folders such as ``/tmp``.
+Threat model. This contains resource abuse, network access, process creation and signalling,
+with the kernel layers (rlimits, netns, uid 65534, RLIMIT_NPROC, seccomp) as the boundary and
+the audit hook and stubs as an early, precise tripwire; audit hooks are not a security
+boundary on their own. Native code gets past the tripwire: a solution can write a shared
+object (to ``/tmp``) and import it, or call the original ``_imp`` functions kept in the
+wrappers' closures to get the stubbed functions back. It then meets only the kernel layers,
+and those do not stop ``kill(2)`` or ``setpriority(2)`` between processes of uid 65534, i.e.
+between concurrent runs (which could then fail each other's runs, never the scorer's, which
+runs as root). Without ``setuid`` (``require_isolation=False``) the solution runs with the
+scorer's uid, and those same tricks reach the scorer itself and everything it can read.
+This does NOT stop a solution from subverting its own test harness: the solution runs in the
+harness's interpreter and can forge a pass on the report pipe or return objects that compare
+equal to anything. That is reward hacking, to be caught elsewhere (held-out tests, review of
+high-reward samples). Also out of scope: concurrent runs share uid 65534 (``max_processes``
+counts all of its processes and threads on the host), and the solution may read
+world-readable files and write to world-writable folders such as ``/tmp``.
 
 Linux only. ``preexec_fn`` runs Python between fork and exec, which the subprocess docs warn
 against in threaded programs (the scorer runs sandboxes from a thread pool): it only calls
@@ -101,7 +137,7 @@ _VIOLATION_EXIT = 86
 """The harness's exit code after an audit-hook violation."""
 _PATH = "/usr/local/bin:/usr/bin:/bin"
 _REPORT_CAP = 65536
-_CHILD_MECHANISMS = ("audit_hook", "nondumpable")
+_CHILD_MECHANISMS = ("audit_hook", "seccomp", "nondumpable")
 """What the harness itself can confirm on its ``started`` line."""
 
 
@@ -141,17 +177,47 @@ class SandboxResult:
     isolation: tuple[str, ...]
 
 
+class SandboxUnavailable(Exception):
+    """The solution cannot be switched to uid 65534 (the scorer is not root, or uid 65534
+    cannot execute the interpreter), and the caller did not waive ``require_isolation``."""
+
+
+def isolation_plan(python: str) -> tuple[str, ...]:
+    """The mechanisms the parent will set up for runs with interpreter ``python``: always
+    ``rlimits``; ``netns`` when this process may create network namespaces; ``setuid`` and
+    ``nproc`` when it runs as root and uid 65534 can execute ``python``. Each run's
+    ``SandboxResult.isolation`` adds what the harness confirmed in the child (``audit_hook``,
+    ``seccomp``, ``nondumpable``). Probes once per process and interpreter, then is free."""
+    isolation = ["rlimits"]
+    if _netns_unshare() is not None:
+        isolation.append("netns")
+    if os.geteuid() == 0 and _nobody_can_run(python):
+        isolation += ["setuid", "nproc"]
+    return tuple(isolation)
+
+
 def run_python_tests(
     solution: str, tests: str, limits: SandboxLimits | None = None, *,
-    python: str = sys.executable,
+    python: str = sys.executable, require_isolation: bool = True,
 ) -> SandboxResult:
     """Run ``solution`` then ``tests`` (plain asserts) in one namespace, in a sandbox.
 
+    ``require_isolation``: refuse to run (``SandboxUnavailable``) when the solution would keep
+    the scorer's uid; False runs it anyway, with a warning (see the module docstring).
     Never raises because of what the solution does; raises OSError when the sandbox itself
     cannot run (no temporary folder, the interpreter does not start).
     """
     limits = limits or SandboxLimits()
     plan = _plan(limits, python)
+    if not plan.drop_to_nobody:
+        if require_isolation:
+            raise SandboxUnavailable(
+                f"cannot sandbox solutions with {python}: {_why_no_uid_drop(python)}, so "
+                "solutions would run with the scorer's own uid and could read its environment "
+                "(credentials) and files. Run the scorer as root with an interpreter that uid "
+                "65534 can execute (such as /usr/bin/python3), or pass "
+                "require_isolation=False to accept the weaker isolation.")
+        _warn_weak_isolation(python)
     workdir = Path(tempfile.mkdtemp(prefix="flywheel-sandbox-"))
     try:
         return _run(workdir, solution, tests, limits, python, plan)
@@ -181,8 +247,9 @@ class _Plan:
 
 
 def _plan(limits: SandboxLimits, python: str) -> _Plan:
-    drop = os.geteuid() == 0 and _nobody_can_run(python)
-    unshare = _netns_unshare()
+    isolation = isolation_plan(python)
+    drop = "setuid" in isolation
+    unshare = _netns_unshare() if "netns" in isolation else None
     cpu = max(1, math.ceil(limits.cpu_seconds))
     # RLIMIT_FSIZE one byte over the cap: a file longer than the cap means output was cut.
     wanted = [
@@ -193,14 +260,9 @@ def _plan(limits: SandboxLimits, python: str) -> _Plan:
     ]
     if drop:
         wanted.insert(0, (resource.RLIMIT_NPROC, limits.max_processes, limits.max_processes))
-    isolation = ["rlimits"]
-    if unshare is not None:
-        isolation.append("netns")
-    if drop:
-        isolation += ["setuid", "nproc"]
     return _Plan(tuple((which, _within_hard_limit(which, soft, hard))
                        for which, soft, hard in wanted),
-                 unshare, drop, tuple(isolation))
+                 unshare, drop, isolation)
 
 
 def _within_hard_limit(which: int, soft: int, hard: int) -> tuple[int, int]:
@@ -219,16 +281,30 @@ def _become_nobody() -> None:
 
 @functools.cache
 def _nobody_can_run(python: str) -> bool:
-    """Whether uid 65534 can start ``python`` (binary, stdlib and site folders readable)."""
+    """Whether uid 65534 can start ``python`` (binary, stdlib and site folders readable).
+    Only asked as root."""
     try:
         subprocess.run([python, "-I", "-c", ""], preexec_fn=_become_nobody, env={"PATH": _PATH},
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=60, check=True)
     except (OSError, subprocess.SubprocessError):
-        logger.warning("uid 65534 cannot run %s: sandboxed code will run as root; use an "
-                       "interpreter outside private folders to drop privileges", python)
         return False
     return True
+
+
+def _why_no_uid_drop(python: str) -> str:
+    if os.geteuid() != 0:
+        return (f"the scorer runs as uid {os.geteuid()}, not root, so it cannot switch them to "
+                "uid 65534 (nobody)")
+    return (f"uid 65534 (nobody) cannot execute {python} (it or its standard library is in a "
+            "folder that uid 65534 may not read, such as /root)")
+
+
+@functools.cache
+def _warn_weak_isolation(python: str) -> None:
+    """Once per interpreter: runs go ahead without ``setuid`` (``require_isolation=False``)."""
+    logger.warning("sandbox without a uid drop: %s; solutions run with the scorer's uid and "
+                   "can read its environment and files", _why_no_uid_drop(python))
 
 
 @functools.cache
@@ -263,10 +339,15 @@ def _run(workdir: Path, solution: str, tests: str, limits: SandboxLimits, python
     workdir.chmod(0o711)  # uid 65534 may read the three files and create nothing
     report_r, report_w = os.pipe()
     child_fds = [report_w]
+    readers: list[int] = []
     try:
         # The child writes its output through inherited descriptors: the files stay private.
+        # The parent reads through its own, opened now: once the child runs, it may (without
+        # setuid) replace the names in the folder, e.g. by a FIFO that would block open().
         for name in ("stdout", "stderr"):
-            child_fds.append(os.open(workdir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            flags = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            child_fds.append(os.open(workdir / name, os.O_WRONLY | flags, 0o600))
+            readers.append(os.open(workdir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -281,12 +362,11 @@ def _run(workdir: Path, solution: str, tests: str, limits: SandboxLimits, python
                 os.close(child_fds.pop())
         timed_out, seconds, returncode, cpu = _supervise(proc, limits.wall_seconds, start)
         report = _parse_report(_drain(report_r))
+        stdout, stdout_over = _read_capped(readers[0], limits.output_bytes)
+        stderr, stderr_over = _read_capped(readers[1], limits.output_bytes)
     finally:
-        for fd in (report_r, *child_fds):
+        for fd in (report_r, *child_fds, *readers):
             os.close(fd)
-
-    stdout, stdout_over = _read_capped(workdir / "stdout", limits.output_bytes)
-    stderr, stderr_over = _read_capped(workdir / "stderr", limits.output_bytes)
     if report.started is None and not timed_out:
         raise OSError(f"sandbox harness did not start (return code {returncode}): "
                       f"{stderr[-500:]}")
@@ -349,10 +429,16 @@ def _drain(fd: int) -> bytes:
     return data
 
 
-def _read_capped(path: Path, cap: int) -> tuple[str, bool]:
-    """The first ``cap`` bytes of an output file as text, and whether it went over."""
-    with path.open("rb") as f:
-        data = f.read(cap + 1)
+def _read_capped(fd: int, cap: int) -> tuple[str, bool]:
+    """The first ``cap`` bytes of an output file, read through the parent's own descriptor
+    ``fd`` (from offset 0, whatever the child did to its own), as text, and whether it went
+    over."""
+    data = b""
+    while len(data) <= cap:
+        chunk = os.pread(fd, cap + 1 - len(data), len(data))
+        if not chunk:
+            break
+        data += chunk
     return data[:cap].decode("utf-8", errors="replace"), len(data) > cap
 
 
@@ -418,8 +504,14 @@ Reports on the pipe whose descriptor is argv[1]: "started <mechanisms>" once the
 is in place, then "passed", "failed <ExceptionClass>" or "memory"; or, from the hook,
 "violation <reason>" followed by os._exit, so that no except clause can swallow it.
 """
+import _imp
+import _signal
+import fcntl
 import os
+import posix
+import signal
 import sys
+import termios
 import traceback
 import types
 
@@ -427,46 +519,138 @@ import _posixsubprocess
 
 REPORT_FD = int(sys.argv[1])
 VIOLATION_EXIT = @VIOLATION_EXIT@
+# Functions that reach other processes without an audit event, by the C module that has them
+# and its Python face. A fresh instance of one of these modules would have them all again.
+STUBBED = {
+    "pidfd_open": (posix, os), "setpriority": (posix, os), "sched_setaffinity": (posix, os),
+    "sched_setscheduler": (posix, os), "sched_setparam": (posix, os),
+    "pidfd_send_signal": (_signal, signal),
+}
+FRESH_MODULES = {"posix": b"forbidden", "_signal": b"forbidden", "_imp": b"forbidden",
+                 "_posixsubprocess": b"process_limit"}
+# pidfd_send_signal, pidfd_open, pidfd_getfd, process_madvise, process_mrelease: from the
+# table shared by x86_64 and aarch64 (and most others) since Linux 5.1.
+SECCOMP_DENIED = (424, 434, 438, 440, 448)
 
 
-def make_nondumpable():
-    # /proc/self/mem of a non-dumpable process belongs to root: the solution cannot open it
-    # to patch the hook out of memory. ctypes is imported before the hook; using it later
-    # is a violation.
+def harden():
+    """The mechanisms set with ctypes, which is imported before the hook; using it later is a
+    violation."""
     try:
         import ctypes
-        return ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE
-    except (ImportError, OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (ImportError, OSError):
+        return []
+    done = []
+    # /proc/self/mem of a non-dumpable process belongs to root: the solution cannot open it
+    # to patch the hook out of memory.
+    try:
+        if libc.prctl(4, 0, 0, 0, 0) == 0:  # PR_SET_DUMPABLE
+            done.append(b"nondumpable")
+        if os.uname().machine in ("x86_64", "aarch64") and install_seccomp(ctypes, libc):
+            done.append(b"seccomp")
+    except (AttributeError, OSError, TypeError):  # not reported, so not claimed
+        pass
+    return done
+
+
+def install_seccomp(ctypes, libc):
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                    ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+
+    n = len(SECCOMP_DENIED)
+    code = [(0x20, 0, 0, 0),  # A = seccomp_data.nr
+            (0x54, 0, 0, 0xBFFFFFFF)]  # A &= ~__X32_SYSCALL_BIT
+    code += [(0x15, n - i, 0, nr) for i, nr in enumerate(SECCOMP_DENIED)]  # jeq: to the last
+    code += [(0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+             (0x06, 0, 0, 0x00050000 | 1)]  # SECCOMP_RET_ERRNO | EPERM
+    program = Program(len(code), (Filter * len(code))(*(Filter(*c) for c in code)))
+    ulong = ctypes.c_ulong
+    if libc.prctl(38, ulong(1), ulong(0), ulong(0), ulong(0)) != 0:  # PR_SET_NO_NEW_PRIVS
         return False
+    # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+    return libc.prctl(22, ulong(2), ctypes.byref(program), ulong(0), ulong(0)) == 0
 
 
-def close_fork_exec():
+def stub(name, reason, _audit=sys.audit):
+    def stubbed(*args, **kwargs):
+        _audit("sandbox.violation", reason)  # the hook exits the process
+        raise PermissionError(f"{name} is not available in the sandbox")
+
+    stubbed.__name__ = stubbed.__qualname__ = name
+    return stubbed
+
+
+def close_stubbed():
+    # Both the C module and its Python face: `from posix import *` in a reloaded os copies the
+    # stub again, and reloading a C module with state does not initialise it again.
+    for name, modules in STUBBED.items():
+        if hasattr(modules[0], name):
+            replacement = stub(name, "forbidden")
+            for module in modules:
+                setattr(module, name, replacement)
     # multiprocessing's spawn calls _posixsubprocess.fork_exec directly, which raises no
-    # audit event. The stub never forks; importing the real module afresh is a violation.
-    def fork_exec(*args, _audit=sys.audit):
-        _audit("subprocess.Popen", "_posixsubprocess.fork_exec")
-        raise PermissionError("no processes in the sandbox")
+    # audit event. The stub never forks.
+    _posixsubprocess.fork_exec = stub("fork_exec", "process_limit")
 
-    _posixsubprocess.fork_exec = fork_exec
+
+def guard_module_creation():
+    # importlib.util.module_from_spec, and importlib's loaders, create C modules through these
+    # two, which raise no audit event: report the name to the hook first. Only a str name and
+    # origin go on to the original, so what the hook saw is what gets created.
+    def guard(create, _audit=sys.audit, _type=type, _str=str, _getattr=getattr,
+              _spec=types.SimpleNamespace):
+        def guarded(spec, *args):
+            name, origin = spec.name, _getattr(spec, "origin", None)
+            if _type(name) is not _str or not (origin is None or _type(origin) is _str):
+                raise ImportError("a module spec needs a str name and origin")
+            _audit("sandbox.create_module", name)
+            return create(_spec(name=name, origin=origin), *args)
+
+        return guarded
+
+    _imp.create_builtin = guard(_imp.create_builtin)
+    if hasattr(_imp, "create_dynamic"):
+        _imp.create_dynamic = guard(_imp.create_dynamic)
 
 
 def install_hook():
     # Defined in here so that no global names it: once installed it is reachable only through
     # gc (a violation). Everything it uses is bound at definition, immune to monkeypatching.
+    owner_fcntl = frozenset(getattr(fcntl, name, number) for name, number in (
+        ("F_SETOWN", 8), ("F_SETSIG", 10), ("F_SETOWN_EX", 15)))
+    owner_ioctl = frozenset(getattr(termios, name, number) for name, number in (
+        ("FIOSETOWN", 0x8901), ("SIOCSPGRP", 0x8902), ("TIOCSTI", 0x5412)))
+
+    fresh = dict(FRESH_MODULES)  # a copy only the hook holds: the solution can reach globals
+
     def hook(event, args, _write=os.write, _exit=os._exit, _fd=REPORT_FD,
-             _code=VIOLATION_EXIT):
+             _code=VIOLATION_EXIT, _fresh=fresh, _fcntl=owner_fcntl,
+             _ioctl=owner_ioctl, _str=str, _type=type):
         if event == "socket.__new__" and args[1] == 1:
             return  # AF_UNIX: asyncio's self-pipe; connect, bind and sendto still trip below
         if event.startswith("socket."):
             reason = b"network"
         elif event in {"os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn",
-                       "os.system", "os.startfile", "subprocess.Popen"} or (
-                event == "import" and args[0] == "_posixsubprocess"):
+                       "os.system", "os.startfile", "subprocess.Popen"}:
             reason = b"process_limit"
+        elif event in {"import", "sandbox.create_module"}:
+            name = args[0]
+            reason = _fresh.get(name.rpartition(".")[2]) if _type(name) is _str else b"forbidden"
+            if reason is None:
+                return
+        elif event == "sandbox.violation":
+            reason = b"process_limit" if args[0] == "process_limit" else b"forbidden"
         elif event.startswith("ctypes.") or event in {
                 "sys.addaudithook", "cpython.PyInterpreterState_New", "gc.get_objects",
                 "gc.get_referrers", "gc.get_referents", "os.kill", "os.killpg",
-                "resource.setrlimit", "resource.prlimit"}:
+                "resource.setrlimit", "resource.prlimit"} or (
+                event == "fcntl.fcntl" and args[1] in _fcntl) or (
+                event == "fcntl.ioctl" and args[1] in _ioctl):
             reason = b"forbidden"
         else:
             return
@@ -519,8 +703,9 @@ def flush():
 
 
 def main():
-    mechanisms = b"audit_hook nondumpable" if make_nondumpable() else b"audit_hook"
-    close_fork_exec()
+    mechanisms = b" ".join([b"audit_hook", *harden()])
+    close_stubbed()
+    guard_module_creation()
     install_hook()
     # Non-blocking: a solution that fills the pipe cannot make the hook hang instead of exit.
     os.set_blocking(REPORT_FD, False)

@@ -29,7 +29,7 @@ from services import envs
 from services.common.errors import ConfigError, DependencyError
 from services.common.text import repetition_ratio
 from services.scorer.metrics import SANDBOX_KILLS
-from services.scorer.sandbox import SandboxLimits, run_python_tests
+from services.scorer.sandbox import SandboxLimits, isolation_plan, run_python_tests
 
 
 class _Config(BaseModel):
@@ -63,6 +63,10 @@ class CodeConfig(_Config):
         default=None, description="Interpreter for solutions (standard library only). Default: "
         "when running as root, the system's /usr/bin/python3, which the unprivileged sandbox "
         "user can execute (a virtualenv under /root is not); otherwise this interpreter.")
+    require_isolation: bool = Field(
+        default=True, description="Refuse to start unless solutions can run as an "
+        "unprivileged user (the scorer runs as root). False accepts weaker isolation: "
+        "solutions could then read the scorer's environment and files.")
 
 
 def sandbox_python(configured: str | None) -> str:
@@ -166,6 +170,14 @@ class CodeScorer:
         self.limits = config.limits
         self.parallelism = config.parallelism
         self.python = sandbox_python(config.python)
+        self.require_isolation = config.require_isolation
+        plan = isolation_plan(self.python)
+        if self.require_isolation and "setuid" not in plan:
+            raise ConfigError(
+                f"code scorer {config.name}: solutions cannot be run as an unprivileged user "
+                f"with {self.python} (isolation available: {', '.join(plan)}). Run the scorer "
+                "as root with an interpreter uid 65534 can execute (python: /usr/bin/python3), "
+                "or set require_isolation: false to accept weaker isolation.")
 
     def score(self, batch: Sequence[Trajectory]) -> list[Score | None]:
         jobs: dict[int, tuple[str, str]] = {}
@@ -183,7 +195,8 @@ class CodeScorer:
             return out
         with ThreadPoolExecutor(max_workers=min(self.parallelism, len(jobs))) as pool:
             futures = {i: pool.submit(run_python_tests, code, tests, self.limits,
-                                      python=self.python)
+                                      python=self.python,
+                                      require_isolation=self.require_isolation)
                        for i, (code, tests) in jobs.items()}
             for i, future in futures.items():
                 try:

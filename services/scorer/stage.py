@@ -16,7 +16,6 @@ from services.common.errors import ConfigError
 from services.common.stage import Output
 from services.scorer import metrics as m
 from services.scorer.scorers import (
-    CodeConfig,
     LengthConfig,
     RepetitionConfig,
     RewardRule,
@@ -32,7 +31,9 @@ gets the same id, so a replay or a retried transaction is recognisable downstrea
 
 
 def _default_scorers() -> list[ScorerConfig]:
-    return [VerifierConfig(), CodeConfig(), LengthConfig(unit="tokens"), RepetitionConfig()]
+    """The embedded default: verifiable tasks and heuristics. The code verifier is opt-in (it
+    needs root to isolate solutions; see CodeConfig.require_isolation)."""
+    return [VerifierConfig(), LengthConfig(unit="tokens"), RepetitionConfig()]
 
 
 class ScoringConfig(BaseModel):

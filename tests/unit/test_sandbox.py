@@ -2,15 +2,26 @@
 
 Every run starts a real interpreter under small limits; the whole file takes a few seconds,
 most of it the CPU-time and wall-clock cases.
+
+Runs use ``/usr/bin/python3``, which uid 65534 can execute, with the isolation the module
+requires by default; where this process cannot drop privileges (not root) they waive it. The
+weak-isolation cases (no uid drop: the solution keeps this process's uid and can touch the run's
+folder and this process's siblings) use ``weak_python``, a copy of this interpreter's launcher
+that uid 65534 may not execute.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,26 +29,66 @@ from services.scorer.sandbox import (
     _VIOLATION_EXIT,
     KILL_REASONS,
     SandboxLimits,
+    SandboxResult,
+    SandboxUnavailable,
     _parse_report,
     _Report,
     _verdict,
+    isolation_plan,
     run_python_tests,
 )
 
 LIMITS = SandboxLimits(cpu_seconds=1, wall_seconds=3)
 SOLUTION = "def add(a, b):\n    return a + b\n"
 TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
+PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+REPO = Path(__file__).resolve().parents[2]
+
+
+@functools.cache
+def _isolated() -> bool:
+    return "setuid" in isolation_plan(PYTHON)
+
+
+def sandbox(solution: str, tests: str = TESTS, limits: SandboxLimits = LIMITS,
+            **kwargs: Any) -> SandboxResult:
+    """``run_python_tests`` with PYTHON, insisting on the uid drop wherever it is possible."""
+    kwargs.setdefault("python", PYTHON)
+    kwargs.setdefault("require_isolation", _isolated())
+    return run_python_tests(solution, tests, limits, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def weak_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An interpreter uid 65534 cannot execute (mode 0700), so runs keep this process's uid."""
+    launcher = tmp_path_factory.mktemp("weak") / "python"
+    launcher.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    launcher.chmod(0o700)
+    assert "setuid" not in isolation_plan(str(launcher))
+    return str(launcher)
+
+
+@pytest.fixture
+def victim() -> Iterator[subprocess.Popen[bytes]]:
+    """A process of this uid that a weakly isolated solution could otherwise signal."""
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_correct_solution_passes_and_its_output_is_kept() -> None:
-    result = run_python_tests(SOLUTION + "print('hello')\n", TESTS, LIMITS)
+    result = sandbox(SOLUTION + "print('hello')\n")
     assert (result.status, result.reason, result.exit_code) == ("passed", None, 0)
     assert result.stdout == "hello\n"
     assert {"rlimits", "audit_hook"} <= set(result.isolation)
+    assert set(isolation_plan(PYTHON)) <= set(result.isolation)
 
 
 def test_a_wrong_solution_fails_with_the_assertion() -> None:
-    result = run_python_tests("def add(a, b):\n    return a - b\n", TESTS, LIMITS)
+    result = sandbox("def add(a, b):\n    return a - b\n")
     assert (result.status, result.reason) == ("failed", "AssertionError")
     assert 'File "tests.py", line 1' in result.stderr
     assert "harness" not in result.stderr
@@ -51,7 +102,7 @@ def test_a_wrong_solution_fails_with_the_assertion() -> None:
     ("import os\nos._exit(0)\n", TESTS, "NoReport"),
 ])
 def test_errors_fail_with_their_class(solution: str, tests: str, reason: str) -> None:
-    result = run_python_tests(solution, tests, LIMITS)
+    result = sandbox(solution, tests)
     assert (result.status, result.reason) == ("failed", reason)
 
 
@@ -71,33 +122,33 @@ def test_errors_fail_with_their_class(solution: str, tests: str, reason: str) ->
     ("import gc\nhooks = gc.get_objects()\n", "forbidden"),
 ])
 def test_limits_and_rules_kill_the_run(solution: str, reason: str) -> None:
-    result = run_python_tests(solution, TESTS, LIMITS)
+    result = sandbox(solution)
     assert (result.status, result.reason) == ("killed", reason), result.stderr
     assert len(result.stdout) <= LIMITS.output_bytes
     assert result.seconds < LIMITS.wall_seconds
 
 
 def test_a_sleeping_solution_is_killed_by_the_wall_clock() -> None:
-    result = run_python_tests("import time\ntime.sleep(100)\n", TESTS, LIMITS)
+    result = sandbox("import time\ntime.sleep(100)\n")
     assert (result.status, result.reason) == ("killed", "wall_clock")
     assert LIMITS.wall_seconds <= result.seconds < LIMITS.wall_seconds + 2
 
 
 def test_asyncio_still_works_under_the_network_rule() -> None:
     solution = "import asyncio\n\nasync def twice(x):\n    return 2 * x\n"
-    result = run_python_tests(solution, "assert asyncio.run(twice(4)) == 8\n", LIMITS)
+    result = sandbox(solution, "assert asyncio.run(twice(4)) == 8\n")
     assert result.status == "passed", result.stderr
 
 
 def test_a_fork_bomb_leaves_no_process_behind_and_scoring_goes_on() -> None:
     bomb = "import os\nprint(os.getsid(0), flush=True)\nwhile True:\n    os.fork()\n"
-    result = run_python_tests(bomb, TESTS, LIMITS)
+    result = sandbox(bomb)
     assert (result.status, result.reason) == ("killed", "process_limit")
     assert _session_members(int(result.stdout)) == []
     for killer in ("x = bytearray(10 * 1024**3)\n", "print('x' * 10_000_000)\n",
                    "import socket\nsocket.socket()\n"):
-        assert run_python_tests(killer, TESTS, LIMITS).status == "killed"
-    after = run_python_tests(SOLUTION, TESTS, LIMITS)
+        assert sandbox(killer).status == "killed"
+    after = sandbox(SOLUTION)
     assert after.status == "passed"
     assert after.seconds < LIMITS.wall_seconds
 
@@ -111,7 +162,8 @@ def test_descendants_are_killed_when_the_run_ends(tmp_path: Path) -> None:
                     "print(subprocess.Popen(['sleep', '60']).pid, flush=True)\n"
                     "os.write(int(sys.argv[3]), b'started audit_hook\\npassed\\n')\n")
     fake.chmod(0o755)
-    result = run_python_tests(SOLUTION, TESTS, LIMITS, python=str(fake))
+    result = run_python_tests(SOLUTION, TESTS, LIMITS, python=str(fake),
+                              require_isolation=False)  # uid 65534 cannot run it
     assert result.status == "passed"
     assert _dies_within(int(result.stdout), seconds=2)
 
@@ -130,7 +182,7 @@ def _dies_within(pid: int, seconds: float) -> bool:
 def test_the_network_namespace_has_only_loopback() -> None:
     solution = ("def interfaces():\n    with open('/proc/self/net/dev') as f:\n"
                 "        return [line.split(':')[0].strip() for line in f.readlines()[2:]]\n")
-    result = run_python_tests(solution, "assert interfaces() == ['lo'], interfaces()\n", LIMITS)
+    result = sandbox(solution, "assert interfaces() == ['lo'], interfaces()\n")
     if "netns" not in result.isolation:
         pytest.skip("no network namespaces here (they need root or CAP_SYS_ADMIN)")
     assert result.status == "passed", result.stderr
@@ -156,15 +208,109 @@ def test_as_root_the_child_runs_as_nobody_with_a_process_limit() -> None:
              "try:\n    open('/proc/self/mem', 'rb')\nexcept PermissionError:\n    pass\n"
              "else:\n    raise AssertionError('/proc/self/mem is open to the solution')\n")
     # The interpreter must be one uid 65534 can run; a pyenv under /root is not.
-    for python in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
-        if Path(python).exists():
-            result = run_python_tests(solution, tests, LIMITS, python=python)
-            if "setuid" in result.isolation:
-                break
-    else:
-        pytest.skip("no interpreter here that uid 65534 can run")
+    if not _isolated():
+        pytest.skip(f"uid 65534 cannot run {PYTHON}")
+    result = run_python_tests(solution, tests, LIMITS, python=PYTHON)
     assert result.status == "passed", result.stderr
     assert {"setuid", "nproc", "nondumpable"} <= set(result.isolation)
+
+
+def test_without_a_uid_drop_the_sandbox_refuses_unless_isolation_is_waived(
+        weak_python: str) -> None:
+    pythons = [weak_python]
+    if "setuid" not in isolation_plan(sys.executable):  # a pyenv under /root, or not root
+        pythons.append(sys.executable)
+    for python in pythons:
+        assert "setuid" not in isolation_plan(python)
+        with pytest.raises(SandboxUnavailable, match="require_isolation=False") as info:
+            run_python_tests(SOLUTION, TESTS, LIMITS, python=python)
+        assert "uid 65534" in str(info.value) and "/usr/bin/python3" in str(info.value)
+        result = run_python_tests(SOLUTION, TESTS, LIMITS, python=python,
+                                  require_isolation=False)
+        assert result.status == "passed", result.stderr
+        assert "setuid" not in result.isolation
+
+
+SIGNALLING = {
+    "pidfd_open": "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open({pid}), 9)\n",
+    "proc_folder_as_pidfd": "import os, signal\n"
+                            "fd = os.open('/proc/{pid}', os.O_RDONLY | os.O_DIRECTORY)\n"
+                            "signal.pidfd_send_signal(fd, 9)\n",
+    "reloaded_modules": "import importlib, os, posix, signal, _signal\n"
+                        "for module in (posix, os, _signal, signal):\n"
+                        "    importlib.reload(module)\n"
+                        "signal.pidfd_send_signal(os.pidfd_open({pid}), 9)\n",
+    "fresh_import": "import sys\ndel sys.modules['_signal']\nimport _signal\n"
+                    "_signal.pidfd_send_signal(_signal.pidfd_open({pid}), 9)\n",
+    "module_from_spec": "import importlib.util as u, signal\n"
+                        "posix = u.module_from_spec(u.find_spec('posix'))\n"
+                        "signal.pidfd_send_signal(posix.pidfd_open({pid}), 9)\n",
+    "kill": "import os\nos.kill({pid}, 9)\n",
+    "sigio_owner": "import fcntl, os\nr, w = os.pipe()\nfcntl.fcntl(r, fcntl.F_SETOWN, {pid})\n",
+    "setpriority": "import os\nos.setpriority(os.PRIO_PROCESS, {pid}, 19)\n",
+    # The original out of the harness's wrapper: only the seccomp filter is left to stop it.
+    "original_create_builtin": "import _imp, importlib.util as u, os\n"
+                               "create = next(c.cell_contents for c in "
+                               "_imp.create_builtin.__closure__\n"
+                               "              if getattr(c.cell_contents, '__name__', '') == "
+                               "'create_builtin')\n"
+                               "s = create(u.find_spec('_signal'))\n"
+                               "s.pidfd_send_signal(os.open('/proc/{pid}', os.O_DIRECTORY), 9)\n",
+}
+
+
+@pytest.mark.parametrize("way", SIGNALLING)
+def test_other_processes_of_the_same_uid_cannot_be_signalled(
+        way: str, weak_python: str, victim: subprocess.Popen[bytes]) -> None:
+    solution = SIGNALLING[way].format(pid=victim.pid)
+    result = run_python_tests(solution, TESTS, LIMITS, python=weak_python,
+                              require_isolation=False)
+    if way == "original_create_builtin":
+        if "seccomp" not in result.isolation:
+            pytest.skip("no seccomp filter here: native-level access is out of reach")
+        assert (result.status, result.reason) == ("failed", "PermissionError"), result.stderr
+    else:
+        assert (result.status, result.reason) == ("killed", "forbidden"), result.stderr
+    with pytest.raises(subprocess.TimeoutExpired):
+        victim.wait(timeout=0.1)
+
+
+def test_a_solution_signalling_its_parent_is_stopped_and_scoring_goes_on(
+        weak_python: str) -> None:
+    # The sandbox's parent is a separate process here, so that a failure cannot kill pytest.
+    parent = ("import sys\n"
+              "from services.scorer.sandbox import SandboxLimits, run_python_tests\n"
+              "r = run_python_tests(sys.argv[1], 'pass', SandboxLimits(cpu_seconds=1, "
+              "wall_seconds=3), python=sys.argv[2], require_isolation=False)\n"
+              "print(r.status, r.reason)\n")
+    solution = ("import os, signal\n"
+                "signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", parent, solution, weak_python], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["killed", "forbidden"]
+    assert sandbox(SOLUTION).status == "passed"
+
+
+def test_the_parent_reads_output_only_through_its_own_descriptors(weak_python: str) -> None:
+    # Without a uid drop the solution may rename files in its folder. A FIFO in place of
+    # stdout would block an open() by path forever; a symlink would read another file.
+    solution = SOLUTION + ("import os, sys\n"
+                           "print('kept', flush=True)\n"
+                           "print('err', file=sys.stderr, flush=True)\n"
+                           "os.rename('stdout', 'stdout.moved')\n"
+                           "os.mkfifo('stdout')\n"
+                           "os.rename('stderr', 'stderr.moved')\n"
+                           "os.symlink('/etc/passwd', 'stderr')\n")
+    results: list[SandboxResult] = []
+    worker = threading.Thread(target=lambda: results.append(run_python_tests(
+        solution, TESTS, LIMITS, python=weak_python, require_isolation=False)), daemon=True)
+    worker.start()
+    worker.join(LIMITS.wall_seconds + 2)
+    assert results, "the parent blocked on the solution's FIFO"
+    assert (results[0].status, results[0].stdout, results[0].stderr) == (
+        "passed", "kept\n", "err\n")
 
 
 def _stat_fields(pid: int) -> list[str] | None:

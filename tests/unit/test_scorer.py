@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,21 @@ SOLUTIONS = {
 }
 
 
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the code sandbox isolates solutions by switching to uid 65534, "
+    "which needs root; without it the code scorer refuses to start (tested below)")
+
+
+def test_the_code_scorer_refuses_to_start_without_real_isolation() -> None:
+    # The virtualenv's interpreter (under /root here) is not executable by uid 65534, and as
+    # a non-root user no interpreter is: either way solutions would keep the scorer's uid.
+    with pytest.raises(ConfigError, match="unprivileged"):
+        ScorerStage(ScoringConfig(scorers=[CodeConfig(python=sys.executable)]), "scored")
+    ScorerStage(ScoringConfig(scorers=[CodeConfig(python=sys.executable,
+                                                  require_isolation=False)]), "scored")
+
+
+@needs_root
 def test_code_solutions_are_judged_in_the_sandbox_and_abuse_is_stopped_with_a_reason() -> None:
     task = Task(task_id="code:add", env="reference", prompt="Write add(a, b).",
                 verifier=VerifierSpec(kind="unit_tests", params={"tests": CODE_TESTS}))
