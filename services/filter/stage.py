@@ -123,26 +123,23 @@ class FilterStage:
         memory = Memory([list(e) for e in state.get(mkey, {"e": []})["e"]])
         seen: set[str] = set()
         for i, s in enumerate(members):
-            if reasons[i] or not (p.dedup.exact or p.dedup.near):
+            if reasons[i]:
                 continue
-            fp = fingerprint(s.trajectory.completion, num_perm=p.dedup.num_perm,
-                             shingle=p.dedup.shingle)
-            hit = memory.match(fp, exact=p.dedup.exact, near=p.dedup.near,
-                               threshold=p.dedup.threshold)
+            fp, hit = self._lookup(memory, s)
             if hit is not None:
-                reasons[i].append(hit[0])
-                m.DUPLICATE_HITS.labels(hit[0]).inc()
+                reasons[i].append(hit)
+                continue
+            if fp is None:
                 continue
             fps[i] = fp
             if fp.exact in seen:
                 flags[i].append("duplicate_in_group")
             seen.add(fp.exact)
         accepted = [i for i, r in enumerate(reasons) if not r]
-        for i in accepted:
-            kept = fps[i]
-            if kept is not None:
-                memory.add(kept, group_id, p.dedup.memory_per_task)
-        if memory.entries:
+        remembered = [fp for i in accepted if (fp := fps[i]) is not None]
+        for fp in remembered:
+            memory.add(fp, group_id, p.dedup.memory_per_task)
+        if remembered:
             state.put(mkey, {"e": memory.entries})
         rewards = [members[i].reward for i in accepted]
         group_flags = []
@@ -162,21 +159,29 @@ class FilterStage:
     def _decide_late(self, state: PartitionState, s: ScoredTrajectory) -> list[Output]:
         """A member of a group decided already: alone, against the rules and the memory."""
         reasons = self._rules(s)
-        p = self.policy
-        mkey = f"d/{s.trajectory.task.task_id}"
-        if not reasons and (p.dedup.exact or p.dedup.near):
+        if not reasons:
+            mkey = f"d/{s.trajectory.task.task_id}"
             memory = Memory([list(e) for e in state.get(mkey, {"e": []})["e"]])
-            fp = fingerprint(s.trajectory.completion, num_perm=p.dedup.num_perm,
-                             shingle=p.dedup.shingle)
-            hit = memory.match(fp, exact=p.dedup.exact, near=p.dedup.near,
-                               threshold=p.dedup.threshold)
+            fp, hit = self._lookup(memory, s)
             if hit is not None:
-                reasons.append(hit[0])
-                m.DUPLICATE_HITS.labels(hit[0]).inc()
-            else:
-                memory.add(fp, s.trajectory.group_id, p.dedup.memory_per_task)
+                reasons.append(hit)
+            elif fp is not None:
+                memory.add(fp, s.trajectory.group_id, self.policy.dedup.memory_per_task)
                 state.put(mkey, {"e": memory.entries})
         return [self._decision(s, reasons, ["late_member"], None)]
+
+    def _lookup(self, memory: Memory, s: ScoredTrajectory) -> tuple[Fingerprint | None,
+                                                                    str | None]:
+        """The sample's fingerprint (None with dedup off) and its duplicate reason, if any."""
+        d = self.policy.dedup
+        if not (d.exact or d.near):
+            return None, None
+        fp = fingerprint(s.trajectory.completion, num_perm=d.num_perm, shingle=d.shingle)
+        hit = memory.match(fp, exact=d.exact, near=d.near, threshold=d.threshold)
+        if hit is None:
+            return fp, None
+        m.DUPLICATE_HITS.labels(hit[0]).inc()
+        return fp, hit[0]
 
     def _rules(self, s: ScoredTrajectory) -> list[str]:
         p, t = self.policy, s.trajectory

@@ -56,23 +56,14 @@ def spawn_relay(
     log: Path, **runtime: Any,
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m services run relay`` as its own process, configured by environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-    env |= {
-        "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-        "FLYWHEEL_KAFKA__TOPIC_PREFIX": prefix,
+    env = {
         "FLYWHEEL_SERVICE": service,
-        "FLYWHEEL_INSTANCE_ID": "relay-0",
-        "FLYWHEEL_METRICS__PORT": "0",
         "FLYWHEEL_INPUT_TOPICS": json.dumps(inputs),
         "FLYWHEEL_OUTPUT_TOPIC": output,
         "FLYWHEEL_MESSAGE_TYPE": "Task",
-    }
-    env |= {f"FLYWHEEL_RUNTIME__{k.upper()}": str(v) for k, v in runtime.items()}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "services", "run", "relay"], cwd=REPO, env=env,
-            stdout=out, stderr=subprocess.STDOUT,
-        )
+    } | {f"FLYWHEEL_RUNTIME__{k.upper()}": str(v) for k, v in runtime.items()}
+    return spawn_service(bootstrap, ["relay"], prefix=prefix, instance="relay-0", log=log,
+                         env=env)
 
 
 def spawn_service(
