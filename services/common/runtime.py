@@ -382,7 +382,7 @@ class StreamRuntime:
             # After the records, so the oversized path above never undoes timer work.
             mark = store.mark()
             timed, timed_dead = self._tick(sources)
-            if not offsets:
+            if not offsets and (timed or timed_dead or store.mark() > mark):
                 offsets = self._fence_offsets()
                 if not offsets:  # nothing to fence a transaction with yet: try again later
                     store.undo(mark)
