@@ -232,3 +232,29 @@ def test_the_example_policy_files_are_the_embedded_defaults() -> None:
     assert load_policy(FilterPolicy, folder / "filter.yaml")[0] == FilterPolicy()
     assert load_policy(RoutingPolicy, folder / "router.yaml")[0] == RoutingPolicy()
     assert ScoringConfig.load(folder / "scorer.yaml") == ScoringConfig()
+
+
+def test_decisions_and_routes_are_counted_in_metrics() -> None:
+    from services.filter import metrics as fm
+    from services.router import metrics as rm
+
+    def value(metric: Any, *labels: str) -> float:
+        return float(metric.labels(*labels)._value.get())
+
+    records, expected = planted.planted_mix(45)
+    before = {
+        "accepted": value(fm.DECISIONS, "accepted"),
+        "near": value(fm.REJECTIONS, "near_duplicate"),
+        "hits": value(fm.DUPLICATE_HITS, "near_duplicate"),
+        "sft": value(rm.ROUTED_SAMPLES, "sft"),
+        "rl": value(rm.RL_GROUPS, "routed"),
+    }
+    accepted = values(run(make_filter(), records), "filtered")
+    run(make_router(), accepted)
+    assert value(fm.DECISIONS, "accepted") - before["accepted"] == expected.accepted
+    assert value(fm.REJECTIONS, "near_duplicate") - before["near"] == \
+        expected.rejected["near_duplicate"]
+    assert value(fm.DUPLICATE_HITS, "near_duplicate") - before["hits"] == \
+        expected.rejected["near_duplicate"]
+    assert value(rm.ROUTED_SAMPLES, "sft") - before["sft"] == expected.sft
+    assert value(rm.RL_GROUPS, "routed") - before["rl"] == expected.rl_groups
