@@ -1,0 +1,1 @@
+"""Trainer: CPT, SFT and RL on the accepted streams, checkpoints with exact data lineage."""
