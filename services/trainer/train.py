@@ -1,0 +1,105 @@
+"""One training round: the buffered samples of every stage, mixed, through AdamW.
+
+Micro-batches of one stage each (an objective per batch), interleaved across stages in a
+seeded order so no stage is trained last every time; gradients accumulate over
+``grad_accumulation`` micro-batches; the gradient norm is clipped before each step.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.trainer.objectives import Sample, collate, grpo_loss, lm_loss
+
+
+class OptimSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    micro_batch: int = Field(default=16, ge=1)
+    grad_accumulation: int = Field(default=1, ge=1)
+    epochs: int = Field(default=1, ge=1, description="Passes over a round's samples.")
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    max_tokens: int = Field(default=512, ge=8, description="Longer sequences keep their end.")
+    clip: float = Field(default=0.2, gt=0, description="RL: PPO clip range.")
+    kl_coef: float = Field(default=0.0, ge=0, description="RL: KL to the reference model.")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "cpu"
+
+
+def make_optimizer(model: Any, s: OptimSettings) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=s.lr, betas=s.betas,
+                             weight_decay=s.weight_decay)
+
+
+@dataclass
+class RoundStats:
+    loss: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+    clip_fraction: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {"steps": float(self.steps)}
+        for stage in self.samples:
+            out[f"loss_{stage}"] = self.loss.get(stage, 0.0)
+            out[f"samples_{stage}"] = float(self.samples[stage])
+            out[f"tokens_{stage}"] = float(self.tokens[stage])
+        if "rl" in self.samples:
+            out["rl_clip_fraction"] = self.clip_fraction
+        return out
+
+
+def train_round(model: Any, optimizer: torch.optim.Optimizer,
+                samples: Mapping[str, Sequence[Sample]], s: OptimSettings, pad_id: int, *,
+                seed: int = 0, reference: Any = None) -> RoundStats:
+    """Train on every stage's samples; returns per-stage mean loss, samples and tokens."""
+    rng = random.Random(seed)
+    batches: list[tuple[str, list[Sample]]] = []
+    stats = RoundStats()
+    for stage, items in samples.items():
+        if not items:
+            continue
+        stats.samples[stage] = len(items)
+        stats.tokens[stage] = sum(len(x.target) for x in items)
+        for _ in range(s.epochs):
+            order = list(items)
+            rng.shuffle(order)
+            batches += [(stage, order[i:i + s.micro_batch])
+                        for i in range(0, len(order), s.micro_batch)]
+    rng.shuffle(batches)
+    model.train()
+    losses: dict[str, list[float]] = {}
+    clipped: list[float] = []
+    optimizer.zero_grad(set_to_none=True)
+    autocast = torch.autocast(device_type=torch.device(s.device).type, dtype=torch.bfloat16,
+                              enabled=s.dtype == "bfloat16")
+    for i, (stage, chunk) in enumerate(batches, start=1):
+        batch = collate(chunk, pad_id, s.device)
+        with autocast:
+            if stage == "rl":
+                loss, rl = grpo_loss(model, batch, clip=s.clip, kl_coef=s.kl_coef,
+                                     reference=reference)
+                clipped.append(rl.clip_fraction)
+            else:
+                loss = lm_loss(model, batch)
+        (loss / s.grad_accumulation).backward()
+        losses.setdefault(stage, []).append(float(loss.detach()))
+        if i % s.grad_accumulation == 0 or i == len(batches):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.steps += 1
+    model.eval()
+    stats.loss = {k: sum(v) / len(v) for k, v in losses.items()}
+    stats.clip_fraction = sum(clipped) / len(clipped) if clipped else 0.0
+    return stats
