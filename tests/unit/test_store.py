@@ -1,0 +1,80 @@
+"""The checkpoint store: whole folders only, optimizer state without pickle, orphans removed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the model extra (torch) is not installed")
+
+from schemas import CheckpointEvent  # noqa: E402
+from services.generator.checkpoint import PICKLE_SUFFIXES, verify  # noqa: E402
+from services.trainer.store import CheckpointStore, folder_name, load_optimizer  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture()
+def trained(tmp_path: Path) -> tuple[object, object, torch.optim.Optimizer]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.generator.tiny import tiny_model
+
+    folder = tiny_model(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
+    optimizer.step()
+    return model, AutoTokenizer.from_pretrained(folder), optimizer
+
+
+def test_a_written_checkpoint_verifies_loads_and_restores_the_optimizer(
+        tmp_path: Path, trained: tuple[object, object, torch.optim.Optimizer]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer, optimizer = trained
+    store = CheckpointStore(str(tmp_path / "store"))
+    uri, manifest = store.write(3, model, tokenizer, optimizer)
+    assert Path(uri).name == folder_name(3) and store.versions() == [3]
+    event = CheckpointEvent(model="tiny", version=3, uri=uri, manifest=manifest,
+                            status="candidate")
+    folder = verify(event, tmp_path / "store")  # sha256 and sizes, no pickle anywhere
+    assert not [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    loaded = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+    for a, b in zip(model.parameters(), loaded.parameters(), strict=True):  # type: ignore[attr-defined]
+        assert torch.equal(a, b)
+    fresh = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
+    assert load_optimizer(fresh, folder)
+    before, after = optimizer.state_dict(), fresh.state_dict()
+    assert before["param_groups"] == after["param_groups"]
+    for index, entry in before["state"].items():
+        assert torch.equal(entry["exp_avg"], after["state"][index]["exp_avg"])
+        assert float(entry["step"]) == float(after["state"][index]["step"])
+
+
+def test_cleanup_removes_staging_folders_and_uncommitted_versions(
+        tmp_path: Path, trained: tuple[object, object, torch.optim.Optimizer]) -> None:
+    model, tokenizer, _ = trained
+    store = CheckpointStore(str(tmp_path / "store"))
+    for v in (1, 2, 3):
+        store.write(v, model, tokenizer, None)
+    (tmp_path / "store" / ".v000004.tmp-dead").mkdir()  # a round killed while writing
+    removed = store.cleanup(committed=2)
+    assert sorted(removed) == [".v000004.tmp-dead", "v000003"]
+    assert store.versions() == [1, 2]
+
+
+def test_a_remote_store_goes_through_fsspec(
+        trained: tuple[object, object, torch.optim.Optimizer]) -> None:
+    import fsspec
+
+    model, tokenizer, optimizer = trained
+    store = CheckpointStore("memory://flywheel-test-store")
+    uri, manifest = store.write(1, model, tokenizer, optimizer)
+    assert uri == "memory://flywheel-test-store/v000001"
+    fs = fsspec.filesystem("memory")
+    names = {Path(p).name for p in fs.ls("/flywheel-test-store/v000001", detail=False)}
+    assert {m.path for m in manifest} == names
+    assert store.versions() == [1]
+    assert not [p for p in fs.ls("/flywheel-test-store", detail=False) if ".tmp-" in p]
