@@ -194,6 +194,15 @@ def run_filter(
     raise typer.Exit(run(FilterSettings.with_overrides(policy_file=policy)))
 
 
+@run_app.command("trainer")
+def run_trainer() -> None:
+    """Train candidates on the accepted streams (FLYWHEEL_BASE_MODEL_PATH, FLYWHEEL_QUOTAS...)."""
+    from services.trainer.main import run
+    from services.trainer.settings import TrainerSettings
+
+    raise typer.Exit(run(TrainerSettings()))
+
+
 @run_app.command("router")
 def run_router(
     policy: Annotated[Path | None, typer.Option(help="Routing policy (YAML).")] = None,

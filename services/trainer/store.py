@@ -76,6 +76,15 @@ class CheckpointStore:
             self.fs.mv(remote, f"{self.root}/{final}", recursive=True)
         return self.uri(version), manifest
 
+    def fetch(self, version: int) -> Path:
+        """A local folder holding checkpoint ``version``: itself for a local store, else a
+        download into a fresh temporary folder (verify it against its manifest)."""
+        if self.local:
+            return Path(self.root) / folder_name(version)
+        target = Path(tempfile.mkdtemp(prefix="flywheel-fetch-")) / folder_name(version)
+        self.fs.get(f"{self.root}/{folder_name(version)}", str(target), recursive=True)
+        return target
+
     def versions(self) -> list[int]:
         """Versions present as complete folders."""
         out = []

@@ -1,0 +1,19 @@
+"""``flywheel run trainer``."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from services.common.logs import setup_logging
+from services.common.service import serve_loop
+from services.trainer.service import Trainer
+from services.trainer.settings import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+
+def run(settings: TrainerSettings) -> int:
+    setup_logging(settings.log_level)
+    log.info("config: %s", json.dumps(settings.redacted(), sort_keys=True))
+    return serve_loop(settings, Trainer(settings))

@@ -1,0 +1,21 @@
+"""The trainer's and the gate's metrics (``flywheel_trainer_*``, ``flywheel_gate_*``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LOSS = Gauge("flywheel_trainer_loss", "Mean loss of the last round, by stage.", ["stage"])
+SAMPLES = Counter("flywheel_trainer_samples_total", "Samples trained, by stage.", ["stage"])
+TOKENS = Counter("flywheel_trainer_tokens_total", "Target tokens trained, by stage.", ["stage"])
+ROUND_SECONDS = Histogram("flywheel_trainer_round_seconds", "Training time of a round.",
+                          buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
+CHECKPOINT_BYTES = Gauge("flywheel_trainer_checkpoint_bytes", "Size of the last checkpoint.")
+CHECKPOINT_SECONDS = Histogram(
+    "flywheel_trainer_checkpoint_seconds", "Checkpoint write plus announce (commit) time.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+CANDIDATE_VERSION = Gauge("flywheel_trainer_candidate_version", "Last committed candidate.")
+GATE_PROMOTED_VERSION = Gauge("flywheel_gate_promoted_version", "Current promoted version.")
+GATE_SCORE = Gauge("flywheel_gate_score", "Held-out evaluation of the last candidate, by "
+                   "metric.", ["metric"])
+GATE_DECISIONS = Counter("flywheel_gate_decisions_total", "Gate decisions by outcome.",
+                         ["outcome"])

@@ -1,0 +1,362 @@
+"""The trainer service: accepted samples in, candidate checkpoints out, each sample trained
+into exactly one committed checkpoint.
+
+The loop consumes ``accepted.cpt``, ``accepted.sft`` and ``accepted.rl`` (read_committed, one
+consumer group) into per-stage buffers. A stage whose buffer reached its quota is paused, so
+rounds keep the configured mix; a round runs when every stage with a quota has reached it, or
+``max_wait_seconds`` after the first buffered sample. A round:
+
+1. trains on everything buffered (``train.train_round``);
+2. writes checkpoint ``v<N+1>`` to the store (staged, then renamed: never seen partial);
+3. in ONE Kafka transaction, publishes the ``candidate`` event, whose ``trained_on`` lists
+   for every input partition the offsets ``[committed, next)`` the round consumed, and
+   commits ``next`` as the group's offsets (``send_offsets_to_transaction``).
+
+A crash before step 3 commits leaves the offsets where they were: the samples are trained
+again into the next checkpoint, and the folder of the dead round is an orphan that the next
+start removes. After it, they are never trained again. Consecutive candidates' ranges
+therefore tile each partition: no overlap, no gap. At start the trainer reads ``checkpoints``
+to its end and resumes from its model's latest candidate (weights and optimizer state);
+without one, from the base model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from pydantic import ValidationError
+
+from schemas import CheckpointEvent, OffsetRange, RoutedSample
+from schemas import Producer as ProducerInfo
+from services.common.errors import FatalRuntimeError
+from services.generator.checkpoint import verify
+from services.trainer import metrics as m
+from services.trainer.data import to_samples
+from services.trainer.settings import TrainerSettings
+from services.trainer.store import CheckpointStore, load_optimizer
+from services.trainer.train import make_optimizer, train_round
+
+log = logging.getLogger(__name__)
+
+STAGES = ("cpt", "sft", "rl")
+NAMESPACE = uuid.UUID("5e0c1d7a-2b7f-4c55-9a1e-8d3f6b2c4e90")
+
+
+@dataclass
+class _Round:
+    routed: dict[str, list[RoutedSample]] = field(
+        default_factory=lambda: {s: [] for s in STAGES})
+    counts: dict[str, int] = field(default_factory=lambda: {s: 0 for s in STAGES})
+    ranges: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    """(topic, partition) -> [start, end): start is where the group was, end the next."""
+    first_at: float | None = None
+
+    def empty(self) -> bool:
+        return not self.ranges
+
+
+class Trainer:
+    def __init__(self, settings: TrainerSettings) -> None:
+        self.s = settings
+        self.topics = {settings.topic(f"accepted.{st}"): st for st in STAGES}
+        self.store = CheckpointStore(settings.checkpoint_url)
+        self._stop = threading.Event()
+        self._alive = False
+        self._round = _Round()
+        self._paused: set[str] = set()
+        self._assignment: set[tuple[str, int]] = set()
+        self._committed: dict[tuple[str, int], int] = {}
+        self.version = settings.base_version
+        self.step = 0
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.optimizer: Any = None
+        self.reference: Any = None
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    @property
+    def ready(self) -> bool:
+        return self._alive and bool(self._assignment)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- start ------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        """Weights and optimizer of this model's latest committed candidate, or the base."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        latest = _latest_candidate(self.s)
+        folder = self.s.base_model_path
+        if latest is not None:
+            local = self.store.fetch(latest.version)
+            folder = verify(latest.model_copy(update={"uri": str(local)}), local.parent)
+            self.version, self.step = latest.version, latest.step or 0
+        removed = self.store.cleanup(self.version if latest is not None else None)
+        if removed:
+            log.info("removed orphaned checkpoint folders: %s", ", ".join(removed))
+        o = self.s.optim
+        dtype = torch.bfloat16 if o.dtype == "bfloat16" else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                           use_safetensors=True)
+        self.model = loaded.to(o.device)
+        self.optimizer = make_optimizer(self.model, o)
+        if latest is not None and load_optimizer(self.optimizer, Path(folder)):
+            log.info("optimizer state restored from %s", folder)
+        if o.kl_coef > 0:
+            reference: Any = AutoModelForCausalLM.from_pretrained(
+                self.s.base_model_path, dtype=dtype, use_safetensors=True)
+            self.reference = reference.to(o.device).eval()
+        m.CANDIDATE_VERSION.set(self.version)
+        log.info("resuming %s at version %d (step %d) from %s", self.s.model_name,
+                 self.version, self.step, folder)
+
+    def _open(self) -> None:
+        s = self.s
+        common = s.kafka.client_config()
+        self._producer = Producer(common | {
+            "transactional.id": s.transactional_id, "enable.idempotence": True,
+            "transaction.timeout.ms": s.runtime.transaction_timeout_ms,
+        })
+        self._producer.init_transactions(s.runtime.transaction_timeout_ms / 1000)
+        conf = common | {
+            "group.id": s.group_id, "isolation.level": "read_committed",
+            "enable.auto.commit": False, "auto.offset.reset": "earliest",
+            "session.timeout.ms": s.runtime.session_timeout_ms,
+            # A round can take long; the loop polls between rounds only.
+            "max.poll.interval.ms": max(300_000, int(s.max_round_seconds * 1000) + 60_000),
+        }
+        if s.runtime.static_membership:
+            conf["group.instance.id"] = s.instance_id
+        self._consumer = Consumer(conf)
+        self._consumer.subscribe(list(self.topics), on_assign=self._on_assign,
+                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._resume()
+            self._open()
+            self._alive = True
+            assert self._consumer is not None
+            while not self._stop.is_set():
+                for msg in self._consumer.consume(500, timeout=0.5):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", err)
+                        continue
+                    self._buffer(msg)
+                self._pause_full()
+                if self._due():
+                    self._train_and_commit()
+        except KafkaException as exc:
+            raise FatalRuntimeError(f"Kafka client error: {exc.args[0]}") from exc
+        finally:
+            self._alive = False
+            if self._consumer is not None:
+                self._consumer.close()
+            if self._producer is not None:
+                self._producer.flush(5)
+
+    def _buffer(self, msg: Any) -> None:
+        r = self._round
+        tp = (cast(str, msg.topic()), cast(int, msg.partition()))
+        offset = cast(int, msg.offset())
+        span = r.ranges.setdefault(tp, [self._committed.get(tp, offset), offset + 1])
+        span[1] = offset + 1
+        if r.first_at is None:
+            r.first_at = time.monotonic()
+        stage = self.topics[tp[0]]
+        try:
+            routed = RoutedSample.from_bytes(msg.value() or b"")
+        except ValidationError as exc:
+            log.error("skipping an invalid record at %s[%d]@%d: %s", tp[0], tp[1], offset,
+                      exc.errors(include_url=False)[:2])
+            return  # counted in the range: it is consumed, and visible in the lineage
+        if routed.stage != stage:
+            log.error("record at %s[%d]@%d says stage %r; skipped", tp[0], tp[1], offset,
+                      routed.stage)
+            return
+        r.routed[stage].append(routed)
+        r.counts[stage] += len(routed.samples)
+
+    def _pause_full(self) -> None:
+        assert self._consumer is not None
+        for topic, stage in self.topics.items():
+            quota = self.s.quotas.get(stage, 0)
+            full = quota > 0 and self._round.counts[stage] >= quota
+            if full and stage not in self._paused:
+                self._consumer.pause(self._partitions(topic))
+                self._paused.add(stage)
+
+    def _partitions(self, topic: str) -> list[TopicPartition]:
+        return [TopicPartition(t, p) for t, p in sorted(self._assignment) if t == topic]
+
+    def _due(self) -> bool:
+        r = self._round
+        if r.empty() or not any(r.counts.values()):
+            return False
+        quotas = {st: q for st, q in self.s.quotas.items() if q > 0}
+        if quotas and all(r.counts[st] >= q for st, q in quotas.items()):
+            return True
+        waited = time.monotonic() - (r.first_at or time.monotonic())
+        return waited >= self.s.max_wait_seconds and sum(r.counts.values()) >= self.s.min_samples
+
+    # -- a round ----------------------------------------------------------------------------
+
+    def _train_and_commit(self) -> None:
+        r = self._round
+        o = self.s.optim
+        samples = {st: to_samples(r.routed[st], self.tokenizer, o.max_tokens) for st in STAGES}
+        log.info("training round for v%d: %s", self.version + 1,
+                 {st: len(v) for st, v in samples.items() if v})
+        started = time.perf_counter()
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        stats = train_round(self.model, self.optimizer, samples, o, pad, seed=self.version,
+                            reference=self.reference)
+        train_seconds = time.perf_counter() - started
+        self.step += stats.steps
+        version = self.version + 1
+        written = time.perf_counter()
+        uri, manifest = self.store.write(version, self.model, self.tokenizer, self.optimizer)
+        trained_on = [OffsetRange(topic=t, partition=p, start=a, end=b)
+                      for (t, p), (a, b) in sorted(r.ranges.items())]
+        event = CheckpointEvent(
+            event_id=uuid.uuid5(NAMESPACE, f"{self.s.model_name}:{version}:candidate"),
+            model=self.s.model_name, version=version, parent_version=self.version, uri=uri,
+            manifest=manifest, status="candidate", trained_on=trained_on,
+            metrics={**stats.metrics(), "train_seconds": round(train_seconds, 3)},
+            step=self.step, stage_mix={st: len(v) for st, v in samples.items() if v},
+            producer=ProducerInfo(service=self.s.service, instance=self.s.instance_id),
+        )
+        self._commit(event, r)
+        m.CHECKPOINT_SECONDS.observe(time.perf_counter() - written)
+        m.CHECKPOINT_BYTES.set(sum(f.size_bytes for f in manifest))
+        m.ROUND_SECONDS.observe(train_seconds)
+        m.CANDIDATE_VERSION.set(version)
+        for st, items in samples.items():
+            if items:
+                m.SAMPLES.labels(st).inc(len(items))
+                m.TOKENS.labels(st).inc(stats.tokens[st])
+                m.LOSS.labels(st).set(stats.loss[st])
+        self.version = version
+        for tp, (_, end) in r.ranges.items():
+            self._committed[tp] = end
+        self._round = _Round()
+        self._resume_paused()
+        log.info("candidate v%d committed: %s", version, {k: round(v, 4) for k, v in
+                                                           event.metrics.items()})
+
+    def _commit(self, event: CheckpointEvent, r: _Round) -> None:
+        """The candidate event and the consumed offsets, in one transaction."""
+        assert self._producer is not None and self._consumer is not None
+        producer, consumer = self._producer, self._consumer
+        offsets = [TopicPartition(t, p, end) for (t, p), (_, end) in sorted(r.ranges.items())]
+        timeout = self.s.runtime.transaction_timeout_ms / 1000
+        try:
+            producer.begin_transaction()
+            producer.produce(self.s.topic("checkpoints"), event.to_bytes(), event.model)
+            producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(),
+                                                 timeout)
+            producer.commit_transaction(timeout)
+        except KafkaException as exc:
+            # Whatever happened, the offsets did not move: restarting resumes from the last
+            # committed checkpoint and trains these samples again.
+            raise FatalRuntimeError(f"could not commit candidate v{event.version}: "
+                                    f"{exc.args[0]}") from exc
+
+    def _resume_paused(self) -> None:
+        assert self._consumer is not None
+        for stage in self._paused:
+            topic = next(t for t, st in self.topics.items() if st == stage)
+            self._consumer.resume(self._partitions(topic))
+        self._paused.clear()
+
+    # -- rebalancing ------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assignment.update((tp.topic, tp.partition) for tp in partitions)
+        for tp in consumer.committed(partitions, timeout=10):
+            if tp.offset >= 0:
+                self._committed[tp.topic, tp.partition] = tp.offset
+        log.info("assigned %d partitions", len(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Buffered samples were not committed: the next owner (or this instance, after the
+        # rebalance) reads them again from the committed offsets.
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._assignment -= gone
+        for tp in gone:
+            self._committed.pop(tp, None)
+        if not self._round.empty():
+            log.info("partitions revoked: dropping %d buffered samples (re-read from the "
+                     "committed offsets)", sum(self._round.counts.values()))
+            self._round = _Round()
+            for t, p in sorted(self._assignment):
+                committed = consumer.committed([TopicPartition(t, p)], timeout=10)[0].offset
+                consumer.seek(TopicPartition(t, p, committed if committed >= 0
+                                             else OFFSET_BEGINNING))
+        self._paused.clear()
+
+
+def _latest_candidate(s: TrainerSettings) -> CheckpointEvent | None:
+    """This model's newest candidate on ``checkpoints`` (read to its end, read_committed)."""
+    topic = s.topic("checkpoints")
+    consumer = Consumer(s.kafka.client_config() | {
+        "group.id": f"trainer-resume-{uuid.uuid4().hex}", "enable.auto.commit": False,
+        "isolation.level": "read_committed", "enable.partition.eof": True,
+    })
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise FatalRuntimeError(f"topic {topic!r} is not available; `flywheel topics apply`")
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in meta.partitions}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends if ends[p]])
+        waiting = {p for p, e in ends.items() if e}
+        latest: CheckpointEvent | None = None
+        deadline = time.monotonic() + 120
+        while waiting and time.monotonic() < deadline:
+            for msg in consumer.consume(500, timeout=0.5):
+                if msg.error() is None:
+                    try:
+                        ev = CheckpointEvent.from_bytes(msg.value() or b"")
+                    except ValidationError:
+                        continue
+                    if (ev.model == s.model_name and ev.status == "candidate"
+                            and (latest is None or ev.version > latest.version)):
+                        latest = ev
+            for tp in consumer.position([TopicPartition(topic, p) for p in waiting]):
+                if tp.offset >= ends[tp.partition]:
+                    waiting.discard(tp.partition)
+        if waiting:
+            raise FatalRuntimeError(f"could not read {topic} to its end")
+        return latest
+    finally:
+        consumer.close()

@@ -1,0 +1,36 @@
+"""Trainer settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from services.common.config import RuntimeSettings, ServiceSettings
+from services.trainer.train import OptimSettings
+
+
+class TrainerRuntimeSettings(RuntimeSettings):
+    transaction_timeout_ms: int = Field(default=300_000, ge=1_000, le=900_000)
+
+
+class TrainerSettings(ServiceSettings):
+    """E.g. ``FLYWHEEL_BASE_MODEL_PATH=models/tiny FLYWHEEL_QUOTAS='{"sft":64,"rl":32}'``."""
+
+    service: str = "trainer"
+    model_name: str = Field(default="policy", description="CheckpointEvent.model.")
+    base_model_path: Path = Field(description="Hugging Face causal-LM folder to start from.")
+    base_version: int = Field(default=0, ge=0, description="Version of base_model_path.")
+    checkpoint_url: str = Field(default=".flywheel/checkpoints",
+                                description="Checkpoint store: a folder or an fsspec URL.")
+    quotas: dict[str, int] = Field(
+        default_factory=lambda: {"sft": 64, "rl": 32, "cpt": 0},
+        description="Samples per stage that make a round (the mix); 0 leaves a stage out of "
+        "the trigger (its samples still train when present).")
+    max_wait_seconds: float = Field(default=60.0, gt=0, description="A round runs this long "
+                                    "after its first sample even if quotas are not met.")
+    min_samples: int = Field(default=1, ge=1)
+    max_round_seconds: float = Field(default=600.0, gt=0, description="Expected bound on a "
+                                     "round; the consumer's poll interval allows for it.")
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    runtime: TrainerRuntimeSettings = Field(default_factory=TrainerRuntimeSettings)
