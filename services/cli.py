@@ -203,6 +203,14 @@ def run_trainer() -> None:
     raise typer.Exit(run(TrainerSettings()))
 
 
+@run_app.command("gate")
+def run_gate() -> None:
+    """Evaluate candidates on held-out tasks; promote or reject (FLYWHEEL_BASE_MODEL_PATH...)."""
+    from services.gate.main import GateSettings, run
+
+    raise typer.Exit(run(GateSettings()))
+
+
 @run_app.command("router")
 def run_router(
     policy: Annotated[Path | None, typer.Option(help="Routing policy (YAML).")] = None,

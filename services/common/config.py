@@ -24,7 +24,7 @@ DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 TOPIC_NAMES = (
     "tasks", "raw", "scored", "filtered", "rejected",
     "accepted.cpt", "accepted.sft", "accepted.rl", "checkpoints", "dlq",
-    "filter.state", "router.state",
+    "filter.state", "router.state", "gate.state",
 )
 """Logical topic names. A deployment prefixes all of them (``KafkaSettings.topic_prefix``)."""
 

@@ -1,0 +1,1 @@
+"""Gate: evaluates candidate checkpoints on held-out tasks; only its promotions reach generators."""

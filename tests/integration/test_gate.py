@@ -1,0 +1,100 @@
+"""The gate on a real broker: a good candidate is promoted and generators reload it; a
+degraded one is rejected and generators keep the promoted version."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from schemas import CheckpointEvent
+from services.common import topics as topic_ops
+from services.common.checkpoints import CheckpointFollower
+from services.common.config import KafkaSettings
+from services.common.runtime import StreamRuntime
+from services.gate.evaluate import HeldOut
+from services.gate.main import GateSettings, build_stage
+from tests.integration.runners import InThread
+from tests.kafka import Broker, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+
+def test_the_gate_promotes_a_better_candidate_and_rejects_a_degraded_one(
+        kafka: Broker, uid: str, tmp_path: Path) -> None:
+    import torch
+
+    from services.generator.engines import TransformersEngine
+    from services.generator.episodes import Policy
+    from services.generator.reload import Reloader
+    from services.generator.tiny import tiny_model
+    from services.trainer.store import CheckpointStore
+    from services.trainer.train import OptimSettings, make_optimizer
+    from tests.unit.test_training import _sft_round
+
+    prefix = f"g{uid}."
+    settings = KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)
+    topic_ops.apply(topic_ops.admin_client(settings), topic_ops.load(prefix=prefix))
+    base = tiny_model(tmp_path / "base", seed=1)
+    root = tmp_path / "store"
+    store = CheckpointStore(str(root))
+
+    trainer = TransformersEngine(base)  # its model is trained in place
+    s = OptimSettings(lr=3e-3, micro_batch=32)
+    optimizer = make_optimizer(trainer.model, s)
+    rng = random.Random(5)
+    for r in range(60):
+        _sft_round(trainer, rng, optimizer, s, r)
+    uri1, manifest1 = store.write(1, trainer.model, trainer.tokenizer, None)
+    with torch.no_grad():  # degraded: every weight matrix's rows shuffled
+        for p in trainer.model.parameters():
+            if p.dim() == 2:
+                p.copy_(p[torch.randperm(p.shape[0])])
+    uri2, manifest2 = store.write(2, trainer.model, trainer.tokenizer, None)
+    candidates = [
+        CheckpointEvent(model="tiny", version=1, parent_version=0, uri=uri1,
+                        manifest=manifest1, status="candidate"),
+        CheckpointEvent(model="tiny", version=2, parent_version=1, uri=uri2,
+                        manifest=manifest2, status="candidate"),
+    ]
+    kafka.produce(f"{prefix}checkpoints", ((b"tiny", c.to_bytes()) for c in candidates))
+
+    gs = GateSettings(
+        instance_id="g0", kafka={"bootstrap_servers": kafka.bootstrap, "topic_prefix": prefix},
+        runtime={"lag_interval_seconds": 0.5}, metrics={"enabled": False}, model_name="tiny",
+        base_model_path=base, checkpoint_root=root,
+        held_out=HeldOut(env="arithmetic", difficulty=1, count=60, max_tokens=4))
+
+    def decisions() -> dict[int, CheckpointEvent]:
+        return {e.version: e for e in (CheckpointEvent.from_bytes(m.value())
+                                       for m in kafka.read_all(f"{prefix}checkpoints"))
+                if e.status != "candidate"}
+
+    with InThread(StreamRuntime(gs, build_stage(gs), [gs.topic("checkpoints")])) as gate:
+        wait_until(lambda: len(decisions()) >= 2 or gate.error, 180, "two gate decisions",
+                   interval=1)
+        assert gate.error is None
+    decided = decisions()
+    assert decided[1].status == "promoted", decided[1].reason
+    assert decided[2].status == "rejected", decided[2].reason
+    assert decided[1].metrics["pass_rate"] > decided[2].metrics["pass_rate"]
+    assert "regressed" in (decided[2].reason or "")
+    assert decided[1].trained_on == candidates[0].trained_on
+
+    # A generator (transformers backend) serves only what the gate promoted.
+    served = tmp_path / "served"
+    shutil.copytree(base, served)
+    engine = TransformersEngine(served)
+    reloader = Reloader(engine, root, Policy("tiny", 0), served)
+    follower = CheckpointFollower(settings, f"{prefix}checkpoints", reloader)
+    try:
+        follower.catch_up()
+        assert reloader.apply_pending()
+    finally:
+        follower.stop()
+    assert reloader.policy.version == 1
+    promoted = TransformersEngine(Path(uri1))
+    for a, b in zip(engine.model.parameters(), promoted.model.parameters(), strict=True):
+        assert torch.equal(a, b)
