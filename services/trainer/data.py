@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from schemas import RoutedSample, ScoredTrajectory
+from schemas import RoutedSample, ScoredTrajectory, Turn
+from services.generator.engines import render
 from services.trainer.objectives import Sample, group_advantages
 
 
@@ -19,7 +20,12 @@ def _ids(tokenizer: Any, s: ScoredTrajectory) -> tuple[list[int], list[int]]:
     t = s.trajectory
     if t.prompt_token_ids is not None and t.completion_token_ids:
         return list(t.prompt_token_ids), list(t.completion_token_ids)
-    prompt = list(tokenizer(t.task.prompt, add_special_tokens=False)["input_ids"])
+    # The conversation before the final answer, rendered as the generator renders prompts
+    # (the chat template for chat models).
+    context = list(t.turns)
+    if context and context[-1].role == "assistant":
+        context = context[:-1]
+    prompt = render(tokenizer, context or [Turn(role="user", content=t.task.prompt)])
     target = list(tokenizer(t.completion, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         target.append(tokenizer.eos_token_id)

@@ -135,7 +135,9 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
     versions = [c.version for c in candidates]
     assert versions == list(range(1, len(versions) + 1))  # no version twice, none skipped
     assert [c.parent_version for c in candidates] == [0, *versions[:-1]]
-    assert killed_at >= 1 and "resuming tiny at version" in log.read_text()
+    text = log.read_text()
+    assert killed_at >= 1 and f"resuming tiny at version {killed_at}" in text
+    assert "optimizer state restored" in text
     for tp, spans in _covered(kafka, prefix).items():
         spans.sort()
         assert spans[0][0] == 0, (tp, spans)

@@ -131,3 +131,25 @@ def test_grpo_on_groups_with_reward_variance_raises_the_mean_reward(engine: Any)
 
 def _chunks(items: list[Any], n: int) -> list[list[Any]]:
     return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def test_samples_without_token_ids_are_rendered_like_generator_prompts(engine: Any) -> None:
+    from services.generator.engines import render
+
+    task = envs.get("arithmetic").task(2, "+", 3)
+    traj = Trajectory(task=task, group_id="g", sample_index=0, group_size=1,
+                      turns=[Turn(role="user", content=task.prompt),
+                             Turn(role="assistant", content="5")],
+                      completion="5", policy_version=0, model="tiny")
+    scored = ScoredTrajectory(trajectory=traj, scores=[], reward=1.0, verdict="correct",
+                              reward_rule="t")
+    common = {"group_id": "g", "samples": [scored], "reason": "r", "policy_name": "t",
+              "policy_hash": "0" * 64}
+    tok = engine.tokenizer
+    [sft] = to_samples([RoutedSample(stage="sft", **common)], tok, 64)
+    assert sft.prompt == render(tok, traj.turns[:1])
+    assert sft.target == [*tok("5", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    [cpt] = to_samples([RoutedSample(stage="cpt", **common)], tok, 64)
+    assert cpt.prompt == [] and cpt.target == sft.prompt + sft.target
+    with pytest.raises(ValueError, match="log-prob"):
+        to_samples([RoutedSample(stage="rl", **common)], tok, 64)
