@@ -244,15 +244,21 @@ class Trainer:
         self.step += stats.steps
         version = self.version + 1
         written = time.perf_counter()
-        uri, manifest = self.store.write(version, self.model, self.tokenizer, self.optimizer)
         trained_on = [OffsetRange(topic=t, partition=p, start=a, end=b)
                       for (t, p), (a, b) in sorted(r.ranges.items())]
+        metrics = {**stats.metrics(), "train_seconds": round(train_seconds, 3)}
+        stage_mix = {st: len(v) for st, v in samples.items() if v}
+        uri, manifest = self.store.write(
+            version, self.model, self.tokenizer, self.optimizer,
+            record={"model": self.s.model_name, "version": version,
+                    "parent_version": self.version, "step": self.step,
+                    "metrics": metrics, "stage_mix": stage_mix,
+                    "trained_on": [x.model_dump() for x in trained_on]})
         event = CheckpointEvent(
             event_id=uuid.uuid5(NAMESPACE, f"{self.s.model_name}:{version}:candidate"),
             model=self.s.model_name, version=version, parent_version=self.version, uri=uri,
             manifest=manifest, status="candidate", trained_on=trained_on,
-            metrics={**stats.metrics(), "train_seconds": round(train_seconds, 3)},
-            step=self.step, stage_mix={st: len(v) for st, v in samples.items() if v},
+            metrics=metrics, step=self.step, stage_mix=stage_mix,
             producer=ProducerInfo(service=self.s.service, instance=self.s.instance_id),
         )
         self._commit(event, r)

@@ -34,6 +34,9 @@ from services.generator.checkpoint import build_manifest
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
+MANIFEST_FILE = "flywheel-manifest.json"
+"""Beside the files it lists (it cannot list itself): their sha256 and sizes, plus the record
+the trainer passes (version, parent, metrics, offset ranges trained on)."""
 _VERSION = re.compile(r"^v(\d+)$")
 
 
@@ -55,22 +58,25 @@ class CheckpointStore:
         return f"{self.url}/{folder_name(version)}"
 
     def write(self, version: int, model: Any, tokenizer: Any,
-              optimizer: torch.optim.Optimizer | None) -> tuple[str, list[FileDigest]]:
-        """Write checkpoint ``version``; returns its URI and manifest."""
+              optimizer: torch.optim.Optimizer | None, record: dict[str, Any] | None = None
+              ) -> tuple[str, list[FileDigest]]:
+        """Write checkpoint ``version``; returns its URI and manifest (every file with its
+        sha256 and size). ``record`` (metrics, parent, offset ranges...) is written beside
+        the files as ``MANIFEST_FILE`` together with that manifest."""
         final = folder_name(version)
         staging = f".{final}.tmp-{uuid.uuid4().hex[:8]}"
         if self.local:
             work = Path(self.root) / staging
             work.mkdir()
             try:
-                manifest = _fill(work, model, tokenizer, optimizer)
+                manifest = _fill(work, model, tokenizer, optimizer, record)
                 work.rename(Path(self.root) / final)
             except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
                 raise
             return self.uri(version), manifest
         with tempfile.TemporaryDirectory(prefix="flywheel-ckpt-") as tmp:
-            manifest = _fill(Path(tmp), model, tokenizer, optimizer)
+            manifest = _fill(Path(tmp), model, tokenizer, optimizer, record)
             remote = f"{self.root}/{staging}"
             self.fs.put(tmp, remote, recursive=True)
             self.fs.mv(remote, f"{self.root}/{final}", recursive=True)
@@ -109,15 +115,18 @@ class CheckpointStore:
         return removed
 
 
-def _fill(folder: Path, model: Any, tokenizer: Any,
-          optimizer: torch.optim.Optimizer | None) -> list[FileDigest]:
+def _fill(folder: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer | None,
+          record: dict[str, Any] | None) -> list[FileDigest]:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     if optimizer is not None:
         tensors, meta = _optimizer_state(optimizer)
         save_file(tensors, str(folder / OPTIMIZER_TENSORS))
         (folder / OPTIMIZER_META).write_text(json.dumps(meta), encoding="utf-8")
-    return build_manifest(folder)
+    manifest = build_manifest(folder)
+    document = {**(record or {}), "files": [f.model_dump() for f in manifest]}
+    (folder / MANIFEST_FILE).write_text(json.dumps(document, indent=1), encoding="utf-8")
+    return manifest
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor],

@@ -35,8 +35,15 @@ def test_a_written_checkpoint_verifies_loads_and_restores_the_optimizer(
 
     model, tokenizer, optimizer = trained
     store = CheckpointStore(str(tmp_path / "store"))
-    uri, manifest = store.write(3, model, tokenizer, optimizer)
+    uri, manifest = store.write(3, model, tokenizer, optimizer,
+                                record={"version": 3, "parent_version": 2})
     assert Path(uri).name == folder_name(3) and store.versions() == [3]
+    import json
+
+    from services.trainer.store import MANIFEST_FILE
+    document = json.loads((Path(uri) / MANIFEST_FILE).read_text())
+    assert document["parent_version"] == 2
+    assert document["files"] == [f.model_dump() for f in manifest]
     event = CheckpointEvent(model="tiny", version=3, uri=uri, manifest=manifest,
                             status="candidate")
     folder = verify(event, tmp_path / "store")  # sha256 and sizes, no pickle anywhere
@@ -75,6 +82,8 @@ def test_a_remote_store_goes_through_fsspec(
     assert uri == "memory://flywheel-test-store/v000001"
     fs = fsspec.filesystem("memory")
     names = {Path(p).name for p in fs.ls("/flywheel-test-store/v000001", detail=False)}
-    assert {m.path for m in manifest} == names
+    from services.trainer.store import MANIFEST_FILE
+
+    assert {m.path for m in manifest} | {MANIFEST_FILE} == names
     assert store.versions() == [1]
     assert not [p for p in fs.ls("/flywheel-test-store", detail=False) if ".tmp-" in p]
