@@ -123,6 +123,9 @@ class RuntimeSettings(BaseModel):
     session_timeout_ms: int = Field(
         default=15_000, ge=6_000, le=300_000, description="How long a silent member is kept."
     )
+    max_poll_interval_ms: int = Field(
+        default=300_000, ge=10_000, description="Longest a batch may take to process before "
+        "the group takes the partitions away (raise it for slow stages such as the gate).")
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     until_end: bool = Field(
         default=False, description="Replay: stop by itself once every input partition is "

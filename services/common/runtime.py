@@ -255,6 +255,7 @@ class StreamRuntime:
             "enable.auto.commit": not self.exactly_once,
             "auto.commit.interval.ms": 1000,
             "session.timeout.ms": s.runtime.session_timeout_ms,
+            "max.poll.interval.ms": s.runtime.max_poll_interval_ms,
         }
         if s.runtime.static_membership:
             consumer_conf["group.instance.id"] = s.instance_id

@@ -17,6 +17,7 @@ class GateRuntimeSettings(RuntimeSettings):
     # One candidate per transaction, and evaluating one may take minutes on a real model.
     batch_max_records: int = Field(default=1, ge=1, le=100_000)
     transaction_timeout_ms: int = Field(default=900_000, ge=1_000, le=900_000)
+    max_poll_interval_ms: int = Field(default=1_800_000, ge=10_000)
 
 
 class GateSettings(ServiceSettings):

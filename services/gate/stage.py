@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas import CheckpointEvent
+from services.common.errors import DependencyError
 from services.common.stage import Output
 from services.common.state import PartitionState, StateStore
 from services.generator.checkpoint import CheckpointRefused, verify
@@ -68,9 +69,13 @@ class GateStage:
         current = state.get(key)
         if current is None and model in self.base:
             version, folder = self.base[model]
-            current = {"version": version, "metrics": self.evaluate(folder), "base": True}
+            try:
+                scores = self.evaluate(folder)
+            except Exception as exc:  # not the candidate's fault: stop, visibly
+                raise DependencyError(f"cannot evaluate the base model {folder}: {exc}") from exc
+            current = {"version": version, "metrics": scores, "best": scores, "base": True}
             state.put(key, current)
-            log.info("base %s v%d: %s", model, version, current["metrics"])
+            log.info("base %s v%d: %s", model, version, scores)
         return current
 
     def _external_promotion(self, state: PartitionState, event: CheckpointEvent) -> None:
@@ -83,28 +88,43 @@ class GateStage:
             log.error("%s v%d was promoted elsewhere but cannot be evaluated here: %s",
                       event.model, event.version, exc)
             return
+        try:
+            scores = self.evaluate(folder)
+        except Exception as exc:
+            raise DependencyError(f"cannot evaluate promoted {event.model} v{event.version}: "
+                                  f"{exc}") from exc
         state.put(f"promoted/{event.model}",
-                  {"version": event.version, "metrics": self.evaluate(folder),
-                   "base": True})
+                  {"version": event.version, "metrics": scores, "best": scores, "base": True})
         m.GATE_PROMOTED_VERSION.set(event.version)
 
     def _decide(self, state: PartitionState, cand: CheckpointEvent) -> Output:
         current = self._reference(state, cand.model)
+        if current is None:
+            return self._out(cand, "rejected", cand.metrics,
+                             f"no base model configured for {cand.model!r}: nothing to "
+                             "compare with")
+        if cand.version <= current["version"]:
+            return self._out(cand, "rejected", cand.metrics, f"not newer than the promoted "
+                             f"v{current['version']}")
         try:
             folder = verify(cand, self.root)
         except CheckpointRefused as exc:
             return self._out(cand, "rejected", cand.metrics, f"refused: {exc}")
-        scores = self.evaluate(folder)
+        try:
+            scores = self.evaluate(folder)
+        except Exception as exc:  # the candidate does not load or run: it is not promotable
+            return self._out(cand, "rejected", cand.metrics, f"evaluation failed: {exc}")
         for k, v in scores.items():
             m.GATE_SCORE.labels(k).set(v)
-        if current is None:
-            return self._promote(state, cand, scores, "no reference version to compare with")
-        ref: dict[str, float] = current["metrics"]
+        # Against the best each metric has been among promoted versions, so a series of
+        # small, tolerated drops cannot ratchet quality down.
+        ref: dict[str, float] = current.get("best") or current["metrics"]
         if current.get("base"):
             primary = self.tracked[0]
-            if scores.get(primary, 0.0) <= ref.get(primary, 0.0) + self.min_improvement:
-                return self._out(cand, "rejected", scores, f"{primary} {scores.get(primary):.3f}"
-                                 f" does not beat the base's {ref.get(primary):.3f}")
+            got, base = scores.get(primary, 0.0), ref.get(primary, 0.0)
+            if got <= base + self.min_improvement:
+                return self._out(cand, "rejected", scores, f"{primary} {got:.3f} does not "
+                                 f"beat the base's {base:.3f}")
         worse = [f"{k} {scores.get(k, 0.0):.3f} < {ref[k]:.3f} - {self.tolerance:g}"
                  for k in self.tracked if k in ref
                  and scores.get(k, 0.0) < ref[k] - self.tolerance]
@@ -117,8 +137,11 @@ class GateStage:
 
     def _promote(self, state: PartitionState, cand: CheckpointEvent, scores: dict[str, float],
                  reason: str) -> Output:
+        current = state.get(f"promoted/{cand.model}") or {}
+        previous = {} if current.get("base") else (current.get("best") or {})
+        best = {k: max(v, previous.get(k, v)) for k, v in scores.items()}
         state.put(f"promoted/{cand.model}", {"version": cand.version, "metrics": scores,
-                                             "base": False})
+                                             "best": best, "base": False})
         m.GATE_PROMOTED_VERSION.set(cand.version)
         return self._out(cand, "promoted", scores, reason)
 

@@ -18,8 +18,15 @@ from services.trainer.objectives import Sample, group_advantages
 
 def _ids(tokenizer: Any, s: ScoredTrajectory) -> tuple[list[int], list[int]]:
     t = s.trajectory
-    if t.prompt_token_ids is not None and t.completion_token_ids:
+    single_turn = sum(1 for turn in t.turns if turn.role == "assistant") <= 1
+    if single_turn and t.prompt_token_ids is not None and t.completion_token_ids:
         return list(t.prompt_token_ids), list(t.completion_token_ids)
+    if t.completion_token_ids:
+        # Multi-turn: the generator's prompt ids are the first turn's; the final answer was
+        # sampled after the whole conversation before it.
+        context = [x for x in t.turns[:-1]] if t.turns and t.turns[-1].role == "assistant" \
+            else list(t.turns)
+        return render(tokenizer, context), list(t.completion_token_ids)
     # The conversation before the final answer, rendered as the generator renders prompts
     # (the chat template for chat models).
     context = list(t.turns)

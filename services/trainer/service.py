@@ -46,6 +46,7 @@ from services.common.errors import FatalRuntimeError
 from services.generator.checkpoint import verify
 from services.trainer import metrics as m
 from services.trainer.data import to_samples
+from services.trainer.objectives import Sample
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import CheckpointStore, load_optimizer
 from services.trainer.train import make_optimizer, train_round
@@ -58,8 +59,7 @@ NAMESPACE = uuid.UUID("5e0c1d7a-2b7f-4c55-9a1e-8d3f6b2c4e90")
 
 @dataclass
 class _Round:
-    routed: dict[str, list[RoutedSample]] = field(
-        default_factory=lambda: {s: [] for s in STAGES})
+    samples: dict[str, list[Sample]] = field(default_factory=lambda: {s: [] for s in STAGES})
     counts: dict[str, int] = field(default_factory=lambda: {s: 0 for s in STAGES})
     ranges: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     """(topic, partition) -> [start, end): start is where the group was, end the next."""
@@ -113,7 +113,7 @@ class Trainer:
             local = self.store.fetch(latest.version)
             folder = verify(latest.model_copy(update={"uri": str(local)}), local.parent)
             self.version, self.step = latest.version, latest.step or 0
-        removed = self.store.cleanup(self.version if latest is not None else None)
+        removed = self.store.cleanup(self.version)  # the base version's folder stays
         if removed:
             log.info("removed orphaned checkpoint folders: %s", ", ".join(removed))
         o = self.s.optim
@@ -133,14 +133,21 @@ class Trainer:
         log.info("resuming %s at version %d (step %d) from %s", self.s.model_name,
                  self.version, self.step, folder)
 
-    def _open(self) -> None:
+    def _fence(self) -> None:
+        """One transactional id per model, whatever the instance: a second trainer of the
+        same model (a rolling deploy, a mistake) fences the first instead of racing it for
+        version numbers. Also settles (aborts) what a dead predecessor left open, before
+        the resume reads ``checkpoints``."""
         s = self.s
-        common = s.kafka.client_config()
-        self._producer = Producer(common | {
-            "transactional.id": s.transactional_id, "enable.idempotence": True,
+        self._producer = Producer(s.kafka.client_config() | {
+            "transactional.id": f"{s.group_id}.{s.model_name}", "enable.idempotence": True,
             "transaction.timeout.ms": s.runtime.transaction_timeout_ms,
         })
         self._producer.init_transactions(s.runtime.transaction_timeout_ms / 1000)
+
+    def _open(self) -> None:
+        s = self.s
+        common = s.kafka.client_config()
         conf = common | {
             "group.id": s.group_id, "isolation.level": "read_committed",
             "enable.auto.commit": False, "auto.offset.reset": "earliest",
@@ -158,6 +165,7 @@ class Trainer:
 
     def run(self) -> None:
         try:
+            self._fence()
             self._resume()
             self._open()
             self._alive = True
@@ -185,9 +193,11 @@ class Trainer:
     def _buffer(self, msg: Any) -> None:
         r = self._round
         tp = (cast(str, msg.topic()), cast(int, msg.partition()))
+        if tp not in self._assignment:
+            return  # revoked during this consume(): its next owner reads it
         offset = cast(int, msg.offset())
         span = r.ranges.setdefault(tp, [self._committed.get(tp, offset), offset + 1])
-        span[1] = offset + 1
+        span[1] = max(span[1], offset + 1)
         if r.first_at is None:
             r.first_at = time.monotonic()
         stage = self.topics[tp[0]]
@@ -201,8 +211,13 @@ class Trainer:
             log.error("record at %s[%d]@%d says stage %r; skipped", tp[0], tp[1], offset,
                       routed.stage)
             return
-        r.routed[stage].append(routed)
-        r.counts[stage] += len(routed.samples)
+        try:
+            samples = to_samples([routed], self.tokenizer, self.s.optim.max_tokens)
+        except ValueError as exc:
+            log.error("skipping the record at %s[%d]@%d: %s", tp[0], tp[1], offset, exc)
+            return  # consumed and in the range: the lineage shows it was seen
+        r.samples[stage].extend(samples)
+        r.counts[stage] += len(samples)
 
     def _pause_full(self) -> None:
         assert self._consumer is not None
@@ -231,7 +246,7 @@ class Trainer:
     def _train_and_commit(self) -> None:
         r = self._round
         o = self.s.optim
-        samples = {st: to_samples(r.routed[st], self.tokenizer, o.max_tokens) for st in STAGES}
+        samples = r.samples
         log.info("training round for v%d: %s", self.version + 1,
                  {st: len(v) for st, v in samples.items() if v})
         started = time.perf_counter()
@@ -292,8 +307,10 @@ class Trainer:
                                                  timeout)
             producer.commit_transaction(timeout)
         except KafkaException as exc:
-            # Whatever happened, the offsets did not move: restarting resumes from the last
-            # committed checkpoint and trains these samples again.
+            # The outcome may be unknown (a commit that timed out may still complete): exit.
+            # The restart fences this producer, reads checkpoints to its true end and
+            # resumes from whichever candidate did commit; the samples of a round that did
+            # not are trained again, and its folder is removed as an orphan.
             raise FatalRuntimeError(f"could not commit candidate v{event.version}: "
                                     f"{exc.args[0]}") from exc
 
@@ -342,12 +359,13 @@ def _latest_candidate(s: TrainerSettings) -> CheckpointEvent | None:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:
             raise FatalRuntimeError(f"topic {topic!r} is not available; `flywheel topics apply`")
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in meta.partitions}
+        ends = _high_watermarks(s, topic, list(meta.partitions))
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends if ends[p]])
         waiting = {p for p, e in ends.items() if e}
         latest: CheckpointEvent | None = None
-        deadline = time.monotonic() + 120
+        # Another producer's open transaction (the gate evaluating) holds read_committed
+        # readers back until it ends: allow for the longest one.
+        deadline = time.monotonic() + 900 + 60
         while waiting and time.monotonic() < deadline:
             for msg in consumer.consume(500, timeout=0.5):
                 if msg.error() is None:
@@ -364,5 +382,19 @@ def _latest_candidate(s: TrainerSettings) -> CheckpointEvent | None:
         if waiting:
             raise FatalRuntimeError(f"could not read {topic} to its end")
         return latest
+    finally:
+        consumer.close()
+
+
+def _high_watermarks(s: TrainerSettings, topic: str, partitions: list[int]) -> dict[int, int]:
+    """True ends, asked read_uncommitted: under read_committed the answer is the last stable
+    offset, which stops before a transaction that is open, or committed a moment ago."""
+    consumer = Consumer(s.kafka.client_config() | {
+        "group.id": f"trainer-resume-{uuid.uuid4().hex}", "enable.auto.commit": False,
+        "isolation.level": "read_uncommitted",
+    })
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in partitions}
     finally:
         consumer.close()

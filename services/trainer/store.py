@@ -77,9 +77,11 @@ class CheckpointStore:
             return self.uri(version), manifest
         with tempfile.TemporaryDirectory(prefix="flywheel-ckpt-") as tmp:
             manifest = _fill(Path(tmp), model, tokenizer, optimizer, record)
-            remote = f"{self.root}/{staging}"
+            remote, target = f"{self.root}/{staging}", f"{self.root}/{final}"
+            if self.fs.exists(target):
+                raise FileExistsError(f"checkpoint {target} exists already")
             self.fs.put(tmp, remote, recursive=True)
-            self.fs.mv(remote, f"{self.root}/{final}", recursive=True)
+            self.fs.mv(remote, target, recursive=True)
         return self.uri(version), manifest
 
     def fetch(self, version: int) -> Path:

@@ -66,3 +66,31 @@ def test_the_gate_skips_its_own_decisions_and_follows_outside_promotions(
     # Like the base model, an outside promotion must be beaten first; then the tolerance holds.
     decided = _run(gate, *(_candidate(tmp_path, v) for v in (6, 7, 8)))
     assert [d.status for d in decided] == ["rejected", "promoted", "promoted"]
+
+
+def test_small_tolerated_drops_cannot_ratchet_quality_down(tmp_path: Path) -> None:
+    scores = {"base": 0.1, "v1": 0.50, "v2": 0.46, "v3": 0.44}
+    decided = _run(_gate(tmp_path, scores), *(_candidate(tmp_path, v) for v in (1, 2, 3)))
+    # v3 is within tolerance of v2 (0.46 - 0.05) but not of the best promoted, v1 (0.50).
+    assert [d.status for d in decided] == ["promoted", "promoted", "rejected"]
+
+
+def test_unknown_models_old_versions_and_broken_candidates_are_rejected(
+        tmp_path: Path) -> None:
+    def evaluate(folder: Path) -> dict[str, float]:
+        if folder.name == "v3":
+            raise RuntimeError("weights do not load")
+        return {"pass_rate": {"base": 0.1, "v2": 0.5}[folder.name]}
+
+    store = StateStore("gate.state")
+    store.adopt(0)
+    (tmp_path / "base").mkdir()
+    gate = GateStage(state=store, output_topic="checkpoints", root=tmp_path, evaluate=evaluate,
+                     base={"tiny": (0, tmp_path / "base")})
+    other = _candidate(tmp_path, 1).model_copy(update={"model": "other"})
+    decided = _run(gate, other, _candidate(tmp_path, 2), _candidate(tmp_path, 2),
+                   _candidate(tmp_path, 3))
+    assert [d.status for d in decided] == ["rejected", "promoted", "rejected", "rejected"]
+    assert "no base model" in (decided[0].reason or "")
+    assert "not newer" in (decided[2].reason or "")
+    assert "evaluation failed" in (decided[3].reason or "")

@@ -153,3 +153,23 @@ def test_samples_without_token_ids_are_rendered_like_generator_prompts(engine: A
     assert cpt.prompt == [] and cpt.target == sft.prompt + sft.target
     with pytest.raises(ValueError, match="log-prob"):
         to_samples([RoutedSample(stage="rl", **common)], tok, 64)
+
+
+def test_a_multi_turn_answer_is_trained_after_the_whole_conversation(engine: Any) -> None:
+    from services.generator.engines import render
+
+    task = envs.get("guess").tasks(1, rng=random.Random(0))[0]
+    turns = [Turn(role="user", content=task.prompt), Turn(role="assistant", content="8"),
+             Turn(role="user", content="higher"), Turn(role="assistant", content="12")]
+    tok = engine.tokenizer
+    last = [*tok("12", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    traj = Trajectory(task=task, group_id="g", sample_index=0, group_size=1, turns=turns,
+                      completion="12", policy_version=0, model="tiny",
+                      prompt_token_ids=render(tok, turns[:1]), completion_token_ids=last,
+                      completion_logprobs=[-0.5] * len(last))
+    scored = ScoredTrajectory(trajectory=traj, scores=[], reward=1.0, verdict="correct",
+                              reward_rule="t")
+    [sample] = to_samples([RoutedSample(stage="sft", group_id="g", samples=[scored],
+                                        reason="r", policy_name="t", policy_hash="0" * 64)],
+                          tok, 256)
+    assert sample.prompt == render(tok, turns[:-1]) and sample.target == last
