@@ -1,0 +1,1 @@
+"""`flywheel up`: the whole flywheel on one machine, as supervised processes."""
