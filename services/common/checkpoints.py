@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from schemas import CheckpointEvent
 from services.common.config import KafkaSettings
 from services.common.errors import FatalRuntimeError
+from services.common.offsets import high_watermarks
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class CheckpointFollower:
     def __init__(self, kafka: KafkaSettings, topic: str, listener: Listener,
                  on_invalid: Callable[[], None] | None = None) -> None:
         self.topic, self.listener, self.on_invalid = topic, listener, on_invalid
+        self._kafka = kafka
         self._consumer = Consumer(kafka.client_config() | {
             # Not a member of any real group: it reads everything, commits nothing.
             "group.id": f"checkpoint-follower-{uuid.uuid4().hex}",
@@ -65,11 +67,20 @@ class CheckpointFollower:
         self._thread = threading.Thread(target=self._follow, name="checkpoint-follower",
                                         daemon=True)
 
-    def catch_up(self, timeout: float = 60.0) -> None:
-        """Read up to the end of the topic as it is now (a late generator's first step)."""
-        ends = {p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p),
-                                                        timeout=10, cached=False)[1]
-                for p in self._partitions}
+    def catch_up(self, timeout: float = 60.0, *, true_end: bool = False) -> None:
+        """Read up to the end of the topic as it is now (a late generator's first step).
+
+        By default "the end" is the last stable offset: fast, and what a generator needs
+        (its follower keeps reading after). ``true_end`` waits for every transaction open
+        now to end, so nothing committed is missed; a trainer resuming needs that, and
+        ``timeout`` must then cover the longest transaction another producer may hold."""
+        if true_end:
+            ends = {p: high for p, (_, high) in high_watermarks(
+                self._kafka.client_config(), self.topic, self._partitions).items()}
+        else:
+            ends = {p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p),
+                                                            timeout=10, cached=False)[1]
+                    for p in self._partitions}
         deadline = time.monotonic() + timeout
         while True:
             positions = self._consumer.position([TopicPartition(self.topic, p)

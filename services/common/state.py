@@ -28,6 +28,7 @@ from typing import Any, cast
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from services.common.errors import FatalRuntimeError
+from services.common.offsets import high_watermarks
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,9 @@ class StateStore:
             return
         started = time.monotonic()
         fresh: dict[int, dict[str, Any]] = {p: {} for p in partitions}
-        ends = self._true_ends(consumer_config, partitions, timeout)
+        ends = {p: high for p, (low, high) in high_watermarks(
+            consumer_config, self.changelog_topic, partitions, min(timeout, 30)).items()
+            if high > low}
         consumer = Consumer(consumer_config | {
             "group.id": f"{self.changelog_topic}.restore",
             "isolation.level": "read_committed",
@@ -187,30 +190,6 @@ class StateStore:
         entries = sum(len(fresh[p]) for p in partitions)
         log.info("restored %d state entries of partitions %s from %s in %.2f s", entries,
                  partitions, self.changelog_topic, time.monotonic() - started)
-
-    def _true_ends(self, consumer_config: dict[str, Any], partitions: list[int],
-                   timeout: float) -> dict[int, int]:
-        """The high watermark of each non-empty partition. Asked read_uncommitted: under
-        read_committed the answer is the last stable offset, which lags a transaction that
-        has just committed until its markers are written, and the restore would miss it."""
-        consumer = Consumer(consumer_config | {
-            "group.id": f"{self.changelog_topic}.restore",
-            "isolation.level": "read_uncommitted", "enable.auto.commit": False,
-        })
-        try:
-            ends = {}
-            for p in partitions:
-                low, high = consumer.get_watermark_offsets(
-                    TopicPartition(self.changelog_topic, p), timeout=min(timeout, 30))
-                if high > low:
-                    ends[p] = high
-            return ends
-        except KafkaException as exc:
-            raise FatalRuntimeError(
-                f"cannot read the end offsets of {self.changelog_topic}: {exc.args[0]}"
-            ) from exc
-        finally:
-            consumer.close()
 
     def _read(self, consumer: Consumer, fresh: dict[int, dict[str, Any]],
               ends: dict[int, int], deadline: float) -> None:
@@ -257,8 +236,11 @@ class EventClock:
 
     KEY = "clock"
 
+    SWEEP_SECONDS = 60.0
+
     def __init__(self) -> None:
         self._last_input: dict[int, float] = {}
+        self._next_sweep: dict[tuple[int, str], float] = {}
 
     def observe(self, state: PartitionState, event_times: list[float]) -> float:
         """Advance the partition's stream time past ``event_times``; returns it."""
@@ -280,6 +262,19 @@ class EventClock:
             return True
         quiet_since = max(self._last_input.get(state.partition, 0.0), state.assigned_at)
         return now - quiet_since >= timeout and now - since >= timeout
+
+    def forget(self, state: PartitionState, prefix: str, keep_seconds: float, now: float
+               ) -> None:
+        """Delete the entries under ``prefix`` (values: event times) older than
+        ``keep_seconds`` of stream time; at most once a minute per partition and prefix."""
+        key = (state.partition, prefix)
+        if now < self._next_sweep.get(key, 0.0):
+            return
+        self._next_sweep[key] = now + self.SWEEP_SECONDS
+        horizon = self.stream_time(state) - keep_seconds
+        for entry in state.keys(prefix):
+            if state.get(entry) < horizon:
+                state.delete(entry)
 
 
 def _encode(value: Any) -> bytes:

@@ -42,6 +42,7 @@ from pydantic import ValidationError
 
 from schemas import CheckpointEvent, OffsetRange, RoutedSample
 from schemas import Producer as ProducerInfo
+from services.common.checkpoints import CheckpointFollower
 from services.common.errors import FatalRuntimeError
 from services.generator.checkpoint import verify
 from services.trainer import metrics as m
@@ -348,53 +349,27 @@ class Trainer:
         self._paused.clear()
 
 
+class _LatestCandidate:
+    """Listener keeping one model's newest candidate event."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.latest: CheckpointEvent | None = None
+
+    def offer(self, event: CheckpointEvent) -> None:
+        if (event.model == self.model and event.status == "candidate"
+                and (self.latest is None or event.version > self.latest.version)):
+            self.latest = event
+
+
 def _latest_candidate(s: TrainerSettings) -> CheckpointEvent | None:
-    """This model's newest candidate on ``checkpoints`` (read to its end, read_committed)."""
-    topic = s.topic("checkpoints")
-    consumer = Consumer(s.kafka.client_config() | {
-        "group.id": f"trainer-resume-{uuid.uuid4().hex}", "enable.auto.commit": False,
-        "isolation.level": "read_committed", "enable.partition.eof": True,
-    })
+    """This model's newest committed candidate on ``checkpoints``, read to its true end:
+    another producer's open transaction (the gate evaluating, up to its transaction
+    timeout) is waited for, since missing a committed candidate would reuse its version."""
+    found = _LatestCandidate(s.model_name)
+    follower = CheckpointFollower(s.kafka, s.topic("checkpoints"), found)
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
-            raise FatalRuntimeError(f"topic {topic!r} is not available; `flywheel topics apply`")
-        ends = _high_watermarks(s, topic, list(meta.partitions))
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends if ends[p]])
-        waiting = {p for p, e in ends.items() if e}
-        latest: CheckpointEvent | None = None
-        # Another producer's open transaction (the gate evaluating) holds read_committed
-        # readers back until it ends: allow for the longest one.
-        deadline = time.monotonic() + 900 + 60
-        while waiting and time.monotonic() < deadline:
-            for msg in consumer.consume(500, timeout=0.5):
-                if msg.error() is None:
-                    try:
-                        ev = CheckpointEvent.from_bytes(msg.value() or b"")
-                    except ValidationError:
-                        continue
-                    if (ev.model == s.model_name and ev.status == "candidate"
-                            and (latest is None or ev.version > latest.version)):
-                        latest = ev
-            for tp in consumer.position([TopicPartition(topic, p) for p in waiting]):
-                if tp.offset >= ends[tp.partition]:
-                    waiting.discard(tp.partition)
-        if waiting:
-            raise FatalRuntimeError(f"could not read {topic} to its end")
-        return latest
+        follower.catch_up(timeout=900 + 60, true_end=True)
     finally:
-        consumer.close()
-
-
-def _high_watermarks(s: TrainerSettings, topic: str, partitions: list[int]) -> dict[int, int]:
-    """True ends, asked read_uncommitted: under read_committed the answer is the last stable
-    offset, which stops before a transaction that is open, or committed a moment ago."""
-    consumer = Consumer(s.kafka.client_config() | {
-        "group.id": f"trainer-resume-{uuid.uuid4().hex}", "enable.auto.commit": False,
-        "isolation.level": "read_uncommitted",
-    })
-    try:
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in partitions}
-    finally:
-        consumer.close()
+        follower.stop()
+    return found.latest
