@@ -54,7 +54,6 @@ class FilterStage:
         self.latest_version = latest_version
         self.clock = EventClock()
         self._pending_groups: dict[int, int] = {}
-        self._next_sweep: dict[int, float] = {}
 
     # -- the stage protocol -----------------------------------------------------------------
 
@@ -93,12 +92,7 @@ class FilterStage:
                 outputs.extend(self._decide(state, gkey[2:], group,
                                             max(now, self.clock.stream_time(state)),
                                             complete=False))
-        if now >= self._next_sweep.get(state.partition, 0.0):  # forget old decided groups
-            self._next_sweep[state.partition] = now + 60
-            horizon = self.clock.stream_time(state) - rule.remember_seconds
-            for xkey in state.keys("x/"):
-                if state.get(xkey) < horizon:
-                    state.delete(xkey)
+        self.clock.forget(state, "x/", rule.remember_seconds, now)  # old decided groups
         self._pending_groups[state.partition] = len(state.keys("g/"))
         m.PENDING_GROUPS.set(sum(self._pending_groups.get(p, 0) for p in self.state.owned()))
         return outputs

@@ -39,7 +39,6 @@ class RouterStage:
         self.state = state
         self.clock = EventClock()
         self._pending: dict[int, int] = {}
-        self._next_sweep: dict[int, float] = {}
 
     def process_partition(self, state: PartitionState, batch: Sequence[FilterDecision]
                           ) -> list[Output]:
@@ -71,12 +70,7 @@ class RouterStage:
                                              max(now, self.clock.stream_time(state))))
             else:
                 m.RL_GROUPS.labels("timeout").inc()
-        if now >= self._next_sweep.get(state.partition, 0.0):  # forget old routed groups
-            self._next_sweep[state.partition] = now + 60
-            horizon = self.clock.stream_time(state) - rl.remember_seconds
-            for xkey in state.keys("rx/"):
-                if state.get(xkey) < horizon:
-                    state.delete(xkey)
+        self.clock.forget(state, "rx/", rl.remember_seconds, now)  # old routed groups
         self._pending[state.partition] = len(state.keys("r/"))
         m.PENDING_GROUPS.set(sum(self._pending.get(p, 0) for p in self.state.owned()))
         return outputs

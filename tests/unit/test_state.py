@@ -75,3 +75,26 @@ def test_a_record_that_raises_leaves_no_trace_and_the_others_count_once() -> Non
 def test_a_partition_not_owned_is_an_error() -> None:
     with pytest.raises(KeyError, match="not owned"):
         StateStore("t.state").partition(2)
+
+
+def test_the_event_clock_times_out_in_stream_time_and_forgets_old_entries() -> None:
+    from services.common.state import EventClock
+
+    store = StateStore("t.state")
+    store.adopt(0)
+    store.begin()
+    state = store.partition(0)
+    clock = EventClock()
+    assert clock.observe(state, [1000.0, 990.0]) == 1000.0
+    assert clock.due(state, since=960.0, timeout=30, now=state.assigned_at)  # stream moved on
+    assert not clock.due(state, since=990.0, timeout=30, now=state.assigned_at)
+    state.put("x/old", 100.0)
+    state.put("x/new", 950.0)
+    state.put("y/other", 0.0)
+    clock.forget(state, "x/", 500, now=1.0)
+    assert state.keys("x/") == ["x/new"] and "y/other" in state
+    state.put("x/later", 0.0)
+    clock.forget(state, "x/", 500, now=2.0)  # swept less than a minute ago: not yet
+    assert "x/later" in state
+    clock.forget(state, "x/", 500, now=62.0)
+    assert "x/later" not in state
