@@ -32,10 +32,22 @@ GROUPS = 2500  # 10,000 scored trajectories
 STAGES = ("sft", "cpt", "rl")
 
 
-def _setup(kafka: Broker, prefix: str) -> planted.Expected:
-    """All topics under ``prefix``, the planted mix in ``scored``, version 5 promoted."""
+def _topics(kafka: Broker, prefix: str) -> KafkaSettings:
+    """Every topic of deploy/topics.yaml under ``prefix``."""
     settings = KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)
     topic_ops.apply(topic_ops.admin_client(settings), topic_ops.load(prefix=prefix))
+    return settings
+
+
+def _policy_file(tmp_path: Path) -> Path:
+    policy = tmp_path / "filter.yaml"
+    policy.write_text(planted.FILTER_POLICY_YAML)
+    return policy
+
+
+def _setup(kafka: Broker, prefix: str) -> planted.Expected:
+    """All topics under ``prefix``, the planted mix in ``scored``, version 5 promoted."""
+    _topics(kafka, prefix)
     records, expected = planted.planted_mix(GROUPS)
     kafka.produce(f"{prefix}scored",
                   ((r.partition_key().encode(), r.to_bytes()) for r in records))
@@ -93,8 +105,7 @@ def test_the_planted_mix_gives_exactly_the_expected_counts(
         kafka: Broker, uid: str, tmp_path: Path) -> None:
     prefix = f"q{uid}."
     expected = _setup(kafka, prefix)
-    policy = tmp_path / "filter.yaml"
-    policy.write_text(planted.FILTER_POLICY_YAML)
+    policy = _policy_file(tmp_path)
     fs = _service_settings(FilterSettings, kafka, prefix, policy_file=policy)
     rs = _service_settings(RouterSettings, kafka, prefix)
     assert isinstance(fs, FilterSettings) and isinstance(rs, RouterSettings)
@@ -123,8 +134,7 @@ def test_sigkill_of_filter_and_router_mid_stream_changes_nothing(
         kafka: Broker, uid: str, tmp_path: Path) -> None:
     prefix = f"k{uid}."
     expected = _setup(kafka, prefix)
-    policy = tmp_path / "filter.yaml"
-    policy.write_text(planted.FILTER_POLICY_YAML)
+    policy = _policy_file(tmp_path)
     log = tmp_path / "services.log"
 
     def start(name: str) -> subprocess.Popen[bytes]:
@@ -167,8 +177,7 @@ def test_the_scorer_service_scores_raw_trajectories_exactly_once(
     from services.scorer.stage import ScorerStage, ScoringConfig
 
     prefix = f"s{uid}."
-    settings = KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)
-    topic_ops.apply(topic_ops.admin_client(settings), topic_ops.load(prefix=prefix))
+    _topics(kafka, prefix)
     env = envs.get("arithmetic")
     raw = []
     for i in range(300):
@@ -217,8 +226,7 @@ def _produce_in_transactions(kafka: Broker, topic: str, records: list[Any], tid:
 def test_a_replay_reads_history_to_its_end_at_start_and_writes_apart(
         kafka: Broker, uid: str, tmp_path: Path) -> None:
     prefix = f"r{uid}."
-    settings = KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)
-    topic_ops.apply(topic_ops.admin_client(settings), topic_ops.load(prefix=prefix))
+    _topics(kafka, prefix)
     records, expected = planted.planted_mix(90)
     old, new = records[:180], records[180:]  # whole groups
     _produce_in_transactions(kafka, f"{prefix}scored", old, f"old-{uid}")
@@ -229,8 +237,7 @@ def test_a_replay_reads_history_to_its_end_at_start_and_writes_apart(
     promoted = CheckpointEvent(model=planted.MODEL, version=planted.LATEST_VERSION,
                                uri="/nowhere", manifest=[], status="promoted")
     kafka.produce(f"{prefix}checkpoints", [(promoted.model.encode(), promoted.to_bytes())])
-    policy = tmp_path / "filter.yaml"
-    policy.write_text(planted.FILTER_POLICY_YAML)
+    policy = _policy_file(tmp_path)
     log = tmp_path / "replay.log"
 
     def replay(name: str, *extra: str) -> None:

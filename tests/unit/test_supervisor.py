@@ -39,8 +39,12 @@ def test_a_process_that_dies_is_restarted_with_growing_backoff(tmp_path: Path) -
     finally:
         codes = sup.stop()
     assert codes["sleeper"] is not None and codes["sleeper"] < 0  # ended by SIGTERM
-    sup.poll()
-    assert sup.children["crash"].proc is None or sup.children["crash"].proc.poll() is not None
+    restarts = sup.children["crash"].restarts
+    time.sleep(0.5)  # past any back-off
+    sup.poll()  # a stopped supervisor restarts nothing
+    assert sup.children["crash"].restarts == restarts
+    assert sup.children["sleeper"].proc is not None
+    assert sup.children["sleeper"].proc.poll() is not None
 
 
 def test_stop_kills_what_ignores_sigterm_after_the_grace_period(tmp_path: Path) -> None:
