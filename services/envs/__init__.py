@@ -10,10 +10,11 @@ from services.envs.base import Environment, StepResult, Verification, get, names
 __all__ = ["Environment", "StepResult", "Verification", "get", "names", "register"]
 
 # The built-in environments.
-from services.envs.arithmetic import Arithmetic
+from services.envs.arithmetic import Addition, Arithmetic
 from services.envs.guess import NumberGuess
 from services.envs.reference import Reference
 
 register(Arithmetic)
+register(Addition)
 register(NumberGuess)
 register(Reference)

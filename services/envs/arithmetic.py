@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 
 from schemas import Task, Turn, VerifierSpec
@@ -21,13 +22,25 @@ class Arithmetic(Environment):
 
     name = "arithmetic"
 
+    reverse = False
+    """Numbers written least-significant digit first (operands and answer)."""
+
     def __init__(self, operators: str = "+", min_digits: int = 1, max_digits: int = 3) -> None:
         unknown = set(operators) - set(OPERATORS)
         if unknown or not operators:
             raise ValueError(f"operators must be drawn from {''.join(OPERATORS)}")
         if not 1 <= min_digits <= max_digits:
             raise ValueError("need 1 <= min_digits <= max_digits")
+        if self.reverse and set(operators) != {"+"}:
+            raise ValueError("reversed numbers are defined for addition only")
         self.operators, self.min_digits, self.max_digits = operators, min_digits, max_digits
+
+    def write(self, n: int) -> str:
+        return str(n)[::-1] if self.reverse else str(n)
+
+    def operand(self, digits: int, rng: random.Random) -> int:
+        """A number of exactly ``digits`` digits (0-9 for one digit)."""
+        return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
 
     def tasks(self, count: int, *, rng: random.Random, difficulty: float | None = None
               ) -> list[Task]:
@@ -35,27 +48,45 @@ class Arithmetic(Environment):
         for _ in range(count):
             digits = int(difficulty) if difficulty else rng.randint(self.min_digits,
                                                                     self.max_digits)
-            low = 10 ** (digits - 1) if digits > 1 else 0
-            a, b = rng.randint(low, 10**digits - 1), rng.randint(low, 10**digits - 1)
-            op = rng.choice(self.operators)
-            out.append(self.task(a, op, b))
+            a, b = self.operand(digits, rng), self.operand(digits, rng)
+            out.append(self.task(a, rng.choice(self.operators), b))
         return out
 
     def task(self, a: int, op: str, b: int) -> Task:
-        expression = f"{a}{op}{b}"
+        """The task ``a op b``; its difficulty is the longer operand's number of digits."""
+        expression = f"{self.write(a)}{op}{self.write(b)}"
         digits = max(len(str(a)), len(str(b)))
         return Task(
-            task_id=f"arithmetic:{expression}",  # the same question always has the same id
+            task_id=f"{self.name}:{expression}",  # the same question always has the same id
             env=self.name,
             prompt=f"{expression}=",
-            verifier=VerifierSpec(kind="env", answer=str(OPERATORS[op](a, b))),
+            verifier=VerifierSpec(kind="env", answer=self.write(OPERATORS[op](a, b))),
             difficulty=digits,
             metadata={"digits": digits, "operator": op},
         )
 
     def verify(self, task: Task, turns: Sequence[Turn]) -> Verification:
-        got = first_integer(last_assistant(turns))
-        want = int(task.verifier.answer) if task.verifier and task.verifier.answer else None
-        passed = got is not None and got == want
+        text = last_assistant(turns)
+        want = task.verifier.answer if task.verifier and task.verifier.answer else None
+        if self.reverse:  # leading zeros are digits here: compare the digit string
+            match = _DIGITS.search(text)
+            got: int | str | None = match.group() if match else None
+            passed = got is not None and got == want
+        else:
+            got = first_integer(text)
+            passed = got is not None and want is not None and got == int(want)
         return Verification(passed=passed, score=1.0 if passed else 0.0,
                             details={"extracted": got, "expected": want})
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+class Addition(Arithmetic):
+    """``addition``: sums with every number written least-significant digit first, the
+    format in which small transformers learn addition and extend it digit by digit (Lee et
+    al. 2025, "Self-Improving Transformers Overcome Easy-to-Hard and Length Generalization
+    Challenges"). ``321+654=975`` is 123 + 456 = 579. The embedded profile's environment."""
+
+    name = "addition"
+    reverse = True

@@ -29,7 +29,7 @@ def _episode(env: envs.Environment, task: Task, answers: list[str]) -> list[Turn
 
 
 def test_registry_knows_the_built_in_environments() -> None:
-    assert {"arithmetic", "guess", "reference"} <= set(envs.names())
+    assert {"arithmetic", "addition", "guess", "reference"} <= set(envs.names())
     with pytest.raises(ConfigError, match="unknown environment"):
         envs.get("chess")
 
@@ -53,6 +53,21 @@ def test_arithmetic_is_deterministic_per_seed_and_ids_follow_content() -> None:
     b = envs.get("arithmetic").tasks(20, rng=random.Random(7))
     assert [t.task_id for t in a] == [t.task_id for t in b]
     assert all(t.task_id == f"arithmetic:{t.prompt.rstrip('=')}" for t in a)
+
+
+def test_addition_writes_every_number_least_significant_digit_first() -> None:
+    env = envs.get("addition")
+    task = env.task(123, "+", 458)  # 581
+    assert task.prompt == "321+854=" and task.task_id == "addition:321+854"
+    assert task.verifier is not None and task.verifier.answer == "185"
+    assert env.verify(task, _episode(env, task, ["185"])).passed
+    assert not env.verify(task, _episode(env, task, ["581"])).passed
+    [zeros] = [env.task(500, "+", 500)]  # 1000, written 0001: the zeros are digits
+    assert env.verify(zeros, _episode(env, zeros, ["0001"])).passed
+    assert not env.verify(zeros, _episode(env, zeros, ["1"])).passed
+    assert all(t.difficulty == 2 for t in env.tasks(20, rng=random.Random(0), difficulty=2))
+    with pytest.raises(ValueError, match="addition only"):
+        type(env)(operators="+*")
 
 
 def test_guessing_is_multi_turn_with_feedback() -> None:
