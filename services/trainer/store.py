@@ -32,8 +32,10 @@ from safetensors.torch import load_file, save_file
 from schemas import FileDigest
 from services.generator.checkpoint import build_manifest
 
-OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER_META = "optimizer.json"
+# In a folder of their own: weight loaders (transformers, vLLM's reload) take every
+# *.safetensors file at a checkpoint's top level as model weights.
+OPTIMIZER_TENSORS = "optimizer/state.safetensors"
+OPTIMIZER_META = "optimizer/meta.json"
 MANIFEST_FILE = "flywheel-manifest.json"
 """Beside the files it lists (it cannot list itself): their sha256 and sizes, plus the record
 the trainer passes (version, parent, metrics, offset ranges trained on)."""
@@ -123,6 +125,7 @@ def _fill(folder: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optim
     tokenizer.save_pretrained(folder)
     if optimizer is not None:
         tensors, meta = _optimizer_state(optimizer)
+        (folder / OPTIMIZER_TENSORS).parent.mkdir(exist_ok=True)
         save_file(tensors, str(folder / OPTIMIZER_TENSORS))
         (folder / OPTIMIZER_META).write_text(json.dumps(meta), encoding="utf-8")
     manifest = build_manifest(folder)

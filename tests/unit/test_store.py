@@ -81,9 +81,25 @@ def test_a_remote_store_goes_through_fsspec(
     uri, manifest = store.write(1, model, tokenizer, optimizer)
     assert uri == "memory://flywheel-test-store/v000001"
     fs = fsspec.filesystem("memory")
-    names = {Path(p).name for p in fs.ls("/flywheel-test-store/v000001", detail=False)}
+    top = "/flywheel-test-store/v000001"
+    names = {p.removeprefix(top + "/") for p in fs.find(top)}
     from services.trainer.store import MANIFEST_FILE
 
     assert {m.path for m in manifest} | {MANIFEST_FILE} == names
     assert store.versions() == [1]
     assert not [p for p in fs.ls("/flywheel-test-store", detail=False) if ".tmp-" in p]
+
+
+def test_a_checkpoint_with_optimizer_state_reloads_into_a_serving_engine(
+        tmp_path: Path, trained: tuple[object, object, torch.optim.Optimizer]) -> None:
+    """Weight loaders take every top-level *.safetensors file as weights: the optimizer's
+    tensors must not be one of them (a generator refused every trained version)."""
+    from services.generator.engines import TransformersEngine
+    from services.generator.tiny import tiny_model
+
+    model, tokenizer, optimizer = trained
+    uri, _ = CheckpointStore(str(tmp_path / "store")).write(1, model, tokenizer, optimizer)
+    engine = TransformersEngine(tiny_model(tmp_path / "serving", seed=9))
+    engine.reload(Path(uri))
+    served = engine.model.state_dict()
+    assert all(torch.equal(served[k], v) for k, v in model.state_dict().items())  # type: ignore[attr-defined]
