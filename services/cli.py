@@ -243,6 +243,65 @@ def replay_command(
     raise typer.Exit(replay(service, name, policy, since))  # type: ignore[arg-type]
 
 
+Profile = Annotated[Path | None, typer.Option(
+    "--profile", help="Profile file (YAML) [default: the embedded profile].")]
+
+
+@app.command("up")
+def up(profile: Profile = None,
+       seconds: Annotated[float | None, typer.Option(help="Stop after this long.")] = None,
+       view: Annotated[bool, typer.Option(help="The live terminal view.")] = True) -> None:
+    """Run the whole flywheel: broker, topics, seed model, every service supervised."""
+    from rich.live import Live
+
+    from services.up.profile import load_profile
+    from services.up.stack import Stack, read_state
+
+    stack = Stack(load_profile(profile))
+    if read_state(stack.home) is not None:
+        raise typer.BadParameter(f"a flywheel is already running from {stack.home}; "
+                                 "`flywheel status` or `flywheel down`")
+    stack.prepare(say=lambda line: err.print(line))
+    err.print(f"logs: {stack.home / 'logs'}; Ctrl-C or `flywheel down` stops everything")
+    if not view:
+        stack.run(seconds=seconds)
+        return
+    with Live(console=err, refresh_per_second=1, transient=False) as live:
+        stack.run(seconds=seconds, view=lambda snap: live.update(snap.render()))
+
+
+@app.command("down")
+def down_command(home: Annotated[Path, typer.Option(help="The stack's home.")] = Path(
+        ".flywheel")) -> None:
+    """Stop a running flywheel cleanly (services commit their batch in flight)."""
+    from services.up.stack import down
+
+    err.print("stopped" if down(home) else "no flywheel is running")
+
+
+@app.command("status")
+def status_command(home: Annotated[Path, typer.Option(help="The stack's home.")] = Path(
+        ".flywheel")) -> None:
+    """The live view's snapshot of a running flywheel."""
+    from services.up.stack import read_state, status_snapshot
+
+    state = read_state(home)
+    if state is None:
+        err.print("no flywheel is running")
+        raise typer.Exit(1)
+    Console().print(status_snapshot(state).render())
+
+
+@app.command("bootstrap")
+def bootstrap_command(profile: Profile = None) -> None:
+    """Train the seed model alone and publish it as promoted version 0 (`up` does this)."""
+    from services.up.profile import load_profile
+    from services.up.stack import Stack
+
+    stack = Stack(load_profile(profile))
+    stack.prepare(say=lambda line: err.print(line))
+
+
 @app.command("bench")
 def bench(
     name: Annotated[str, typer.Argument(help="Benchmark name; `flywheel bench list` lists them.")],

@@ -2,8 +2,9 @@
 
 Every ``interval_seconds`` it measures the backlog (tasks published but not yet committed by
 the generators' consumer group) and publishes new tasks from the environment to bring it back
-to the target. Generators never starve, and tasks never pile up. Later issues let a curriculum
-choose the difficulty.
+to the target. Generators never starve, and tasks never pile up. The difficulty is fixed, the
+environment's mix, or chosen by the curriculum (``services.feeder.curriculum``): tasks near the
+frontier of what the current policy solves.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pydantic import Field
 from schemas import Producer as ProducerInfo
 from services import envs
 from services.common.config import ServiceSettings
-from services.common.errors import FlywheelError
+from services.common.errors import ConfigError, FlywheelError
 from services.common.logs import setup_logging
 from services.common.service import serve_loop
+from services.feeder.curriculum import Curriculum, CurriculumSettings, ScoredFollower
 from services.feeder.publish import Backlog, TaskPublisher
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class FeederSettings(ServiceSettings):
         "defaults to the generators' group '<prefix>generator'.",
     )
     seed: int | None = Field(default=None, description="Task RNG seed, for reproducible runs.")
+    curriculum: CurriculumSettings = Field(default_factory=CurriculumSettings)
 
 
 class Feeder:
@@ -53,6 +56,13 @@ class Feeder:
         identity = ProducerInfo(service=settings.service, instance=settings.instance_id)
         self.publisher = TaskPublisher(settings.kafka, topic, identity)
         self.backlog = Backlog(settings.kafka, topic, group)
+        self.curriculum: Curriculum | None = None
+        self.follower: ScoredFollower | None = None
+        if settings.curriculum.enabled:
+            levels = settings.curriculum.levels or _digit_levels(self.env)
+            self.curriculum = Curriculum(settings.curriculum, levels)
+            self.follower = ScoredFollower(settings.kafka, settings.topic("scored"),
+                                           self.curriculum)
         self.stopping = threading.Event()
         self.alive = False
 
@@ -70,7 +80,11 @@ class Feeder:
         missing = self.settings.target_backlog - waiting
         if missing <= 0:
             return 0
-        tasks = self.env.tasks(missing, rng=self.rng, difficulty=self.settings.difficulty)
+        if self.curriculum is not None:
+            tasks = [t for level, n in sorted(self.curriculum.draw(missing, self.rng).items())
+                     for t in self.env.tasks(n, rng=self.rng, difficulty=level)]
+        else:
+            tasks = self.env.tasks(missing, rng=self.rng, difficulty=self.settings.difficulty)
         n = self.publisher.publish(tasks)
         TASKS_PUBLISHED.labels(self.env.name).inc(n)
         BACKLOG.set(waiting + n)
@@ -78,6 +92,8 @@ class Feeder:
 
     def run(self) -> None:
         self.alive = True
+        if self.follower is not None:
+            self.follower.start()
         try:
             while not self.stopping.is_set():
                 published = self.tick()
@@ -87,6 +103,16 @@ class Feeder:
         finally:
             self.alive = False
             self.backlog.close()
+            if self.follower is not None:
+                self.follower.stop()
+
+
+def _digit_levels(env: envs.Environment) -> list[float]:
+    low, high = getattr(env, "min_digits", None), getattr(env, "max_digits", None)
+    if low is None or high is None:
+        raise ConfigError(f"environment {env.name!r} has no digit range: set "
+                          "curriculum.levels")
+    return [float(d) for d in range(low, high + 1)]
 
 
 def run(settings: FeederSettings) -> int:

@@ -1,0 +1,141 @@
+"""Tasks near the frontier of what the current policy solves.
+
+A follower thread reads ``scored`` (the verifier's verdicts on what the generators actually
+sampled) and keeps, per difficulty level, the last ``window`` verdicts. A level is mastered
+when its recent pass rate reaches ``mastered``; the frontier is the easiest level not yet
+mastered (or without ``min_observations`` yet). New tasks are drawn ``frontier_share`` at the
+frontier and the rest from the mastered levels below it, which keeps them from being
+forgotten. When every level is mastered the hardest one is the frontier.
+
+A model that masters n digits can, with sampling and verification, find enough correct answers
+at n+1 to learn them (Lee et al. 2025); the curriculum keeps the generators there. On start it
+re-reads the last ``window`` records of every partition, so a restarted feeder resumes where
+the flywheel is rather than from the easiest level.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import uuid
+from collections import deque
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from prometheus_client import Gauge
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.config import KafkaSettings
+from services.common.errors import FatalRuntimeError
+
+log = logging.getLogger(__name__)
+
+LEVEL_PASS_RATE = Gauge("flywheel_curriculum_pass_rate",
+                        "Recent sampled pass rate per difficulty level.", ["difficulty"])
+FRONTIER = Gauge("flywheel_curriculum_frontier", "The difficulty tasks are drawn around.")
+
+
+class CurriculumSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    levels: list[float] = Field(default_factory=list, description="Difficulty levels, easiest "
+                                "first; empty: the environment's digit range.")
+    mastered: float = Field(default=0.8, gt=0, le=1)
+    frontier_share: float = Field(default=0.7, ge=0, le=1)
+    window: int = Field(default=256, ge=1, description="Recent verdicts kept per level.")
+    min_observations: int = Field(default=32, ge=1)
+
+
+class Curriculum:
+    def __init__(self, s: CurriculumSettings, levels: list[float]) -> None:
+        if not levels:
+            raise ValueError("a curriculum needs at least one difficulty level")
+        self.s, self.levels = s, sorted(levels)
+        self._recent = {level: deque[bool](maxlen=s.window) for level in self.levels}
+        self._lock = threading.Lock()
+
+    def observe(self, difficulty: float | None, passed: bool) -> None:
+        if difficulty is None:
+            return
+        with self._lock:
+            recent = self._recent.get(float(difficulty))
+            if recent is not None:
+                recent.append(passed)
+
+    def pass_rate(self, level: float) -> float | None:
+        with self._lock:
+            recent = self._recent[level]
+            if len(recent) < self.s.min_observations:
+                return None
+            return sum(recent) / len(recent)
+
+    def frontier(self) -> float:
+        for level in self.levels:
+            rate = self.pass_rate(level)
+            if rate is None or rate < self.s.mastered:
+                return level
+        return self.levels[-1]
+
+    def draw(self, count: int, rng: random.Random) -> dict[float, int]:
+        """How many of ``count`` new tasks to draw at each level."""
+        frontier = self.frontier()
+        below = [lv for lv in self.levels if lv < frontier]
+        out: dict[float, int] = {}
+        for _ in range(count):
+            level = frontier if not below or rng.random() < self.s.frontier_share \
+                else rng.choice(below)
+            out[level] = out.get(level, 0) + 1
+        FRONTIER.set(frontier)
+        for level in self.levels:
+            rate = self.pass_rate(level)
+            if rate is not None:
+                LEVEL_PASS_RATE.labels(f"{level:g}").set(rate)
+        return out
+
+
+class ScoredFollower:
+    """Feeds a :class:`Curriculum` from ``scored``; reads only, commits nothing."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str, curriculum: Curriculum) -> None:
+        self.topic, self.curriculum = topic, curriculum
+        self._consumer = Consumer(kafka.client_config() | {
+            "group.id": f"curriculum-{uuid.uuid4().hex}", "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        })
+        meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise FatalRuntimeError(f"topic {topic!r} is not available; `flywheel topics apply`")
+        start = []
+        for p in sorted(meta.partitions):
+            low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            start.append(TopicPartition(topic, p, max(low, high - curriculum.s.window)))
+        self._consumer.assign(start)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="curriculum", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        self._consumer.close()
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            for msg in self._consumer.consume(500, 0.5):
+                err = msg.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("curriculum: %s", err)
+                    continue
+                try:
+                    record = json.loads(msg.value() or b"")
+                    difficulty = record["trajectory"]["task"].get("difficulty")
+                    passed = record.get("verdict") == "correct"
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue  # not ours to judge: the scorer dead-letters bad records
+                self.curriculum.observe(difficulty, passed)

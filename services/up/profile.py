@@ -1,0 +1,90 @@
+"""Profiles: everything ``flywheel up`` needs to run a whole flywheel, in one YAML file.
+
+``Profile()`` is the embedded default: the ``addition`` task, a tiny model bootstrapped on the
+CPU, one generator on the transformers backend, a local single-node broker. A profile file for
+real runs names a model folder, environments and task files, scorer config and filter and
+routing policies, trainer settings, generator replicas, the Kafka cluster and the checkpoint
+store (see ``deploy/profiles/``). Each service section holds that service's own settings (the
+same fields as its ``FLYWHEEL_*`` variables); ``flywheel up`` validates all of them before it
+starts anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.bootstrap import BootstrapSettings
+from services.common.config import KafkaSettings
+from services.common.errors import ConfigError
+
+SERVICES = ("feeder", "generator", "scorer", "filter", "router", "trainer", "gate")
+POLICY_FIELD = {"scorer": "config_file", "filter": "policy_file", "router": "policy_file"}
+
+
+def _embedded(**sections: Any) -> Any:
+    return Field(default_factory=lambda: dict(sections))
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "embedded"
+    model_path: Path | None = Field(default=None, description="Hugging Face causal-LM folder "
+                                    "to start from; none: bootstrap a tiny seed model.")
+    model_name: str = "policy"
+    bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
+    kafka: dict[str, Any] = Field(default_factory=dict, description="KafkaSettings; without "
+                                  "bootstrap_servers a local broker is started.")
+    broker_port: int = Field(default=9092, description="Port of the local broker.")
+    checkpoint_url: str = ".flywheel/checkpoints"
+    home: Path = Field(default=Path(".flywheel"), description="Logs, policies, state.")
+    generators: int = Field(default=1, ge=1, description="Generator replicas.")
+    threads: int = Field(default=1, ge=1, description="torch threads per model process.")
+    metrics_port: int = Field(default=9400, ge=1024, description="First service's /metrics "
+                              "port; the others follow.")
+    policies: dict[str, Path | dict[str, Any]] = Field(
+        default_factory=lambda: {"filter": {"name": "embedded", "reject_truncated": True}},
+        description="scorer/filter/router: a YAML file, or its content inline.")
+    feeder: dict[str, Any] = _embedded(
+        env="addition", target_backlog=16, interval_seconds=0.5,
+        curriculum={"enabled": True, "levels": [1, 2, 3]})
+    generator: dict[str, Any] = _embedded(
+        backend="transformers", samples_per_task=8,
+        sampling={"temperature": 1.0, "max_tokens": 8}, runtime={"batch_max_records": 32})
+    scorer: dict[str, Any] = Field(default_factory=dict)
+    filter: dict[str, Any] = Field(default_factory=dict)
+    router: dict[str, Any] = Field(default_factory=dict)
+    trainer: dict[str, Any] = _embedded(
+        quotas={"sft": 256, "rl": 256, "cpt": 0}, max_wait_seconds=10,
+        optim={"lr": 2e-4, "micro_batch": 64, "max_tokens": 64})
+    gate: dict[str, Any] = _embedded(
+        held_out={"env": "addition", "difficulty": 3, "count": 200, "max_tokens": 8},
+        tolerance=0.05)
+
+    @property
+    def kafka_settings(self) -> KafkaSettings:
+        return KafkaSettings(**self.kafka)
+
+    @property
+    def local_broker(self) -> bool:
+        return "bootstrap_servers" not in self.kafka
+
+    def section(self, service: str) -> dict[str, Any]:
+        return dict(getattr(self, service))
+
+
+def load_profile(path: Path | None) -> Profile:
+    """The profile in ``path`` (YAML), or the embedded default."""
+    if path is None:
+        return Profile()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return Profile.model_validate(data)
+    except OSError as exc:
+        raise ConfigError(f"cannot read profile {path}: {exc}") from exc
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"invalid profile {path}: {exc}") from exc
