@@ -47,14 +47,18 @@ class Profile(BaseModel):
     metrics_port: int = Field(default=9400, ge=1024, description="First service's /metrics "
                               "port; the others follow.")
     policies: dict[str, Path | dict[str, Any]] = Field(
-        default_factory=lambda: {"filter": {"name": "embedded", "reject_truncated": True}},
+        default_factory=lambda: {
+            "filter": {"name": "embedded", "reject_truncated": True},
+            # A wrong sum is no text to pre-train on: CPT stays off for arithmetic.
+            "router": {"name": "embedded",
+                       "cpt": {"enabled": False, "verdicts": ["incorrect", "unverified"]}}},
         description="scorer/filter/router: a YAML file, or its content inline.")
     feeder: dict[str, Any] = _embedded(
-        env="addition", target_backlog=16, interval_seconds=0.5,
+        env="addition", target_backlog=128, interval_seconds=0.5,
         curriculum={"enabled": True, "levels": [1, 2, 3]})
     generator: dict[str, Any] = _embedded(
         backend="transformers", samples_per_task=8,
-        sampling={"temperature": 1.0, "max_tokens": 8}, runtime={"batch_max_records": 32})
+        sampling={"temperature": 1.0, "max_tokens": 8}, runtime={"batch_max_records": 64})
     scorer: dict[str, Any] = Field(default_factory=dict)
     filter: dict[str, Any] = Field(default_factory=dict)
     router: dict[str, Any] = Field(default_factory=dict)
@@ -63,7 +67,7 @@ class Profile(BaseModel):
         optim={"lr": 2e-4, "micro_batch": 64, "max_tokens": 64})
     gate: dict[str, Any] = _embedded(
         held_out={"env": "addition", "difficulty": 3, "count": 200, "max_tokens": 8},
-        tolerance=0.05)
+        tolerance=0.03)
 
     @property
     def kafka_settings(self) -> KafkaSettings:

@@ -72,12 +72,15 @@ class Versions:
     def __init__(self, model: str) -> None:
         self.model = model
         self.events: dict[int, CheckpointEvent] = {}
+        self.candidates: dict[int, CheckpointEvent] = {}
         self.lock = threading.Lock()
 
     def offer(self, event: CheckpointEvent) -> None:
         if event.model != self.model:
             return
         with self.lock:
+            if event.status == "candidate":
+                self.candidates[event.version] = event
             seen = self.events.get(event.version)
             if seen is None or seen.status == "candidate":
                 self.events[event.version] = event
@@ -115,6 +118,15 @@ class Stack:
             broker, self.started_broker = local_kafka.start(self.home / "kafka", p.broker_port)
             self.kafka["bootstrap_servers"] = broker.bootstrap
             say(f"broker: {broker.bootstrap} ({'started' if self.started_broker else 'running'})")
+        try:
+            self._prepare(say)
+        except BaseException:
+            if self.started_broker:  # leave nothing behind that this call started
+                local_kafka.stop(self.home / "kafka")
+            raise
+
+    def _prepare(self, say: Callable[[str], None]) -> None:
+        p = self.profile
         settings = self.kafka_settings
         report = topic_ops.apply(topic_ops.admin_client(settings),
                                  topic_ops.load(prefix=settings.topic_prefix))
