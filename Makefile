@@ -25,13 +25,12 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 	$(BIN)/flywheel kafka install
 
-# Start the local single-node broker and create the topics (the services come with later issues).
+# The whole flywheel with the embedded profile (PROFILE=file for another); Ctrl-C stops it.
 up: setup
-	$(BIN)/flywheel kafka start
-	FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS=$$($(BIN)/flywheel kafka status) $(BIN)/flywheel topics apply
+	$(BIN)/flywheel up $(if $(PROFILE),--profile $(PROFILE),)
 
 down:
-	$(BIN)/flywheel kafka stop
+	$(BIN)/flywheel down
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

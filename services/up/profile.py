@@ -29,6 +29,15 @@ def _embedded(**sections: Any) -> Any:
     return Field(default_factory=lambda: dict(sections))
 
 
+def _embedded_policies() -> dict[str, Path | dict[str, Any]]:
+    return {
+        "filter": {"name": "embedded", "reject_truncated": True},
+        # A wrong sum is no text to pre-train on: CPT stays off for arithmetic.
+        "router": {"name": "embedded",
+                   "cpt": {"enabled": False, "verdicts": ["incorrect", "unverified"]}},
+    }
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,11 +56,7 @@ class Profile(BaseModel):
     metrics_port: int = Field(default=9400, ge=1024, description="First service's /metrics "
                               "port; the others follow.")
     policies: dict[str, Path | dict[str, Any]] = Field(
-        default_factory=lambda: {
-            "filter": {"name": "embedded", "reject_truncated": True},
-            # A wrong sum is no text to pre-train on: CPT stays off for arithmetic.
-            "router": {"name": "embedded",
-                       "cpt": {"enabled": False, "verdicts": ["incorrect", "unverified"]}}},
+        default_factory=_embedded_policies,
         description="scorer/filter/router: a YAML file, or its content inline.")
     feeder: dict[str, Any] = _embedded(
         env="addition", target_backlog=128, interval_seconds=0.5,

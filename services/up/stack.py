@@ -157,7 +157,8 @@ class Stack:
         from services.router.policy import RoutingPolicy
         from services.scorer.stage import ScoringConfig
 
-        kinds = {"scorer": ScoringConfig, "filter": FilterPolicy, "router": RoutingPolicy}
+        kinds: dict[str, type[Any]] = {"scorer": ScoringConfig, "filter": FilterPolicy,
+                                       "router": RoutingPolicy}
         for service, path in self.policy_files.items():
             load_policy(kinds[service], path)
         placeholder = {"model_path": "x", "base_model_path": "x"}
@@ -254,9 +255,10 @@ class Stack:
         (self.home / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
 
     def run(self, *, seconds: float | None = None, view: Callable[[Snapshot], None] | None
-            = None, stop_broker: bool = True, supervisor_options: dict[str, Any] | None = None
-            ) -> Snapshot:
-        """Start every service, supervise until SIGINT/SIGTERM or ``seconds``, stop them."""
+            = None, until: Callable[[Snapshot], bool] | None = None, stop_broker: bool = True,
+            supervisor_options: dict[str, Any] | None = None) -> Snapshot:
+        """Start every service, supervise until SIGINT/SIGTERM, ``seconds`` or ``until``
+        returns true for a snapshot; then stop them."""
         supervisor = Supervisor(self.specs(), self.home / "logs", **(supervisor_options or {}))
         stopping = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stopping.set())
@@ -278,6 +280,8 @@ class Stack:
                 if view is not None:
                     view(snapshot)
                 if seconds is not None and time.monotonic() - started >= seconds:
+                    break
+                if until is not None and until(snapshot):
                     break
                 stopping.wait(1.0)
         finally:

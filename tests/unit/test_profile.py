@@ -1,0 +1,55 @@
+"""Profiles: the embedded default and the example for real runs validate, service by service;
+a wrong setting is named before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.common.errors import ConfigError
+from services.up.profile import SERVICES, Profile, load_profile
+from services.up.stack import Stack
+
+EXAMPLE = Path(__file__).parents[2] / "deploy" / "profiles" / "cluster.yaml"
+
+
+def test_the_embedded_profile_validates_and_makes_one_process_per_service(
+        tmp_path: Path) -> None:
+    stack = Stack(Profile(home=tmp_path, generators=2))
+    stack.kafka = {"bootstrap_servers": "127.0.0.1:1"}
+    stack.policy_files = stack._policies()
+    stack._validate()
+    stack.base_path = tmp_path / "seed"
+    specs = stack.specs()
+    assert [s.name for s in specs] == ["feeder", "generator-0", "generator-1", "scorer",
+                                       "filter", "router", "trainer", "gate"]
+    gen = specs[1].env
+    assert gen["FLYWHEEL_MODEL_PATH"] == str(tmp_path / "seed")
+    assert gen["FLYWHEEL_INSTANCE_ID"] == "generator-0"
+    assert '"temperature": 1.0' in gen["FLYWHEEL_SAMPLING"]
+    assert len({s.env["FLYWHEEL_METRICS__PORT"] for s in specs}) == len(specs)
+    assert specs[4].env["FLYWHEEL_POLICY_FILE"].endswith("policies/filter.yaml")
+
+
+def test_the_example_profile_for_real_runs_validates(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(EXAMPLE.parents[2])  # its policy paths are relative to the checkout
+    profile = load_profile(EXAMPLE)
+    assert profile.model_path is not None and not profile.local_broker
+    assert profile.generators == 4 and set(SERVICES) - {"scorer", "filter", "router"} <= {
+        s for s in SERVICES if profile.section(s)}
+    stack = Stack(profile)
+    stack.kafka = dict(profile.kafka)
+    stack.policy_files = stack._policies()
+    stack._validate()
+
+
+def test_a_wrong_setting_is_named_before_anything_starts(tmp_path: Path) -> None:
+    stack = Stack(Profile(home=tmp_path, trainer={"quotas": "lots"}))
+    stack.kafka = {"bootstrap_servers": "127.0.0.1:1"}
+    with pytest.raises(ConfigError, match="profile section 'trainer'"):
+        stack._validate()
+    bad = tmp_path / "p.yaml"
+    bad.write_text("generators: 0\n")
+    with pytest.raises(ConfigError, match="invalid profile"):
+        load_profile(bad)
