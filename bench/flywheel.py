@@ -19,7 +19,7 @@ from typing import Any
 
 from services.common import broker as local_kafka
 from services.up.profile import Profile
-from services.up.stack import Stack, Versions
+from services.up.stack import Stack
 
 TARGET_PASS_RATE = 0.8
 TARGET_MARGIN = 0.3
@@ -27,8 +27,6 @@ TARGET_MARGIN = 0.3
 
 def flywheel(profile: Profile, seconds: float) -> dict[str, Any]:
     """Run ``profile`` for ``seconds``; returns the seed model, curve and training totals."""
-    from services.common.checkpoints import CheckpointFollower
-
     stack = Stack(profile)
     boot_started = time.perf_counter()
     stack.prepare(say=lambda line: print(line, flush=True))
@@ -36,16 +34,11 @@ def flywheel(profile: Profile, seconds: float) -> dict[str, Any]:
     started = time.time()
     try:
         stack.run(seconds=seconds)
-        settings = stack.kafka_settings
-        versions = Versions(profile.model_name)
-        follower = CheckpointFollower(settings, settings.topic("checkpoints"), versions)
-        try:
-            follower.catch_up(true_end=True)
-        finally:
-            follower.stop()
     finally:
         if stack.started_broker:
             local_kafka.stop(profile.home / "kafka")
+    versions = stack.versions
+    assert versions is not None
     candidates = list(versions.candidates.values())
     decided = versions.decided()
     curve = [{"version": e.version, "status": e.status,
@@ -70,7 +63,8 @@ def baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str, Any
     torch.set_num_threads(2)
     engine = TransformersEngine(seed_folder)
     optim = OptimSettings(**profile.trainer.get("optim", {}))
-    done, seconds = train_on_seed(engine.model, engine.tokenizer, engine.pad, profile.bootstrap,
+    boot = profile.bootstrap.model_copy(update={"micro_batch": optim.micro_batch})
+    done, seconds = train_on_seed(engine.model, engine.tokenizer, engine.pad, boot,
                                   samples=samples, lr=optim.lr)
     with tempfile.TemporaryDirectory(prefix="flywheel-baseline-") as tmp:
         uri, _ = CheckpointStore(tmp).write(1, engine.model, engine.tokenizer, None)
@@ -126,14 +120,14 @@ def run() -> dict[str, Any]:
     return {
         "budget_seconds": seconds, "bootstrap_seconds": result["bootstrap_seconds"],
         "seed_pass_rate": seed, "final_promoted_pass_rate": final,
-        "promoted_versions": len(promoted) - 1,
+        "promoted_versions": sum(1 for p in promoted if p["version"] > 0),
         "rejected_versions": sum(1 for p in curve if p["status"] == "rejected"),
         "seconds_to_target": reached, "target_pass_rate": TARGET_PASS_RATE,
         "trainer_samples": result["trained_samples"],
         "trainer_train_seconds": result["train_seconds"],
         "baseline": base, "margin_over_baseline": None if final is None
         else round(final - base["pass_rate"], 3),
-        "target_met": reached is not None and reached <= 900,
+        "target_met": reached is not None and reached <= 900,  # the issue's 15 minutes
         "margin_met": final is not None and final - base["pass_rate"] >= TARGET_MARGIN,
         "curve": curve, "plot": str(out / "flywheel.png"),
     }

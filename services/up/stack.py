@@ -98,6 +98,8 @@ class Stack:
     policy_files: dict[str, Path] = field(default_factory=dict)
     started_broker: bool = False
     ports: dict[str, int] = field(default_factory=dict)
+    versions: Versions | None = None
+    """Every checkpoint event the last run() saw."""
 
     @property
     def home(self) -> Path:
@@ -113,6 +115,8 @@ class Stack:
         p = self.profile
         self.home.mkdir(parents=True, exist_ok=True)
         self.kafka = dict(p.kafka)
+        self.policy_files = self._policies()
+        self._validate()  # before anything starts
         if p.local_broker:
             local_kafka.install()
             broker, self.started_broker = local_kafka.start(self.home / "kafka", p.broker_port)
@@ -131,8 +135,6 @@ class Stack:
         report = topic_ops.apply(topic_ops.admin_client(settings),
                                  topic_ops.load(prefix=settings.topic_prefix))
         say(f"topics: {len(report.changes)} changes under {settings.topic_prefix!r}")
-        self.policy_files = self._policies()
-        self._validate()
         self.base_path = p.model_path or self._seed_model(say)
 
     def _policies(self) -> dict[str, Path]:
@@ -240,12 +242,16 @@ class Stack:
 
     def _env(self, fields: dict[str, Any], *, instance: str, port: int) -> dict[str, str]:
         threads = str(self.profile.threads)
-        env = {"FLYWHEEL_KAFKA": json.dumps(self.kafka), "FLYWHEEL_INSTANCE_ID": instance,
-               "FLYWHEEL_METRICS__PORT": str(port), "OMP_NUM_THREADS": threads,
-               "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+        env = {}
         for key, value in fields.items():
-            env[f"FLYWHEEL_{key.upper()}"] = (json.dumps(value) if isinstance(value, dict | list)
-                                              else str(value))
+            if value is None:  # the setting's default
+                continue
+            env[f"FLYWHEEL_{key.upper()}"] = (json.dumps(value, default=str)
+                                              if isinstance(value, dict | list) else str(value))
+        # The stack's own keys last: one cluster, distinct instance ids and ports.
+        env |= {"FLYWHEEL_KAFKA": json.dumps(self.kafka), "FLYWHEEL_INSTANCE_ID": instance,
+                "FLYWHEEL_METRICS__PORT": str(port), "OMP_NUM_THREADS": threads,
+                "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
         return env
 
     def write_state(self) -> None:
@@ -263,14 +269,15 @@ class Stack:
         stopping = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stopping.set())
                     for sig in (signal.SIGINT, signal.SIGTERM)}
-        versions = Versions(self.profile.model_name)
+        versions = self.versions = Versions(self.profile.model_name)
         settings = self.kafka_settings
-        follower = CheckpointFollower(settings, settings.topic("checkpoints"), versions)
-        follower.start()
-        self.write_state()
-        started = time.monotonic()
         snapshot = Snapshot.empty()
+        follower: CheckpointFollower | None = None
         try:
+            follower = CheckpointFollower(settings, settings.topic("checkpoints"), versions)
+            follower.start()
+            self.write_state()
+            started = time.monotonic()
             supervisor.start()
             while not stopping.is_set():
                 supervisor.poll()
@@ -287,7 +294,12 @@ class Stack:
         finally:
             codes = supervisor.stop()
             log.info("stopped: %s", codes)
-            follower.stop()
+            if follower is not None:
+                try:
+                    follower.catch_up(30)  # the decisions committed while stopping
+                except Exception as exc:  # the view's record only: never mask the exit
+                    log.warning("checkpoints not read to the end: %s", exc)
+                follower.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             (self.home / STATE_FILE).unlink(missing_ok=True)
