@@ -7,7 +7,8 @@ and the digit-by-digit rule, so its pass rate at the target difficulty is low bu
 enough for sampling and verification to find correct answers there, which is what the flywheel
 then learns from. It is written to the checkpoint store as version 0 (safetensors, manifest)
 and published on ``checkpoints`` as ``promoted``, so the gate, the generators and the trainer
-all start from it. Running it again when version 0 exists does nothing.
+all start from it. ``flywheel up`` skips it when version 0 exists (and publishes it if the
+topic does not have it yet).
 """
 
 from __future__ import annotations

@@ -295,11 +295,14 @@ def status_command(home: Annotated[Path, typer.Option(help="The stack's home.")]
 @app.command("bootstrap")
 def bootstrap_command(profile: Profile = None) -> None:
     """Train the seed model alone and publish it as promoted version 0 (`up` does this)."""
+    from services.common import broker as local_kafka
     from services.up.profile import load_profile
     from services.up.stack import Stack
 
     stack = Stack(load_profile(profile))
     stack.prepare(say=lambda line: err.print(line))
+    if stack.started_broker:  # leave nothing running that this command started
+        local_kafka.stop(stack.home / "kafka")
 
 
 @app.command("bench")

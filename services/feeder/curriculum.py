@@ -24,7 +24,7 @@ from collections import deque
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from prometheus_client import Gauge
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.config import KafkaSettings
 from services.common.errors import FatalRuntimeError
@@ -46,6 +46,12 @@ class CurriculumSettings(BaseModel):
     frontier_share: float = Field(default=0.7, ge=0, le=1)
     window: int = Field(default=256, ge=1, description="Recent verdicts kept per level.")
     min_observations: int = Field(default=32, ge=1)
+
+    @model_validator(mode="after")
+    def _observable(self) -> CurriculumSettings:
+        if self.min_observations > self.window:
+            raise ValueError("min_observations above window: no level could be mastered")
+        return self
 
 
 class Curriculum:

@@ -5,12 +5,13 @@ CPU, one generator on the transformers backend, a local single-node broker. A pr
 real runs names a model folder, environments and task files, scorer config and filter and
 routing policies, trainer settings, generator replicas, the Kafka cluster and the checkpoint
 store (see ``deploy/profiles/``). Each service section holds that service's own settings (the
-same fields as its ``FLYWHEEL_*`` variables); ``flywheel up`` validates all of them before it
-starts anything.
+same fields as its ``FLYWHEEL_*`` variables); a section a file sets replaces the embedded one
+whole. ``flywheel up`` validates all of them before it starts anything.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ POLICY_FIELD = {"scorer": "config_file", "filter": "policy_file", "router": "pol
 
 
 def _embedded(**sections: Any) -> Any:
-    return Field(default_factory=lambda: dict(sections))
+    return Field(default_factory=lambda: copy.deepcopy(sections))
 
 
 def _embedded_policies() -> dict[str, Path | dict[str, Any]]:
