@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from confluent_kafka import KafkaException
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from rich.console import Group
@@ -183,12 +184,7 @@ class Stack:
             raise ConfigError("bootstrapping needs a local checkpoint store; give the profile "
                               "a model_path for a remote one")
         folder = Path(store.uri(0))
-        versions = Versions(p.model_name)
-        follower = CheckpointFollower(settings, settings.topic("checkpoints"), versions)
-        try:
-            follower.catch_up()
-        finally:
-            follower.stop()
+        versions = _read_checkpoints(settings, p.model_name)
         if 0 in store.versions():
             say(f"seed model: {folder} (exists)")
             if any(e.version == 0 for e in versions.decided()):
@@ -409,6 +405,26 @@ def _detail(service: str, m: dict[str, float]) -> str:
     return ""
 
 
+def _read_checkpoints(settings: KafkaSettings, model: str, wait: float = 60.0) -> Versions:
+    """Every event of ``model`` on ``checkpoints`` so far. Just after the topics were created
+    their partitions may have no leader yet: retried until ``wait`` has passed."""
+    deadline = time.monotonic() + wait
+    while True:
+        versions = Versions(model)
+        try:
+            follower = CheckpointFollower(settings, settings.topic("checkpoints"), versions)
+            try:
+                follower.catch_up()
+            finally:
+                follower.stop()
+            return versions
+        except KafkaException as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.info("checkpoints not readable yet (%s); retrying", exc)
+            time.sleep(1.0)
+
+
 def read_state(home: Path) -> dict[str, Any] | None:
     path = home / STATE_FILE
     if not path.is_file():
@@ -423,13 +439,7 @@ def read_state(home: Path) -> dict[str, Any] | None:
 
 def status_snapshot(state: dict[str, Any]) -> Snapshot:
     """A running stack's snapshot from outside: its /metrics and the checkpoints topic."""
-    settings = KafkaSettings(**state["kafka"])
-    versions = Versions(state["model_name"])
-    follower = CheckpointFollower(settings, settings.topic("checkpoints"), versions)
-    try:
-        follower.catch_up()
-    finally:
-        follower.stop()
+    versions = _read_checkpoints(KafkaSettings(**state["kafka"]), state["model_name"])
     ports = {k: int(v) for k, v in state["ports"].items()}
     first = Snapshot.take(ports, versions, Snapshot.empty())
     time.sleep(1.0)
