@@ -291,11 +291,11 @@ class Stack:
             codes = supervisor.stop()
             log.info("stopped: %s", codes)
             if follower is not None:
-                try:
-                    follower.catch_up(30)  # the decisions committed while stopping
+                follower.stop()
+                try:  # again from the start: the decisions committed while stopping too
+                    self.versions = _read_checkpoints(settings, self.profile.model_name, 10)
                 except Exception as exc:  # the view's record only: never mask the exit
                     log.warning("checkpoints not read to the end: %s", exc)
-                follower.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             (self.home / STATE_FILE).unlink(missing_ok=True)
