@@ -10,6 +10,7 @@ with its settings in ``FLYWHEEL_*`` variables, logs in ``<home>/logs/<name>.log`
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -44,27 +45,21 @@ log = logging.getLogger(__name__)
 STATE_FILE = "up.json"
 
 
+SETTINGS = {
+    "feeder": "services.feeder.main:FeederSettings",
+    "generator": "services.generator.main:GeneratorSettings",
+    "scorer": "services.scorer.main:ScorerSettings",
+    "filter": "services.filter.main:FilterSettings",
+    "router": "services.router.main:RouterSettings",
+    "trainer": "services.trainer.settings:TrainerSettings",
+    "gate": "services.gate.main:GateSettings",
+}
+"""Each service's settings class, imported only when needed (some pull in torch)."""
+
+
 def _settings_class(service: str) -> Any:
-    if service == "feeder":
-        from services.feeder.main import FeederSettings
-        return FeederSettings
-    if service == "generator":
-        from services.generator.main import GeneratorSettings
-        return GeneratorSettings
-    if service == "scorer":
-        from services.scorer.main import ScorerSettings
-        return ScorerSettings
-    if service == "filter":
-        from services.filter.main import FilterSettings
-        return FilterSettings
-    if service == "router":
-        from services.router.main import RouterSettings
-        return RouterSettings
-    if service == "trainer":
-        from services.trainer.settings import TrainerSettings
-        return TrainerSettings
-    from services.gate.main import GateSettings
-    return GateSettings
+    module, name = SETTINGS[service].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class Versions:
@@ -392,14 +387,10 @@ def _detail(service: str, m: dict[str, float]) -> str:
     if service == "filter":
         return f"accept ratio {m.get('flywheel_filter_accept_ratio', 0):.2f}"
     if service == "router":
-        stages = {k.split("stage=")[1].split(",")[0].rstrip("}"): v for k, v in m.items()
-                  if k.startswith("flywheel_router_routed_samples_total{")}
-        return " ".join(f"{k} {v:.0f}" for k, v in sorted(stages.items()))
+        return _per_stage(m, "flywheel_router_routed_samples_total")
     if service == "trainer":
-        stages = {k.split("stage=")[1].split(",")[0].rstrip("}"): v for k, v in m.items()
-                  if k.startswith("flywheel_trainer_samples_total{")}
         return (f"candidate v{m.get('flywheel_trainer_candidate_version', 0):.0f}; samples "
-                + " ".join(f"{k} {v:.0f}" for k, v in sorted(stages.items())))
+                + _per_stage(m, "flywheel_trainer_samples_total"))
     if service == "gate":
         return f"promoted v{m.get('flywheel_gate_promoted_version', 0):.0f}"
     return ""
@@ -423,6 +414,13 @@ def _read_checkpoints(settings: KafkaSettings, model: str, wait: float = 60.0) -
                 raise
             log.info("checkpoints not readable yet (%s); retrying", exc)
             time.sleep(1.0)
+
+
+def _per_stage(m: dict[str, float], metric: str) -> str:
+    """``cpt 12 rl 40 sft 9`` from a counter labelled by stage."""
+    stages = {k.split("stage=")[1].split(",")[0].rstrip("}"): v for k, v in m.items()
+              if k.startswith(metric + "{")}
+    return " ".join(f"{k} {v:.0f}" for k, v in sorted(stages.items()))
 
 
 def read_state(home: Path) -> dict[str, Any] | None:
