@@ -3,7 +3,10 @@
 ``apply`` is convergent and additive: it creates missing topics, sets declared configs that
 differ, and adds partitions where fewer exist than declared. It never deletes a topic, never
 removes a config it does not declare, and cannot remove partitions (Kafka cannot), so it reports
-that as a warning. A second ``apply`` right after the first makes no change.
+that as a warning. It returns only once the cluster reads back what it changed: an admin call
+returns when the controller has the change, and a broker's metadata follows a moment later
+(KRaft), so without that wait an ``apply`` right after another could read the old value and
+change it again. A second ``apply`` right after the first makes no change.
 """
 
 from __future__ import annotations
@@ -118,6 +121,8 @@ def admin_client(kafka: KafkaSettings) -> AdminClient:
 def apply(admin: AdminClient, specs: list[TopicSpec]) -> ApplyReport:
     """Make the cluster match ``specs``; see the module docstring for what that means."""
     report = ApplyReport()
+    partitions: dict[str, int] = {}  # what apply changed, to read back before returning
+    configs: dict[str, dict[str, str]] = {}
     existing = _partition_counts(admin)
     to_create = [s for s in specs if s.name not in existing]
     if to_create:
@@ -138,6 +143,7 @@ def apply(admin: AdminClient, specs: list[TopicSpec]) -> ApplyReport:
                 raced.append(s.name)
                 continue
             report.changes.append(f"created {s.name} ({s.partitions} partitions)")
+            partitions[s.name] = s.partitions
         if raced:
             existing |= _wait_for_metadata(admin, raced)
     present = [s for s in specs if s.name in existing]
@@ -156,9 +162,11 @@ def apply(admin: AdminClient, specs: list[TopicSpec]) -> ApplyReport:
                 _wait(fut, f"alter configs of {s.name}")
             for k, v in sorted(differing.items()):
                 report.changes.append(f"{s.name}: {k} {actual[s.name].get(k)!r} -> {v!r}")
+            configs[s.name] = differing
         have = existing[s.name]
         if have < s.partitions and _add_partitions(admin, s.name, s.partitions):
             report.changes.append(f"{s.name}: partitions {have} -> {s.partitions}")
+            partitions[s.name] = s.partitions
             report.warnings.append(
                 f"{s.name}: more partitions re-map keys; records of one group written before "
                 "and after the change may sit in different partitions"
@@ -168,6 +176,7 @@ def apply(admin: AdminClient, specs: list[TopicSpec]) -> ApplyReport:
                 f"{s.name} has {have} partitions, {s.partitions} declared; Kafka cannot remove "
                 "partitions, left as is"
             )
+    _read_back(admin, partitions, configs)
     return report
 
 
@@ -226,26 +235,54 @@ def _add_partitions(admin: AdminClient, name: str, count: int) -> bool:
     except KafkaException as exc:
         if exc.args[0].code() != KafkaError.INVALID_PARTITIONS:
             raise FlywheelError(f"add partitions to {name} failed: {exc.args[0]}") from exc
-    deadline = time.monotonic() + 30
-    while _partition_counts(admin).get(name, 0) < count:
-        if time.monotonic() > deadline:
-            raise FlywheelError(f"add partitions to {name}: refused, and it does not have {count}")
-        time.sleep(0.25)
+    _poll(lambda: _partition_counts(admin).get(name, 0) >= count,
+          f"add partitions to {name}: refused, and it does not have {count}")
     return False
 
 
-def _wait_for_metadata(
-    admin: AdminClient, names: list[str], timeout: float = 30.0
-) -> dict[str, int]:
+def _wait_for_metadata(admin: AdminClient, names: list[str]) -> dict[str, int]:
     """Partition counts of topics that exist but may not show in metadata yet."""
-    deadline = time.monotonic() + timeout
-    while True:
-        counts = _partition_counts(admin)
-        if all(n in counts for n in names):
-            return {n: counts[n] for n in names}
+    def counts() -> dict[str, int] | None:
+        have = _partition_counts(admin)
+        return {n: have[n] for n in names} if all(n in have for n in names) else None
+
+    found: dict[str, int] = _poll(counts, f"topics {names} exist but never appeared in metadata")
+    return found
+
+
+def _read_back(admin: AdminClient, partitions: dict[str, int],
+               configs: dict[str, dict[str, str]]) -> None:
+    """Wait until the broker's metadata shows every change apply made: topics and partitions
+    (``partitions``: at least that many), configs (``configs``: exactly these values)."""
+    def lagging() -> list[str]:
+        have = _partition_counts(admin)
+        out = [f"{n}: {have.get(n, 0)} of {count} partitions"
+               for n, count in partitions.items() if have.get(n, 0) < count]
+        read = _configs(admin, [n for n in configs if n in have])
+        out += [f"{n}: {k} reads {read.get(n, {}).get(k)!r}, set {v!r}"
+                for n, changed in configs.items() for k, v in changed.items()
+                if read.get(n, {}).get(k) != v]
+        return out
+
+    if not partitions and not configs:
+        return
+    deadline = time.monotonic() + TIMEOUT
+    while behind := lagging():
         if time.monotonic() > deadline:
-            raise FlywheelError(f"topics {names} exist but never appeared in metadata")
-        time.sleep(0.25)
+            raise FlywheelError("the cluster never showed what apply changed: "
+                                + "; ".join(behind))
+        time.sleep(0.1)
+
+
+def _poll(check: Any, failure: str) -> Any:
+    """``check()`` until it returns something truthy; FlywheelError(``failure``) after
+    ``TIMEOUT`` seconds. Metadata changes show within a second on a healthy cluster."""
+    deadline = time.monotonic() + TIMEOUT
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise FlywheelError(failure)
+        time.sleep(0.1)
+    return value
 
 
 def _partition_counts(admin: AdminClient) -> dict[str, int]:
