@@ -1,14 +1,16 @@
 """``flywheel bootstrap``: a seed model for a flywheel that has none.
 
-A tiny Llama (``services.generator.tiny``) is trained on the CPU for about a minute on easy seed
-data of an arithmetic environment: sums whose operands have up to ``target_difficulty`` digits
-but are not both that long (plus ``target_share`` of full-length ones). It learns the format
-and the digit-by-digit rule, so its pass rate at the target difficulty is low but not zero:
-enough for sampling and verification to find correct answers there, which is what the flywheel
-then learns from. It is written to the checkpoint store as version 0 (safetensors, manifest)
-and published on ``checkpoints`` as ``promoted``, so the gate, the generators and the trainer
-all start from it. ``flywheel up`` skips it when version 0 exists (and publishes it if the
-topic does not have it yet).
+A tiny Llama (``services.generator.tiny``) is trained on the CPU for a fixed number of samples
+(about a minute on a 2-core CPU) of easy seed data of an arithmetic environment: sums whose
+operands have up to ``target_difficulty`` digits but are not both that long (plus
+``target_share`` of full-length ones). It learns the format and the digit-by-digit rule, so its
+pass rate at the target difficulty is low but not zero: enough for sampling and verification to
+find correct answers there, which is what the flywheel then learns from. The budget is a sample
+count, not a time, so the same settings give the same seed model on a fast machine and on a
+busy one. It is written to the checkpoint store as version 0 (safetensors, manifest) and
+published on ``checkpoints`` as ``promoted``, so the gate, the generators and the trainer all
+start from it. ``flywheel up`` skips it when version 0 exists (and publishes it if the topic
+does not have it yet).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ class BootstrapSettings(BaseModel):
 
     env: str = Field(default="addition", description="An arithmetic environment.")
     target_difficulty: int = Field(default=3, ge=2, description="Digits the flywheel aims at.")
-    seconds: float = Field(default=60.0, gt=0, description="Training time budget.")
+    samples: int = Field(default=150_000, ge=1, description="Training budget: seed samples "
+                         "trained on (with repeats). A count, so the seed model does not depend "
+                         "on the machine's speed; 150,000 take about a minute on 2 cores.")
     seed_examples: int = Field(default=4000, ge=100, description="Size of the seed data set.")
     target_share: float = Field(default=0.03, ge=0, le=1, description="Share of seed examples "
                                 "at the target difficulty (both operands full length).")
@@ -83,9 +87,9 @@ def sft_samples(tokenizer: Any, tasks: list[Task]) -> list[Any]:
 
 
 def train_on_seed(model: Any, tokenizer: Any, pad: int, s: BootstrapSettings, *,
-                  seconds: float | None = None, samples: int | None = None,
-                  optimizer: Any = None, lr: float | None = None) -> tuple[int, float]:
-    """SFT on the seed data until ``seconds`` pass or ``samples`` are trained; returns the
+                  samples: int | None = None, optimizer: Any = None,
+                  lr: float | None = None) -> tuple[int, float]:
+    """SFT on the seed data for ``samples`` samples (default ``s.samples``); returns the
     samples trained and the seconds taken. Used by the bootstrap and by the one-shot
     baseline of ``bench flywheel``."""
     from services.trainer.train import OptimSettings, make_optimizer, train_round
@@ -94,15 +98,10 @@ def train_on_seed(model: Any, tokenizer: Any, pad: int, s: BootstrapSettings, *,
     optim = OptimSettings(lr=lr or s.lr, micro_batch=s.micro_batch)
     optimizer = optimizer or make_optimizer(model, optim)
     rng = random.Random(s.seed + 1)
+    budget = s.samples if samples is None else samples
     done, rounds, started = 0, 0, time.perf_counter()
-
-    def more() -> bool:
-        if samples is not None:
-            return done < samples
-        return time.perf_counter() - started < (seconds if seconds is not None else s.seconds)
-
-    while more():
-        n = s.round_samples if samples is None else min(s.round_samples, samples - done)
+    while done < budget:
+        n = min(s.round_samples, budget - done)
         train_round(model, optimizer, {"sft": rng.choices(data, k=n)}, optim, pad,
                     seed=rounds)
         done, rounds = done + n, rounds + 1

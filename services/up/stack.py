@@ -191,7 +191,7 @@ class Stack:
             uri = str(folder)
         else:
             held = HeldOut(**p.gate.get("held_out", {}))
-            say(f"seed model: training a tiny model for {p.bootstrap.seconds:.0f} s on easy "
+            say(f"seed model: training a tiny model on {p.bootstrap.samples:,} samples of easy "
                 f"{p.bootstrap.env} data ...")
             uri, manifest, metrics = bootstrap(p.bootstrap, p.checkpoint_url, p.model_name,
                                                evaluate=lambda f: evaluate(f, held))
@@ -353,6 +353,7 @@ class Snapshot:
                 "restarts": (restarts or {}).get(name, 0),
                 "rate": rate, "produced": produced,
                 "lag": _total(m, "flywheel_runtime_consumer_lag_records") if m else None,
+                "serving": m.get("flywheel_generator_policy_version"),
                 "detail": _detail(service, m),
             }
         return cls(now, rows, versions.decided(), counters)
