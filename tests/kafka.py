@@ -64,18 +64,21 @@ class Broker:
 
     def read_all(
         self, topic: str, *, isolation: str = "read_committed", timeout: float = 60,
+        start: dict[int, int] | None = None,
     ) -> list[Message]:
-        """Every record of ``topic`` up to the end offsets as of now (for read_committed: the
-        last stable offset, so a transaction still open is not waited for)."""
+        """Every record of ``topic`` (from ``start``, an offset per partition) up to the end
+        offsets as of now (for read_committed: the last stable offset, so a transaction still
+        open is not waited for)."""
         ends = self.end_offsets(topic, isolation)
+        first = {p: (start or {}).get(p, 0) for p in ends}
         consumer = Consumer({
             "bootstrap.servers": self.bootstrap, "group.id": "reader",
             "isolation.level": isolation, "enable.auto.commit": False,
             "enable.partition.eof": True,
         })
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        consumer.assign([TopicPartition(topic, p, first[p]) for p in ends])
         out: list[Message] = []
-        done = {p for p, end in ends.items() if end == 0}
+        done = {p for p, end in ends.items() if end <= first[p]}
         deadline = time.monotonic() + timeout
         try:
             while len(done) < len(ends):
@@ -95,14 +98,22 @@ class Broker:
         return out
 
     def committed(self, group: str, topic: str) -> dict[int, int]:
-        """Committed offset per partition; 0 where the group committed nothing yet."""
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group})
+        """Committed offset per partition; 0 where the group committed nothing yet. Offsets sent
+        in a transaction not yet committed do not count (a read_committed probe would instead
+        wait for that transaction, which never ends while its producer is frozen)."""
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group,
+                             "isolation.level": "read_uncommitted"})
         try:
             md = consumer.list_topics(topic, timeout=10)
             tps = [TopicPartition(topic, p) for p in md.topics[topic].partitions]
             return {tp.partition: max(0, tp.offset) for tp in consumer.committed(tps, timeout=10)}
         finally:
             consumer.close()
+
+    def left(self, group: str, topic: str) -> int:
+        """Committed records of ``topic`` after ``group``'s committed offsets: its input left.
+        Records, not offsets: transaction markers take offsets too."""
+        return len(self.read_all(topic, start=self.committed(group, topic)))
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):  # type: ignore[no-untyped-def]

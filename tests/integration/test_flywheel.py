@@ -1,7 +1,11 @@
 """The whole flywheel, end to end, as ``flywheel up`` runs it: a bootstrapped seed model, two
 generators, scorer, filter, router, trainer and gate as supervised processes on a real broker.
-The held-out pass rate must rise by a clear margin across at least three promoted versions, and
-every generator must have served every promoted version."""
+
+The run lasts until what the test checks has happened, observed in the running system (the
+checkpoints topic and every service's /metrics), or until a generous budget is spent: the held-out
+pass rate has risen by a clear margin over the seed model across at least three promoted
+versions, and every generator has produced trajectories with the newest promoted version. A slow
+or busy machine takes longer; it does not get a different verdict."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from schemas import CheckpointEvent
 from services.bootstrap import BootstrapSettings
 from services.common.broker import free_port
 from services.up.profile import Profile
@@ -20,35 +25,71 @@ from tests.kafka import Broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
-PROMOTIONS = 4  # promoted versions after the seed model before the run ends
-SETTLE_SECONDS = 20.0  # then this long, so every generator reloads the last one
-BUDGET_SECONDS = 420.0
+GENERATORS = ("generator-0", "generator-1")
+PROMOTIONS = 3  # promoted versions after the seed model, at least
+RISE = 0.3  # the newest promoted version's held-out pass rate over the seed model's, at least
+# The seed model: a sample budget, so it is the same model on any machine of this kind
+# (held-out pass rate 0.035 on the 2-core machine the suite is written on, about 40 s).
+SEED = BootstrapSettings(samples=100_000)
+# The rise took 1 to 2 minutes of the services on that machine; the budget allows for a machine
+# several times slower or busier.
+BUDGET_SECONDS = 900.0
 
 
-@pytest.mark.timeout(900)
+def _risen(versions: list[CheckpointEvent]) -> int | None:
+    """The newest promoted version if the pass rate has risen as required, else None."""
+    promoted = [e for e in versions if e.status == "promoted"]
+    seed = next((e for e in promoted if e.version == 0), None)
+    later = [e for e in promoted if e.version > 0]
+    if seed is None or len(later) < PROMOTIONS:
+        return None
+    if later[-1].metrics["pass_rate"] < seed.metrics["pass_rate"] + RISE:
+        return None
+    return later[-1].version
+
+
+class ServedNewest:
+    """``until`` for the stack: the pass rate has risen, and every generator has made a batch of
+    trajectories since it began serving the newest promoted version (its /metrics say so)."""
+
+    def __init__(self) -> None:
+        self.since: dict[str, tuple[int, float]] = {}  # generator -> (version, produced then)
+        self.newest: int | None = None
+
+    def __call__(self, snapshot: Snapshot) -> bool:
+        newest = _risen(snapshot.versions)
+        if newest is None:
+            return False
+        self.newest = newest
+        done = True
+        for name in GENERATORS:
+            row = snapshot.rows.get(name, {})
+            if row.get("serving") != newest:
+                done = False
+                continue
+            version, produced = self.since.get(name, (None, 0.0))
+            if version != newest:  # first seen serving it: count its batches from here
+                self.since[name] = (newest, row["produced"])
+                done = False
+                continue
+            done &= row["produced"] > produced
+        return done
+
+
+@pytest.mark.timeout(BUDGET_SECONDS + 300)
 def test_the_pass_rate_rises_across_promoted_versions_served_by_every_generator(
         kafka: Broker, uid: str, tmp_path: Path) -> None:
     prefix = f"fw{uid}."
     profile = Profile(
         kafka={"bootstrap_servers": kafka.bootstrap, "topic_prefix": prefix},
-        home=tmp_path / "home", checkpoint_url=str(tmp_path / "store"), generators=2,
-        metrics_port=free_port(), bootstrap=BootstrapSettings(seconds=45))
+        home=tmp_path / "home", checkpoint_url=str(tmp_path / "store"),
+        generators=len(GENERATORS), metrics_port=free_port(), bootstrap=SEED)
     stack = Stack(profile)
     stack.prepare(say=print)
 
-    enough_at: list[float] = []
-    promoted_by_then: set[int] = set()
-
-    def until(snapshot: Snapshot) -> bool:
-        promoted = [e for e in snapshot.versions if e.status == "promoted" and e.version > 0]
-        if len(promoted) >= PROMOTIONS and not enough_at:
-            enough_at.append(time.monotonic())
-            promoted_by_then.update(e.version for e in promoted)
-        return bool(enough_at) and time.monotonic() - enough_at[0] >= SETTLE_SECONDS
-
+    until = ServedNewest()
     started = time.monotonic()
-    final = stack.run(seconds=BUDGET_SECONDS, until=until,
-                      supervisor_options={"grace": 60.0})
+    final = stack.run(seconds=BUDGET_SECONDS, until=until, supervisor_options={"grace": 60.0})
     took = time.monotonic() - started
     assert all(r["restarts"] == 0 for r in final.rows.values()), final.rows
 
@@ -59,19 +100,26 @@ def test_the_pass_rate_rises_across_promoted_versions_served_by_every_generator(
     later = [e for e in promoted if e["version"] > 0]
     rates = [e["metrics"]["pass_rate"] for e in later]
     print(f"seed {seed['metrics']['pass_rate']:.3f}; promoted {len(later)} in {took:.0f} s: "
-          f"{[round(r, 3) for r in rates]}")
-    assert len(later) >= 3, f"only {len(later)} promotions in {took:.0f} s"
+          f"{[round(r, 3) for r in rates]}; rejected "
+          f"{sum(1 for e in decided if e['status'] == 'rejected')}")
+    assert until.newest is not None, (
+        f"in the {BUDGET_SECONDS:.0f} s budget the pass rate did not rise by {RISE} over the "
+        f"seed's {seed['metrics']['pass_rate']:.3f} across {PROMOTIONS} promotions: {rates}")
     assert [e["version"] for e in later] == sorted(e["version"] for e in later)
-    # A clear margin: the last promoted version well above the seed model.
-    assert rates[-1] >= seed["metrics"]["pass_rate"] + 0.3, rates
+    # A clear margin: the newest promoted version well above the seed model.
+    newest = next(e for e in later if e["version"] == until.newest)
+    assert newest["metrics"]["pass_rate"] >= seed["metrics"]["pass_rate"] + RISE, rates
 
     served: dict[str, set[int]] = defaultdict(set)
     for m in kafka.read_all(f"{prefix}raw", isolation="read_uncommitted"):
         t = json.loads(m.value())
         served[t["producer"]["instance"]].add(t["policy_version"])
-    assert set(served) == {"generator-0", "generator-1"}
-    # Every version promoted at least SETTLE_SECONDS before the stop (one promoted while the
-    # services were stopping may not have been served by then).
-    wanted = {0, *promoted_by_then}
+    assert set(served) == set(GENERATORS)
+    allowed = {e["version"] for e in promoted}
     for instance, versions in served.items():
-        assert wanted <= versions, (instance, sorted(wanted - versions))
+        # Only what the gate promoted ever reached a generator, and every generator reached the
+        # newest. (A generator busy with a batch when two promotions land loads only the newer
+        # one, so it need not have served every version in between.)
+        assert versions <= allowed, (instance, sorted(versions - allowed))
+        assert until.newest in versions, (instance, sorted(versions))
+        print(f"{instance} served {sorted(versions)} of promoted {sorted(allowed)}")

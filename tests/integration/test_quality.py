@@ -23,7 +23,7 @@ from services.filter.main import build_stage as build_filter
 from services.router.main import RouterSettings
 from services.router.main import build_stage as build_router
 from tests import planted
-from tests.integration.runners import InThread, spawn_service
+from tests.integration.runners import Feed, InThread, kill_mid_transaction, spawn_service
 from tests.kafka import Broker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -95,6 +95,14 @@ def _done(kafka: Broker, prefix: str, expected: planted.Expected) -> bool:
             and c["accepted.rl"] == expected.rl_groups)
 
 
+def _wait_committed(kafka: Broker, prefix: str) -> None:
+    """Until the filter and the router have committed every record of their input: then
+    anything they would write twice is written already."""
+    wait_until(lambda: kafka.left(f"{prefix}filter", f"{prefix}scored") == 0
+               and kafka.left(f"{prefix}router", f"{prefix}filtered") == 0, 120,
+               "the filter and the router to commit all their input", interval=1)
+
+
 def _service_settings(cls: type, kafka: Broker, prefix: str, **extra: object) -> object:
     return cls(instance_id="t0", kafka={"bootstrap_servers": kafka.bootstrap,
                                         "topic_prefix": prefix},
@@ -119,7 +127,7 @@ def test_the_planted_mix_gives_exactly_the_expected_counts(
             wait_until(lambda: _done(kafka, prefix, expected) or f.error or r.error, 240,
                        "the planted mix through filter and router", interval=2)
             assert f.error is None and r.error is None
-            time.sleep(2)  # anything extra would show up now
+            _wait_committed(kafka, prefix)
     finally:
         follower.stop()
     _check(kafka, prefix, expected)
@@ -132,35 +140,49 @@ def test_the_planted_mix_gives_exactly_the_expected_counts(
 @pytest.mark.fault
 def test_sigkill_of_filter_and_router_mid_stream_changes_nothing(
         kafka: Broker, uid: str, tmp_path: Path) -> None:
+    """Each stage is killed inside a transaction (observed, not timed), with more input still to
+    come; restarted, the counts are exactly the planted ones."""
     prefix = f"k{uid}."
-    expected = _setup(kafka, prefix)
+    _topics(kafka, prefix)
+    records, expected = planted.planted_mix(GROUPS)
+    promoted = CheckpointEvent(model=planted.MODEL, version=planted.LATEST_VERSION,
+                               uri="/nowhere", manifest=[], status="promoted")
+    kafka.produce(f"{prefix}checkpoints", [(promoted.model.encode(), promoted.to_bytes())])
+    feed = Feed(kafka, f"{prefix}scored",
+                [(r.partition_key().encode(), r.to_bytes()) for r in records], chunk=800)
+    feed.more()
+    feed.more()
     policy = _policy_file(tmp_path)
     log = tmp_path / "services.log"
 
     def start(name: str) -> subprocess.Popen[bytes]:
         command = [name, "--policy", str(policy)] if name == "filter" else [name]
+        # Small batches: many transactions per chunk, so a stage is mostly mid-transaction.
         return spawn_service(kafka.bootstrap, command, prefix=prefix, instance=f"{name}-0",
-                             log=log)
+                             log=log, env={"FLYWHEEL_RUNTIME__BATCH_MAX_RECORDS": "100"})
 
     procs = {"filter": start("filter"), "router": start("router")}
     try:
-        wait_until(lambda: _offsets(kafka, prefix, "filtered") > 1000, 120,
-                   "the filter to be mid-stream")
-        procs["filter"].kill()
-        procs["filter"].wait(10)
-        c = _counts(kafka, prefix)
-        assert c["filtered"] + c["rejected"] < 4 * GROUPS, "the kill came too late"
-        wait_until(lambda: _offsets(kafka, prefix, "accepted.sft") > 300, 120,
-                   "the router to be mid-stream")
-        procs["router"].kill()
-        procs["router"].wait(10)
+        # The router first, while the filter feeds it; then the filter.
+        router_left = kill_mid_transaction(
+            kafka, procs["router"], group=f"{prefix}router", inputs=[f"{prefix}filtered"],
+            outputs=[*(f"{prefix}accepted.{s}" for s in STAGES), f"{prefix}router.state"],
+            more=feed.more)
+        filter_left = kill_mid_transaction(
+            kafka, procs["filter"], group=f"{prefix}filter", inputs=[f"{prefix}scored"],
+            outputs=[f"{prefix}filtered", f"{prefix}rejected", f"{prefix}filter.state"],
+            more=feed.more)
+        print(f"killed inside a transaction: the router with {router_left} input records "
+              f"uncommitted, the filter with {filter_left}; {feed.sent} of {len(records)} "
+              "records in by then")
+        feed.rest()
         procs["filter"] = start("filter")
         procs["router"] = start("router")
         wait_until(lambda: _done(kafka, prefix, expected)
                    or any(p.poll() is not None for p in procs.values()), 300,
                    "the planted mix after the restarts", interval=2)
         assert all(p.poll() is None for p in procs.values()), log.read_text()[-3000:]
-        time.sleep(2)
+        _wait_committed(kafka, prefix)
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -197,7 +219,8 @@ def test_the_scorer_service_scores_raw_trajectories_exactly_once(
         wait_until(lambda: len(kafka.read_all(f"{prefix}scored")) >= 300 or s.error, 120,
                    "300 scored trajectories", interval=1)
         wait_until(lambda: kafka.read_all(f"{prefix}dlq"), 30, "the bad record dead-lettered")
-        time.sleep(1)
+        wait_until(lambda: kafka.left(f"{prefix}scorer", f"{prefix}raw") == 0, 60,
+                   "the scorer to commit all its input")
     assert s.error is None
     scored = [ScoredTrajectory.from_bytes(m.value()) for m in kafka.read_all(f"{prefix}scored")]
     assert len(scored) == 300

@@ -3,7 +3,6 @@ timers that cannot produce their output do not loop."""
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -32,6 +31,7 @@ class Tally:
     def __init__(self, changelog: str, output: str) -> None:
         self.state = StateStore(changelog)
         self.output = output
+        self.ticks = 0  # timer runs, one per partition per tick
 
     def process_partition(self, state: PartitionState, batch: Sequence[Task]) -> list[Output]:
         out = []
@@ -47,6 +47,7 @@ class Tally:
         return out
 
     def tick(self, state: PartitionState, now: float) -> list[Output]:
+        self.ticks += 1
         alarm = state.get("alarm")
         if alarm is None:
             return []
@@ -104,9 +105,14 @@ def test_oversized_state_and_timer_outputs_are_dead_lettered_once(
     tasks[3] = tasks[3].model_copy(update={"env": "big"})
     tasks[6] = tasks[6].model_copy(update={"env": "alarm"})
     kafka.produce(src, ((b"same-key", t.to_bytes()) for t in tasks))  # one partition, in order
-    with InThread(_runtime(kafka, uid, names)) as r:
+    runtime = _runtime(kafka, uid, names)
+    stage = runtime.stage
+    assert isinstance(stage, Tally)
+    with InThread(runtime) as r:
         wait_until(lambda: len(kafka.read_all(dlq)) >= 2 or r.error, 60, "two dead letters")
-        time.sleep(2)  # a looping timer would dead-letter again meanwhile
+        # A looping timer would dead-letter again at its next run: let it run ten more times.
+        ticks = stage.ticks
+        wait_until(lambda: stage.ticks >= ticks + 10 or r.error, 60, "ten more timer runs")
         assert r.error is None
     letters = {dict(m.headers() or [])["flywheel-error-class"]: m
                for m in kafka.read_all(dlq)}

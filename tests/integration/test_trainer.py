@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import signal
 import subprocess
-import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,29 @@ def _covered(kafka: Broker, prefix: str) -> dict[tuple[str, int], list[tuple[int
     return spans
 
 
+def _kill_mid_round(proc: subprocess.Popen[bytes], kafka: Broker, prefix: str,
+                    log: Path) -> int:
+    """SIGKILL the trainer inside a round after its first: once the log says the round for
+    version N began, the process is frozen (SIGSTOP) and killed if N is not committed yet
+    (observed on ``checkpoints``), else resumed until the next round begins. Returns the
+    committed versions at the kill."""
+    def began(version: int) -> Callable[[], bool]:
+        return lambda: (f"training round for v{version}:" in log.read_text()
+                        or proc.poll() is not None)
+
+    for version in itertools.count(2):
+        wait_until(began(version), 180, f"the round for v{version} to start")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        os.kill(proc.pid, signal.SIGSTOP)
+        committed = len(_candidates(kafka, prefix))
+        if committed == version - 1:  # the round for `version` is in progress
+            proc.kill()
+            proc.wait(10)
+            return committed
+        os.kill(proc.pid, signal.SIGCONT)
+    raise AssertionError("unreachable")
+
+
 def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
         kafka: Broker, uid: str, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
@@ -109,14 +133,7 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
 
     proc = start()
     try:
-        # Killed while training its second round (after the first was committed).
-        wait_until(lambda: log.read_text().count("training round for v2") >= 1
-                   or proc.poll() is not None, 180, "the second round to start")
-        assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        killed_at = len(_candidates(kafka, prefix))
+        killed_at = _kill_mid_round(proc, kafka, prefix, log)
         proc = start()
 
         def done() -> bool:
