@@ -59,6 +59,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from confluent_kafka import (
@@ -826,7 +827,7 @@ class StreamRuntime:
         start_at = self.settings.runtime.start_at
         assert start_at is not None
         committed = consumer.committed(partitions, timeout=10)
-        fresh = [TopicPartition(tp.topic, tp.partition, int(start_at.timestamp() * 1000))
+        fresh = [TopicPartition(tp.topic, tp.partition, _epoch_ms(start_at))
                  for tp in committed if tp.offset < 0]
         if not fresh:
             return
@@ -1030,6 +1031,19 @@ class StreamRuntime:
             except KafkaException as exc:
                 log.warning("consumer close: %s", exc.args[0])
         log.info("runtime stopped: service=%s", self.settings.service)
+
+
+def _epoch_ms(at: datetime) -> int:
+    """``at`` as a Kafka timestamp: the first whole millisecond at or after it. In integers:
+    ``timestamp() * 1000`` can land a hair below a whole millisecond and truncate to the one
+    before, which would take in records older than ``at``."""
+    if at.tzinfo is None:
+        at = at.astimezone()  # local time, as datetime.timestamp() reads it
+    micros = (at - _EPOCH) // timedelta(microseconds=1)
+    return -(-micros // 1000)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _origin(msg: KafkaMessage) -> tuple[str, int, int]:
