@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas import CheckpointEvent, Task
 from schemas import Producer as ProducerInfo
@@ -52,6 +52,15 @@ class BootstrapSettings(BaseModel):
     round_samples: int = Field(default=512, ge=1)
     seed: int = 0
     threads: int = Field(default=2, ge=1, description="torch threads while training.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_time_budget(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "seconds" in data:
+            raise ValueError("bootstrap.seconds is gone: the budget is bootstrap.samples "
+                             "(150,000 take about a minute on 2 cores), so the seed model "
+                             "does not depend on the machine's speed")
+        return data
 
 
 def seed_tasks(s: BootstrapSettings) -> list[Task]:

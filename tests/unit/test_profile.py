@@ -53,3 +53,11 @@ def test_a_wrong_setting_is_named_before_anything_starts(tmp_path: Path) -> None
     bad.write_text("generators: 0\n")
     with pytest.raises(ConfigError, match="invalid profile"):
         load_profile(bad)
+
+
+def test_a_time_budget_for_the_seed_model_is_refused_with_its_replacement(
+        tmp_path: Path) -> None:
+    profile = tmp_path / "old.yaml"
+    profile.write_text("bootstrap: {seconds: 45}\n")
+    with pytest.raises(ConfigError, match=r"bootstrap\.samples"):
+        load_profile(profile)
