@@ -2,16 +2,20 @@
 # The programs the integration tests run beside the project: kcat (an independent Kafka client
 # that checks the broker) and prometheus (a real server that scrapes a running service).
 # Installs the missing ones from Debian's packages where it can (apt-get, as root or with
-# passwordless sudo); elsewhere it names what to install and fails, so that `make test` does
-# not run a suite that cannot pass.
+# passwordless sudo); otherwise, or if that fails, it names what to install and fails, so that
+# `make test` does not start a suite that cannot pass.
 set -euo pipefail
 
 tools=(kcat prometheus)
-missing=()
-for tool in "${tools[@]}"; do
-  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-done
-[ ${#missing[@]} -eq 0 ] && exit 0
+missing() {
+  local tool
+  for tool in "${tools[@]}"; do
+    command -v "$tool" >/dev/null 2>&1 || echo "$tool"
+  done
+}
+
+need=($(missing))
+[ ${#need[@]} -eq 0 ] && exit 0
 
 if command -v apt-get >/dev/null 2>&1; then
   if [ "$(id -u)" -eq 0 ]; then
@@ -22,18 +26,22 @@ if command -v apt-get >/dev/null 2>&1; then
     as_root=()
   fi
   if [ ${#as_root[@]} -gt 0 ]; then
-    echo "installing ${missing[*]} (Debian packages) for the integration tests" >&2
-    "${as_root[@]}" apt-get update -qq
-    "${as_root[@]}" DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      --no-install-recommends "${missing[@]}" >/dev/null
-    exit 0
+    echo "installing ${need[*]} (Debian packages) for the integration tests" >&2
+    apt=(apt-get -qq -o DPkg::Lock::Timeout=300)
+    if "${as_root[@]}" "${apt[@]}" update \
+        && "${as_root[@]}" DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y \
+             --no-install-recommends "${need[@]}" >/dev/null; then
+      need=($(missing))
+      [ ${#need[@]} -eq 0 ] && exit 0
+    fi
+    echo "apt-get did not install: ${need[*]}" >&2
   fi
 fi
 
 cat >&2 <<MSG
-The integration tests need: ${missing[*]}, which this user cannot install here.
+The integration tests need: ${need[*]}, which could not be installed here.
 Install them, then run \`make test\` again:
-  Debian/Ubuntu:  sudo apt-get install kcat prometheus
+  Debian/Ubuntu:  sudo apt-get install kcat prometheus   (older Ubuntu: kafkacat, as kcat)
   macOS:          brew install kcat prometheus
   elsewhere:      kcat from https://github.com/edenhill/kcat, prometheus from prometheus.io
 MSG
