@@ -3,10 +3,11 @@
 ``apply`` is convergent and additive: it creates missing topics, sets declared configs that
 differ, and adds partitions where fewer exist than declared. It never deletes a topic, never
 removes a config it does not declare, and cannot remove partitions (Kafka cannot), so it reports
-that as a warning. It returns only once the cluster reads back what it changed: an admin call
+that as a warning. It returns only once a broker reads back what it changed: an admin call
 returns when the controller has the change, and a broker's metadata follows a moment later
 (KRaft), so without that wait an ``apply`` right after another could read the old value and
-change it again. A second ``apply`` right after the first makes no change.
+change it again. A second ``apply`` right after the first makes no change (on a cluster it may
+ask a broker a moment behind the one that read back, and set a value again that is set).
 """
 
 from __future__ import annotations

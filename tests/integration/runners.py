@@ -96,46 +96,60 @@ def freeze_mid_transaction(
     kafka: Broker, proc: subprocess.Popen[bytes], *, group: str, inputs: list[str],
     outputs: list[str], more: Callable[[], bool], at_least: int = 1, timeout: float = 180,
 ) -> int:
-    """Stop ``proc`` (SIGSTOP) inside a transaction: records of it are in ``outputs``, not yet
-    committed, and at least ``at_least`` records of ``inputs`` are left after its group's
-    committed offsets. Returns how many are left. The caller kills the process, or signals it
-    and sends SIGCONT.
+    """Stop ``proc`` (SIGSTOP) inside a transaction, after it has committed at least one:
+    records of the open transaction are in ``outputs``, and at least ``at_least`` records of
+    ``inputs`` are left after its group's committed offsets. Returns how many are left. The
+    caller kills the process, or signals it and sends SIGCONT.
 
     A signal timed against a stream races it: on a fast machine the stream may be over, on a
     slow one not begun. So this waits until an open transaction shows on ``outputs``, freezes
-    the process and looks again, twice, while nothing of its own can move. If the transaction
-    was committed meanwhile the process is resumed and caught at a later one; when its input runs
-    short, ``more()`` gives it more (False: there is none, and the test fails).
+    the process, and looks twice at what only it can change (its outputs' end offsets, read
+    committed and uncommitted, and its group's committed offsets). A request it sent just
+    before it stopped completes within the broker's request time, far less than the half
+    second a look takes, and shows as a difference; then, or if the transaction was committed
+    meanwhile, the process is resumed and caught at a later one. When its input runs short,
+    ``more()`` gives it more (False: there is none, and the test fails).
     """
     deadline = time.monotonic() + timeout
 
-    def opened() -> bool:
-        return any(kafka.end_offsets(t, "read_uncommitted") != kafka.end_offsets(t)
-                   for t in outputs)
+    def look() -> tuple[dict[str, Any], dict[str, dict[int, int]]]:
+        ends = {t: (kafka.end_offsets(t, "read_uncommitted"), kafka.end_offsets(t))
+                for t in outputs}
+        return ends, {t: kafka.committed(group, t) for t in inputs}
 
-    def left() -> int:
-        return sum(kafka.left(group, t) for t in inputs)
+    def opened(ends: dict[str, Any]) -> bool:
+        return any(uncommitted != committed for uncommitted, committed in ends.values())
+
+    def left(offsets: dict[str, dict[int, int]]) -> int:
+        return sum(len(kafka.read_all(t, start=offsets[t])) for t in inputs)
 
     def moment() -> str | None:
         if proc.poll() is not None:
             return "exited"
-        if opened():
+        ends, offsets = look()
+        if not any(sum(o.values()) for o in offsets.values()):
+            return None  # no transaction committed yet
+        if opened(ends):
             return "open"
-        return "short" if left() < at_least else None
+        return "short" if left(offsets) < at_least else None
 
     while True:
-        seen = wait_until(moment, max(1.0, deadline - time.monotonic()),
-                          f"{group} to open a transaction")
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{group}: not caught in a transaction in {timeout:.0f} s"
+        seen = wait_until(moment, remaining, f"{group} to open a transaction")
         assert seen != "exited", f"{group}: the process exited ({proc.returncode})"
         if seen == "open":
             os.kill(proc.pid, signal.SIGSTOP)
-            # Looked at twice: a commit already on its way to the broker when the process
-            # stopped would complete between the two and show as a difference.
-            now = (opened(), left())
-            if now[0] and now[1] >= at_least and (opened(), left()) == now:
-                return now[1]
+            try:
+                first = look()
+                n = left(first[1])
+                if opened(first[0]) and n >= at_least and look() == first:
+                    return n
+            except BaseException:
+                os.kill(proc.pid, signal.SIGCONT)  # never leave a stopped process behind
+                raise
             os.kill(proc.pid, signal.SIGCONT)
-        if left() < at_least:
+        if sum(kafka.left(group, t) for t in inputs) < at_least:
             assert more(), f"{group}: never caught in a transaction with its input to hand"
 
 
@@ -147,7 +161,7 @@ def kill_mid_transaction(
     input records it left uncommitted."""
     left = freeze_mid_transaction(kafka, proc, group=group, inputs=inputs, outputs=outputs,
                                   more=more, timeout=timeout)
-    proc.kill()
+    proc.kill()  # a stopped process takes SIGKILL
     proc.wait(30)
     return left
 

@@ -76,7 +76,7 @@ def test_feeder_keeps_the_backlog_at_its_target(kafka: Broker, uid: str) -> None
     published = lambda: sum(kafka.end_offsets(topic, "read_uncommitted").values())  # noqa: E731
     with InThread(_FeederLoop(feeder)) as running:  # type: ignore[arg-type]
         wait_until(lambda: published() == 100, 30, "the first 100 tasks")
-        wait_until(lambda: feeder.backlog.size() == 100, 10, "the backlog measured at 100")
+        wait_until(lambda: feeder.backlog.size() == 100, 60, "the backlog measured at 100")
         ticks = 5
         for _ in range(ticks):  # nobody consumes: it must not publish more
             assert feeder.tick() == 0

@@ -54,7 +54,8 @@ class ServedNewest:
 
     def __init__(self) -> None:
         self.since: dict[str, tuple[int, float]] = {}  # generator -> (version, produced then)
-        self.newest: int | None = None
+        self.newest: int | None = None  # the newest promoted version once the rate has risen
+        self.fired = False
 
     def __call__(self, snapshot: Snapshot) -> bool:
         newest = _risen(snapshot.versions)
@@ -73,10 +74,11 @@ class ServedNewest:
                 done = False
                 continue
             done &= row["produced"] > produced
+        self.fired = done
         return done
 
 
-@pytest.mark.timeout(BUDGET_SECONDS + 300)
+@pytest.mark.timeout(BUDGET_SECONDS + 600)  # and the seed model, and stopping
 def test_the_pass_rate_rises_across_promoted_versions_served_by_every_generator(
         kafka: Broker, uid: str, tmp_path: Path) -> None:
     prefix = f"fw{uid}."
@@ -105,6 +107,8 @@ def test_the_pass_rate_rises_across_promoted_versions_served_by_every_generator(
     assert until.newest is not None, (
         f"in the {BUDGET_SECONDS:.0f} s budget the pass rate did not rise by {RISE} over the "
         f"seed's {seed['metrics']['pass_rate']:.3f} across {PROMOTIONS} promotions: {rates}")
+    assert until.fired, (f"in the {BUDGET_SECONDS:.0f} s budget not every generator made a "
+                         f"batch with v{until.newest}: {final.rows}")
     assert [e["version"] for e in later] == sorted(e["version"] for e in later)
     # A clear margin: the newest promoted version well above the seed model.
     newest = next(e for e in later if e["version"] == until.newest)

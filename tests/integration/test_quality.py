@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +60,6 @@ def _counts(kafka: Broker, prefix: str) -> dict[str, int]:
     """Records per output topic. End offsets would count transaction markers too."""
     return {name: len(kafka.read_all(f"{prefix}{name}"))
             for name in ("filtered", "rejected", *(f"accepted.{s}" for s in STAGES))}
-
-
-def _offsets(kafka: Broker, prefix: str, name: str) -> int:
-    """End offsets: records plus transaction markers, cheap to poll for progress."""
-    return sum(kafka.end_offsets(f"{prefix}{name}").values())
 
 
 def _check(kafka: Broker, prefix: str, expected: planted.Expected) -> None:
@@ -161,17 +155,23 @@ def test_sigkill_of_filter_and_router_mid_stream_changes_nothing(
         return spawn_service(kafka.bootstrap, command, prefix=prefix, instance=f"{name}-0",
                              log=log, env={"FLYWHEEL_RUNTIME__BATCH_MAX_RECORDS": "100"})
 
+    outputs = {"router": [*(f"{prefix}accepted.{s}" for s in STAGES), f"{prefix}router.state"],
+               "filter": [f"{prefix}filtered", f"{prefix}rejected", f"{prefix}filter.state"]}
+
+    def aborted(name: str) -> int:
+        """Records of aborted transactions: in the log, invisible to read_committed."""
+        return sum(len(kafka.read_all(t, isolation="read_uncommitted")) - len(kafka.read_all(t))
+                   for t in outputs[name])
+
     procs = {"filter": start("filter"), "router": start("router")}
     try:
         # The router first, while the filter feeds it; then the filter.
         router_left = kill_mid_transaction(
             kafka, procs["router"], group=f"{prefix}router", inputs=[f"{prefix}filtered"],
-            outputs=[*(f"{prefix}accepted.{s}" for s in STAGES), f"{prefix}router.state"],
-            more=feed.more)
+            outputs=outputs["router"], more=feed.more)
         filter_left = kill_mid_transaction(
             kafka, procs["filter"], group=f"{prefix}filter", inputs=[f"{prefix}scored"],
-            outputs=[f"{prefix}filtered", f"{prefix}rejected", f"{prefix}filter.state"],
-            more=feed.more)
+            outputs=outputs["filter"], more=feed.more)
         print(f"killed inside a transaction: the router with {router_left} input records "
               f"uncommitted, the filter with {filter_left}; {feed.sent} of {len(records)} "
               "records in by then")
@@ -189,6 +189,8 @@ def test_sigkill_of_filter_and_router_mid_stream_changes_nothing(
                 p.terminate()
                 p.wait(30)
     _check(kafka, prefix, expected)
+    # Each kill cut a transaction off; the restarted instance aborted it.
+    assert aborted("router") > 0 and aborted("filter") > 0
 
 
 def test_the_scorer_service_scores_raw_trajectories_exactly_once(
@@ -253,9 +255,11 @@ def test_a_replay_reads_history_to_its_end_at_start_and_writes_apart(
     records, expected = planted.planted_mix(90)
     old, new = records[:180], records[180:]  # whole groups
     _produce_in_transactions(kafka, f"{prefix}scored", old, f"old-{uid}")
-    time.sleep(1.5)
-    since = datetime.now(UTC)
-    time.sleep(0.5)
+    # Just after the newest old record (Kafka timestamps are milliseconds); the new ones are
+    # produced once the clock has passed it.
+    newest = max(m.timestamp()[1] for m in kafka.read_all(f"{prefix}scored"))
+    since = datetime.fromtimestamp(0, UTC) + timedelta(milliseconds=newest + 1)
+    wait_until(lambda: datetime.now(UTC) > since, 10, "the clock to pass the old records")
     _produce_in_transactions(kafka, f"{prefix}scored", new, f"new-{uid}")
     promoted = CheckpointEvent(model=planted.MODEL, version=planted.LATEST_VERSION,
                                uri="/nowhere", manifest=[], status="promoted")

@@ -84,7 +84,7 @@ def _kill_mid_round(proc: subprocess.Popen[bytes], kafka: Broker, prefix: str,
                     log: Path) -> int:
     """SIGKILL the trainer inside a round after its first: once the log says the round for
     version N began, the process is frozen (SIGSTOP) and killed if N is not committed yet
-    (observed on ``checkpoints``), else resumed until the next round begins. Returns the
+    (observed on ``checkpoints``, twice), else resumed until the next round begins. Returns the
     committed versions at the kill."""
     def began(version: int) -> Callable[[], bool]:
         return lambda: (f"training round for v{version}:" in log.read_text()
@@ -94,12 +94,17 @@ def _kill_mid_round(proc: subprocess.Popen[bytes], kafka: Broker, prefix: str,
         wait_until(began(version), 180, f"the round for v{version} to start")
         assert proc.poll() is None, log.read_text()[-3000:]
         os.kill(proc.pid, signal.SIGSTOP)
-        committed = len(_candidates(kafka, prefix))
-        if committed == version - 1:  # the round for `version` is in progress
-            proc.kill()
-            proc.wait(10)
-            return committed
-        os.kill(proc.pid, signal.SIGCONT)
+        try:
+            # Twice, half a second apart (a read): a commit it sent just before it stopped
+            # would show as a difference.
+            committed = len(_candidates(kafka, prefix))
+            if committed == version - 1 == len(_candidates(kafka, prefix)):
+                proc.kill()  # inside the round for `version`
+                proc.wait(10)
+                return committed
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
     raise AssertionError("unreachable")
 
 

@@ -40,7 +40,8 @@ def test_a_process_that_dies_is_restarted_with_growing_backoff(tmp_path: Path) -
         codes = sup.stop()
     assert codes["sleeper"] is not None and codes["sleeper"] < 0  # ended by SIGTERM
     restarts = sup.children["crash"].restarts
-    time.sleep(0.5)  # past any back-off
+    crash = sup.children["crash"]
+    assert _wait(lambda: time.monotonic() > crash.next_start)  # past its back-off
     sup.poll()  # a stopped supervisor restarts nothing
     assert sup.children["crash"].restarts == restarts
     assert sup.children["sleeper"].proc is not None
