@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -240,10 +241,36 @@ def _require_free(port: int) -> None:
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
+    """A TCP port free on 127.0.0.1 right now, for a process about to start (see
+    :func:`free_ports`)."""
+    return free_ports(1)
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive TCP ports free on 127.0.0.1 right now, below the
+    kernel's ephemeral range. A port from that range (what binding port 0 gives) can be taken
+    by any outgoing connection's local end in the seconds before the process meant to bind it
+    has started: seen as a service of the end-to-end test failing with "Address already in
+    use" while the other services connected to the broker."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(1000):
+        first = rng.randrange(10_000, low - count)
+        if all(_bindable(port) for port in range(first, first + count)):
+            return first
+    raise OSError(f"no {count} consecutive free ports between 10000 and {low}")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _tail(path: Path, lines: int = 40) -> str:

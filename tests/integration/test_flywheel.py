@@ -18,7 +18,7 @@ import pytest
 
 from schemas import CheckpointEvent
 from services.bootstrap import BootstrapSettings
-from services.common.broker import free_port
+from services.common.broker import free_ports
 from services.up.profile import Profile
 from services.up.stack import Snapshot, Stack
 from tests.kafka import Broker
@@ -85,7 +85,8 @@ def test_the_pass_rate_rises_across_promoted_versions_served_by_every_generator(
     profile = Profile(
         kafka={"bootstrap_servers": kafka.bootstrap, "topic_prefix": prefix},
         home=tmp_path / "home", checkpoint_url=str(tmp_path / "store"),
-        generators=len(GENERATORS), metrics_port=free_port(), bootstrap=SEED)
+        generators=len(GENERATORS), metrics_port=free_ports(len(GENERATORS) + 6),
+        bootstrap=SEED)
     stack = Stack(profile)
     stack.prepare(say=print)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -255,10 +255,11 @@ def test_a_replay_reads_history_to_its_end_at_start_and_writes_apart(
     records, expected = planted.planted_mix(90)
     old, new = records[:180], records[180:]  # whole groups
     _produce_in_transactions(kafka, f"{prefix}scored", old, f"old-{uid}")
-    # Just after the newest old record (Kafka timestamps are milliseconds); the new ones are
-    # produced once the clock has passed it.
-    newest = max(m.timestamp()[1] for m in kafka.read_all(f"{prefix}scored"))
-    since = datetime.fromtimestamp(0, UTC) + timedelta(milliseconds=newest + 1)
+    # Not the newest old record's timestamp: the first transaction's commit marker sits among
+    # the old records and is stamped when the broker writes it, after the second transaction's
+    # records were stamped by the client, so offsets-for-times would find the marker. Once both
+    # commits have returned, every marker among them is written, stamped before now.
+    since = datetime.now(UTC)
     wait_until(lambda: datetime.now(UTC) > since, 10, "the clock to pass the old records")
     _produce_in_transactions(kafka, f"{prefix}scored", new, f"new-{uid}")
     promoted = CheckpointEvent(model=planted.MODEL, version=planted.LATEST_VERSION,
