@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -35,6 +36,7 @@ from services.common.config import DEPLOY_DIR, TOPIC_NAMES, KafkaSettings
 from services.common.errors import ConfigError, FlywheelError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_TOPICS_FILE = DEPLOY_DIR / "topics.yaml"
 TIMEOUT = 30.0
@@ -237,7 +239,7 @@ def _add_partitions(admin: AdminClient, name: str, count: int) -> bool:
         if exc.args[0].code() != KafkaError.INVALID_PARTITIONS:
             raise FlywheelError(f"add partitions to {name} failed: {exc.args[0]}") from exc
     _poll(lambda: _partition_counts(admin).get(name, 0) >= count,
-          f"add partitions to {name}: refused, and it does not have {count}")
+          lambda: f"add partitions to {name}: refused, and it does not have {count}")
     return False
 
 
@@ -247,41 +249,37 @@ def _wait_for_metadata(admin: AdminClient, names: list[str]) -> dict[str, int]:
         have = _partition_counts(admin)
         return {n: have[n] for n in names} if all(n in have for n in names) else None
 
-    found: dict[str, int] = _poll(counts, f"topics {names} exist but never appeared in metadata")
-    return found
+    return _poll(counts, lambda: f"topics {names} exist but never appeared in metadata")
 
 
 def _read_back(admin: AdminClient, partitions: dict[str, int],
                configs: dict[str, dict[str, str]]) -> None:
     """Wait until the broker's metadata shows every change apply made: topics and partitions
     (``partitions``: at least that many), configs (``configs``: exactly these values)."""
-    def lagging() -> list[str]:
-        have = _partition_counts(admin)
-        out = [f"{n}: {have.get(n, 0)} of {count} partitions"
-               for n, count in partitions.items() if have.get(n, 0) < count]
-        read = _configs(admin, [n for n in configs if n in have])
-        out += [f"{n}: {k} reads {read.get(n, {}).get(k)!r}, set {v!r}"
-                for n, changed in configs.items() for k, v in changed.items()
-                if read.get(n, {}).get(k) != v]
-        return out
-
     if not partitions and not configs:
         return
-    deadline = time.monotonic() + TIMEOUT
-    while behind := lagging():
-        if time.monotonic() > deadline:
-            raise FlywheelError("the cluster never showed what apply changed: "
-                                + "; ".join(behind))
-        time.sleep(0.1)
+    behind: list[str] = []
+
+    def caught_up() -> bool:
+        have = _partition_counts(admin)
+        read = _configs(admin, [n for n in configs if n in have])
+        behind[:] = [f"{n}: {have.get(n, 0)} of {count} partitions"
+                     for n, count in partitions.items() if have.get(n, 0) < count]
+        behind.extend(f"{n}: {k} reads {read.get(n, {}).get(k)!r}, set {v!r}"
+                      for n, changed in configs.items() for k, v in changed.items()
+                      if read.get(n, {}).get(k) != v)
+        return not behind
+
+    _poll(caught_up, lambda: "the cluster never showed what apply changed: " + "; ".join(behind))
 
 
-def _poll(check: Any, failure: str) -> Any:
-    """``check()`` until it returns something truthy; FlywheelError(``failure``) after
+def _poll(check: Callable[[], T | None], failure: Callable[[], str]) -> T:
+    """``check()`` until it returns something truthy; FlywheelError(``failure()``) after
     ``TIMEOUT`` seconds. Metadata changes show within a second on a healthy cluster."""
     deadline = time.monotonic() + TIMEOUT
     while not (value := check()):
         if time.monotonic() > deadline:
-            raise FlywheelError(failure)
+            raise FlywheelError(failure())
         time.sleep(0.1)
     return value
 
