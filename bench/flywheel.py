@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common import broker as local_kafka
-from services.up.profile import SERVICES, Profile
+from services.up.profile import Profile
 from services.up.stack import Stack
 
 TARGET_PASS_RATE = 0.8
@@ -103,8 +103,8 @@ def run() -> dict[str, Any]:
     out = Path(os.environ.get("FLYWHEEL_BENCH_OUT", "results"))
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
         profile = Profile(home=Path(tmp) / "home", checkpoint_url=str(Path(tmp) / "store"),
-                          broker_port=local_kafka.free_port(),
-                          metrics_port=local_kafka.free_ports(len(SERVICES)))
+                          broker_port=local_kafka.free_port())
+        profile.metrics_port = local_kafka.free_ports(profile.processes)
         result = flywheel(profile, seconds)
         stack: Stack = result.pop("stack")
         assert stack.base_path is not None

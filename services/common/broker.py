@@ -232,12 +232,8 @@ def _is_kafka(pid: int) -> bool:
 
 
 def _require_free(port: int) -> None:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise BrokerError(f"port {port} is in use; choose another with --port") from exc
+    if not _bindable(port):
+        raise BrokerError(f"port {port} is in use; choose another with --port")
 
 
 def free_port() -> int:
@@ -256,16 +252,17 @@ def free_ports(count: int) -> int:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
-    rng = random.Random()
     for _ in range(1000):
-        first = rng.randrange(10_000, low - count)
+        first = random.randrange(10_000, low - count)
         if all(_bindable(port) for port in range(first, first + count)):
             return first
     raise OSError(f"no {count} consecutive free ports between 10000 and {low}")
 
 
 def _bindable(port: int) -> bool:
+    """Whether a server (they set SO_REUSEADDR) could listen on ``port`` now."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -1033,6 +1033,9 @@ class StreamRuntime:
         log.info("runtime stopped: service=%s", self.settings.service)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _epoch_ms(at: datetime) -> int:
     """``at`` as a Kafka timestamp: the first whole millisecond at or after it. In integers:
     ``timestamp() * 1000`` can land a hair below a whole millisecond and truncate to the one
@@ -1041,9 +1044,6 @@ def _epoch_ms(at: datetime) -> int:
         at = at.astimezone()  # local time, as datetime.timestamp() reads it
     micros = (at - _EPOCH) // timedelta(microseconds=1)
     return -(-micros // 1000)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _origin(msg: KafkaMessage) -> tuple[str, int, int]:

@@ -80,6 +80,12 @@ class Profile(BaseModel):
         return KafkaSettings(**self.kafka)
 
     @property
+    def processes(self) -> int:
+        """Service processes ``flywheel up`` runs, each with its /metrics port from
+        ``metrics_port`` on."""
+        return len(SERVICES) - 1 + self.generators
+
+    @property
     def local_broker(self) -> bool:
         return "bootstrap_servers" not in self.kafka
 

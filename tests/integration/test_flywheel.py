@@ -85,8 +85,8 @@ def test_the_pass_rate_rises_across_promoted_versions_served_by_every_generator(
     profile = Profile(
         kafka={"bootstrap_servers": kafka.bootstrap, "topic_prefix": prefix},
         home=tmp_path / "home", checkpoint_url=str(tmp_path / "store"),
-        generators=len(GENERATORS), metrics_port=free_ports(len(GENERATORS) + 6),
-        bootstrap=SEED)
+        generators=len(GENERATORS), bootstrap=SEED)
+    profile.metrics_port = free_ports(profile.processes)
     stack = Stack(profile)
     stack.prepare(say=print)
 

@@ -24,6 +24,7 @@ def test_the_embedded_profile_validates_and_makes_one_process_per_service(
     specs = stack.specs()
     assert [s.name for s in specs] == ["feeder", "generator-0", "generator-1", "scorer",
                                        "filter", "router", "trainer", "gate"]
+    assert stack.profile.processes == len(specs)
     gen = specs[1].env
     assert gen["FLYWHEEL_MODEL_PATH"] == str(tmp_path / "seed")
     assert gen["FLYWHEEL_INSTANCE_ID"] == "generator-0"
