@@ -6,8 +6,18 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
+
+_COORDINATOR_MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                       KafkaError.COORDINATOR_NOT_AVAILABLE}
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,17 @@ class Broker:
         try:
             md = consumer.list_topics(topic, timeout=10)
             tps = [TopicPartition(topic, p) for p in md.topics[topic].partitions]
-            return {tp.partition: max(0, tp.offset) for tp in consumer.committed(tps, timeout=10)}
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    found = consumer.committed(tps, timeout=10)
+                    return {tp.partition: max(0, tp.offset) for tp in found}
+                except KafkaException as exc:
+                    # On a broker just started the group coordinator may still be loading.
+                    if exc.args[0].code() not in _COORDINATOR_MOVING or \
+                            time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
         finally:
             consumer.close()
 
@@ -114,6 +134,10 @@ class Broker:
         """Committed records of ``topic`` after ``group``'s committed offsets: its input left.
         Records, not offsets: transaction markers take offsets too."""
         return len(self.read_all(topic, start=self.committed(group, topic)))
+
+    def aborted(self, topic: str) -> int:
+        """Records of aborted transactions: in the log, invisible to read_committed."""
+        return len(self.read_all(topic, isolation="read_uncommitted")) - len(self.read_all(topic))
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):  # type: ignore[no-untyped-def]

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,17 +93,30 @@ def spawn_service(
         )
 
 
-def freeze_mid_transaction(
+@contextmanager
+def stopped(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    """``proc`` stopped (SIGSTOP) for the block, so what it has written can be read while it
+    cannot change it; resumed (SIGCONT) after the block unless it ended in it."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+
+
+@contextmanager
+def frozen_mid_transaction(
     kafka: Broker, proc: subprocess.Popen[bytes], *, group: str, inputs: list[str],
     outputs: list[str], more: Callable[[], bool], at_least: int = 1, timeout: float = 180,
-) -> int:
-    """Stop ``proc`` (SIGSTOP) inside a transaction, after it has committed at least one:
-    records of the open transaction are in ``outputs``, and at least ``at_least`` records of
-    ``inputs`` are left after its group's committed offsets. Returns how many are left. The
-    caller kills the process, or signals it and sends SIGCONT.
+) -> Iterator[int]:
+    """``proc`` stopped for the block inside a transaction, after it has committed at least
+    one: records of the open transaction are in ``outputs``, and at least ``at_least`` records
+    of ``inputs`` are left after its group's committed offsets (yielded). The block kills the
+    process, or signals it; it is resumed after the block unless it ended.
 
     A signal timed against a stream races it: on a fast machine the stream may be over, on a
-    slow one not begun. So this waits until an open transaction shows on ``outputs``, freezes
+    slow one not begun. So this waits until an open transaction shows on ``outputs``, stops
     the process, and looks twice at what only it can change (its outputs' end offsets, read
     committed and uncommitted, and its group's committed offsets). A request it sent just
     before it stopped completes within the broker's request time, far less than the half
@@ -129,7 +143,7 @@ def freeze_mid_transaction(
         ends, offsets = look()
         if not any(sum(o.values()) for o in offsets.values()):
             return None  # no transaction committed yet
-        if opened(ends):
+        if opened(ends):  # before the slower count of what is left
             return "open"
         return "short" if left(offsets) < at_least else None
 
@@ -138,31 +152,27 @@ def freeze_mid_transaction(
         assert remaining > 0, f"{group}: not caught in a transaction in {timeout:.0f} s"
         seen = wait_until(moment, remaining, f"{group} to open a transaction")
         assert seen != "exited", f"{group}: the process exited ({proc.returncode})"
-        if seen == "open":
-            os.kill(proc.pid, signal.SIGSTOP)
-            try:
-                first = look()
-                n = left(first[1])
-                if opened(first[0]) and n >= at_least and look() == first:
-                    return n
-            except BaseException:
-                os.kill(proc.pid, signal.SIGCONT)  # never leave a stopped process behind
-                raise
-            os.kill(proc.pid, signal.SIGCONT)
-        if sum(kafka.left(group, t) for t in inputs) < at_least:
+        if seen == "short":
             assert more(), f"{group}: never caught in a transaction with its input to hand"
+            continue
+        with stopped(proc):
+            first = look()
+            n = left(first[1])
+            if opened(first[0]) and n >= at_least and look() == first:
+                yield n
+                return
 
 
 def kill_mid_transaction(
     kafka: Broker, proc: subprocess.Popen[bytes], *, group: str, inputs: list[str],
     outputs: list[str], more: Callable[[], bool], timeout: float = 180,
 ) -> int:
-    """SIGKILL ``proc`` inside a transaction (see :func:`freeze_mid_transaction`); returns the
+    """SIGKILL ``proc`` inside a transaction (see :func:`frozen_mid_transaction`); returns the
     input records it left uncommitted."""
-    left = freeze_mid_transaction(kafka, proc, group=group, inputs=inputs, outputs=outputs,
-                                  more=more, timeout=timeout)
-    proc.kill()  # a stopped process takes SIGKILL
-    proc.wait(30)
+    with frozen_mid_transaction(kafka, proc, group=group, inputs=inputs, outputs=outputs,
+                                more=more, timeout=timeout) as left:
+        proc.kill()  # a stopped process takes SIGKILL
+        proc.wait(30)
     return left
 
 
@@ -175,9 +185,9 @@ class Feed:
         self.kafka, self.topic, self.records, self.chunk = kafka, topic, records, chunk
         self.sent = 0
 
-    def more(self) -> bool:
-        """Produce the next chunk; False if every record was produced already."""
-        part = self.records[self.sent:self.sent + self.chunk]
+    def more(self, chunks: int = 1) -> bool:
+        """Produce the next ``chunks`` chunks; False if every record was produced already."""
+        part = self.records[self.sent:self.sent + chunks * self.chunk]
         self.kafka.produce(self.topic, part)
         self.sent += len(part)
         return bool(part)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -15,7 +14,7 @@ from schemas import Task
 from tests import factories
 from tests.integration.runners import (
     Feed,
-    freeze_mid_transaction,
+    frozen_mid_transaction,
     kill_mid_transaction,
     spawn_relay,
 )
@@ -34,8 +33,7 @@ def _relay_topics(kafka: Broker, prefix: str) -> tuple[str, str, Feed]:
     kafka.create_topics([src, out, f"{prefix}dlq"], partitions=3)
     feed = Feed(kafka, src, [(f"k{i}".encode(), factories.task(i).to_bytes()) for i in range(N)],
                 chunk=CHUNK)
-    feed.more()
-    feed.more()
+    feed.more(2)
     return src, out, feed
 
 
@@ -60,7 +58,7 @@ def test_sigkill_mid_stream_then_restart_gives_each_record_exactly_once(
     log = tmp_path / "relay.log"
     group = f"{prefix}relay"
     config = dict(service="relay", prefix=prefix, inputs=[src], output=out, log=log,
-                  batch_max_records=500)
+                  batch_max_records=200)  # a chunk spans ten transactions
 
     first = spawn_relay(kafka.bootstrap, **config)
     try:
@@ -69,7 +67,7 @@ def test_sigkill_mid_stream_then_restart_gives_each_record_exactly_once(
     finally:
         _stop(first)
     at_kill = sum(_ids(kafka, out).values())
-    aborted = len(kafka.read_all(out, isolation="read_uncommitted")) - at_kill
+    aborted = kafka.aborted(out)
     print(f"SIGKILL inside a transaction of {aborted} records, {left} input records "
           f"uncommitted; {at_kill} committed before")
     assert aborted > 0
@@ -104,11 +102,10 @@ def test_sigterm_finishes_the_batch_in_flight_and_exits_cleanly(
                        log=log, batch_max_records=200, shutdown_timeout_seconds=10)
     try:
         # More input left than the batch in flight and the one open can hold (2 x 200).
-        left = freeze_mid_transaction(kafka, proc, group=group, inputs=[src], outputs=[out],
-                                      more=feed.more, at_least=1_000)
-        proc.send_signal(signal.SIGTERM)  # handled once it runs again
-        sent = time.monotonic()
-        os.kill(proc.pid, signal.SIGCONT)
+        with frozen_mid_transaction(kafka, proc, group=group, inputs=[src], outputs=[out],
+                                    more=feed.more, at_least=1_000) as left:
+            proc.send_signal(signal.SIGTERM)  # handled once it runs again
+            sent = time.monotonic()
         code = proc.wait(40)
         took = time.monotonic() - sent
     finally:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
-import signal
 import subprocess
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,7 +17,7 @@ from schemas import CheckpointEvent, RoutedSample, Score, ScoredTrajectory, Traj
 from services import envs
 from services.common import topics as topic_ops
 from services.common.config import KafkaSettings
-from tests.integration.runners import spawn_service
+from tests.integration.runners import spawn_service, stopped
 from tests.kafka import Broker, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -93,8 +91,7 @@ def _kill_mid_round(proc: subprocess.Popen[bytes], kafka: Broker, prefix: str,
     for version in itertools.count(2):
         wait_until(began(version), 180, f"the round for v{version} to start")
         assert proc.poll() is None, log.read_text()[-3000:]
-        os.kill(proc.pid, signal.SIGSTOP)
-        try:
+        with stopped(proc):
             # Twice, half a second apart (a read): a commit it sent just before it stopped
             # would show as a difference.
             committed = len(_candidates(kafka, prefix))
@@ -102,9 +99,6 @@ def _kill_mid_round(proc: subprocess.Popen[bytes], kafka: Broker, prefix: str,
                 proc.kill()  # inside the round for `version`
                 proc.wait(10)
                 return committed
-        finally:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGCONT)
     raise AssertionError("unreachable")
 
 
