@@ -42,7 +42,8 @@ DEFAULT_TOPICS_FILE = DEPLOY_DIR / "topics.yaml"
 TIMEOUT = 30.0
 _METADATA_LAG = {
     KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.UNKNOWN_LEADER_EPOCH,
+    KafkaError.FENCED_LEADER_EPOCH,
 }
 
 
@@ -206,12 +207,14 @@ def describe(admin: AdminClient, specs: list[TopicSpec]) -> list[TopicState]:
 
 
 def _list_offsets(
-    admin: AdminClient, request: dict[TopicPartition, OffsetSpec], attempts: int = 20
+    admin: AdminClient, request: dict[TopicPartition, OffsetSpec]
 ) -> dict[TopicPartition, int]:
-    """End offsets, retrying partitions whose leader is not known yet (just created or grown:
-    the metadata reaches the broker's cache a moment after the admin call returns)."""
+    """End offsets, retrying partitions whose leader is not settled yet (just created or grown:
+    the metadata and leader epoch reach each broker's cache a moment after the admin call
+    returns) for up to ``TIMEOUT`` seconds."""
     out: dict[TopicPartition, int] = {}
-    for attempt in range(attempts):
+    deadline = time.monotonic() + TIMEOUT
+    while request:
         retry = {}
         for tp, fut in admin.list_offsets(request, request_timeout=TIMEOUT).items():
             try:
@@ -219,13 +222,12 @@ def _list_offsets(
             except KafkaException as exc:
                 err = exc.args[0]
                 transient = err.retriable() or err.code() in _METADATA_LAG
-                if not transient or attempt == attempts - 1:
+                if not transient or time.monotonic() > deadline:
                     raise FlywheelError(f"list offsets of {tp.topic}: {err}") from exc
                 retry[tp] = request[tp]
-        if not retry:
-            break
         request = retry
-        time.sleep(0.25)
+        if request:
+            time.sleep(0.1)
     return out
 
 
