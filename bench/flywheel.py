@@ -55,7 +55,8 @@ def baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str, Any
     import torch
 
     from services.bootstrap import train_on_seed
-    from services.gate.evaluate import HeldOut, evaluate
+    from services.envs.heldout import HeldOut
+    from services.gate.evaluate import evaluate
     from services.generator.engines import TransformersEngine
     from services.trainer.store import CheckpointStore
     from services.trainer.train import OptimSettings

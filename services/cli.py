@@ -158,6 +158,38 @@ def tasks_seed(
     err.print(f"published {publisher.publish(tasks)} tasks to {topic}")
 
 
+@tasks_app.command("split")
+def tasks_split(
+    file: Annotated[Path, typer.Argument(help="JSONL or Parquet task file.")],
+    held_out: Annotated[int, typer.Option("--held-out", min=1, help="Tasks held out.")],
+    seed: Annotated[int, typer.Option(help="RNG seed of the draw.")] = 0,
+    id_field: Annotated[str | None, typer.Option(help="Task id column; none: prompt hash.")]
+    = "id",
+    prompt_field: Annotated[str, typer.Option(help="Prompt column.")] = "prompt",
+    messages_field: Annotated[str | None, typer.Option(help="Chat messages column instead "
+                                                       "of the prompt.")] = None,
+) -> None:
+    """Write FILE's rows as two disjoint files beside it: STEM.train and STEM.heldout."""
+    from services.envs.tasksets import FieldMap, TaskSetSpec, split, write_rows
+    from services.envs.tasksets import rows as rows_of
+
+    fields = FieldMap(id=id_field, prompt=None if messages_field else prompt_field,
+                      messages=messages_field, answer=None)
+    spec = TaskSetSpec(name="split", path=file, fields=fields, verifier="none")
+    try:
+        train, test = split(spec, held_out, seed)
+    except FlywheelError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    suffix = file.suffix or ".jsonl"
+    for part, rows in (("train", train), ("heldout", test)):
+        target = file.with_name(f"{file.stem}.{part}{suffix}")
+        write_rows(target, rows, spec.file_format)
+        err.print(f"{part}: {len(rows)} tasks -> {target}")
+    if dropped := sum(1 for _ in rows_of(spec)) - len(train) - len(test):
+        err.print(f"{dropped} more left out of train: they repeat a held-out task's id or prompt")
+
+
 @run_app.command("generator")
 def run_generator() -> None:
     """Turn tasks into trajectories with the promoted policy (FLYWHEEL_MODEL_PATH, ...)."""

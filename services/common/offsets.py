@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from services.common.errors import FatalRuntimeError
 
@@ -31,3 +32,25 @@ def high_watermarks(client_config: dict[str, Any], topic: str, partitions: list[
                                 ) from exc
     finally:
         consumer.close()
+
+
+_SETTLING = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+             KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.UNKNOWN_LEADER_EPOCH,
+             KafkaError._TIMED_OUT}
+
+
+def watermarks(consumer: Consumer, topic: str, partition: int, timeout: float = 30.0
+               ) -> tuple[int, int]:
+    """``(low, high)`` of one partition, waiting up to ``timeout`` seconds while its leader
+    settles (a topic created a moment ago, a leader moving)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                       timeout=min(10.0, timeout))
+            return int(low), int(high)
+        except KafkaException as exc:
+            if exc.args[0].code() not in _SETTLING or time.monotonic() > deadline:
+                raise FatalRuntimeError(f"cannot read the offsets of {topic} [{partition}]: "
+                                        f"{exc.args[0]}") from exc
+            time.sleep(0.2)

@@ -1,5 +1,7 @@
 """``reference``: single-turn tasks checked by their declared ``VerifierSpec``; the default
-environment of tasks loaded from a JSONL file."""
+environment of task sets (``services.envs.tasksets``) and of tasks loaded from a JSONL file.
+A task with chat messages (``observation.messages``) starts from them, system prompt and
+few-shot turns included; otherwise from its prompt as the user's message."""
 
 from __future__ import annotations
 
@@ -22,11 +24,20 @@ class Reference(Environment):
 
     def tasks(self, count: int, *, rng: random.Random, difficulty: float | None = None
               ) -> list[Task]:
-        raise ConfigError("reference tasks come from a file: `flywheel tasks seed --file F`")
+        raise ConfigError("reference tasks come from task sets (the feeder's tasksets "
+                          "setting) or a file (`flywheel tasks seed --file F`)")
+
+    def initial_turns(self, task: Task) -> list[Turn]:
+        messages = (task.observation or {}).get("messages")
+        if messages:
+            return [Turn(role=m["role"], content=m["content"]) for m in messages]
+        return [Turn(role="user", content=task.prompt)]
 
     def verify(self, task: Task, turns: Sequence[Turn]) -> Verification:
         if task.verifier is None:
             return Verification(passed=None, score=0.0, details={"reason": "no verifier"})
+        if task.verifier.kind == "unit_tests":  # run in the scorer's sandbox, not here
+            return Verification(passed=None, score=0.0, details={"reason": "unit tests"})
         passed, details = check(task.verifier, last_assistant(turns))
         return Verification(passed=passed, score=1.0 if passed else 0.0, details=details)
 

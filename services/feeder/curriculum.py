@@ -21,6 +21,8 @@ import random
 import threading
 import uuid
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from prometheus_client import Gauge
@@ -28,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.config import KafkaSettings
 from services.common.errors import FatalRuntimeError
+from services.common.offsets import watermarks
 
 log = logging.getLogger(__name__)
 
@@ -102,22 +105,30 @@ class Curriculum:
 
 
 class ScoredFollower:
-    """Feeds a :class:`Curriculum` from ``scored``; reads only, commits nothing."""
+    """Hands every ``scored`` record (decoded JSON) to ``on_record``; reads only, commits
+    nothing. Starts ``history`` records back in each partition; ``caught_up`` is set once it
+    has read up to where the partitions ended when it started."""
 
-    def __init__(self, kafka: KafkaSettings, topic: str, curriculum: Curriculum) -> None:
-        self.topic, self.curriculum = topic, curriculum
+    def __init__(self, kafka: KafkaSettings, topic: str,
+                 on_record: Callable[[dict[str, Any]], None], history: int) -> None:
+        self.topic, self.on_record = topic, on_record
         self._consumer = Consumer(kafka.client_config() | {
             "group.id": f"curriculum-{uuid.uuid4().hex}", "enable.auto.commit": False,
-            "isolation.level": "read_committed",
+            "isolation.level": "read_committed", "enable.partition.eof": True,
         })
         meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:
             raise FatalRuntimeError(f"topic {topic!r} is not available; `flywheel topics apply`")
-        start = []
+        start, self._behind = [], set()
         for p in sorted(meta.partitions):
-            low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            start.append(TopicPartition(topic, p, max(low, high - curriculum.s.window)))
+            low, high = watermarks(self._consumer, topic, p)
+            start.append(TopicPartition(topic, p, max(low, high - history)))
+            if high > max(low, high - history):
+                self._behind.add(p)
         self._consumer.assign(start)
+        self.caught_up = threading.Event()
+        if not self._behind:
+            self.caught_up.set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="curriculum", daemon=True)
 
@@ -135,13 +146,30 @@ class ScoredFollower:
             for msg in self._consumer.consume(500, 0.5):
                 err = msg.error()
                 if err is not None:
-                    if err.code() != KafkaError._PARTITION_EOF:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        self._behind.discard(msg.partition())
+                        if not self._behind:
+                            self.caught_up.set()
+                    else:
                         log.warning("curriculum: %s", err)
                     continue
                 try:
                     record = json.loads(msg.value() or b"")
-                    difficulty = record["trajectory"]["task"].get("difficulty")
-                    passed = record.get("verdict") == "correct"
-                except (ValueError, KeyError, TypeError, AttributeError):
+                except ValueError:
                     continue  # not ours to judge: the scorer dead-letters bad records
-                self.curriculum.observe(difficulty, passed)
+                if isinstance(record, dict):
+                    self.on_record(record)
+
+
+def level_verdict(curriculum: Curriculum) -> Callable[[dict[str, Any]], None]:
+    """``on_record`` for the difficulty-level curriculum."""
+
+    def observe(record: dict[str, Any]) -> None:
+        try:
+            difficulty = record["trajectory"]["task"].get("difficulty")
+            passed = record.get("verdict") == "correct"
+        except (KeyError, TypeError, AttributeError):
+            return
+        curriculum.observe(difficulty, passed)
+
+    return observe

@@ -1,10 +1,13 @@
 """``flywheel run feeder``: keeps ``target_backlog`` tasks waiting for the generators.
 
 Every ``interval_seconds`` it measures the backlog (tasks published but not yet committed by
-the generators' consumer group) and publishes new tasks from the environment to bring it back
-to the target. Generators never starve, and tasks never pile up. The difficulty is fixed, the
-environment's mix, or chosen by the curriculum (``services.feeder.curriculum``): tasks near the
-frontier of what the current policy solves.
+the generators' consumer group) and publishes new tasks to bring it back to the target.
+Generators never starve, and tasks never pile up. Tasks come from the user's task sets
+(``tasksets``: cycled in shuffled epochs, drawn by the per-task curriculum,
+``services.feeder.frontier``) or else from a generated environment (``env``: a fixed
+difficulty, the environment's mix, or the difficulty-level curriculum,
+``services.feeder.curriculum``). Either way the gate's held-out tasks (``held_out``) never
+reach ``tasks``.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import json
 import logging
 import random
 import threading
+from typing import Any
 
 from prometheus_client import Counter, Gauge
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from schemas import Producer as ProducerInfo
 from services import envs
@@ -23,18 +27,33 @@ from services.common.config import ServiceSettings
 from services.common.errors import ConfigError, FlywheelError
 from services.common.logs import setup_logging
 from services.common.service import serve_loop
-from services.feeder.curriculum import Curriculum, CurriculumSettings, ScoredFollower
+from services.envs.heldout import HeldOut
+from services.envs.tasksets import TaskSetSpec
+from services.feeder.curriculum import (
+    Curriculum,
+    CurriculumSettings,
+    ScoredFollower,
+    level_verdict,
+)
+from services.feeder.frontier import TaskCurriculumSettings, verdict_of
 from services.feeder.publish import Backlog, TaskPublisher
+from services.feeder.sources import EnvSource, Source, TaskSetSource, resume_cursors
 
 log = logging.getLogger(__name__)
 
-TASKS_PUBLISHED = Counter("flywheel_feeder_tasks_published_total", "Tasks published.", ["env"])
+TASKS_PUBLISHED = Counter("flywheel_feeder_tasks_published_total", "Tasks published.",
+                          ["source"])
 BACKLOG = Gauge("flywheel_feeder_backlog_tasks", "Tasks waiting for a generator.")
 
 
 class FeederSettings(ServiceSettings):
     service: str = "feeder"
-    env: str = Field(default="arithmetic", description="Environment the tasks come from.")
+    env: str = Field(default="arithmetic", description="Environment the tasks come from, "
+                     "when there are no task sets.")
+    tasksets: list[TaskSetSpec] = Field(default_factory=list, description="The user's task "
+                                        "files; when set, tasks come from them, not env.")
+    held_out: HeldOut | None = Field(default=None, description="The gate's held-out set "
+                                     "(the same settings): its tasks are never published.")
     difficulty: float | None = Field(default=None, description="None: the environment's mix.")
     target_backlog: int = Field(default=512, ge=1, description="Tasks kept waiting.")
     interval_seconds: float = Field(default=1.0, gt=0, le=300)
@@ -43,26 +62,59 @@ class FeederSettings(ServiceSettings):
         "defaults to the generators' group '<prefix>generator'.",
     )
     seed: int | None = Field(default=None, description="Task RNG seed, for reproducible runs.")
-    curriculum: CurriculumSettings = Field(default_factory=CurriculumSettings)
+    curriculum: CurriculumSettings = Field(default_factory=CurriculumSettings,
+                                           description="Difficulty levels (environments).")
+    task_curriculum: TaskCurriculumSettings = Field(
+        default_factory=TaskCurriculumSettings, description="Per task (task sets).")
+
+    @model_validator(mode="after")
+    def _distinct_sets(self) -> FeederSettings:
+        names = [s.name for s in self.tasksets]
+        if len(set(names)) != len(names):
+            raise ValueError("tasksets: names must be distinct")
+        return self
 
 
 class Feeder:
     def __init__(self, settings: FeederSettings) -> None:
         self.settings = settings
-        self.env = envs.get(settings.env)
         self.rng = random.Random(settings.seed)
         topic = settings.topic("tasks")
         group = settings.generator_group or f"{settings.kafka.topic_prefix}generator"
         identity = ProducerInfo(service=settings.service, instance=settings.instance_id)
+        held = settings.held_out.tasks() if settings.held_out is not None else []
+        excluded = {t.task_id for t in held}
+        self.follower: ScoredFollower | None = None
+        self.source: Source
+        if settings.tasksets:
+            cursors = resume_cursors(settings.kafka, topic, {s.name for s in settings.tasksets})
+            source = TaskSetSource(
+                settings.tasksets, seed=settings.seed or 0, cursors=cursors,
+                excluded_ids=excluded, excluded_prompts={t.prompt.strip() for t in held},
+                curriculum=settings.task_curriculum)
+            if source.curriculum is not None:
+                curriculum = source.curriculum
+
+                def observe(record: dict[str, Any]) -> None:
+                    if (verdict := verdict_of(record)) is not None:
+                        curriculum.observe(*verdict)
+
+                self.follower = ScoredFollower(settings.kafka, settings.topic("scored"),
+                                               observe, settings.task_curriculum.history)
+            self.source = source
+        else:
+            env = envs.get(settings.env)
+            levels: Curriculum | None = None
+            if settings.curriculum.enabled:
+                levels = Curriculum(settings.curriculum,
+                                    settings.curriculum.levels or _digit_levels(env))
+                self.follower = ScoredFollower(settings.kafka, settings.topic("scored"),
+                                               level_verdict(levels),
+                                               settings.curriculum.window)
+            self.source = EnvSource(env, difficulty=settings.difficulty, curriculum=levels,
+                                    excluded=excluded)
         self.publisher = TaskPublisher(settings.kafka, topic, identity)
         self.backlog = Backlog(settings.kafka, topic, group)
-        self.curriculum: Curriculum | None = None
-        self.follower: ScoredFollower | None = None
-        if settings.curriculum.enabled:
-            levels = settings.curriculum.levels or _digit_levels(self.env)
-            self.curriculum = Curriculum(settings.curriculum, levels)
-            self.follower = ScoredFollower(settings.kafka, settings.topic("scored"),
-                                           self.curriculum)
         self.stopping = threading.Event()
         self.alive = False
 
@@ -80,13 +132,8 @@ class Feeder:
         missing = self.settings.target_backlog - waiting
         if missing <= 0:
             return 0
-        if self.curriculum is not None:
-            tasks = [t for level, n in sorted(self.curriculum.draw(missing, self.rng).items())
-                     for t in self.env.tasks(n, rng=self.rng, difficulty=level)]
-        else:
-            tasks = self.env.tasks(missing, rng=self.rng, difficulty=self.settings.difficulty)
-        n = self.publisher.publish(tasks)
-        TASKS_PUBLISHED.labels(self.env.name).inc(n)
+        n = self.publisher.publish(self.source.draw(missing, self.rng))
+        TASKS_PUBLISHED.labels(self.source.name).inc(n)
         BACKLOG.set(waiting + n)
         return n
 
@@ -94,11 +141,15 @@ class Feeder:
         self.alive = True
         if self.follower is not None:
             self.follower.start()
+            # Draw from what the curriculum knew before the restart, not from a blank slate.
+            while not self.follower.caught_up.wait(0.5):
+                if self.stopping.is_set():
+                    break
         try:
             while not self.stopping.is_set():
                 published = self.tick()
                 if published:
-                    log.info("published %d %s tasks", published, self.env.name)
+                    log.info("published %d %s tasks", published, self.source.name)
                 self.stopping.wait(self.settings.interval_seconds)
         finally:
             self.alive = False

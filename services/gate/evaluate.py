@@ -1,39 +1,17 @@
 """Held-out evaluation: the same environments and verifiers as the flywheel, greedy decoding.
 
-The held-out set is fixed for the life of a deployment (an environment, a difficulty, a count
-and a seed, or a task file), so every version is measured on the same tasks. Metrics:
+The held-out set (``services.envs.heldout``) is fixed for the life of a deployment. Metrics:
 ``pass_rate`` (share of tasks whose episode the environment verifies as passed) and
 ``mean_score`` (the environment's score, for environments with partial credit).
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from schemas import SamplingParams, Task
 from services import envs
-from services.envs.reference import load_task_file
-
-
-class HeldOut(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    env: str = "arithmetic"
-    difficulty: float | None = Field(default=None, description="None: the env's default mix.")
-    count: int = Field(default=100, ge=1)
-    seed: int = 20261125
-    tasks_file: Path | None = Field(default=None, description="JSONL tasks instead of env.")
-    max_tokens: int = Field(default=16, ge=1)
-    max_turns: int = Field(default=8, ge=1)
-
-    def tasks(self) -> list[Task]:
-        if self.tasks_file is not None:
-            return load_task_file(self.tasks_file)
-        return envs.get(self.env).tasks(self.count, rng=random.Random(self.seed),
-                                        difficulty=self.difficulty)
+from services.envs.heldout import HeldOut
 
 
 def evaluate(folder: Path, held_out: HeldOut, tasks: list[Task] | None = None

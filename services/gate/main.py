@@ -9,7 +9,8 @@ from pydantic import Field
 from services.common.config import RuntimeSettings, ServiceSettings
 from services.common.service import serve
 from services.common.state import StateStore
-from services.gate.evaluate import HeldOut, evaluate
+from services.envs.heldout import HeldOut
+from services.gate.evaluate import evaluate
 from services.gate.stage import GateStage
 
 

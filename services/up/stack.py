@@ -160,17 +160,34 @@ class Stack:
         for service, path in self.policy_files.items():
             load_policy(kinds[service], path)
         placeholder = {"model_path": "x", "base_model_path": "x"}
+        checked = {}
         for service in SERVICES:
             cls = _settings_class(service)
             fields = {k: v for k, v in placeholder.items() if k in cls.model_fields}
             try:
-                cls(**{**fields, **self.profile.section(service), "kafka": self.kafka})
+                checked[service] = cls(**{**fields, **self._section(service),
+                                          "kafka": self.kafka})
             except ValidationError as exc:
                 raise ConfigError(f"profile section {service!r}: {exc}") from exc
+        # Every row of every task file, so a bad line is named now, with nothing published.
+        from services.envs.tasksets import load
+
+        for spec in checked["feeder"].tasksets:
+            load(spec)
+        checked["gate"].held_out.tasks()
+
+    def _section(self, service: str) -> dict[str, Any]:
+        """A service's settings as the profile gives them; the feeder also gets the gate's
+        held-out set, so it keeps those tasks off ``tasks``."""
+        fields = self.profile.section(service)
+        if service == "feeder":
+            fields.setdefault("held_out", self.profile.gate.get("held_out", {}))
+        return fields
 
     def _seed_model(self, say: Callable[[str], None]) -> Path:
         from services.bootstrap import bootstrap, publish_promoted
-        from services.gate.evaluate import HeldOut, evaluate
+        from services.envs.heldout import HeldOut
+        from services.gate.evaluate import evaluate
         from services.trainer.store import MANIFEST_FILE, CheckpointStore
 
         p, settings = self.profile, self.kafka_settings
@@ -218,7 +235,7 @@ class Stack:
         }
         out, port = [], p.metrics_port
         for service in SERVICES:
-            fields = {**p.section(service), **model.get(service, {})}
+            fields = {**self._section(service), **model.get(service, {})}
             if service in self.policy_files:
                 fields[POLICY_FIELD[service]] = str(self.policy_files[service])
             replicas = p.generators if service == "generator" else 1

@@ -14,7 +14,7 @@ from services.common import topics as topic_ops
 from services.common.checkpoints import CheckpointFollower
 from services.common.config import KafkaSettings
 from services.common.runtime import StreamRuntime
-from services.gate.evaluate import HeldOut
+from services.envs.heldout import HeldOut
 from services.gate.main import GateSettings, build_stage
 from tests.integration.runners import InThread
 from tests.kafka import Broker, wait_until
