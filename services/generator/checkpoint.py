@@ -35,6 +35,11 @@ def local_path(uri: str) -> Path:
     return Path(uri)
 
 
+OPTIONAL_PREFIX = "optimizer/"
+"""Manifest entries under this folder may be absent: optimizer state, which the store keeps
+for the latest version only (``CheckpointStore.prune``). Present, they must match."""
+
+
 def verify(event: CheckpointEvent, root: Path) -> Path:
     """The verified, resolved checkpoint folder; raises CheckpointRefused with a reason."""
     folder = local_path(event.uri).resolve()
@@ -55,6 +60,8 @@ def verify(event: CheckpointEvent, root: Path) -> Path:
         if not path.is_relative_to(folder):
             raise CheckpointRefused("outside_root", f"manifest entry {entry.path!r} escapes")
         if not path.is_file():
+            if entry.path.startswith(OPTIONAL_PREFIX):
+                continue  # the store's retention dropped it; serving never needs it
             raise CheckpointRefused("missing", f"{entry.path} is missing")
         if path.stat().st_size != entry.size_bytes:
             raise CheckpointRefused("size", f"{entry.path}: size differs from the manifest")

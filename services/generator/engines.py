@@ -57,7 +57,8 @@ def render(tokenizer: Any, turns: Sequence[Turn]) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": t.role, "content": t.content} for t in turns]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        # transformers 5 answers with a BatchEncoding (a mapping, not a dict); 4 with a list.
+        return [int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
     text = "\n".join(t.content for t in turns)
     if len(turns) > 1 and turns[-1].role != "assistant":
         text += "\n"

@@ -13,6 +13,10 @@ CHECKPOINT_BYTES = Gauge("flywheel_trainer_checkpoint_bytes", "Size of the last 
 CHECKPOINT_SECONDS = Histogram(
     "flywheel_trainer_checkpoint_seconds", "Checkpoint write plus announce (commit) time.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+STORE_BYTES = Gauge("flywheel_trainer_store_bytes", "Bytes the checkpoint store holds, after "
+                    "retention.")
+PRUNED = Counter("flywheel_trainer_pruned_total", "Version folders and optimizer states the "
+                 "store's retention deleted.", ["what"])
 CANDIDATE_VERSION = Gauge("flywheel_trainer_candidate_version", "Last committed candidate.")
 GATE_PROMOTED_VERSION = Gauge("flywheel_gate_promoted_version", "Current promoted version.")
 GATE_SCORE = Gauge("flywheel_gate_score", "Held-out evaluation of the last candidate, by "

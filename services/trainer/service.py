@@ -89,6 +89,8 @@ class Trainer:
         self.reference: Any = None
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
+        self.decisions = Decisions(settings.model_name)
+        self._decisions: CheckpointFollower | None = None
 
     @property
     def alive(self) -> bool:
@@ -169,6 +171,10 @@ class Trainer:
             self._fence()
             self._resume()
             self._open()
+            if self.s.retention.enabled:
+                self._decisions = CheckpointFollower(self.s.kafka, self.s.topic("checkpoints"),
+                                                     self.decisions)
+                self._decisions.start()
             self._alive = True
             assert self._consumer is not None
             while not self._stop.is_set():
@@ -186,6 +192,8 @@ class Trainer:
             raise FatalRuntimeError(f"Kafka client error: {exc.args[0]}") from exc
         finally:
             self._alive = False
+            if self._decisions is not None:
+                self._decisions.stop()
             if self._consumer is not None:
                 self._consumer.close()
             if self._producer is not None:
@@ -292,8 +300,23 @@ class Trainer:
             self._committed[tp] = end
         self._round = _Round()
         self._resume_paused()
+        self._prune()
         log.info("candidate v%d committed: %s", version, {k: round(v, 4) for k, v in
                                                            event.metrics.items()})
+
+    def _prune(self) -> None:
+        """Retention, after a commit (a version is only ever deleted once announced and
+        decided, so nothing a generator or the gate may still load goes)."""
+        if not self.s.retention.enabled:
+            return
+        keep = self.decisions.keep(self.store.versions(), self.s.base_version, self.version,
+                                   self.s.retention.keep_candidates)
+        removed = self.store.prune(keep, optimizer_of=self.version)
+        for name in removed:
+            m.PRUNED.labels("optimizer" if name.endswith("/optimizer") else "version").inc()
+        if removed:
+            log.info("retention removed %s", ", ".join(removed))
+        m.STORE_BYTES.set(self.store.size_bytes())
 
     def _commit(self, event: CheckpointEvent, r: _Round) -> None:
         """The candidate event and the consumed offsets, in one transaction."""
@@ -360,6 +383,31 @@ class _LatestCandidate:
         if (event.model == self.model and event.status == "candidate"
                 and (self.latest is None or event.version > self.latest.version)):
             self.latest = event
+
+
+class Decisions:
+    """Listener keeping which of one model's versions the gate promoted or rejected."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.promoted: set[int] = set()
+        self.rejected: set[int] = set()
+        self._lock = threading.Lock()
+
+    def offer(self, event: CheckpointEvent) -> None:
+        if event.model != self.model or event.status == "candidate":
+            return
+        with self._lock:
+            (self.promoted if event.status == "promoted" else self.rejected).add(event.version)
+
+    def keep(self, versions: list[int], base: int, latest: int, newest: int) -> set[int]:
+        """Of the store's ``versions``: the base, the latest, the promoted, the undecided
+        (the gate may be loading one; a decision not read yet counts as none) and the
+        ``newest`` most recent."""
+        with self._lock:
+            decided = self.promoted | self.rejected
+            return ({base, latest} | self.promoted | {v for v in versions if v not in decided}
+                    | set(sorted(versions)[-newest:]))
 
 
 def _latest_candidate(s: TrainerSettings) -> CheckpointEvent | None:

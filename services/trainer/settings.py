@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.config import RuntimeSettings, ServiceSettings
 from services.trainer.train import OptimSettings
@@ -12,6 +12,18 @@ from services.trainer.train import OptimSettings
 
 class TrainerRuntimeSettings(RuntimeSettings):
     transaction_timeout_ms: int = Field(default=300_000, ge=1_000, le=900_000)
+
+
+class RetentionSettings(BaseModel):
+    """What the checkpoint store keeps. A 135M-parameter model writes about 0.5 GB of fp32
+    weights and 1 GB of optimizer state per version; a long run would fill the disk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=True, description="Off: keep every version whole.")
+    keep_candidates: int = Field(default=3, ge=1, description="Newest versions kept whatever "
+                                 "the gate decided. Promoted versions, the base and versions "
+                                 "not yet decided are always kept.")
 
 
 class TrainerSettings(ServiceSettings):
@@ -33,4 +45,5 @@ class TrainerSettings(ServiceSettings):
     max_round_seconds: float = Field(default=600.0, gt=0, description="Expected bound on a "
                                      "round; the consumer's poll interval allows for it.")
     optim: OptimSettings = Field(default_factory=OptimSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     runtime: TrainerRuntimeSettings = Field(default_factory=TrainerRuntimeSettings)

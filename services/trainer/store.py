@@ -119,6 +119,31 @@ class CheckpointStore:
         return removed
 
 
+    def prune(self, keep: set[int], optimizer_of: int | None) -> list[str]:
+        """Delete every version folder not in ``keep``, and the optimizer state of every
+        kept version but ``optimizer_of`` (the one a resuming trainer loads). Returns what
+        it removed, as ``v000012`` or ``v000012/optimizer``."""
+        removed = []
+        for entry in self.fs.ls(self.root, detail=False):
+            m = _VERSION.match(Path(str(entry)).name)
+            if not m:
+                continue
+            version, name = int(m.group(1)), Path(str(entry)).name
+            if version not in keep:
+                self.fs.rm(str(entry), recursive=True)
+                removed.append(name)
+                continue
+            optimizer = f"{entry}/{Path(OPTIMIZER_TENSORS).parent}"
+            if version != optimizer_of and self.fs.exists(optimizer):
+                self.fs.rm(optimizer, recursive=True)
+                removed.append(f"{name}/optimizer")
+        return removed
+
+    def size_bytes(self) -> int:
+        """Bytes the store holds."""
+        return int(self.fs.du(self.root, total=True))
+
+
 def _fill(folder: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer | None,
           record: dict[str, Any] | None) -> list[FileDigest]:
     model.save_pretrained(folder, safe_serialization=True)

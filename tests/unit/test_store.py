@@ -103,3 +103,38 @@ def test_a_checkpoint_with_optimizer_state_reloads_into_a_serving_engine(
     engine.reload(Path(uri))
     served = engine.model.state_dict()
     assert all(torch.equal(served[k], v) for k, v in model.state_dict().items())  # type: ignore[attr-defined]
+
+
+def test_retention_keeps_what_may_still_be_loaded_and_optimizer_state_of_the_latest_only(
+        tmp_path: Path, trained: tuple[object, object, torch.optim.Optimizer]) -> None:
+    from services.trainer.service import Decisions
+
+    model, tokenizer, optimizer = trained
+    store = CheckpointStore(str(tmp_path / "store"))
+    manifests = {v: store.write(v, model, tokenizer, optimizer)[1] for v in range(0, 9)}
+    full = store.size_bytes()
+    decisions = Decisions("tiny")
+    for version, status in [(1, "promoted"), (2, "rejected"), (3, "rejected"),
+                            (4, "promoted"), (5, "rejected"), (6, "rejected")]:
+        decisions.offer(CheckpointEvent(model="tiny", version=version, uri="x",
+                                        manifest=manifests[version],
+                                        status=status))  # type: ignore[arg-type]
+    decisions.offer(CheckpointEvent(model="other", version=2, uri="x", manifest=manifests[2],
+                                    status="promoted"))
+    # 7 and 8 undecided (the gate may be evaluating them); keep the 2 newest whatever.
+    keep = decisions.keep(store.versions(), base=0, latest=8, newest=2)
+    assert keep == {0, 1, 4, 7, 8}
+    removed = store.prune(keep, optimizer_of=8)
+    assert sorted(removed) == ["v000000/optimizer", "v000001/optimizer", "v000002",
+                               "v000003", "v000004/optimizer", "v000005", "v000006",
+                               "v000007/optimizer"]
+    assert store.versions() == [0, 1, 4, 7, 8]
+    assert store.size_bytes() < full / 3
+    # What is left still verifies, optimizer state gone or not, and the latest resumes.
+    for version in store.versions():
+        event = CheckpointEvent(model="tiny", version=version, uri=store.uri(version),
+                                manifest=manifests[version], status="candidate")
+        verify(event, tmp_path / "store")
+    assert load_optimizer(torch.optim.AdamW(model.parameters()), Path(store.uri(8)))
+    assert not load_optimizer(torch.optim.AdamW(model.parameters()), Path(store.uri(7)))
+    assert store.prune(keep, optimizer_of=8) == []  # idempotent
