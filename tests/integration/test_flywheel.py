@@ -19,6 +19,7 @@ import pytest
 from schemas import CheckpointEvent
 from services.bootstrap import BootstrapSettings
 from services.common.broker import free_ports
+from services.envs.heldout import HeldOut
 from services.up.profile import Profile
 from services.up.stack import Snapshot, Stack
 from tests.kafka import Broker
@@ -115,10 +116,19 @@ def test_the_pass_rate_rises_across_promoted_versions_served_by_every_generator(
     newest = next(e for e in later if e["version"] == until.newest)
     assert newest["metrics"]["pass_rate"] >= seed["metrics"]["pass_rate"] + RISE, rates
 
+    # Held-out hygiene: not one of the gate's held-out tasks was generated on, so none can
+    # have been trained on. (The embedded feeder draws from the held-out's distribution.)
+    held_out = {t.task_id for t in HeldOut(**profile.gate["held_out"]).tasks()}
+    published = {json.loads(m.value())["task_id"] for m in
+                 kafka.read_all(f"{prefix}tasks", isolation="read_uncommitted")}
+    assert published and len(held_out) == profile.gate["held_out"]["count"]
+    assert not held_out & published, sorted(held_out & published)[:5]
+
     served: dict[str, set[int]] = defaultdict(set)
     for m in kafka.read_all(f"{prefix}raw", isolation="read_uncommitted"):
         t = json.loads(m.value())
         served[t["producer"]["instance"]].add(t["policy_version"])
+        assert t["task"]["task_id"] not in held_out
     assert set(served) == set(GENERATORS)
     allowed = {e["version"] for e in promoted}
     for instance, versions in served.items():

@@ -43,7 +43,7 @@ def test_the_example_profile_for_real_runs_validates(monkeypatch: pytest.MonkeyP
     stack.kafka = dict(profile.kafka)
     stack.policy_files = stack._policies()
     # Every setting validates; then the task files are read, which live on the cluster.
-    with pytest.raises(ConfigError, match="cannot read task file /data/math/train.jsonl"):
+    with pytest.raises(ConfigError, match=r"cannot read task file /data/math/train\.jsonl"):
         stack._validate()
 
 
