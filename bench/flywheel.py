@@ -1,56 +1,153 @@
-"""``flywheel bench flywheel``: the improvement result.
+"""``flywheel bench flywheel [--profile P]``: the improvement result, against its bounds.
 
-The embedded profile runs for a fixed budget (``FLYWHEEL_BENCH_SECONDS``, default 900 s after
-the bootstrap) on a private broker, home and checkpoint store. The curve is the gate's
-held-out pass rate of every decided version against wall clock (from the start of the
-services) and against version. In the same run a baseline spends the same training compute
-(the samples the flywheel's trainer trained on, with its optimizer settings) on one-shot SFT on
-the seed data only, from the same seed model. Writes ``results/flywheel.json`` (via the runner)
-and ``results/flywheel.png``.
+A profile runs on a private broker, home and checkpoint store (its Kafka and paths are
+replaced) for a budget of ``FLYWHEEL_BENCH_SECONDS`` after the services start. The curve is
+the gate's held-out pass rate of every decided version against wall clock and against the
+training samples behind it. In the same run, from the same starting model:
+
+- the starting model's held-out score (the seed model's, for the embedded profile);
+- the supervised bound: SFT on as many samples as the flywheel trained on, drawn from the
+  training tasks (the feeder's, held-out excluded) with their ground-truth answers written
+  as the model should answer, with the trainer's optimizer settings, evaluated as it goes;
+- for the embedded profile, also the seed-data baseline: the same compute as one-shot SFT on
+  the seed data only.
+
+The embedded profile runs ``FLYWHEEL_BENCH_RUNS`` times (default 3) with different seeds, each
+until a promoted version reaches 0.8 or the budget ends; the figures are the medians of the
+seconds to 0.8 (bootstrap included) and of the training samples to 0.8, beside the bound's.
+Another profile runs once, for the whole budget. Writes ``results/flywheel[-NAME].json`` (via
+the runner) and ``.png`` with every curve, and reports the checkpoint store's size at the end.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from services.common import broker as local_kafka
-from services.up.profile import Profile
-from services.up.stack import Stack
+from services.up.profile import Profile, load_profile
+from services.up.stack import Snapshot, Stack
 
-TARGET_PASS_RATE = 0.8
-TARGET_MARGIN = 0.3
+TARGET = 0.8
 
 
-def flywheel(profile: Profile, seconds: float) -> dict[str, Any]:
-    """Run ``profile`` for ``seconds``; returns the seed model, curve and training totals."""
+def flywheel(profile: Profile, seconds: float, stop_at: float | None) -> dict[str, Any]:
+    """Run ``profile`` for ``seconds`` (or until a promoted version reaches ``stop_at``);
+    returns the curve, the bootstrap time and training totals."""
     stack = Stack(profile)
     boot_started = time.perf_counter()
     stack.prepare(say=lambda line: print(line, flush=True))
     boot_seconds = time.perf_counter() - boot_started
+
+    def reached(snapshot: Snapshot) -> bool:
+        return stop_at is not None and any(
+            e.status == "promoted" and e.version > 0
+            and e.metrics.get("pass_rate", 0.0) >= stop_at for e in snapshot.versions)
+
     started = time.time()
     try:
-        stack.run(seconds=seconds)
+        stack.run(seconds=seconds, until=reached)
     finally:
         if stack.started_broker:
             local_kafka.stop(profile.home / "kafka")
     versions = stack.versions
     assert versions is not None
-    candidates = list(versions.candidates.values())
-    decided = versions.decided()
+    candidates = sorted(versions.candidates.values(), key=lambda e: e.version)
+    trained_by = {}
+    total = 0
+    for e in candidates:
+        if e.version > 0:
+            total += sum(e.stage_mix.values())
+        trained_by[e.version] = total  # the lineage is linear: every earlier round is in it
     curve = [{"version": e.version, "status": e.status,
               "seconds": round(max(0.0, e.created_at.timestamp() - started), 2),
-              "pass_rate": e.metrics.get("pass_rate")} for e in decided]
-    trained = sum(sum(e.stage_mix.values()) for e in candidates if e.version > 0)
+              "samples": trained_by.get(e.version, 0),
+              "pass_rate": e.metrics.get("pass_rate")} for e in versions.decided()]
     train_seconds = sum(e.metrics.get("train_seconds", 0.0) for e in candidates)
+    from services.trainer.store import CheckpointStore
+
     return {"stack": stack, "curve": curve, "bootstrap_seconds": round(boot_seconds, 1),
-            "trained_samples": trained, "train_seconds": round(train_seconds, 2)}
+            "trained_samples": total, "train_seconds": round(train_seconds, 2),
+            "store_bytes": CheckpointStore(profile.checkpoint_url).size_bytes()}
 
 
-def baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str, Any]:
+def training_tasks(profile: Profile, count: int, seed: int) -> list[Any]:
+    """``count`` tasks as the feeder draws them, held-out excluded: from its task sets, or
+    from its environment spread evenly over its curriculum levels (or its mix)."""
+    from services import envs
+    from services.envs.heldout import HeldOut
+    from services.envs.tasksets import TaskSetSpec, load
+
+    held = HeldOut(**profile.gate.get("held_out", {})).tasks()
+    excluded = {t.task_id for t in held}
+    prompts = {t.prompt.strip() for t in held}
+    rng = random.Random(seed)
+    feeder = profile.feeder
+    if feeder.get("tasksets"):
+        pool = [t for spec in feeder["tasksets"] for t in load(TaskSetSpec(**spec))
+                if t.task_id not in excluded and t.prompt.strip() not in prompts]
+        return rng.choices(pool, k=count)
+    env = envs.get(feeder.get("env", "arithmetic"))
+    curriculum = feeder.get("curriculum", {})
+    levels = curriculum.get("levels") if curriculum.get("enabled") else None
+    out: list[Any] = []
+    while len(out) < count:
+        level = rng.choice(levels) if levels else feeder.get("difficulty")
+        out += [t for t in env.tasks(1, rng=rng, difficulty=level) if t.task_id not in excluded]
+    return out
+
+
+def supervised_bound(profile: Profile, start: Path, samples: int, points: int,
+                     seed: int = 0) -> list[dict[str, float]]:
+    """SFT on labelled training tasks from ``start``: the held-out pass rate after every
+    ``samples / points`` samples, up to ``samples``."""
+    import torch
+
+    from services import envs
+    from services.envs.heldout import HeldOut
+    from services.gate.evaluate import evaluate
+    from services.generator.engines import TransformersEngine, render
+    from services.trainer.objectives import Sample
+    from services.trainer.store import CheckpointStore
+    from services.trainer.train import OptimSettings, make_optimizer, train_round
+
+    torch.set_num_threads(2)
+    engine = TransformersEngine(start)
+    tok = engine.tokenizer
+    optim = OptimSettings(**profile.trainer.get("optim", {}))
+    optimizer = make_optimizer(engine.model, optim)
+    held = HeldOut(**profile.gate.get("held_out", {}))
+    held_tasks = held.tasks()
+    data = []
+    for task in training_tasks(profile, samples, seed):
+        env = envs.get(task.env)
+        answer = env.reference_answer(task)
+        if answer is None:
+            raise ValueError(f"task {task.task_id} has no reference answer: no bound")
+        target = [*tok(answer, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        data.append(Sample(render(tok, env.initial_turns(task)), target, 1.0))
+    step = max(1, samples // points)
+    curve, done = [], 0
+    with tempfile.TemporaryDirectory(prefix="flywheel-bound-") as tmp:
+        store = CheckpointStore(tmp)
+        while done < samples:
+            chunk = data[done:done + step]
+            train_round(engine.model, optimizer, {"sft": chunk}, optim, engine.pad, seed=done)
+            done += len(chunk)
+            uri, _ = store.write(done, engine.model, tok, None)
+            scores = evaluate(Path(uri), held, held_tasks)
+            store.prune(set(), None)
+            curve.append({"samples": done, "pass_rate": scores["pass_rate"]})
+            print(f"bound: {done} samples -> {scores['pass_rate']:.3f}", flush=True)
+    return curve
+
+
+def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str, Any]:
     """One-shot SFT on the seed data only, from the seed model, for ``samples`` samples."""
     import torch
 
@@ -73,62 +170,153 @@ def baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str, Any
     return {"samples": done, "seconds": round(seconds, 2), "lr": optim.lr, **scores}
 
 
-def plot(curve: list[dict[str, Any]], base: float, out: Path) -> None:
+def first_reaching(curve: list[dict[str, Any]], key: str, rate: float) -> Any:
+    """``key`` of the first point (promoted, for the flywheel) at or above ``rate``."""
+    for p in curve:
+        if p.get("status", "promoted") == "promoted" and p.get("version", 1) > 0 \
+                and (p["pass_rate"] or 0.0) >= rate:
+            return p[key]
+    return None
+
+
+def plot(runs: list[dict[str, Any]], start: float | None, out: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_time, by_version) = plt.subplots(1, 2, figsize=(11, 4))
-    for status, marker in (("promoted", "o"), ("rejected", "x")):
-        points = [p for p in curve if p["status"] == status]
-        by_time.plot([p["seconds"] for p in points], [p["pass_rate"] for p in points], marker,
-                     label=status)
-        by_version.plot([p["version"] for p in points], [p["pass_rate"] for p in points],
-                        marker, label=status)
-    for ax, xlabel in ((by_time, "seconds since the services started"),
-                       (by_version, "version")):
-        ax.axhline(base, color="grey", linestyle="--", label="one-shot SFT baseline")
-        ax.axhline(TARGET_PASS_RATE, color="green", linestyle=":", label="target 0.8")
+    fig, (by_samples, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, run in enumerate(runs):
+        for status, marker in (("promoted", "o-"), ("rejected", "x")):
+            points = [p for p in run["curve"] if p["status"] == status]
+            label = f"flywheel {status}" + (f" (run {i + 1})" if len(runs) > 1 else "")
+            by_samples.plot([p["samples"] for p in points], [p["pass_rate"] for p in points],
+                            marker, label=label, alpha=0.8)
+            by_time.plot([p["seconds"] for p in points], [p["pass_rate"] for p in points],
+                         marker, label=label, alpha=0.8)
+        bound = run.get("bound") or []
+        by_samples.plot([p["samples"] for p in bound], [p["pass_rate"] for p in bound], "s--",
+                        label="supervised bound" + (f" (run {i + 1})" if len(runs) > 1 else ""))
+        if run.get("seed_baseline"):
+            by_samples.axhline(run["seed_baseline"]["pass_rate"], color="grey", linestyle=":",
+                               label="seed-data SFT baseline" if i == 0 else None)
+    for ax, xlabel in ((by_samples, "training samples"),
+                       (by_time, "seconds since the services started")):
+        if start is not None:
+            ax.axhline(start, color="black", linestyle="--", label="starting model")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("held-out pass rate (3-digit sums)")
+        ax.set_ylabel("held-out pass rate")
         ax.set_ylim(0, 1.02)
-    by_version.legend(loc="lower right")
+    by_samples.legend(loc="lower right", fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
-def run() -> dict[str, Any]:
-    seconds = float(os.environ.get("FLYWHEEL_BENCH_SECONDS", "900"))
+def _private(profile: Profile, tmp: Path, seed: int) -> Profile:
+    """``profile`` on its own broker, home, store and ports, with the run's seed."""
+    update: dict[str, Any] = {"home": tmp / "home", "checkpoint_url": str(tmp / "store"),
+                              "kafka": {}, "broker_port": local_kafka.free_port()}
+    if profile.model_path is None:
+        update["bootstrap"] = profile.bootstrap.model_copy(update={"seed": seed})
+    update["feeder"] = {**profile.feeder, "seed": seed}
+    private = profile.model_copy(update=update)
+    private.metrics_port = local_kafka.free_ports(private.processes)
+    return private
+
+
+def run(profile_path: Path | None = None) -> dict[str, Any]:
+    profile = load_profile(profile_path)
+    embedded = profile_path is None
+    seconds = float(os.environ.get("FLYWHEEL_BENCH_SECONDS", "900" if embedded else "1800"))
+    runs_wanted = int(os.environ.get("FLYWHEEL_BENCH_RUNS", "3" if embedded else "1"))
     out = Path(os.environ.get("FLYWHEEL_BENCH_OUT", "results"))
-    with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
-        profile = Profile(home=Path(tmp) / "home", checkpoint_url=str(Path(tmp) / "store"),
-                          broker_port=local_kafka.free_port())
-        profile.metrics_port = local_kafka.free_ports(profile.processes)
-        result = flywheel(profile, seconds)
-        stack: Stack = result.pop("stack")
-        assert stack.base_path is not None
-        base = baseline(profile, stack.base_path, result["trained_samples"])
-    curve = result["curve"]
-    promoted = [p for p in curve if p["status"] == "promoted"]
-    seed = next((p["pass_rate"] for p in promoted if p["version"] == 0), None)
-    final = promoted[-1]["pass_rate"] if promoted else None
-    reached = next((p["seconds"] for p in promoted if p["version"] > 0
-                    and (p["pass_rate"] or 0) >= TARGET_PASS_RATE), None)
+    suffix = "" if embedded else f"-{profile.name}"
+    runs: list[dict[str, Any]] = []
+    start_rate: float | None = None
+    for i in range(runs_wanted):
+        with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
+            private = _private(profile, Path(tmp), seed=i)
+            if private.model_path is not None and start_rate is None:
+                from services.envs.heldout import HeldOut
+                from services.gate.evaluate import evaluate
+
+                started = time.perf_counter()
+                start_rate = evaluate(private.model_path,
+                                      HeldOut(**private.gate.get("held_out", {})))["pass_rate"]
+                print(f"starting model: held-out pass rate {start_rate:.3f} "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+            result = flywheel(private, seconds, stop_at=TARGET if embedded else None)
+            stack: Stack = result.pop("stack")
+            assert stack.base_path is not None
+            curve = result["curve"]
+            seed_rate = next((p["pass_rate"] for p in curve if p["version"] == 0
+                              and p["status"] == "promoted"), start_rate)
+            to_target = first_reaching(curve, "samples", TARGET)
+            budget = max(result["trained_samples"], 2 * (to_target or 0))
+            result["bound"] = supervised_bound(private, stack.base_path, budget,
+                                               points=16 if embedded else 6, seed=i)
+            if embedded:
+                result["seed_baseline"] = seed_baseline(private, stack.base_path,
+                                                        result["trained_samples"])
+            result["start_pass_rate"] = seed_rate
+            result["samples_to_target"] = to_target
+            reached = first_reaching(curve, "seconds", TARGET)
+            result["seconds_to_target_with_bootstrap"] = (
+                None if reached is None else round(reached + result["bootstrap_seconds"], 1))
+            result["bound_samples_to_target"] = first_reaching(result["bound"], "samples",
+                                                               TARGET)
+            runs.append(result)
+            print({k: v for k, v in result.items() if k not in ("curve", "bound")}, flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    plot(curve, base["pass_rate"], out / "flywheel.png")
-    return {
-        "budget_seconds": seconds, "bootstrap_seconds": result["bootstrap_seconds"],
-        "seed_pass_rate": seed, "final_promoted_pass_rate": final,
-        "promoted_versions": sum(1 for p in promoted if p["version"] > 0),
-        "rejected_versions": sum(1 for p in curve if p["status"] == "rejected"),
-        "seconds_to_target": reached, "target_pass_rate": TARGET_PASS_RATE,
-        "trainer_samples": result["trained_samples"],
-        "trainer_train_seconds": result["train_seconds"],
-        "baseline": base, "margin_over_baseline": None if final is None
-        else round(final - base["pass_rate"], 3),
-        "target_met": reached is not None and reached <= 900,  # the issue's 15 minutes
-        "margin_met": final is not None and final - base["pass_rate"] >= TARGET_MARGIN,
-        "curve": curve, "plot": str(out / "flywheel.png"),
+    png = out / f"flywheel{suffix}.png"
+    starts = [r["start_pass_rate"] for r in runs if r["start_pass_rate"] is not None]
+    plot(runs, statistics.median(starts) if starts else None, png,
+         f"profile {profile.name}: held-out pass rate")
+    return {"profile": profile.name, "budget_seconds": seconds, "runs": runs,
+            "summary": summarize(runs, embedded), "plot": str(png)}
+
+
+def _median(values: list[Any]) -> float | None:
+    known = [v for v in values if v is not None]
+    return None if len(known) < len(values) or not known else statistics.median(known)
+
+
+def summarize(runs: list[dict[str, Any]], embedded: bool) -> dict[str, Any]:
+    first = runs[0]
+    promoted = [p for p in first["curve"] if p["status"] == "promoted" and p["version"] > 0]
+    start = first["start_pass_rate"]
+    summary: dict[str, Any] = {
+        "runs": len(runs),
+        "start_pass_rate": [r["start_pass_rate"] for r in runs],
+        "final_promoted_pass_rate": [max((p["pass_rate"] for p in r["curve"]
+                                          if p["status"] == "promoted"), default=None)
+                                     for r in runs],
+        "promoted_versions": [sum(1 for p in r["curve"] if p["status"] == "promoted"
+                                  and p["version"] > 0) for r in runs],
+        "rejected_versions": [sum(1 for p in r["curve"] if p["status"] == "rejected")
+                              for r in runs],
+        "trained_samples": [r["trained_samples"] for r in runs],
+        "bound_final_pass_rate": [r["bound"][-1]["pass_rate"] if r["bound"] else None
+                                  for r in runs],
+        "store_bytes": [r["store_bytes"] for r in runs],
     }
+    if embedded:
+        samples = _median([r["samples_to_target"] for r in runs])
+        bound = _median([r["bound_samples_to_target"] for r in runs])
+        summary |= {
+            "median_seconds_to_0.8_with_bootstrap": _median(
+                [r["seconds_to_target_with_bootstrap"] for r in runs]),
+            "median_samples_to_0.8": samples, "median_bound_samples_to_0.8": bound,
+            "samples_ratio_to_bound": None if not samples or not bound
+            else round(samples / bound, 2),
+        }
+    else:
+        best = max((p["pass_rate"] for p in promoted), default=None)
+        summary |= {
+            "rise": None if best is None or start is None else round(best - start, 3),
+            "no_promoted_below_start": start is not None and all(
+                p["pass_rate"] >= start for p in promoted),
+        }
+    return summary

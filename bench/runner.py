@@ -48,14 +48,19 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench")
     parser.add_argument("name", choices=[*BENCHMARKS, "list"])
     parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="flywheel only: a profile file instead of the embedded one")
     args = parser.parse_args(argv)
+    if args.profile is not None and args.name != "flywheel":
+        parser.error("--profile is for the flywheel benchmark")
     if args.name == "list":
         print("\n".join(BENCHMARKS))
         return 0
     setup_logging("INFO")
     module = importlib.import_module(f"bench.{args.name}")
     started = time.time()
-    figures = module.run()
+    os.environ.setdefault("FLYWHEEL_BENCH_OUT", str(args.out))  # for figures beside the JSON
+    figures = module.run(args.profile) if args.profile is not None else module.run()
     result = {
         "benchmark": args.name,
         "finished_at": datetime.now(UTC).isoformat(),
@@ -64,7 +69,8 @@ def main(argv: list[str]) -> int:
         **figures,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.name}.json"
+    name = args.name if args.profile is None else f"{args.name}-{figures['profile']}"
+    path = args.out / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(figures.get("summary", figures), indent=2))
     print(f"wrote {path}")

@@ -360,11 +360,14 @@ def bootstrap_command(profile: Profile = None) -> None:
 def bench(
     name: Annotated[str, typer.Argument(help="Benchmark name; `flywheel bench list` lists them.")],
     out: Annotated[Path, typer.Option(help="Folder for NAME.json.")] = Path("results"),
+    profile: Annotated[Path | None, typer.Option(help="flywheel: a profile instead of the "
+                                                 "embedded one.")] = None,
 ) -> None:
     """Run a benchmark from bench/ and write results/NAME.json."""
     from bench.runner import main as bench_main
 
-    raise typer.Exit(bench_main([name, "--out", str(out)]))
+    extra = ["--profile", str(profile)] if profile is not None else []
+    raise typer.Exit(bench_main([name, "--out", str(out), *extra]))
 
 
 def main() -> None:

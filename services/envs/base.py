@@ -55,6 +55,11 @@ class Environment(ABC):
     def verify(self, task: Task, turns: Sequence[Turn]) -> Verification:
         """Judge a finished episode."""
 
+    def reference_answer(self, task: Task) -> str | None:
+        """The answer written as a model should give it, for supervised training on labels
+        (the benchmark's supervised bound); None when the task has no reference answer."""
+        return task.verifier.answer if task.verifier is not None else None
+
 
 _REGISTRY: dict[str, Callable[[], Environment]] = {}
 

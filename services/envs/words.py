@@ -104,6 +104,10 @@ class WordProblems(Environment):
             metadata={"level": level},
         )
 
+    def reference_answer(self, task: Task) -> str | None:
+        assert task.verifier is not None
+        return f"The answer is {task.verifier.answer}."
+
     def verify(self, task: Task, turns: Sequence[Turn]) -> Verification:
         assert task.verifier is not None
         passed, details = check(task.verifier, last_assistant(turns))

@@ -1,0 +1,31 @@
+"""The flywheel benchmark's supervised bound trains on what the feeder would draw, and never
+on a held-out task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.flywheel import first_reaching, training_tasks
+from services.envs.heldout import HeldOut
+from services.up.profile import Profile, load_profile
+
+REAL = Path(__file__).parents[2] / "deploy" / "profiles" / "real.yaml"
+
+
+def test_training_tasks_follow_the_feeder_and_exclude_the_held_out() -> None:
+    for profile in (Profile(), load_profile(REAL)):
+        held = {t.task_id for t in HeldOut(**profile.gate["held_out"]).tasks()}
+        tasks = training_tasks(profile, 3000, seed=1)
+        assert len(tasks) == 3000 and not held & {t.task_id for t in tasks}
+        levels = {t.difficulty for t in tasks}
+        assert levels == set(profile.feeder["curriculum"]["levels"])
+        assert {t.env for t in tasks} == {profile.feeder["env"]}
+
+
+def test_first_reaching_reads_promoted_versions_only() -> None:
+    curve = [{"version": 0, "status": "promoted", "pass_rate": 0.9, "samples": 0},
+             {"version": 1, "status": "rejected", "pass_rate": 0.85, "samples": 10},
+             {"version": 2, "status": "promoted", "pass_rate": 0.81, "samples": 20}]
+    assert first_reaching(curve, "samples", 0.8) == 20
+    assert first_reaching(curve, "samples", 0.95) is None
+    assert first_reaching([{"samples": 5, "pass_rate": 0.8}], "samples", 0.8) == 5
