@@ -27,6 +27,7 @@ from services.common.errors import ConfigError
 from services.envs.verify import RULES
 
 VerifierKind = Literal["exact", "numeric", "regex", "math", "unit_tests", "none"]
+ROLES = ("system", "user", "assistant", "tool")
 SOURCE = "source"
 """Key of ``Task.metadata`` under which the feeder records where a task came from."""
 
@@ -142,9 +143,10 @@ def to_task(spec: TaskSetSpec, row: dict[str, Any]) -> Task:
     if f.messages is not None:
         messages = need(f.messages)
         if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str)
+                isinstance(m, dict) and m.get("role") in ROLES
                 and isinstance(m.get("content"), str) for m in messages):
-            raise ValueError(f"field {f.messages!r} must be a list of {{role, content}}")
+            raise ValueError(f"field {f.messages!r} must be a list of {{role, content}}, "
+                             f"roles among {ROLES}")
         if messages[-1]["role"] != "user":
             raise ValueError(f"field {f.messages!r} must end with a user message")
         observation = {"messages": [{"role": m["role"], "content": m["content"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -48,6 +49,11 @@ class TaskPublisher:
         return n
 
 
+_MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+           KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
+           KafkaError.LEADER_NOT_AVAILABLE}
+
+
 class Backlog:
     """Tasks published but not yet committed by the generators' consumer group."""
 
@@ -58,18 +64,30 @@ class Backlog:
             "group.id": group, "enable.auto.commit": False,
         })
 
-    def size(self) -> int:
-        try:
-            meta = self._consumer.list_topics(self.topic, timeout=10).topics[self.topic]
-            tps = [TopicPartition(self.topic, p) for p in meta.partitions]
-            committed = {tp.partition: tp.offset for tp in self._consumer.committed(tps, 10)}
-            total = 0
-            for tp in tps:
-                low, high = self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)
-                start = committed.get(tp.partition, -1)
-                total += high - max(start, low)
-        except KafkaException as exc:
-            raise FatalRuntimeError(f"cannot measure the backlog of {self.topic}: {exc}") from exc
+    def size(self, timeout: float = 30.0) -> int:
+        """The backlog now. A coordinator that is moving or still loading (a broker just
+        started, a leader elected) is waited for up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._size()
+            except KafkaException as exc:
+                err = exc.args[0]
+                if (err.code() not in _MOVING and not err.retriable()) \
+                        or time.monotonic() > deadline:
+                    raise FatalRuntimeError(
+                        f"cannot measure the backlog of {self.topic}: {err}") from exc
+                time.sleep(0.2)
+
+    def _size(self) -> int:
+        meta = self._consumer.list_topics(self.topic, timeout=10).topics[self.topic]
+        tps = [TopicPartition(self.topic, p) for p in meta.partitions]
+        committed = {tp.partition: tp.offset for tp in self._consumer.committed(tps, 10)}
+        total = 0
+        for tp in tps:
+            low, high = self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+            start = committed.get(tp.partition, -1)
+            total += high - max(start, low)
         return total
 
     def close(self) -> None:

@@ -78,8 +78,9 @@ class EnvSource:
 
 
 class TaskSetSource:
-    """Tasks from task sets: each draw picks a set by weight, then a frontier task (per-task
-    curriculum) or the set's cycle."""
+    """Tasks from task sets: each draw is a frontier task of any set (with the per-task
+    curriculum's ``frontier_share``), or else the next task of a set's cycle, the set picked
+    by weight."""
 
     name = "tasksets"
 
@@ -112,17 +113,20 @@ class TaskSetSource:
     def draw(self, count: int, rng: random.Random) -> list[Task]:
         out = []
         for _ in range(count):
-            cycle = self.cycles[rng.choices(self.specs, self._weights)[0].name]
-            out.append(self._one(cycle, rng))
+            c = self.curriculum
+            picked = c.frontier_pick(rng) if c is not None else None
+            if picked is not None:  # ids are "<set>:<id>", and set names have no colon
+                cycle = self.cycles[picked.split(":", 1)[0]]
+                out.append(self._stamp(self.by_id[picked], cycle, "frontier"))
+            else:
+                cycle = self.cycles[rng.choices(self.specs, self._weights)[0].name]
+                out.append(self._from_cycle(cycle, rng))
         if self.curriculum is not None:
             self.curriculum.counts()
         return out
 
-    def _one(self, cycle: Cycle, rng: random.Random) -> Task:
+    def _from_cycle(self, cycle: Cycle, rng: random.Random) -> Task:
         c = self.curriculum
-        picked = c.frontier_pick(rng) if c is not None else None
-        if picked is not None and picked.startswith(f"{cycle.name}:"):
-            return self._stamp(self.by_id[picked], cycle, "frontier")
         for _ in range(len(cycle.tasks)):
             task, _ = cycle.next()
             if c is None or c.take_from_cycle(task.task_id, rng):

@@ -56,6 +56,9 @@ def test_chat_messages_start_the_episode_and_ids_default_to_a_content_hash(tmp_p
     assert [t.role for t in Reference().initial_turns(task)] == ["system", "user"]
     assert task.prompt == "2+2?" and task.task_id.startswith("chat:")
     assert load(spec)[0].task_id == task.task_id
+    bad = [{"messages": [{"role": "narrator", "content": "x"}], "answer": "4"}]
+    with pytest.raises(ConfigError, match=r"c2\.jsonl:1: .*roles among"):
+        load(spec.model_copy(update={"path": _jsonl(tmp_path / "c2.jsonl", bad)}))
 
 
 @pytest.mark.parametrize(("line", "error"), [
