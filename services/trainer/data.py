@@ -54,7 +54,9 @@ def to_samples(routed: Sequence[RoutedSample], tokenizer: Any, max_tokens: int
                 if lps is None or len(lps) != len(target):
                     raise ValueError(f"trajectory {s.trajectory.event_id}: RL needs the "
                                      "sampler's log-prob of every completion token")
-                out.append(_fit(Sample(prompt, target, r.weight, list(lps), adv), max_tokens))
+                temperature = s.trajectory.sampling.temperature or 1.0  # greedy: no tempering
+                out.append(_fit(Sample(prompt, target, r.weight, list(lps), adv, temperature),
+                                max_tokens))
             continue
         for s in r.samples:
             prompt, target = _ids(tokenizer, s)
@@ -69,7 +71,8 @@ def _fit(s: Sample, max_tokens: int) -> Sample:
     if over <= 0:
         return s
     if over < len(s.prompt):
-        return Sample(s.prompt[over:], s.target, s.weight, s.behaviour_logprobs, s.advantage)
+        return Sample(s.prompt[over:], s.target, s.weight, s.behaviour_logprobs, s.advantage,
+                      s.temperature)
     cut = over - len(s.prompt)
     lps = s.behaviour_logprobs[cut:] if s.behaviour_logprobs is not None else None
-    return Sample([], s.target[cut:], s.weight, lps, s.advantage)
+    return Sample([], s.target[cut:], s.weight, lps, s.advantage, s.temperature)

@@ -37,6 +37,9 @@ class Sample:
     """RL: the sampler's log-prob of each target token."""
     advantage: float = 0.0
     """RL: the sample's group-normalised advantage."""
+    temperature: float = 1.0
+    """RL: the temperature it was sampled at. The behaviour log-probs are those of the
+    tempered distribution, so the policy's are computed from logits divided by it too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,8 @@ class Batch:
     behaviour: torch.Tensor
     """[B, T-1]: behaviour log-prob of each target token (0 elsewhere)."""
     advantages: torch.Tensor
+    temperatures: torch.Tensor
+    """[B]: sampling temperature of each row (1.0 when not sampled, e.g. SFT)."""
 
 
 def collate(samples: Sequence[Sample], pad_id: int, device: str | torch.device = "cpu") -> Batch:
@@ -81,13 +86,18 @@ def collate(samples: Sequence[Sample], pad_id: int, device: str | torch.device =
         behaviour=behaviour.to(device),
         advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32,
                                 device=device),
+        temperatures=torch.tensor([s.temperature for s in samples], dtype=torch.float32,
+                                  device=device),
     )
 
 
-def token_logprobs(model: Any, batch: Batch) -> torch.Tensor:
-    """[B, T-1]: log-prob under ``model`` of each next token."""
+def token_logprobs(model: Any, batch: Batch, *, tempered: bool = False) -> torch.Tensor:
+    """[B, T-1]: log-prob under ``model`` of each next token; ``tempered``: of the
+    distribution each row was sampled from (logits divided by its temperature)."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logits = logits[:, :-1].float()
+    if tempered:
+        logits = logits / batch.temperatures.clamp(min=1e-4)[:, None, None]
     return torch.gather(F.log_softmax(logits, dim=-1), 2,
                         batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
@@ -128,8 +138,10 @@ class RLStats:
 def grpo_loss(model: Any, batch: Batch, *, clip: float = 0.2, kl_coef: float = 0.0,
               reference: Any = None) -> tuple[torch.Tensor, RLStats]:
     """The clipped surrogate ``-min(r * A, clip(r, 1 - e, 1 + e) * A)`` per target token, with
-    ``r = exp(logp_new - logp_behaviour)``, plus ``kl_coef`` times the k3 KL to ``reference``."""
-    new = token_logprobs(model, batch)
+    ``r = exp(logp_new - logp_behaviour)``, plus ``kl_coef`` times the k3 KL to ``reference``.
+    Both log-probs are of the tempered distribution the sample was drawn from: sampled at 0.7,
+    a policy equal to the sampler has ratio 1, not exp(logp(T=1) - logp(T=0.7))."""
+    new = token_logprobs(model, batch, tempered=True)
     mask = batch.target_mask
     ratio = torch.exp((new - batch.behaviour) * mask)
     adv = batch.advantages.unsqueeze(1)
@@ -138,7 +150,7 @@ def grpo_loss(model: Any, batch: Batch, *, clip: float = 0.2, kl_coef: float = 0
     kl_value = torch.zeros((), device=new.device)
     if reference is not None and kl_coef > 0:
         with torch.no_grad():
-            ref = token_logprobs(reference, batch)
+            ref = token_logprobs(reference, batch, tempered=True)
         diff = ref - new
         kl = torch.exp(diff) - diff - 1
         per_token = per_token + kl_coef * kl

@@ -4,6 +4,7 @@ the pass rate on sums it never saw, GRPO raises the mean reward on the tasks it 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +174,37 @@ def test_a_multi_turn_answer_is_trained_after_the_whole_conversation(engine: Any
                                         reason="r", policy_name="t", policy_hash="0" * 64)],
                           tok, 256)
     assert sample.prompt == render(tok, turns[:-1]) and sample.target == last
+
+
+def test_grpo_ratios_are_one_on_policy_at_any_sampling_temperature(engine: Any) -> None:
+    """The sampler's log-probs are of the tempered distribution: the trainer's must be too,
+    or a policy identical to the sampler looks off-policy and its updates get clipped."""
+    from services.trainer.objectives import collate, grpo_loss
+
+    pairs = TRAIN[:8]
+    for temperature in (0.5, 1.0, 1.5):
+        sampling = SamplingParams(temperature=temperature, max_tokens=4)
+        prompts = [_prompt(engine, a, b) for a, b in pairs for _ in range(4)]
+        torch.manual_seed(7)
+        outs = engine.generate(prompts, sampling, [None] * len(prompts))
+        scored = []
+        for i, ((a, b), o) in enumerate(zip([p for p in pairs for _ in range(4)], outs,
+                                            strict=True)):
+            s = _scored(engine, a, b, o.token_ids, o.logprobs, f"g{a}{b}", i % 4, 4)
+            traj = s.trajectory.model_copy(update={"sampling": sampling})
+            scored.append(s.model_copy(update={"trajectory": traj, "reward": float(i % 2)}))
+        routed = [RoutedSample(stage="rl", group_id=f"g{j}", samples=scored[j:j + 4],
+                               reason="group_with_reward_variance", policy_name="t",
+                               policy_hash="0" * 64) for j in range(0, len(scored), 4)]
+        samples = to_samples(routed, engine.tokenizer, 64)
+        assert {s.temperature for s in samples} == {temperature}
+        batch = collate(samples, engine.pad)
+        with torch.no_grad():
+            _, stats = grpo_loss(engine.model, batch)
+        assert stats.mean_ratio == pytest.approx(1.0, abs=1e-3), temperature
+        assert stats.clip_fraction == 0.0, temperature
+        if temperature != 1.0:  # the check can fail: untempered, the same samples are off
+            untempered = collate([replace(s, temperature=1.0) for s in samples], engine.pad)
+            with torch.no_grad():
+                _, off = grpo_loss(engine.model, untempered)
+            assert off.clip_fraction > 0, temperature
