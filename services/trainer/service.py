@@ -79,6 +79,7 @@ class Trainer:
         self._alive = False
         self._round = _Round()
         self._paused: set[str] = set()
+        self._held: set[tuple[str, int]] = set()
         self._assignment: set[tuple[str, int]] = set()
         self._committed: dict[tuple[str, int], int] = {}
         self.version = settings.base_version
@@ -205,11 +206,15 @@ class Trainer:
         if tp not in self._assignment:
             return  # revoked during this consume(): its next owner reads it
         offset = cast(int, msg.offset())
+        stage = self.topics[tp[0]]
+        quota = self.s.quotas.get(stage, 0)
+        if tp in self._held or (quota > 0 and r.counts[stage] >= quota):
+            self._hold(tp, offset)
+            return
         span = r.ranges.setdefault(tp, [self._committed.get(tp, offset), offset + 1])
         span[1] = max(span[1], offset + 1)
         if r.first_at is None:
             r.first_at = time.monotonic()
-        stage = self.topics[tp[0]]
         try:
             routed = RoutedSample.from_bytes(msg.value() or b"")
         except ValidationError as exc:
@@ -227,6 +232,17 @@ class Trainer:
             return  # consumed and in the range: the lineage shows it was seen
         r.samples[stage].extend(samples)
         r.counts[stage] += len(samples)
+
+    def _hold(self, tp: tuple[str, int], offset: int) -> None:
+        """A record beyond its stage's quota (one consume() can fetch hundreds): not part of
+        this round. Its partition is paused and sought back to it, so the next round reads it
+        first; the round's range for the partition ends before it."""
+        if tp in self._held:
+            return
+        assert self._consumer is not None
+        self._held.add(tp)
+        self._consumer.pause([TopicPartition(*tp)])
+        self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
 
     def _pause_full(self) -> None:
         assert self._consumer is not None
@@ -343,7 +359,11 @@ class Trainer:
         for stage in self._paused:
             topic = next(t for t, st in self.topics.items() if st == stage)
             self._consumer.resume(self._partitions(topic))
+        held = [TopicPartition(*tp) for tp in sorted(self._held) if tp in self._assignment]
+        if held:
+            self._consumer.resume(held)
         self._paused.clear()
+        self._held.clear()
 
     # -- rebalancing ------------------------------------------------------------------------
 
@@ -359,6 +379,7 @@ class Trainer:
         # rebalance) reads them again from the committed offsets.
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._assignment -= gone
+        self._held -= gone
         for tp in gone:
             self._committed.pop(tp, None)
         if not self._round.empty():
@@ -369,7 +390,10 @@ class Trainer:
                 committed = consumer.committed([TopicPartition(t, p)], timeout=10)[0].offset
                 consumer.seek(TopicPartition(t, p, committed if committed >= 0
                                              else OFFSET_BEGINNING))
+        if self._assignment:  # what stays assigned starts a new round: nothing held back
+            consumer.resume([TopicPartition(t, p) for t, p in sorted(self._assignment)])
         self._paused.clear()
+        self._held.clear()
 
 
 class _LatestCandidate:

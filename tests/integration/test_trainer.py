@@ -168,3 +168,7 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
     for c in candidates:
         verify(c, store)
     assert all(c.stage_mix and c.metrics.get("steps", 0) > 0 for c in candidates)
+    # Rounds keep to their quotas although the whole input waited from the start (one
+    # consume() fetches hundreds of records): at most one record over, a group of 4 for RL.
+    assert all(c.stage_mix.get("sft", 0) <= 100 and c.stage_mix.get("rl", 0) < 40 + 4
+               for c in candidates), [c.stage_mix for c in candidates]
