@@ -16,7 +16,9 @@ import json
 import logging
 import random
 import time
+import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Protocol
 
 from confluent_kafka import Consumer, TopicPartition
@@ -138,9 +140,14 @@ class TaskSetSource:
 
     @staticmethod
     def _stamp(task: Task, cycle: Cycle, draw: str) -> Task:
+        """A new record of ``task``: its own event id and time (trajectory and group ids
+        derive from the event id, so a task drawn again must not repeat it), and where in
+        the cycle it was drawn."""
         source = {"taskset": cycle.name, "draw": draw, "epoch": cycle.epoch,
                   "position": cycle.position}
-        return task.model_copy(update={"metadata": {**task.metadata, SOURCE: source}})
+        return task.model_copy(update={"metadata": {**task.metadata, SOURCE: source},
+                                       "event_id": uuid.uuid4(),
+                                       "created_at": datetime.now(UTC)})
 
 
 def resume_cursors(kafka: KafkaSettings, topic: str, names: set[str],

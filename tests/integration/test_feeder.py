@@ -152,6 +152,8 @@ def test_a_task_set_is_cycled_across_a_restart_with_none_starved_and_none_held_o
     assert [t.task_id for t in restarted] == [t.task_id for t in straight], \
         "the restart changed the sequence"
     assert not held_ids & {t.task_id for t in restarted}
+    # Each publication is its own record: trajectory and group ids derive from event ids.
+    assert len({t.event_id for t in restarted}) == 100
     cursors = [(t.metadata[SOURCE]["epoch"], t.metadata[SOURCE]["position"]) for t in restarted]
     assert len(set(cursors)) == 100, "a cursor was published twice"
     by_epoch: dict[int, list[str]] = {}
