@@ -16,6 +16,8 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from services.common.offsets import watermarks
+
 _COORDINATOR_MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
                        KafkaError.COORDINATOR_NOT_AVAILABLE}
 
@@ -65,10 +67,8 @@ class Broker:
         })
         try:
             md = consumer.list_topics(topic, timeout=10)
-            return {
-                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in md.topics[topic].partitions
-            }
+            # A topic created a moment ago may not have its leaders yet: wait, as clients do.
+            return {p: watermarks(consumer, topic, p)[1] for p in md.topics[topic].partitions}
         finally:
             consumer.close()
 
