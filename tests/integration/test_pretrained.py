@@ -9,6 +9,7 @@ import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,19 +122,33 @@ def test_both_backends_serve_train_reload_and_evaluate(imported: Path, served: V
     folder = verify(CheckpointEvent(model="smol", version=1, uri=uri, manifest=manifest,
                                     status="candidate"), tmp_path / "store")
 
-    # vLLM reloads in place: the log-probs it gives its greedy tokens now are the new
-    # weights' (transformers computes the same ones from the trained model).
+    # vLLM reloads in place: the log-probs it gives its greedy tokens now are the trained
+    # weights' (as transformers computes them), not the old ones'. The two engines' kernels
+    # differ by about 0.005 per token, so the test compares distances, not exact values.
     served.reload(folder)
     after = served.generate(prompts[:2], greedy, [None, None])
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.eval()
-    for prompt, c in zip(prompts[:2], after, strict=True):
-        ids = torch.tensor([prompt + c.token_ids])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
-        mine = torch.log_softmax(logits.float(), -1).gather(
-            1, torch.tensor(c.token_ids)[:, None])[:, 0]
-        assert torch.allclose(mine, torch.tensor(c.logprobs), atol=2e-2), \
-            "vLLM did not serve the reloaded weights"
+
+    def logprobs(state: dict[str, Any]) -> list[float]:
+        model.load_state_dict(state)
+        out: list[float] = []
+        for prompt, c in zip(prompts[:2], after, strict=True):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + c.token_ids])).logits
+            logits = logits[0, len(prompt) - 1:-1]
+            out += torch.log_softmax(logits.float(), -1).gather(
+                1, torch.tensor(c.token_ids)[:, None])[:, 0].tolist()
+        return out
+
+    served_lps = [lp for c in after for lp in c.logprobs]
+    new, old = logprobs(trained), logprobs(before)
+    model.load_state_dict(trained)
+    to_new = sum(abs(a - b) for a, b in zip(served_lps, new, strict=True)) / len(new)
+    to_old = sum(abs(a - b) for a, b in zip(served_lps, old, strict=True)) / len(old)
+    print(f"served log-probs: {to_new:.4f} from the trained weights, {to_old:.4f} from the old")
+    assert to_new < 0.02 and to_new < to_old / 2, \
+        f"vLLM serves the old weights? {to_new:.4f} from the new, {to_old:.4f} from the old"
 
     scores = evaluate(folder, HeldOut(env="word_problems", difficulty=1, count=8,
                                       max_tokens=48))
