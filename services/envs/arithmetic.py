@@ -35,6 +35,10 @@ class Arithmetic(Environment):
             raise ValueError("reversed numbers are defined for addition only")
         self.operators, self.min_digits, self.max_digits = operators, min_digits, max_digits
 
+    @property
+    def levels(self) -> list[float]:
+        return [float(d) for d in range(self.min_digits, self.max_digits + 1)]
+
     def write(self, n: int) -> str:
         return str(n)[::-1] if self.reverse else str(n)
 

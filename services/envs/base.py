@@ -55,6 +55,12 @@ class Environment(ABC):
     def verify(self, task: Task, turns: Sequence[Turn]) -> Verification:
         """Judge a finished episode."""
 
+    @property
+    def levels(self) -> list[float]:
+        """The difficulty levels a curriculum steps through, easiest first; empty when the
+        environment has none (a profile then names them)."""
+        return []
+
     def reference_answer(self, task: Task) -> str | None:
         """The answer written as a model should give it, for supervised training on labels
         (the benchmark's supervised bound); None when the task has no reference answer."""

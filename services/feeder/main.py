@@ -107,7 +107,7 @@ class Feeder:
             levels: Curriculum | None = None
             if settings.curriculum.enabled:
                 levels = Curriculum(settings.curriculum,
-                                    settings.curriculum.levels or _digit_levels(env))
+                                    settings.curriculum.levels or _levels(env))
                 self.follower = ScoredFollower(settings.kafka, settings.topic("scored"),
                                                level_verdict(levels),
                                                settings.curriculum.window)
@@ -158,15 +158,11 @@ class Feeder:
                 self.follower.stop()
 
 
-def _digit_levels(env: envs.Environment) -> list[float]:
-    levels = getattr(env, "levels", None)
-    if levels:
-        return list(levels)
-    low, high = getattr(env, "min_digits", None), getattr(env, "max_digits", None)
-    if low is None or high is None:
+def _levels(env: envs.Environment) -> list[float]:
+    if not env.levels:
         raise ConfigError(f"environment {env.name!r} has no difficulty levels: set "
                           "curriculum.levels")
-    return [float(d) for d in range(low, high + 1)]
+    return env.levels
 
 
 def run(settings: FeederSettings) -> int:
