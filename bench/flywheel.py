@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common import broker as local_kafka
+from services.trainer.store import CheckpointStore
 from services.up.profile import Profile, load_profile
 from services.up.stack import Snapshot, Stack
 
@@ -69,8 +70,6 @@ def flywheel(profile: Profile, seconds: float, stop_at: float | None) -> dict[st
               "samples": trained_by.get(e.version, 0),
               "pass_rate": e.metrics.get("pass_rate")} for e in versions.decided()]
     train_seconds = sum(e.metrics.get("train_seconds", 0.0) for e in candidates)
-    from services.trainer.store import CheckpointStore
-
     return {"stack": stack, "curve": curve, "bootstrap_seconds": round(boot_seconds, 1),
             "trained_samples": total, "train_seconds": round(train_seconds, 2),
             "store_bytes": CheckpointStore(profile.checkpoint_url).size_bytes()}
@@ -113,7 +112,6 @@ def supervised_bound(profile: Profile, start: Path, samples: int, points: int,
     from services.gate.evaluate import evaluate
     from services.generator.engines import TransformersEngine, render
     from services.trainer.objectives import Sample
-    from services.trainer.store import CheckpointStore
     from services.trainer.train import OptimSettings, make_optimizer, train_round
 
     torch.set_num_threads(2)
@@ -155,7 +153,6 @@ def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str
     from services.envs.heldout import HeldOut
     from services.gate.evaluate import evaluate
     from services.generator.engines import TransformersEngine
-    from services.trainer.store import CheckpointStore
     from services.trainer.train import OptimSettings
 
     torch.set_num_threads(2)

@@ -84,7 +84,7 @@ class TaskCurriculum:
         self._tasks = {tid: _Task(s.window) for tid in task_ids}
         self._frontier: list[str] = []  # a list and its index: O(1) add, remove and draw
         self._where: dict[str, int] = {}
-        self._open: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
+        self._open: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._variance: deque[bool] = deque(maxlen=s.groups)
         self._lock = threading.Lock()
 
@@ -108,13 +108,13 @@ class TaskCurriculum:
                 self._group(group_id, group_size, passed)
 
     def _group(self, group_id: str, size: int, passed: bool) -> None:
-        seen, passes, _ = self._open.pop(group_id, (0, 0, size))
+        seen, passes = self._open.pop(group_id, (0, 0))
         seen, passes = seen + 1, passes + int(passed)
         if seen >= size:
             self._variance.append(0 < passes < seen)
             GROUPS_WITH_VARIANCE.set(sum(self._variance) / len(self._variance))
             return
-        self._open[group_id] = (seen, passes, size)
+        self._open[group_id] = (seen, passes)
         while len(self._open) > 4 * self.s.groups:  # groups never completed (a lost sample)
             self._open.popitem(last=False)
 
