@@ -59,16 +59,24 @@ def flywheel(profile: Profile, seconds: float, stop_at: float | None) -> dict[st
     versions = stack.versions
     assert versions is not None
     candidates = sorted(versions.candidates.values(), key=lambda e: e.version)
-    trained_by = {}
+    # "samples": all the trainer consumed up to a version (the compute spent, rolled-back
+    # lineages included); "lineage_samples": those in its weights (through its parents).
+    trained_by: dict[int, int] = {}
+    lineage: dict[int, int] = {}
     total = 0
     for e in candidates:
-        if e.version > 0:
-            total += sum(e.stage_mix.values())
-        trained_by[e.version] = total  # the lineage is linear: every earlier round is in it
-    curve = [{"version": e.version, "status": e.status,
+        mix = sum(e.stage_mix.values()) if e.version > 0 else 0
+        total += mix
+        trained_by[e.version] = total
+        lineage[e.version] = mix + lineage.get(e.parent_version or 0, 0)
+    curve = [{"version": e.version, "status": e.status, "rejection": e.rejection,
+              "parent": e.parent_version,
               "seconds": round(max(0.0, e.created_at.timestamp() - started), 2),
               "samples": trained_by.get(e.version, 0),
-              "pass_rate": e.metrics.get("pass_rate")} for e in versions.decided()]
+              "lineage_samples": lineage.get(e.version, 0),
+              "pass_rate": e.metrics.get("pass_rate"),
+              "sets": {k.removesuffix("/pass_rate"): v for k, v in e.metrics.items()
+                       if k.endswith("/pass_rate")}} for e in versions.decided()]
     train_seconds = sum(e.metrics.get("train_seconds", 0.0) for e in candidates)
     return {"stack": stack, "curve": curve, "bootstrap_seconds": round(boot_seconds, 1),
             "trained_samples": total, "train_seconds": round(train_seconds, 2),
@@ -79,10 +87,10 @@ def training_tasks(profile: Profile, count: int, seed: int) -> list[Any]:
     """``count`` tasks as the feeder draws them, held-out excluded: from its task sets, or
     from its environment spread evenly over its curriculum levels (or its mix)."""
     from services import envs
-    from services.envs.heldout import HeldOut
+    from services.envs.heldout import suite, suite_tasks
     from services.envs.tasksets import TaskSetSpec, load
 
-    held = HeldOut(**profile.gate.get("held_out", {})).tasks()
+    held = suite_tasks(suite(profile.gate.get("held_out")))
     excluded = {t.task_id for t in held}
     prompts = {t.prompt.strip() for t in held}
     rng = random.Random(seed)
@@ -108,7 +116,7 @@ def supervised_bound(profile: Profile, start: Path, samples: int, points: int,
     import torch
 
     from services import envs
-    from services.envs.heldout import HeldOut
+    from services.envs.heldout import gate_headline
     from services.gate.evaluate import evaluate
     from services.generator.engines import TransformersEngine, render
     from services.trainer.objectives import Sample
@@ -119,7 +127,7 @@ def supervised_bound(profile: Profile, start: Path, samples: int, points: int,
     tok = engine.tokenizer
     optim = OptimSettings(**profile.trainer.get("optim", {}))
     optimizer = make_optimizer(engine.model, optim)
-    held = HeldOut(**profile.gate.get("held_out", {}))
+    held = gate_headline(profile.gate)
     held_tasks = held.tasks()
     data = []
     for task in training_tasks(profile, samples, seed):
@@ -139,7 +147,7 @@ def supervised_bound(profile: Profile, start: Path, samples: int, points: int,
             done += len(chunk)
             uri, _ = store.write(done, engine.model, tok, None)
             scores = evaluate(Path(uri), held, held_tasks)
-            store.prune(set(), None)
+            store.prune(set(), set())
             curve.append({"samples": done, "pass_rate": scores["pass_rate"]})
             print(f"bound: {done} samples -> {scores['pass_rate']:.3f}", flush=True)
     return curve
@@ -150,7 +158,7 @@ def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str
     import torch
 
     from services.bootstrap import train_on_seed
-    from services.envs.heldout import HeldOut
+    from services.envs.heldout import gate_headline
     from services.gate.evaluate import evaluate
     from services.generator.engines import TransformersEngine
     from services.trainer.train import OptimSettings
@@ -163,7 +171,7 @@ def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str
                                   samples=samples, lr=optim.lr)
     with tempfile.TemporaryDirectory(prefix="flywheel-baseline-") as tmp:
         uri, _ = CheckpointStore(tmp).write(1, engine.model, engine.tokenizer, None)
-        scores = evaluate(Path(uri), HeldOut(**profile.gate.get("held_out", {})))
+        scores = evaluate(Path(uri), gate_headline(profile.gate))
     return {"samples": done, "seconds": round(seconds, 2), "lr": optim.lr, **scores}
 
 
@@ -236,12 +244,12 @@ def run(profile_path: Path | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
             private = _private(profile, Path(tmp), seed=i)
             if private.model_path is not None and start_rate is None:
-                from services.envs.heldout import HeldOut
+                from services.envs.heldout import gate_headline
                 from services.gate.evaluate import evaluate
 
                 started = time.perf_counter()
                 start_rate = evaluate(private.model_path,
-                                      HeldOut(**private.gate.get("held_out", {})))["pass_rate"]
+                                      gate_headline(private.gate))["pass_rate"]
                 print(f"starting model: held-out pass rate {start_rate:.3f} "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
             result = flywheel(private, seconds, stop_at=TARGET if embedded else None)

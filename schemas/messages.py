@@ -30,6 +30,7 @@ Role = Literal["system", "user", "assistant", "tool"]
 Verdict = Literal["correct", "incorrect", "unverified"]
 TrainingStage = Literal["cpt", "sft", "rl"]
 CheckpointStatus = Literal["candidate", "promoted", "rejected"]
+Rejection = Literal["regressed", "not_better", "invalid"]
 
 
 class VerifierSpec(WireModel):
@@ -210,6 +211,8 @@ class RoutedSample(Message):
     reason: str = Field(description="Why the router sent it to this stage.")
     policy_name: str
     policy_hash: str
+    filter_policy_hash: str | None = Field(
+        default=None, description="policy_hash of the filter decisions it came from.")
 
     def partition_key(self) -> str:
         return self.group_id
@@ -256,6 +259,14 @@ class CheckpointEvent(Message):
         default_factory=dict, description="Samples trained per stage in the producing round."
     )
     reason: str | None = Field(default=None, description="Why the gate decided as it did.")
+    rejection: Rejection | None = Field(
+        default=None, description="Kind of a rejection: 'regressed' (a held-out set fell "
+        "beyond tolerance; the trainer rolls back), 'not_better' (no regression, no "
+        "improvement beyond noise: the trainer builds on it), 'invalid' (refused or failed "
+        "to load or run). None on a rejection written before the kinds: read as regressed.")
+    provenance: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="Where the round's samples came from, as counts: "
+        "'env', 'router_policy', 'filter_policy', 'scorer' (name@version).")
 
     def partition_key(self) -> str:
         return self.model

@@ -66,6 +66,10 @@ class CheckpointFollower:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="checkpoint-follower",
                                         daemon=True)
+        self._read = threading.Condition()
+        self._positions: dict[int, int] = {}
+        """Per partition, the offset the following thread has read to."""
+        self._ends: Consumer | None = None
 
     def catch_up(self, timeout: float = 60.0, *, true_end: bool = False) -> None:
         """Read up to the end of the topic as it is now (a late generator's first step).
@@ -100,10 +104,33 @@ class CheckpointFollower:
         if self._thread.is_alive():
             self._thread.join(10)
         self._consumer.close()
+        if self._ends is not None:
+            self._ends.close()
+
+    def current(self, timeout: float) -> bool:
+        """Wait until the following thread has read everything committed on the topic now
+        (its last stable offsets), so a decision made before this call is known after it.
+        False if that took longer than ``timeout``."""
+        if self._ends is None:  # its own client: the following thread owns the other one
+            self._ends = Consumer(self._kafka.client_config() | {
+                "group.id": f"checkpoint-ends-{uuid.uuid4().hex}",
+                "enable.auto.commit": False, "isolation.level": "read_committed"})
+        ends = {p: self._ends.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10,
+                                                    cached=False)[1] for p in self._partitions}
+        with self._read:
+            return self._read.wait_for(
+                lambda: all(end == 0 or self._positions.get(p, 0) >= end
+                            for p, end in ends.items()),
+                timeout)
 
     def _follow(self) -> None:
+        tps = [TopicPartition(self.topic, p) for p in self._partitions]
         while not self._stop.is_set():
             self._poll_once(0.5)
+            positions = {tp.partition: tp.offset for tp in self._consumer.position(tps)}
+            with self._read:
+                self._positions = positions
+                self._read.notify_all()
 
     def _poll_once(self, timeout: float) -> None:
         msg = self._consumer.poll(timeout)

@@ -1,17 +1,19 @@
-"""The held-out set: the tasks the gate measures every version on, and nothing else sees.
+"""The held-out suite: the tasks the gate measures every version on, and nothing else sees.
 
-It is fixed for the life of a deployment (an environment, a difficulty, a count and a seed; a
-task set; or a task file), so every version is measured on the same tasks. The gate evaluates
-it; the feeder reads the same settings to keep these tasks off ``tasks`` (by task id, and by
-prompt for task sets), so no held-out task is ever generated on or trained on.
+A suite is one or more named sets (per environment, difficulty or task file). Each set is
+fixed for the life of a deployment (an environment, a difficulty, a count and a seed; a task
+set; or a task file), so every version is measured on the same tasks. The gate evaluates the
+suite; the feeder reads the same settings to keep all of these tasks off ``tasks`` (by task
+id, and by prompt for task sets), so no held-out task is ever generated on or trained on.
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from schemas import Task
 from services.envs.base import get
@@ -20,8 +22,14 @@ from services.envs.tasksets import TaskSetSpec, load
 
 
 class HeldOut(BaseModel):
+    """One named set of the suite."""
+
     model_config = ConfigDict(extra="forbid")
 
+    name: str = Field(default="held_out", pattern=r"^[A-Za-z0-9_.-]+$", description="Its "
+                      "metrics are reported as ``<name>/pass_rate``, ``<name>/mean_score``.")
+    tolerance: float | None = Field(default=None, ge=0, description="Allowed drop of this "
+                                    "set's metrics; none: the gate's ``tolerance``.")
     env: str = "arithmetic"
     difficulty: float | None = Field(default=None, description="None: the env's default mix.")
     count: int = Field(default=100, ge=1)
@@ -47,3 +55,40 @@ class HeldOut(BaseModel):
             return load_task_file(self.tasks_file)
         return get(self.env).tasks(self.count, rng=random.Random(self.seed),
                                    difficulty=self.difficulty)
+
+
+def suite(value: Any) -> list[HeldOut]:
+    """A suite from settings: one set (a mapping or a ``HeldOut``), or a list of them, with
+    distinct names."""
+    if value is None:
+        return [HeldOut()]
+    items = value if isinstance(value, list) else [value]
+    sets = [v if isinstance(v, HeldOut) else HeldOut(**v) for v in items]
+    if not sets:
+        raise ValueError("held_out: a suite needs at least one set")
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"held_out: set names must differ, got {names}")
+    return sets
+
+
+def suite_tasks(sets: list[HeldOut]) -> list[Task]:
+    """Every task of every set (what the feeder keeps off ``tasks``)."""
+    return [t for s in sets for t in s.tasks()]
+
+
+Suite = Annotated[list[HeldOut], BeforeValidator(suite)]
+"""A settings field holding a suite: accepts one set or a list."""
+
+
+def headline(sets: list[HeldOut], name: str | None = None) -> HeldOut:
+    """The set reported as plain ``pass_rate``: the one named, or the first."""
+    for s in sets:
+        if name is None or s.name == name:
+            return s
+    raise ValueError(f"headline {name!r} is not a held-out set: {[s.name for s in sets]}")
+
+
+def gate_headline(gate: dict[str, Any]) -> HeldOut:
+    """The headline set of a profile's ``gate`` section."""
+    return headline(suite(gate.get("held_out")), gate.get("headline"))

@@ -27,7 +27,7 @@ from services.common.config import ServiceSettings
 from services.common.errors import ConfigError, FlywheelError
 from services.common.logs import setup_logging
 from services.common.service import serve_loop
-from services.envs.heldout import HeldOut
+from services.envs.heldout import Suite, suite_tasks
 from services.envs.tasksets import TaskSetSpec
 from services.feeder.curriculum import (
     Curriculum,
@@ -52,8 +52,8 @@ class FeederSettings(ServiceSettings):
                      "when there are no task sets.")
     tasksets: list[TaskSetSpec] = Field(default_factory=list, description="The user's task "
                                         "files; when set, tasks come from them, not env.")
-    held_out: HeldOut | None = Field(default=None, description="The gate's held-out set "
-                                     "(the same settings): its tasks are never published.")
+    held_out: Suite | None = Field(default=None, description="The gate's held-out suite "
+                                   "(the same settings): none of its tasks is published.")
     difficulty: float | None = Field(default=None, description="None: the environment's mix.")
     target_backlog: int = Field(default=512, ge=1, description="Tasks kept waiting.")
     interval_seconds: float = Field(default=1.0, gt=0, le=300)
@@ -82,7 +82,7 @@ class Feeder:
         topic = settings.topic("tasks")
         group = settings.generator_group or f"{settings.kafka.topic_prefix}generator"
         identity = ProducerInfo(service=settings.service, instance=settings.instance_id)
-        held = settings.held_out.tasks() if settings.held_out is not None else []
+        held = suite_tasks(settings.held_out) if settings.held_out is not None else []
         excluded = {t.task_id for t in held}
         self.follower: ScoredFollower | None = None
         self.source: Source

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.common.config import RuntimeSettings, ServiceSettings
 from services.common.service import serve
 from services.common.state import StateStore
-from services.envs.heldout import HeldOut
-from services.gate.evaluate import evaluate
+from services.envs.heldout import Suite, suite
+from services.gate.evaluate import evaluate_suite
 from services.gate.stage import GateStage
 
 
@@ -29,22 +29,39 @@ class GateSettings(ServiceSettings):
     base_version: int = Field(default=0, ge=0)
     checkpoint_root: Path = Field(default=Path(".flywheel/checkpoints"),
                                   description="Candidates are loaded only from inside it.")
-    held_out: HeldOut = Field(default_factory=HeldOut)
-    tracked: list[str] = Field(default_factory=lambda: ["pass_rate"], min_length=1)
-    tolerance: float = Field(default=0.02, ge=0, description="Allowed drop per metric.")
-    min_improvement: float = Field(default=0.0, ge=0, description="Over the base model.")
+    held_out: Suite = Field(default_factory=lambda: suite(None), description="The held-out "
+                            "suite: one set, or a list of named sets (per environment, "
+                            "difficulty or task file).")
+    headline: str | None = Field(default=None, description="The set reported as plain "
+                                 "`pass_rate`/`mean_score`; none: the first.")
+    tracked: list[str] = Field(default_factory=lambda: ["pass_rate"], min_length=1,
+                               description="Metrics no set may regress on.")
+    tolerance: float = Field(default=0.02, ge=0, description="Allowed drop per metric and "
+                             "set below the best a promoted version reached (a set's own "
+                             "`tolerance` overrides it).")
+    alpha: float = Field(default=0.05, gt=0, le=1, description="Improvement beyond noise: the "
+                         "one-sided paired sign test's level, Bonferroni-split over the sets "
+                         "and the pooled suite.")
     runtime: GateRuntimeSettings = Field(default_factory=GateRuntimeSettings)
+
+    @model_validator(mode="after")
+    def _headline_is_a_set(self) -> GateSettings:
+        names = [s.name for s in self.held_out]
+        if self.headline is not None and self.headline not in names:
+            raise ValueError(f"headline {self.headline!r} is not a held-out set: {names}")
+        return self
 
 
 def build_stage(settings: GateSettings) -> GateStage:
-    tasks = settings.held_out.tasks()
+    sets = settings.held_out
+    tasks = [s.tasks() for s in sets]
     return GateStage(
         state=StateStore(settings.topic("gate.state")), output_topic=settings.topic("checkpoints"),
         root=settings.checkpoint_root,
-        evaluate=lambda folder: evaluate(folder, settings.held_out, tasks),
+        evaluate=lambda folder: evaluate_suite(folder, sets, tasks),
         base={settings.model_name: (settings.base_version, settings.base_model_path)},
-        tracked=settings.tracked, tolerance=settings.tolerance,
-        min_improvement=settings.min_improvement, service=settings.service)
+        sets=sets, headline=settings.headline, tracked=settings.tracked,
+        tolerance=settings.tolerance, alpha=settings.alpha, service=settings.service)
 
 
 def run(settings: GateSettings) -> int:

@@ -1,13 +1,18 @@
-"""The gate's stage: every candidate evaluated, compared with the promoted version, decided.
+"""The gate's stage: every candidate evaluated on the held-out suite, compared with the
+promoted version, decided.
 
 It reads ``checkpoints`` and writes its decisions there too, exactly once (the runtime's
 transactions), keeping in its state (changelog ``gate.state``) the promoted version of each
-model with its held-out metrics. A candidate is promoted only if it passes verification
-(manifest, safetensors, inside the checkpoint root) and no tracked metric falls more than
-``tolerance`` below the promoted version's; while the promoted version is still the base
-model, the candidate must beat it (by more than ``min_improvement``). Events the gate wrote
-itself are skipped; a ``promoted`` event from elsewhere (the bootstrap publishing version 0)
-becomes the reference, evaluated once.
+model with its metrics per set and per-task outcomes. A candidate is promoted only if it
+passes verification (manifest, safetensors, inside the checkpoint root) and the rule of
+``services.gate.rule`` holds: no set regresses beyond its tolerance, and one improves beyond
+noise. Rejections carry their kind (``regressed``, ``not_better``, ``invalid``), which the
+trainer's rollback reads. Events the gate wrote itself are skipped; a ``promoted`` event from
+elsewhere (the bootstrap publishing version 0) becomes the reference, evaluated once.
+
+Repeated regressions from the same data are counted by where the candidates' samples came
+from (``provenance``: environment, router and filter policy hashes, scorer versions), so an
+alert can name the source.
 """
 
 from __future__ import annotations
@@ -22,13 +27,17 @@ from schemas import CheckpointEvent
 from services.common.errors import DependencyError
 from services.common.stage import Output
 from services.common.state import PartitionState, StateStore
+from services.envs.heldout import HeldOut
+from services.gate import rule
+from services.gate.evaluate import SetResult
 from services.generator.checkpoint import CheckpointRefused, verify
 from services.trainer import metrics as m
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = uuid.UUID("c4a2e7d1-6b3f-4f0e-8a9d-1e2b3c4d5f60")
-Evaluate = Callable[[Path], dict[str, float]]
+Evaluate = Callable[[Path], dict[str, SetResult]]
+"""A checkpoint folder to every set's result, by set name."""
 
 
 class GateStage:
@@ -37,17 +46,21 @@ class GateStage:
 
     def __init__(self, *, state: StateStore, output_topic: str, root: Path,
                  evaluate: Evaluate, base: dict[str, tuple[int, Path]],
+                 sets: Sequence[HeldOut] = (HeldOut(),), headline: str | None = None,
                  tracked: Sequence[str] = ("pass_rate",), tolerance: float = 0.02,
-                 min_improvement: float = 0.0, service: str = "gate") -> None:
+                 alpha: float = 0.05, service: str = "gate") -> None:
         self.state = state
         self.output_topic = output_topic
         self.root = root
         self.evaluate = evaluate
         self.base = base
         """Per model: the base version and its folder, the reference before any promotion."""
+        self.sets = list(sets)
+        self.headline = headline or self.sets[0].name
         self.tracked = list(tracked)
-        self.tolerance, self.min_improvement = tolerance, min_improvement
+        self.tolerance, self.alpha = tolerance, alpha
         self.service = service
+        self._streaks: dict[tuple[str, str], int] = {}
 
     def process_partition(self, state: PartitionState, batch: Sequence[CheckpointEvent]
                           ) -> list[Output]:
@@ -64,18 +77,26 @@ class GateStage:
     def tick(self, state: PartitionState, now: float) -> list[Output]:
         return []
 
+    def _results(self, folder: Path) -> dict[str, SetResult]:
+        results = self.evaluate(folder)
+        missing = [s.name for s in self.sets if s.name not in results]
+        if missing:
+            raise ValueError(f"the evaluation has no result for sets {missing}")
+        return results
+
     def _reference(self, state: PartitionState, model: str) -> dict[str, Any] | None:
         key = f"promoted/{model}"
         current = state.get(key)
         if current is None and model in self.base:
             version, folder = self.base[model]
             try:
-                scores = self.evaluate(folder)
+                results = self._results(folder)
             except Exception as exc:  # not the candidate's fault: stop, visibly
                 raise DependencyError(f"cannot evaluate the base model {folder}: {exc}") from exc
-            current = {"version": version, "metrics": scores, "best": scores, "base": True}
+            current = rule.reference(results, self.headline, version, base=True,
+                                     uri=str(folder))
             state.put(key, current)
-            log.info("base %s v%d: %s", model, version, scores)
+            log.info("base %s v%d: %s", model, version, current["metrics"])
         return current
 
     def _external_promotion(self, state: PartitionState, event: CheckpointEvent) -> None:
@@ -89,12 +110,12 @@ class GateStage:
                       event.model, event.version, exc)
             return
         try:
-            scores = self.evaluate(folder)
+            results = self._results(folder)
         except Exception as exc:
             raise DependencyError(f"cannot evaluate promoted {event.model} v{event.version}: "
                                   f"{exc}") from exc
-        state.put(f"promoted/{event.model}",
-                  {"version": event.version, "metrics": scores, "best": scores, "base": True})
+        state.put(f"promoted/{event.model}", rule.reference(
+            results, self.headline, event.version, base=True, uri=event.uri))
         m.GATE_PROMOTED_VERSION.set(event.version)
 
     def _decide(self, state: PartitionState, cand: CheckpointEvent) -> Output:
@@ -102,56 +123,56 @@ class GateStage:
         if current is None:
             return self._out(cand, "rejected", cand.metrics,
                              f"no base model configured for {cand.model!r}: nothing to "
-                             "compare with")
+                             "compare with", "invalid")
         if cand.version <= current["version"]:
             return self._out(cand, "rejected", cand.metrics, f"not newer than the promoted "
-                             f"v{current['version']}")
+                             f"v{current['version']}", "invalid")
         try:
             folder = verify(cand, self.root)
         except CheckpointRefused as exc:
-            return self._out(cand, "rejected", cand.metrics, f"refused: {exc}")
+            return self._out(cand, "rejected", cand.metrics, f"refused: {exc}", "invalid")
         try:
-            scores = self.evaluate(folder)
+            results = self._results(folder)
         except Exception as exc:  # the candidate does not load or run: it is not promotable
-            return self._out(cand, "rejected", cand.metrics, f"evaluation failed: {exc}")
-        for k, v in scores.items():
-            m.GATE_SCORE.labels(k).set(v)
-        # Against the best each metric has been among promoted versions, so a series of
-        # small, tolerated drops cannot ratchet quality down.
-        ref: dict[str, float] = current.get("best") or current["metrics"]
-        if current.get("base"):
-            primary = self.tracked[0]
-            got, base = scores.get(primary, 0.0), ref.get(primary, 0.0)
-            if got <= base + self.min_improvement:
-                return self._out(cand, "rejected", scores, f"{primary} {got:.3f} does not "
-                                 f"beat the base's {base:.3f}")
-        worse = [f"{k} {scores.get(k, 0.0):.3f} < {ref[k]:.3f} - {self.tolerance:g}"
-                 for k in self.tracked if k in ref
-                 and scores.get(k, 0.0) < ref[k] - self.tolerance]
-        if worse:
-            return self._out(cand, "rejected", scores, "regressed: " + "; ".join(worse))
-        return self._promote(state, cand, scores,
-                             f"vs v{current['version']}: " + ", ".join(
-                                 f"{k} {scores.get(k, 0.0):.3f} (was {ref.get(k, 0.0):.3f})"
-                                 for k in self.tracked))
-
-    def _promote(self, state: PartitionState, cand: CheckpointEvent, scores: dict[str, float],
-                 reason: str) -> Output:
-        current = state.get(f"promoted/{cand.model}") or {}
-        previous = {} if current.get("base") else (current.get("best") or {})
-        best = {k: max(v, previous.get(k, v)) for k, v in scores.items()}
-        state.put(f"promoted/{cand.model}", {"version": cand.version, "metrics": scores,
-                                             "best": best, "base": False})
+            return self._out(cand, "rejected", cand.metrics, f"evaluation failed: {exc}",
+                             "invalid")
+        for name, r in results.items():
+            for k, v in r.metrics.items():
+                m.GATE_SCORE.labels(name, k).set(v)
+        j = rule.judge(results, current, self.sets, tracked=self.tracked,
+                       tolerance=self.tolerance, alpha=self.alpha, headline=self.headline)
+        if not j.promoted:
+            return self._out(cand, "rejected", j.metrics, j.reason, j.rejection)
+        state.put(f"promoted/{cand.model}",
+                  rule.promote(current, results, self.headline, cand.version, cand.uri))
         m.GATE_PROMOTED_VERSION.set(cand.version)
-        return self._out(cand, "promoted", scores, reason)
+        return self._out(cand, "promoted", j.metrics, j.reason, None)
 
-    def _out(self, cand: CheckpointEvent, status: str, scores: dict[str, float], reason: str
-             ) -> Output:
-        m.GATE_DECISIONS.labels(status).inc()
-        log.info("%s v%d %s: %s", cand.model, cand.version, status, reason)
+    def _out(self, cand: CheckpointEvent, status: str, scores: dict[str, float], reason: str,
+             rejection: str | None) -> Output:
+        m.GATE_DECISIONS.labels(rejection or status).inc()
+        self._count_sources(cand, rejection)
+        log.info("%s v%d %s: %s", cand.model, cand.version, rejection or status, reason)
         fields = cand.model_dump(exclude={"event_id", "status", "metrics", "reason",
-                                          "producer", "created_at"})
+                                          "producer", "created_at", "rejection"})
         decision = CheckpointEvent(
             **fields, event_id=uuid.uuid5(NAMESPACE, f"{cand.event_id}:{status}"),
-            status=status, metrics={**cand.metrics, **scores}, reason=reason)
+            status=status, metrics={**cand.metrics, **scores}, reason=reason,
+            rejection=rejection)
         return Output(self.output_topic, decision)
+
+    def _count_sources(self, cand: CheckpointEvent, rejection: str | None) -> None:
+        """Per source of the candidate's data (its provenance): regressions counted, and the
+        streak of consecutive regressed candidates that held data from it (reset when a
+        candidate holding it is promoted). Kept in memory: a restart starts streaks at 0."""
+        if rejection not in (None, "regressed"):
+            return
+        for kind, values in cand.provenance.items():
+            for value in values:
+                key = (kind, value)
+                if rejection == "regressed":
+                    m.GATE_REGRESSIONS.labels(kind, value).inc()
+                    self._streaks[key] = self._streaks.get(key, 0) + 1
+                else:
+                    self._streaks[key] = 0
+                m.GATE_REGRESSION_STREAK.labels(kind, value).set(self._streaks[key])

@@ -156,6 +156,7 @@ class RouterStage:
             stage=stage, group_id=group_id, samples=[d.scored for d in decisions],
             decision_ids=[d.event_id for d in decisions], weight=weight, reason=reason,
             policy_name=self.policy.name, policy_hash=self.policy_hash,
+            filter_policy_hash=decisions[0].policy_hash,
         )
         m.ROUTED_SAMPLES.labels(stage).inc(len(decisions))
         return Output(self.topics[stage], sample)

@@ -47,6 +47,7 @@ from services.common.errors import FatalRuntimeError
 from services.generator.checkpoint import verify
 from services.trainer import metrics as m
 from services.trainer.data import to_samples
+from services.trainer.lineage import Decisions, Rollback
 from services.trainer.objectives import Sample
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import CheckpointStore, load_optimizer
@@ -65,6 +66,20 @@ class _Round:
     ranges: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     """(topic, partition) -> [start, end): start is where the group was, end the next."""
     first_at: float | None = None
+    provenance: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count(self, routed: RoutedSample) -> None:
+        """Where its samples came from: environments, policies, scorer versions."""
+        found = {"router_policy": [routed.policy_hash],
+                 "filter_policy": [routed.filter_policy_hash] if routed.filter_policy_hash
+                 else [],
+                 "env": [s.trajectory.task.env for s in routed.samples],
+                 "scorer": [f"{sc.scorer}@{sc.version}" for s in routed.samples[:1]
+                            for sc in s.scores]}
+        for kind, values in found.items():
+            counts = self.provenance.setdefault(kind, {})
+            for v in values:
+                counts[v] = counts.get(v, 0) + 1
 
     def empty(self) -> bool:
         return not self.ranges
@@ -83,6 +98,9 @@ class Trainer:
         self._assignment: set[tuple[str, int]] = set()
         self._committed: dict[tuple[str, int], int] = {}
         self.version = settings.base_version
+        """The newest version this model's trainer wrote (the next is one more)."""
+        self.head = settings.base_version
+        """The version of the weights held: the next candidate's parent."""
         self.step = 0
         self.model: Any = None
         self.tokenizer: Any = None
@@ -107,35 +125,103 @@ class Trainer:
     # -- start ------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        """Weights and optimizer of this model's latest committed candidate, or the base."""
+        """Weights and optimizer of this model's latest committed candidate, or the base; or,
+        when the gate's decisions call for a rollback of that lineage, of the latest promoted
+        version (a restart during a rollback resumes from the promoted version)."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        latest = _latest_candidate(self.s)
-        folder = self.s.base_model_path
+        _read_decisions(self.s, self.decisions)
+        latest = self.decisions.latest
         if latest is not None:
-            local = self.store.fetch(latest.version)
-            folder = verify(latest.model_copy(update={"uri": str(local)}), local.parent)
             self.version, self.step = latest.version, latest.step or 0
         removed = self.store.cleanup(self.version)  # the base version's folder stays
         if removed:
             log.info("removed orphaned checkpoint folders: %s", ", ".join(removed))
         o = self.s.optim
-        dtype = torch.bfloat16 if o.dtype == "bfloat16" else torch.float32
+        self._dtype = torch.bfloat16 if o.dtype == "bfloat16" else torch.float32
+        head = latest.version if latest is not None else self.s.base_version
+        due = self._rollback_due(head)
+        if due is not None:
+            self._log_rollback(head, due)
+            head = due.target
+        folder = self._load(head, restore_optimizer=head != self.s.base_version,
+                            rolled_back=due is not None)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        loaded: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
-                                                           use_safetensors=True)
-        self.model = loaded.to(o.device)
-        self.optimizer = make_optimizer(self.model, o)
-        if latest is not None and load_optimizer(self.optimizer, Path(folder)):
-            log.info("optimizer state restored from %s", folder)
         if o.kl_coef > 0:
+            from transformers import AutoModelForCausalLM
+
             reference: Any = AutoModelForCausalLM.from_pretrained(
-                self.s.base_model_path, dtype=dtype, use_safetensors=True)
+                self.s.base_model_path, dtype=self._dtype, use_safetensors=True)
             self.reference = reference.to(o.device).eval()
         m.CANDIDATE_VERSION.set(self.version)
-        log.info("resuming %s at version %d (step %d) from %s", self.s.model_name,
-                 self.version, self.step, folder)
+        log.info("resuming %s at version %d (step %d) from v%d in %s", self.s.model_name,
+                 self.version, self.step, self.head, folder)
+
+    def _folder(self, version: int) -> Path:
+        """A verified local folder of ``version``: the base model, or a store version whose
+        candidate or promotion event gives its manifest."""
+        if version == self.s.base_version:
+            return self.s.base_model_path
+        event = self.decisions.promoted.get(version)
+        if event is None and self.decisions.latest is not None \
+                and self.decisions.latest.version == version:
+            event = self.decisions.latest
+        if event is None:
+            raise FatalRuntimeError(f"no checkpoint event for v{version} to load it from")
+        local = self.store.fetch(version)
+        return verify(event.model_copy(update={"uri": str(local)}), local.parent)
+
+    def _load(self, version: int, *, restore_optimizer: bool, rolled_back: bool) -> Path:
+        """Weights (and optimizer state, when kept) of ``version`` become the trainer's."""
+        from transformers import AutoModelForCausalLM
+
+        folder = self._folder(version)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=self._dtype,
+                                                           use_safetensors=True)
+        self.model = loaded.to(self.s.optim.device)
+        self.optimizer = make_optimizer(self.model, self.s.optim)
+        if restore_optimizer and load_optimizer(self.optimizer, Path(folder)):
+            log.info("optimizer state restored from %s", folder)
+        elif restore_optimizer:
+            log.info("no optimizer state kept for v%d: a fresh optimizer", version)
+        if rolled_back and self.s.rollback.lr_factor != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.s.rollback.lr_factor
+            log.info("learning rate after the rollback: %g",
+                     self.optimizer.param_groups[0]["lr"])
+        self.head = version
+        return folder
+
+    def _rollback_due(self, head: int) -> Rollback | None:
+        r = self.s.rollback
+        return self.decisions.rollback(head, self.s.base_version, r.after) if r.enabled \
+            else None
+
+    def _log_rollback(self, head: int, due: Rollback) -> None:
+        log.warning("rollback: the gate rejected v%s as regressed; continuing from promoted "
+                    "v%d, leaving v%s behind (head was v%d)",
+                    ", v".join(map(str, due.regressed)), due.target,
+                    ", v".join(map(str, due.discarded)), head)
+        m.ROLLBACKS.inc()
+        m.DISCARDED.inc(len(due.discarded))
+
+    def _maybe_roll_back(self) -> None:
+        """Between rounds: when the gate's decisions read so far call for it, the weights and
+        optimizer state of the latest promoted version replace the trainer's. Buffered
+        samples stay: they train into the next candidate, whose parent is that version."""
+        if not self.s.rollback.enabled:
+            return
+        assert self._decisions is not None
+        if not self._decisions.current(timeout=10):
+            log.warning("checkpoints not read to its end in 10 s: deciding on a rollback "
+                        "with the decisions read so far")
+        due = self._rollback_due(self.head)
+        if due is None:
+            return
+        self._log_rollback(self.head, due)
+        self._load(due.target, restore_optimizer=due.target != self.s.base_version,
+                   rolled_back=True)
 
     def _fence(self) -> None:
         """One transactional id per model, whatever the instance: a second trainer of the
@@ -172,10 +258,9 @@ class Trainer:
             self._fence()
             self._resume()
             self._open()
-            if self.s.retention.enabled:
-                self._decisions = CheckpointFollower(self.s.kafka, self.s.topic("checkpoints"),
-                                                     self.decisions)
-                self._decisions.start()
+            self._decisions = CheckpointFollower(self.s.kafka, self.s.topic("checkpoints"),
+                                                 self.decisions)
+            self._decisions.start()
             self._alive = True
             assert self._consumer is not None
             while not self._stop.is_set():
@@ -188,6 +273,7 @@ class Trainer:
                     self._buffer(msg)
                 self._pause_full()
                 if self._due():
+                    self._maybe_roll_back()
                     self._train_and_commit()
         except KafkaException as exc:
             raise FatalRuntimeError(f"Kafka client error: {exc.args[0]}") from exc
@@ -232,6 +318,7 @@ class Trainer:
             return  # consumed and in the range: the lineage shows it was seen
         r.samples[stage].extend(samples)
         r.counts[stage] += len(samples)
+        r.count(routed)
 
     def _hold(self, tp: tuple[str, int], offset: int) -> None:
         """A record beyond its stage's quota (one consume() can fetch hundreds): not part of
@@ -291,14 +378,14 @@ class Trainer:
         uri, manifest = self.store.write(
             version, self.model, self.tokenizer, self.optimizer,
             record={"model": self.s.model_name, "version": version,
-                    "parent_version": self.version, "step": self.step,
+                    "parent_version": self.head, "step": self.step,
                     "metrics": metrics, "stage_mix": stage_mix,
                     "trained_on": [x.model_dump() for x in trained_on]})
         event = CheckpointEvent(
             event_id=uuid.uuid5(NAMESPACE, f"{self.s.model_name}:{version}:candidate"),
-            model=self.s.model_name, version=version, parent_version=self.version, uri=uri,
+            model=self.s.model_name, version=version, parent_version=self.head, uri=uri,
             manifest=manifest, status="candidate", trained_on=trained_on,
-            metrics=metrics, step=self.step, stage_mix=stage_mix,
+            metrics=metrics, step=self.step, stage_mix=stage_mix, provenance=r.provenance,
             producer=ProducerInfo(service=self.s.service, instance=self.s.instance_id),
         )
         self._commit(event, r)
@@ -311,7 +398,7 @@ class Trainer:
                 m.SAMPLES.labels(st).inc(len(items))
                 m.TOKENS.labels(st).inc(stats.tokens[st])
                 m.LOSS.labels(st).set(stats.loss[st])
-        self.version = version
+        self.version = self.head = version
         for tp, (_, end) in r.ranges.items():
             self._committed[tp] = end
         self._round = _Round()
@@ -327,7 +414,10 @@ class Trainer:
             return
         keep = self.decisions.keep(self.store.versions(), self.s.base_version, self.version,
                                    self.s.retention.keep_candidates)
-        removed = self.store.prune(keep, optimizer_of=self.version)
+        # The optimizer state of the latest version, and of the latest promoted one, which a
+        # rollback continues from.
+        removed = self.store.prune(keep, optimizer_of={
+            self.version, self.decisions.latest_promoted(self.s.base_version)})
         for name in removed:
             m.PRUNED.labels("optimizer" if name.endswith("/optimizer") else "version").inc()
         if removed:
@@ -396,52 +486,12 @@ class Trainer:
         self._held.clear()
 
 
-class _LatestCandidate:
-    """Listener keeping one model's newest candidate event."""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.latest: CheckpointEvent | None = None
-
-    def offer(self, event: CheckpointEvent) -> None:
-        if (event.model == self.model and event.status == "candidate"
-                and (self.latest is None or event.version > self.latest.version)):
-            self.latest = event
-
-
-class Decisions:
-    """Listener keeping which of one model's versions the gate promoted or rejected."""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.promoted: set[int] = set()
-        self.rejected: set[int] = set()
-        self._lock = threading.Lock()
-
-    def offer(self, event: CheckpointEvent) -> None:
-        if event.model != self.model or event.status == "candidate":
-            return
-        with self._lock:
-            (self.promoted if event.status == "promoted" else self.rejected).add(event.version)
-
-    def keep(self, versions: list[int], base: int, latest: int, newest: int) -> set[int]:
-        """Of the store's ``versions``: the base, the latest, the promoted, the undecided
-        (the gate may be loading one; a decision not read yet counts as none) and the
-        ``newest`` most recent."""
-        with self._lock:
-            decided = self.promoted | self.rejected
-            return ({base, latest} | self.promoted | {v for v in versions if v not in decided}
-                    | set(sorted(versions)[-newest:]))
-
-
-def _latest_candidate(s: TrainerSettings) -> CheckpointEvent | None:
-    """This model's newest committed candidate on ``checkpoints``, read to its true end:
-    another producer's open transaction (the gate evaluating, up to its transaction
-    timeout) is waited for, since missing a committed candidate would reuse its version."""
-    found = _LatestCandidate(s.model_name)
-    follower = CheckpointFollower(s.kafka, s.topic("checkpoints"), found)
+def _read_decisions(s: TrainerSettings, decisions: Decisions) -> None:
+    """``checkpoints`` read to its true end into ``decisions``: another producer's open
+    transaction (the gate evaluating, up to its transaction timeout) is waited for, since
+    missing a committed candidate would reuse its version."""
+    follower = CheckpointFollower(s.kafka, s.topic("checkpoints"), decisions)
     try:
         follower.catch_up(timeout=900 + 60, true_end=True)
     finally:
         follower.stop()
-    return found.latest

@@ -26,6 +26,20 @@ class RetentionSettings(BaseModel):
                                  "not yet decided are always kept.")
 
 
+class RollbackSettings(BaseModel):
+    """What the trainer does when the gate rejects its lineage as regressed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=True, description="Off: keep building on rejected "
+                          "versions (the gate still protects what generators serve).")
+    after: int = Field(default=1, ge=1, description="Regressed candidates in the lineage "
+                       "since its last promoted version that trigger a rollback.")
+    lr_factor: float = Field(default=1.0, gt=0, le=1, description="Multiplies the learning "
+                             "rate of the promoted version's optimizer state after a "
+                             "rollback.")
+
+
 class TrainerSettings(ServiceSettings):
     """E.g. ``FLYWHEEL_BASE_MODEL_PATH=models/tiny FLYWHEEL_QUOTAS='{"sft":64,"rl":32}'``."""
 
@@ -46,4 +60,5 @@ class TrainerSettings(ServiceSettings):
                                      "round; the consumer's poll interval allows for it.")
     optim: OptimSettings = Field(default_factory=OptimSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    rollback: RollbackSettings = Field(default_factory=RollbackSettings)
     runtime: TrainerRuntimeSettings = Field(default_factory=TrainerRuntimeSettings)

@@ -119,10 +119,10 @@ class CheckpointStore:
         return removed
 
 
-    def prune(self, keep: set[int], optimizer_of: int | None) -> list[str]:
+    def prune(self, keep: set[int], optimizer_of: set[int]) -> list[str]:
         """Delete every version folder not in ``keep``, and the optimizer state of every
-        kept version but ``optimizer_of`` (the one a resuming trainer loads). Returns what
-        it removed, as ``v000012`` or ``v000012/optimizer``."""
+        kept version not in ``optimizer_of`` (those a resuming or rolling-back trainer
+        loads). Returns what it removed, as ``v000012`` or ``v000012/optimizer``."""
         removed = []
         for entry in self.fs.ls(self.root, detail=False):
             m = _VERSION.match(Path(str(entry)).name)
@@ -134,7 +134,7 @@ class CheckpointStore:
                 removed.append(name)
                 continue
             optimizer = f"{entry}/{Path(OPTIMIZER_TENSORS).parent}"
-            if version != optimizer_of and self.fs.exists(optimizer):
+            if version not in optimizer_of and self.fs.exists(optimizer):
                 self.fs.rm(optimizer, recursive=True)
                 removed.append(f"{name}/optimizer")
         return removed

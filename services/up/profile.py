@@ -71,9 +71,14 @@ class Profile(BaseModel):
     trainer: dict[str, Any] = _embedded(
         quotas={"sft": 256, "rl": 256, "cpt": 0}, max_wait_seconds=10,
         optim={"lr": 2e-4, "micro_batch": 64, "max_tokens": 64})
-    gate: dict[str, Any] = _embedded(
-        held_out={"env": "addition", "difficulty": 3, "count": 200, "max_tokens": 8},
-        tolerance=0.03)
+    gate: dict[str, Any] = _embedded(  # a set per curriculum level; 3 digits is the headline
+        held_out=[{"name": "digits1", "env": "addition", "difficulty": 1, "count": 20,
+                   "max_tokens": 8},
+                  {"name": "digits2", "env": "addition", "difficulty": 2, "count": 100,
+                   "max_tokens": 8},
+                  {"name": "digits3", "env": "addition", "difficulty": 3, "count": 200,
+                   "max_tokens": 8}],
+        headline="digits3", tolerance=0.03)
 
     @property
     def kafka_settings(self) -> KafkaSettings:

@@ -170,15 +170,16 @@ class Stack:
             except ValidationError as exc:
                 raise ConfigError(f"profile section {service!r}: {exc}") from exc
         # Every row of every task file, so a bad line is named now, with nothing published.
+        from services.envs.heldout import suite_tasks
         from services.envs.tasksets import load
 
         for spec in checked["feeder"].tasksets:
             load(spec)
-        checked["gate"].held_out.tasks()
+        suite_tasks(checked["gate"].held_out)
 
     def _section(self, service: str) -> dict[str, Any]:
         """A service's settings as the profile gives them; the feeder also gets the gate's
-        held-out set, so it keeps those tasks off ``tasks``."""
+        held-out suite, so it keeps those tasks off ``tasks``."""
         fields = self.profile.section(service)
         if service == "feeder":
             fields.setdefault("held_out", self.profile.gate.get("held_out", {}))
@@ -186,7 +187,7 @@ class Stack:
 
     def _seed_model(self, say: Callable[[str], None]) -> Path:
         from services.bootstrap import bootstrap, publish_promoted
-        from services.envs.heldout import HeldOut
+        from services.envs.heldout import gate_headline
         from services.gate.evaluate import evaluate
         from services.trainer.store import MANIFEST_FILE, CheckpointStore
 
@@ -207,7 +208,7 @@ class Stack:
             metrics = document.get("metrics", {})
             uri = str(folder)
         else:
-            held = HeldOut(**p.gate.get("held_out", {}))
+            held = gate_headline(p.gate)
             say(f"seed model: training a tiny model on {p.bootstrap.samples:,} samples of easy "
                 f"{p.bootstrap.env} data ...")
             uri, manifest, metrics = bootstrap(p.bootstrap, p.checkpoint_url, p.model_name,

@@ -19,7 +19,7 @@ import pytest
 from schemas import CheckpointEvent
 from services.bootstrap import BootstrapSettings
 from services.common.broker import free_ports
-from services.envs.heldout import HeldOut
+from services.envs.heldout import suite, suite_tasks
 from services.up.profile import Profile
 from services.up.stack import Snapshot, Stack
 from tests.kafka import Broker
@@ -118,10 +118,13 @@ def test_the_pass_rate_rises_across_promoted_versions_served_by_every_generator(
 
     # Held-out hygiene: not one of the gate's held-out tasks was generated on, so none can
     # have been trained on. (The embedded feeder draws from the held-out's distribution.)
-    held_out = {t.task_id for t in HeldOut(**profile.gate["held_out"]).tasks()}
+    # The suite has a set per curriculum level, 1-digit sums included.
+    sets = suite(profile.gate["held_out"])
+    held_out = {t.task_id for t in suite_tasks(sets)}
     published = {json.loads(m.value())["task_id"] for m in
                  kafka.read_all(f"{prefix}tasks", isolation="read_uncommitted")}
-    assert published and len(held_out) == profile.gate["held_out"]["count"]
+    assert {s.difficulty for s in sets} == set(profile.feeder["curriculum"]["levels"])
+    assert published
     assert not held_out & published, sorted(held_out & published)[:5]
 
     served: dict[str, set[int]] = defaultdict(set)

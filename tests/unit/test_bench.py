@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.flywheel import first_reaching, training_tasks
-from services.envs.heldout import HeldOut
+from services.envs.heldout import suite, suite_tasks
 from services.up.profile import Profile, load_profile
 
 REAL = Path(__file__).parents[2] / "deploy" / "profiles" / "real.yaml"
@@ -14,7 +14,7 @@ REAL = Path(__file__).parents[2] / "deploy" / "profiles" / "real.yaml"
 
 def test_training_tasks_follow_the_feeder_and_exclude_the_held_out() -> None:
     for profile in (Profile(), load_profile(REAL)):
-        held = {t.task_id for t in HeldOut(**profile.gate["held_out"]).tasks()}
+        held = {t.task_id for t in suite_tasks(suite(profile.gate["held_out"]))}
         tasks = training_tasks(profile, 3000, seed=1)
         assert len(tasks) == 3000 and not held & {t.task_id for t in tasks}
         levels = {t.difficulty for t in tasks}

@@ -1,24 +1,54 @@
-"""The gate's decision rules, with evaluation scores given per folder (the real evaluation
+"""The gate's decision rules, with per-task outcomes given per folder (the real evaluation
 runs in tests/integration/test_gate.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from schemas import CheckpointEvent, FileDigest
 from schemas import Producer as ProducerInfo
 from services.common.state import StateStore
+from services.envs.heldout import HeldOut
+from services.gate.evaluate import SetResult
+from services.gate.rule import sign_test
 from services.gate.stage import GateStage
 from services.generator.checkpoint import build_manifest
 
+N = 100
 
-def _gate(tmp_path: Path, scores: dict[str, float]) -> GateStage:
+
+def _outcomes(passed: int, offset: int = 0) -> str:
+    """``passed`` of N tasks passed: tasks offset .. offset + passed - 1 (cyclic)."""
+    bits = ["0"] * N
+    for i in range(passed):
+        bits[(offset + i) % N] = "1"
+    return "".join(bits)
+
+
+def _result(bits: str) -> SetResult:
+    outcomes = [int(b) for b in bits]
+    return SetResult({"pass_rate": sum(outcomes) / len(outcomes)}, outcomes)
+
+
+def _gate(tmp_path: Path, table: dict[str, dict[str, str]], sets: list[str] | None = None,
+          **kwargs: object) -> GateStage:
+    """``table``: folder name -> set name -> outcome bits."""
     store = StateStore("gate.state")
     store.adopt(0)
     (tmp_path / "base").mkdir(exist_ok=True)
+    names = sets or ["held_out"]
     return GateStage(state=store, output_topic="checkpoints", root=tmp_path,
-                     evaluate=lambda folder: {"pass_rate": scores[folder.name]},
-                     base={"tiny": (0, tmp_path / "base")}, tolerance=0.05)
+                     evaluate=lambda folder: {s: _result(b) for s, b in table[folder.name].items()},
+                     base={"tiny": (0, tmp_path / "base")},
+                     sets=[HeldOut(name=n) for n in names], **kwargs)  # type: ignore[arg-type]
+
+
+def _one(**rates: str) -> dict[str, dict[str, str]]:
+    return {k: {"held_out": v} for k, v in rates.items()}
 
 
 def _candidate(tmp_path: Path, version: int, status: str = "candidate") -> CheckpointEvent:
@@ -35,52 +65,126 @@ def _run(gate: GateStage, *events: CheckpointEvent) -> list[CheckpointEvent]:
     return [o.value for o in out]  # type: ignore[misc]
 
 
-def test_promotion_needs_to_beat_the_base_then_not_to_regress(tmp_path: Path) -> None:
-    scores = {"base": 0.30, "v1": 0.30, "v2": 0.50, "v3": 0.47, "v4": 0.40}
-    gate = _gate(tmp_path, scores)
-    decided = _run(gate, *(_candidate(tmp_path, v) for v in (1, 2, 3, 4)))
-    assert [(d.version, d.status) for d in decided] == [
-        (1, "rejected"), (2, "promoted"), (3, "promoted"), (4, "rejected")]
-    assert "does not beat the base" in (decided[0].reason or "")
-    assert "regressed" in (decided[3].reason or "")
-    assert gate.state.partition(0).get("promoted/tiny")["version"] == 3
+def test_the_sign_test_matches_the_binomial_tail() -> None:
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(5, 0) == pytest.approx(1 / 32)
+    assert sign_test(0, 5) == 1.0
+    assert sign_test(3, 3) == pytest.approx(42 / 64)  # P(X >= 3), n = 6
+    assert sign_test(20, 10) == pytest.approx(0.0494, abs=1e-4)
+
+
+@given(st.integers(0, 60), st.integers(0, 60))
+def test_more_wins_is_never_weaker_evidence(wins: int, losses: int) -> None:
+    assert 0.0 < sign_test(wins, losses) <= 1.0
+    assert sign_test(wins + 1, losses) <= sign_test(wins, losses)
+    assert sign_test(wins, losses + 1) >= sign_test(wins, losses)
+
+
+def test_promotion_needs_an_improvement_beyond_noise_then_no_regression(
+        tmp_path: Path) -> None:
+    gate = _gate(tmp_path, _one(
+        base=_outcomes(30),
+        v1=_outcomes(33),           # +3 of 100: noise
+        v2=_outcomes(50),           # +20 wins, 0 losses
+        v3=_outcomes(49, offset=2), # within tolerance, but not better than noise
+        v4=_outcomes(60),           # better than v2
+        v5=_outcomes(40)),          # 20 below the best: regressed
+        tolerance=0.05)
+    decided = _run(gate, *(_candidate(tmp_path, v) for v in (1, 2, 3, 4, 5)))
+    assert [(d.version, d.status, d.rejection) for d in decided] == [
+        (1, "rejected", "not_better"), (2, "promoted", None), (3, "rejected", "not_better"),
+        (4, "promoted", None), (5, "rejected", "regressed")]
+    assert "not better than noise vs v0 (base)" in (decided[0].reason or "")
+    assert decided[1].metrics["held_out/wins"] == 20 and decided[1].metrics["held_out/losses"] == 0
+    assert decided[1].metrics["held_out/p"] < 1e-5
+    assert "regressed" in (decided[4].reason or "")
+    assert gate.state.partition(0).get("promoted/tiny")["version"] == 4
+
+
+def test_a_suite_promotes_on_the_levels_that_improve_and_rejects_any_level_that_falls(
+        tmp_path: Path) -> None:
+    # The top level stays at zero (no model here solves it yet): it must not block the loop.
+    sets = ["level1", "level2", "level3"]
+    table = {
+        "base": {"level1": _outcomes(70), "level2": _outcomes(20), "level3": _outcomes(0)},
+        "v1": {"level1": _outcomes(90), "level2": _outcomes(24), "level3": _outcomes(0)},
+        "v2": {"level1": _outcomes(92), "level2": _outcomes(60), "level3": _outcomes(3)},
+        "v3": {"level1": _outcomes(60), "level2": _outcomes(80), "level3": _outcomes(10)},
+    }
+    gate = _gate(tmp_path, table, sets, headline="level3", tolerance=0.05)
+    decided = _run(gate, *(_candidate(tmp_path, v) for v in (1, 2, 3)))
+    assert [(d.status, d.rejection) for d in decided] == [
+        ("promoted", None), ("promoted", None), ("rejected", "regressed")]
+    assert "improved vs v0 (base) on level1" in (decided[0].reason or "")
+    # v3 is much better on two levels, but level1 fell 0.32 below its best.
+    assert "level1/pass_rate 0.600 < best 0.920" in (decided[2].reason or "")
+    # Every set's metrics are on the decision; the headline set's also under plain names.
+    for d in decided:
+        assert {f"{s}/pass_rate" for s in sets} <= set(d.metrics)
+        assert d.metrics["pass_rate"] == d.metrics["level3/pass_rate"]
+        assert {"level1/p", "level2/p", "level3/p", "suite/p"} <= set(d.metrics)
+
+
+def test_pooled_evidence_promotes_when_no_single_set_is_conclusive(tmp_path: Path) -> None:
+    # +5 of 100 on each of four sets: p = 1/32 each, above 0.05 / 5; pooled +20: p < 1e-6.
+    sets = ["a", "b", "c", "d"]
+    table = {"base": dict.fromkeys(sets, _outcomes(50)), "v1": dict.fromkeys(sets, _outcomes(55))}
+    [decision] = _run(_gate(tmp_path, table, sets), _candidate(tmp_path, 1))
+    assert decision.status == "promoted" and "on suite" in (decision.reason or "")
 
 
 def test_a_candidate_failing_verification_is_rejected_unevaluated(tmp_path: Path) -> None:
-    gate = _gate(tmp_path, {"base": 0.1})
+    gate = _gate(tmp_path, _one(base=_outcomes(10)))
     bad = _candidate(tmp_path, 1)
     bad = bad.model_copy(update={"manifest": [FileDigest(path="model.safetensors",
                                                          sha256="0" * 64, size_bytes=9)]})
     [decision] = _run(gate, bad)
     assert decision.status == "rejected" and "refused" in (decision.reason or "")
+    assert decision.rejection == "invalid"
 
 
 def test_the_gate_skips_its_own_decisions_and_follows_outside_promotions(
         tmp_path: Path) -> None:
-    gate = _gate(tmp_path, {"base": 0.1, "v5": 0.6, "v6": 0.58, "v7": 0.65, "v8": 0.62})
+    gate = _gate(tmp_path, _one(base=_outcomes(10), v5=_outcomes(60), v6=_outcomes(58),
+                                v7=_outcomes(75), v8=_outcomes(72)), tolerance=0.05)
     own = _candidate(tmp_path, 1, "promoted").model_copy(
         update={"producer": ProducerInfo(service="gate", instance="g0")})
     outside = _candidate(tmp_path, 5, "promoted")  # e.g. the bootstrap's version
     assert _run(gate, own, outside) == []
     assert gate.state.partition(0).get("promoted/tiny")["version"] == 5
-    # Like the base model, an outside promotion must be beaten first; then the tolerance holds.
+    # Like the base model, an outside promotion must be beaten first; then v8 is within
+    # tolerance of v7 but not better than noise.
     decided = _run(gate, *(_candidate(tmp_path, v) for v in (6, 7, 8)))
-    assert [d.status for d in decided] == ["rejected", "promoted", "promoted"]
+    assert [d.status for d in decided] == ["rejected", "promoted", "rejected"]
+    assert [d.rejection for d in decided] == ["not_better", None, "not_better"]
 
 
 def test_small_tolerated_drops_cannot_ratchet_quality_down(tmp_path: Path) -> None:
-    scores = {"base": 0.1, "v1": 0.50, "v2": 0.46, "v3": 0.44}
-    decided = _run(_gate(tmp_path, scores), *(_candidate(tmp_path, v) for v in (1, 2, 3)))
-    # v3 is within tolerance of v2 (0.46 - 0.05) but not of the best promoted, v1 (0.50).
-    assert [d.status for d in decided] == ["promoted", "promoted", "rejected"]
+    table = _one(base=_outcomes(10), v1=_outcomes(50), v2=_outcomes(46), v3=_outcomes(44))
+    decided = _run(_gate(tmp_path, table, tolerance=0.05),
+                   *(_candidate(tmp_path, v) for v in (1, 2, 3)))
+    # v2 and v3 are within tolerance of the previous candidate, not of the best (v1, 0.50).
+    assert [(d.status, d.rejection) for d in decided] == [
+        ("promoted", None), ("rejected", "not_better"), ("rejected", "regressed")]
+
+
+def test_a_state_from_before_suites_is_still_a_reference(tmp_path: Path) -> None:
+    gate = _gate(tmp_path, _one(v3=_outcomes(45), v4=_outcomes(30)), tolerance=0.05)
+    gate.state.begin()
+    gate.state.partition(0).put("promoted/tiny", {  # written by the single-set gate
+        "version": 2, "metrics": {"pass_rate": 0.40}, "best": {"pass_rate": 0.42},
+        "base": False})
+    decided = _run(gate, _candidate(tmp_path, 3), _candidate(tmp_path, 4))
+    assert [(d.status, d.rejection) for d in decided] == [
+        ("promoted", None), ("rejected", "regressed")]
 
 
 def test_unknown_models_old_versions_and_broken_candidates_are_rejected(
         tmp_path: Path) -> None:
-    def evaluate(folder: Path) -> dict[str, float]:
+    def evaluate(folder: Path) -> dict[str, SetResult]:
         if folder.name == "v3":
             raise RuntimeError("weights do not load")
-        return {"pass_rate": {"base": 0.1, "v2": 0.5}[folder.name]}
+        return {"held_out": _result({"base": _outcomes(10), "v2": _outcomes(50)}[folder.name])}
 
     store = StateStore("gate.state")
     store.adopt(0)
@@ -91,6 +195,7 @@ def test_unknown_models_old_versions_and_broken_candidates_are_rejected(
     decided = _run(gate, other, _candidate(tmp_path, 2), _candidate(tmp_path, 2),
                    _candidate(tmp_path, 3))
     assert [d.status for d in decided] == ["rejected", "promoted", "rejected", "rejected"]
+    assert [d.rejection for d in decided] == ["invalid", None, "invalid", "invalid"]
     assert "no base model" in (decided[0].reason or "")
     assert "not newer" in (decided[2].reason or "")
     assert "evaluation failed" in (decided[3].reason or "")

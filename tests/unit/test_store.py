@@ -105,9 +105,9 @@ def test_a_checkpoint_with_optimizer_state_reloads_into_a_serving_engine(
     assert all(torch.equal(served[k], v) for k, v in model.state_dict().items())  # type: ignore[attr-defined]
 
 
-def test_retention_keeps_what_may_still_be_loaded_and_optimizer_state_of_the_latest_only(
+def test_retention_keeps_what_may_still_be_loaded_and_optimizer_state_of_latest_and_promoted(
         tmp_path: Path, trained: tuple[object, object, torch.optim.Optimizer]) -> None:
-    from services.trainer.service import Decisions
+    from services.trainer.lineage import Decisions
 
     model, tokenizer, optimizer = trained
     store = CheckpointStore(str(tmp_path / "store"))
@@ -124,12 +124,12 @@ def test_retention_keeps_what_may_still_be_loaded_and_optimizer_state_of_the_lat
     # 7 and 8 undecided (the gate may be evaluating them); keep the 2 newest whatever.
     keep = decisions.keep(store.versions(), base=0, latest=8, newest=2)
     assert keep == {0, 1, 4, 7, 8}
-    removed = store.prune(keep, optimizer_of=8)
+    # Optimizer state: the latest's (a restart) and the latest promoted's (a rollback).
+    removed = store.prune(keep, optimizer_of={8, decisions.latest_promoted(0)})
     assert sorted(removed) == ["v000000/optimizer", "v000001/optimizer", "v000002",
-                               "v000003", "v000004/optimizer", "v000005", "v000006",
-                               "v000007/optimizer"]
+                               "v000003", "v000005", "v000006", "v000007/optimizer"]
     assert store.versions() == [0, 1, 4, 7, 8]
-    assert store.size_bytes() < full / 3
+    assert store.size_bytes() < full / 2
     # What is left still verifies, optimizer state gone or not, and the latest resumes.
     for version in store.versions():
         event = CheckpointEvent(model="tiny", version=version, uri=store.uri(version),
@@ -137,4 +137,5 @@ def test_retention_keeps_what_may_still_be_loaded_and_optimizer_state_of_the_lat
         verify(event, tmp_path / "store")
     assert load_optimizer(torch.optim.AdamW(model.parameters()), Path(store.uri(8)))
     assert not load_optimizer(torch.optim.AdamW(model.parameters()), Path(store.uri(7)))
-    assert store.prune(keep, optimizer_of=8) == []  # idempotent
+    assert load_optimizer(torch.optim.AdamW(model.parameters()), Path(store.uri(4)))
+    assert store.prune(keep, optimizer_of={8, 4}) == []  # idempotent

@@ -1,0 +1,84 @@
+"""The trainer's view of the gate's decisions: which versions were promoted, which regressed,
+each candidate's parent, and when to roll back.
+
+A rollback is due when the lineage the trainer holds (its weights' version, then parents, back
+to the first promoted ancestor) contains at least ``after`` regressed candidates. Its target is
+the latest promoted version. The same rule runs live (before each round) and at start, so a
+trainer restarted during a rollback resumes from the promoted version, not the rejected one.
+A ``not_better`` rejection does not count: such a candidate did not regress, and its successors
+are tested again.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from schemas import CheckpointEvent
+
+
+@dataclass(frozen=True)
+class Rollback:
+    target: int
+    """The promoted version to continue from."""
+    discarded: list[int]
+    """The lineage left behind, newest first."""
+    regressed: list[int]
+
+
+class Decisions:
+    """Listener on ``checkpoints`` for one model: candidates' parents, the gate's decisions."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.promoted: dict[int, CheckpointEvent] = {}
+        self.rejected: dict[int, str] = {}
+        """Version -> rejection kind (``regressed`` for decisions written before kinds)."""
+        self.parents: dict[int, int | None] = {}
+        self.latest: CheckpointEvent | None = None
+        """The newest candidate."""
+        self._lock = threading.Lock()
+
+    def offer(self, event: CheckpointEvent) -> None:
+        if event.model != self.model:
+            return
+        with self._lock:
+            if event.status == "candidate":
+                self.parents[event.version] = event.parent_version
+                if self.latest is None or event.version > self.latest.version:
+                    self.latest = event
+            elif event.status == "promoted":
+                self.promoted[event.version] = event
+            else:
+                self.rejected[event.version] = event.rejection or "regressed"
+
+    def keep(self, versions: list[int], base: int, latest: int, newest: int) -> set[int]:
+        """Of the store's ``versions``: the base, the latest, the promoted, the undecided
+        (the gate may be loading one; a decision not read yet counts as none) and the
+        ``newest`` most recent."""
+        with self._lock:
+            decided = set(self.promoted) | set(self.rejected)
+            return ({base, latest} | set(self.promoted)
+                    | {v for v in versions if v not in decided}
+                    | set(sorted(versions)[-newest:]))
+
+    def latest_promoted(self, base: int) -> int:
+        with self._lock:
+            return max(self.promoted, default=base)
+
+    def rollback(self, head: int, base: int, after: int) -> Rollback | None:
+        """The rollback due for a trainer holding version ``head``, if any."""
+        with self._lock:
+            discarded: list[int] = []
+            regressed: list[int] = []
+            v: int | None = head
+            while v is not None and v not in self.promoted and v != base \
+                    and v not in discarded:
+                discarded.append(v)
+                if self.rejected.get(v) in ("regressed", "invalid"):
+                    regressed.append(v)
+                v = self.parents.get(v)
+            if len(regressed) < after:
+                return None
+            target = max(self.promoted, default=base)
+            return Rollback(target, discarded, regressed)
