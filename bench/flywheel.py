@@ -12,10 +12,11 @@ training samples behind it. In the same run, from the same starting model:
 - for the embedded profile, also the seed-data baseline: the same compute as one-shot SFT on
   the seed data only.
 
-The embedded profile runs ``FLYWHEEL_BENCH_RUNS`` times (default 3) with different seeds, each
-until a promoted version reaches 0.8 or the budget ends; the figures are the medians of the
-seconds to 0.8 (bootstrap included) and of the training samples to 0.8, beside the bound's.
-Another profile runs once, for the whole budget. Writes ``results/flywheel[-NAME].json`` (via
+A bootstrapped profile (the embedded one, or a file without ``model_path``) runs
+``FLYWHEEL_BENCH_RUNS`` times (default 3) with different seeds, each until a promoted version
+reaches 0.8 or the budget ends; the figures are the medians of the seconds to 0.8 (bootstrap
+included) and of the training samples to 0.8, beside the bound's. A profile with a model runs
+once, for the whole budget. Writes ``results/flywheel[-NAME].json`` (via
 the runner) and ``.png`` with every curve, and reports the checkpoint store's size at the end.
 """
 
@@ -233,11 +234,11 @@ def _private(profile: Profile, tmp: Path, seed: int) -> Profile:
 
 def run(profile_path: Path | None = None) -> dict[str, Any]:
     profile = load_profile(profile_path)
-    embedded = profile_path is None
+    embedded = profile.model_path is None  # bootstrapped: seeds, a stop at the target
     seconds = float(os.environ.get("FLYWHEEL_BENCH_SECONDS", "900" if embedded else "1800"))
     runs_wanted = int(os.environ.get("FLYWHEEL_BENCH_RUNS", "3" if embedded else "1"))
     out = Path(os.environ.get("FLYWHEEL_BENCH_OUT", "results"))
-    suffix = "" if embedded else f"-{profile.name}"
+    suffix = "" if profile.name == "embedded" else f"-{profile.name}"
     runs: list[dict[str, Any]] = []
     start_rate: float | None = None
     for i in range(runs_wanted):

@@ -294,6 +294,55 @@ def replay_command(
     raise typer.Exit(replay(service, name, policy, since))  # type: ignore[arg-type]
 
 
+@app.command("quarantine")
+def quarantine_command(
+    model: Annotated[str | None, typer.Option(help="Only this model's candidates.")] = None,
+    all_rejected: Annotated[bool, typer.Option(
+        "--all", help="Also candidates rejected as not better than noise.")] = False,
+    records: Annotated[Path | None, typer.Option(
+        help="Write every record behind them to this JSONL file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+) -> None:
+    """The data behind every candidate the gate rejected as regressed: lineage, offset
+    ranges, and the policies and scorers that let it through."""
+    import json
+
+    from services.quarantine import quarantined, write_records
+
+    settings = ServiceSettings(service="cli")
+    kinds = ("regressed", "invalid", "not_better") if all_rejected else ("regressed", "invalid")
+    entries = quarantined(settings.kafka, settings.topic("checkpoints"), model=model,
+                          kinds=kinds)
+    if as_json:
+        print(json.dumps([{
+            "model": q.model, "version": q.version, "rejection": q.rejection,
+            "reason": q.reason, "since": q.since, "lineage": q.lineage, "samples": q.samples,
+            "trained_on": [r.model_dump() for r in q.trained_on],
+            "provenance": {k: dict(v) for k, v in q.provenance.items()}} for q in entries],
+            indent=2))
+    else:
+        table = Table("model", "version", "kind", "lineage", "records", "router policy",
+                      "filter policy", "scorers", "ranges", title="quarantined data")
+        for q in entries:
+            def top(kind: str, width: int = 12, q: Any = q) -> str:
+                return "\n".join(f"{k[:width]} x{n}" for k, n in
+                                 q.provenance.get(kind, {}).most_common(3)) or "-"
+            since = f"v{q.since}" if q.since is not None else "?"
+            table.add_row(q.model, str(q.version), q.rejection,
+                          f"{since} -> v" + ", v".join(map(str, reversed(q.lineage))),
+                          str(q.samples), top("router_policy"), top("filter_policy"),
+                          top("scorer", 24), "\n".join(
+                              f"{r.topic}[{r.partition}] {r.start}..{r.end}"
+                              for r in q.trained_on[:6])
+                          + ("\n..." if len(q.trained_on) > 6 else ""))
+        Console(width=max(Console().width, 140)).print(table)
+        if not entries:
+            err.print("no rejected candidate of those kinds")
+    if records is not None:
+        n = write_records(settings.kafka, entries, records)
+        err.print(f"wrote {n} records to {records}")
+
+
 Profile = Annotated[Path | None, typer.Option(
     "--profile", help="Profile file (YAML) [default: the embedded profile].")]
 

@@ -1,0 +1,213 @@
+"""The trainer and the gate on a real broker, through a stretch of poisoned data.
+
+A bootstrapped seed model; the trainer (its own process) trains on labelled sums planted on
+``accepted.sft``, and the gate (the embedded suite: a set per digit count) decides every
+candidate. Then a poisoned stretch: every answer wrong, as a routing policy sending
+incorrect samples to SFT would. With rollback on, the trainer leaves the regressed lineage
+for the last promoted version, also across a SIGKILL taken while the rollback is pending, and
+a promoted version beats the pre-poison best within a stated budget of healthy data. With it
+off, the trainer keeps building on the rejected lineage. Either way the candidates'
+``trained_on`` ranges tile the input: no gap, no overlap.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas import (
+    CheckpointEvent,
+    RoutedSample,
+    Score,
+    ScoredTrajectory,
+    Task,
+    Trajectory,
+    Turn,
+)
+from services import envs
+from services.bootstrap import BootstrapSettings, bootstrap, publish_promoted
+from services.common import topics as topic_ops
+from services.common.config import KafkaSettings
+from services.common.runtime import StreamRuntime
+from services.gate.main import GateSettings, build_stage
+from services.quarantine import quarantined, write_records
+from services.up.profile import Profile
+from tests.integration.runners import InThread, spawn_service
+from tests.kafka import Broker, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+ROUND = 256
+"""Samples per round (the trainer's SFT quota)."""
+HEALTHY, POISON = 4 * ROUND, 2 * ROUND
+RECOVERY_BUDGET = 12 * ROUND
+"""Healthy samples after the poison within which a version is promoted: by the gate's rule,
+one that beats the pre-poison best (no set below its best, one set better beyond noise)."""
+
+
+def _sft(tokenizer: Any, tasks: list[Task], *, poisoned: bool, tag: str) -> list[RoutedSample]:
+    """SFT records as the router writes them: the verified answer, or (poisoned) a wrong
+    one passed off as correct."""
+    from services.generator.engines import render
+
+    env = envs.get("addition")
+    out = []
+    for i, task in enumerate(tasks):
+        assert task.verifier is not None and task.verifier.answer is not None
+        answer = task.verifier.answer
+        if poisoned:  # the sum plus one, written the env's way (least significant first)
+            answer = env.write(int(answer[::-1]) + 1)  # type: ignore[attr-defined]
+        turns = env.initial_turns(task)
+        ids = [*tokenizer(answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        traj = Trajectory(task=task, group_id=f"{tag}{i}", sample_index=0, group_size=1,
+                          turns=[*turns, Turn(role="assistant", content=answer)],
+                          completion=answer, prompt_token_ids=render(tokenizer, turns),
+                          completion_token_ids=ids, completion_logprobs=[-1.0] * len(ids),
+                          policy_version=0, model="policy")
+        scored = ScoredTrajectory(trajectory=traj, reward=1.0, verdict="correct",
+                                  scores=[Score(scorer="verifier", version="poison" if poisoned
+                                                else "v1", value=1.0, passed=True)],
+                                  reward_rule="t")
+        out.append(RoutedSample(stage="sft", group_id=f"{tag}{i}", samples=[scored],
+                                reason="verified_correct", policy_name="poison" if poisoned
+                                else "healthy", policy_hash=("b" if poisoned else "a") * 64,
+                                filter_policy_hash="f" * 64))
+    return out
+
+
+def _events(kafka: Broker, prefix: str) -> list[CheckpointEvent]:
+    return [CheckpointEvent.from_bytes(m.value()) for m in kafka.read_all(f"{prefix}checkpoints")]
+
+
+@pytest.mark.parametrize("rollback", [True, False], ids=["rollback", "no_rollback"])
+def test_the_trainer_rolls_back_from_a_poisoned_lineage_and_recovers(
+        kafka: Broker, uid: str, tmp_path: Path, rollback: bool) -> None:
+    from transformers import AutoTokenizer
+
+    from bench.flywheel import training_tasks
+
+    prefix = f"rb{uid}."
+    settings = KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)
+    topic_ops.apply(topic_ops.admin_client(settings), topic_ops.load(prefix=prefix))
+    profile = Profile()
+    store = tmp_path / "store"
+    uri, manifest, metrics = bootstrap(BootstrapSettings(samples=60_000), str(store), "policy")
+    publish_promoted(settings, settings.topic("checkpoints"), "policy", uri, manifest, metrics)
+    tokenizer = AutoTokenizer.from_pretrained(uri)
+    tasks = iter(training_tasks(profile, HEALTHY + POISON + RECOVERY_BUDGET, seed=3))
+
+    def plant(n: int, *, poisoned: bool, tag: str) -> None:
+        records = _sft(tokenizer, list(itertools.islice(tasks, n)), poisoned=poisoned, tag=tag)
+        kafka.produce(f"{prefix}accepted.sft",
+                      ((r.partition_key().encode(), r.to_bytes()) for r in records))
+
+    log = tmp_path / "trainer.log"
+    env = {"FLYWHEEL_BASE_MODEL_PATH": uri, "FLYWHEEL_CHECKPOINT_URL": str(store),
+           "FLYWHEEL_QUOTAS": json.dumps({"sft": ROUND, "rl": 0, "cpt": 0}),
+           "FLYWHEEL_MAX_WAIT_SECONDS": "600",  # rounds of exactly ROUND samples
+           "FLYWHEEL_OPTIM__LR": "0.0002", "FLYWHEEL_OPTIM__MICRO_BATCH": "64",
+           "FLYWHEEL_ROLLBACK__ENABLED": str(rollback).lower()}
+
+    def start() -> subprocess.Popen[bytes]:
+        return spawn_service(kafka.bootstrap, ["trainer"], prefix=prefix, instance="trainer-0",
+                             log=log, env=env)
+
+    gs = GateSettings(
+        instance_id="g0", kafka={"bootstrap_servers": kafka.bootstrap, "topic_prefix": prefix},
+        runtime={"lag_interval_seconds": 0.5}, metrics={"enabled": False}, model_name="policy",
+        base_model_path=Path(uri), checkpoint_root=store, **profile.gate)
+
+    def decided(n: int) -> dict[int, CheckpointEvent]:
+        """Wait until ``n`` candidates are decided; the decisions by version."""
+        def ready() -> bool:
+            return len([e for e in _events(kafka, prefix) if e.status != "candidate"
+                        and e.version > 0]) >= n or proc.poll() is not None \
+                or gate.error is not None
+        wait_until(ready, 300, f"{n} gate decisions", interval=1)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert gate.error is None
+        return {e.version: e for e in _events(kafka, prefix)
+                if e.status != "candidate" and e.version > 0}
+
+    proc = start()
+    try:
+        with InThread(StreamRuntime(gs, build_stage(gs), [gs.topic("checkpoints")])) as gate:
+            plant(HEALTHY, poisoned=False, tag="h")
+            before = decided(HEALTHY // ROUND)
+            promoted = [e for e in before.values() if e.status == "promoted"]
+            assert promoted, [(e.version, e.reason) for e in before.values()]
+            best = max(promoted, key=lambda e: e.version)
+            pre_poison = best.metrics["pass_rate"]
+
+            plant(POISON, poisoned=True, tag="p")
+            poisoned = decided((HEALTHY + POISON) // ROUND)
+            regressed = [v for v, e in poisoned.items() if e.rejection == "regressed"]
+            assert regressed, [(e.version, e.reason) for e in poisoned.values()]
+            last = max(poisoned)
+            if rollback:
+                # SIGKILL while the rollback is pending (no round since the rejection): the
+                # restart resumes from the promoted version, not from the rejected lineage.
+                proc.kill()
+                proc.wait(10)
+                proc = start()
+                wait_until(lambda: f"from v{best.version} in" in log.read_text()
+                           or proc.poll() is not None, 120, "the trainer to resume")
+                assert f"resuming policy at version {last} " in log.read_text()
+
+            recovered: CheckpointEvent | None = None
+            for r in range(RECOVERY_BUDGET // ROUND):
+                plant(ROUND, poisoned=False, tag=f"r{r}-")
+                after = decided(last + r + 1)
+                recovered = next((e for v, e in sorted(after.items())
+                                  if v > last and e.status == "promoted"), None)
+                if recovered is not None:
+                    break
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+
+    candidates = {e.version: e for e in _events(kafka, prefix) if e.status == "candidate"}
+    first_after = candidates[last + 1]
+    print(f"rollback={rollback}: pre-poison best v{best.version} {pre_poison:.3f}; regressed "
+          f"{regressed}; next candidate's parent v{first_after.parent_version}; recovered "
+          + (f"v{recovered.version} ({recovered.reason}) after "
+             f"{(recovered.version - last) * ROUND} healthy samples" if recovered else "no"))
+    if rollback:
+        assert first_after.parent_version == best.version
+        assert recovered is not None, (
+            f"no version was promoted over the pre-poison best within {RECOVERY_BUDGET} "
+            "healthy samples: " + "; ".join(f"v{v} {e.reason}" for v, e in after.items()
+                                            if v > last))
+        text = log.read_text()
+        assert "rollback: the gate rejected" in text
+    else:
+        assert first_after.parent_version == last  # built on the rejected lineage
+    # The poisoned candidates' provenance names the poisoned policy, and `flywheel
+    # quarantine` finds the records behind every regressed candidate.
+    assert all("b" * 64 in candidates[v].provenance["router_policy"] for v in regressed)
+    entries = quarantined(settings, settings.topic("checkpoints"))
+    assert set(regressed) <= {q.version for q in entries}
+    first = next(q for q in entries if q.version == min(regressed))
+    assert first.since is not None and first.since <= best.version
+    assert first.provenance["router_policy"]["b" * 64] >= ROUND
+    written = write_records(settings, [first], tmp_path / "quarantine.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
+    assert written == len(lines) == first.samples
+    assert {x["router_policy_hash"] for x in lines} >= {"b" * 64}
+    assert all(x["filter_policy_hash"] == "f" * 64 for x in lines)
+    # Lineage stays exact across the rollback: the ranges tile the partitions.
+    spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for e in sorted(candidates.values(), key=lambda e: e.version):
+        for rg in e.trained_on:
+            spans.setdefault((rg.topic, rg.partition), []).append((rg.start, rg.end))
+    for tp, ranges in spans.items():
+        ranges.sort()
+        assert ranges[0][0] == 0, (tp, ranges)
+        for (_, end), (begin, _) in itertools.pairwise(ranges):
+            assert begin == end, f"{tp}: a gap or an overlap in {ranges}"
