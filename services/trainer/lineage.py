@@ -62,6 +62,15 @@ class Decisions:
                     | {v for v in versions if v not in decided}
                     | set(sorted(versions)[-newest:]))
 
+    def optimizer_keep(self, versions: list[int], base: int, latest: int) -> set[int]:
+        """Whose optimizer state the store keeps: the latest version's (a restart), the
+        latest promoted one's and the undecided ones' (one may be promoted next: a rollback
+        continues from it)."""
+        with self._lock:
+            decided = set(self.promoted) | set(self.rejected)
+            return ({latest, max(self.promoted, default=base)}
+                    | {v for v in versions if v not in decided and v != base})
+
     def latest_promoted(self, base: int) -> int:
         with self._lock:
             return max(self.promoted, default=base)

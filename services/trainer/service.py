@@ -414,10 +414,9 @@ class Trainer:
             return
         keep = self.decisions.keep(self.store.versions(), self.s.base_version, self.version,
                                    self.s.retention.keep_candidates)
-        # The optimizer state of the latest version, and of the latest promoted one, which a
-        # rollback continues from.
-        removed = self.store.prune(keep, optimizer_of={
-            self.version, self.decisions.latest_promoted(self.s.base_version)})
+        versions = self.store.versions()
+        removed = self.store.prune(keep, optimizer_of=self.decisions.optimizer_keep(
+            versions, self.s.base_version, self.version))
         for name in removed:
             m.PRUNED.labels("optimizer" if name.endswith("/optimizer") else "version").inc()
         if removed:

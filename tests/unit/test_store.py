@@ -124,10 +124,13 @@ def test_retention_keeps_what_may_still_be_loaded_and_optimizer_state_of_latest_
     # 7 and 8 undecided (the gate may be evaluating them); keep the 2 newest whatever.
     keep = decisions.keep(store.versions(), base=0, latest=8, newest=2)
     assert keep == {0, 1, 4, 7, 8}
-    # Optimizer state: the latest's (a restart) and the latest promoted's (a rollback).
-    removed = store.prune(keep, optimizer_of={8, decisions.latest_promoted(0)})
+    # Optimizer state: the latest's (a restart), the latest promoted's and the undecided
+    # ones' (a rollback continues from the promoted version).
+    optimizers = decisions.optimizer_keep(store.versions(), base=0, latest=8)
+    assert optimizers == {4, 7, 8}
+    removed = store.prune(keep, optimizer_of=optimizers)
     assert sorted(removed) == ["v000000/optimizer", "v000001/optimizer", "v000002",
-                               "v000003", "v000005", "v000006", "v000007/optimizer"]
+                               "v000003", "v000005", "v000006"]
     assert store.versions() == [0, 1, 4, 7, 8]
     assert store.size_bytes() < full / 2
     # What is left still verifies, optimizer state gone or not, and the latest resumes.
@@ -136,6 +139,6 @@ def test_retention_keeps_what_may_still_be_loaded_and_optimizer_state_of_latest_
                                 manifest=manifests[version], status="candidate")
         verify(event, tmp_path / "store")
     assert load_optimizer(torch.optim.AdamW(model.parameters()), Path(store.uri(8)))
-    assert not load_optimizer(torch.optim.AdamW(model.parameters()), Path(store.uri(7)))
+    assert not load_optimizer(torch.optim.AdamW(model.parameters()), Path(store.uri(1)))
     assert load_optimizer(torch.optim.AdamW(model.parameters()), Path(store.uri(4)))
-    assert store.prune(keep, optimizer_of={8, 4}) == []  # idempotent
+    assert store.prune(keep, optimizer_of=optimizers) == []  # idempotent
