@@ -199,3 +199,26 @@ def test_unknown_models_old_versions_and_broken_candidates_are_rejected(
     assert "no base model" in (decided[0].reason or "")
     assert "not newer" in (decided[2].reason or "")
     assert "evaluation failed" in (decided[3].reason or "")
+
+
+def test_repeated_regressions_from_one_source_raise_its_streak(tmp_path: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    def streak(value: str) -> float | None:
+        return REGISTRY.get_sample_value("flywheel_gate_regression_streak",
+                                         {"kind": "router_policy", "value": value})
+
+    table = _one(base=_outcomes(10), v1=_outcomes(50), v2=_outcomes(20), v3=_outcomes(21),
+                 v4=_outcomes(70))
+    gate = _gate(tmp_path, table, tolerance=0.05)
+    mix = {"bad": {"router_policy": {"p-bad": 3, "p-ok": 5}}, "ok": {"router_policy": {"p-ok": 8}}}
+    sources = {1: "ok", 2: "bad", 3: "bad", 4: "ok"}
+    decided = _run(gate, *(_candidate(tmp_path, v).model_copy(
+        update={"provenance": mix[sources[v]]}) for v in (1, 2, 3)))
+    assert [d.rejection for d in decided] == [None, "regressed", "regressed"]
+    assert streak("p-bad") == 2 and streak("p-ok") == 2
+    # The provenance goes onto the decision, and a promotion holding a source resets it.
+    assert decided[1].provenance == mix["bad"]
+    [promoted] = _run(gate, _candidate(tmp_path, 4).model_copy(update={"provenance": mix["ok"]}))
+    assert promoted.status == "promoted"
+    assert streak("p-ok") == 0 and streak("p-bad") == 2
