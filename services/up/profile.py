@@ -72,15 +72,18 @@ class Profile(BaseModel):
         quotas={"sft": 256, "rl": 256, "cpt": 0}, max_wait_seconds=10,
         optim={"lr": 2e-4, "micro_batch": 64, "max_tokens": 64})
     # A set per curriculum level, 3 digits the headline. Tolerances of about two standard
-    # errors of the set's pass rate near the top (20 tasks: one task is 0.05).
+    # errors of each set's pass rate, since the reference is the best promoted value (picked
+    # upwards by noise). 1-digit sums are only 100 tasks, and the 20 held out are never
+    # trained on: the tiny model's recall of them drifts by up to 6 as it learns longer sums
+    # (measured), so that set only guards against collapse.
     gate: dict[str, Any] = _embedded(
         held_out=[{"name": "digits1", "env": "addition", "difficulty": 1, "count": 20,
-                   "max_tokens": 8, "tolerance": 0.1},
+                   "max_tokens": 8, "tolerance": 0.3},
                   {"name": "digits2", "env": "addition", "difficulty": 2, "count": 100,
-                   "max_tokens": 8, "tolerance": 0.05},
+                   "max_tokens": 8, "tolerance": 0.08},
                   {"name": "digits3", "env": "addition", "difficulty": 3, "count": 200,
                    "max_tokens": 8}],
-        headline="digits3", tolerance=0.03)
+        headline="digits3", tolerance=0.05)
 
     @property
     def kafka_settings(self) -> KafkaSettings:
