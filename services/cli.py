@@ -421,8 +421,13 @@ def bench(
 
 def main() -> None:
     setup_logging("INFO")
+    from confluent_kafka import KafkaException
+
     try:
         app()
     except FlywheelError as exc:
         err.print(f"[red]error:[/] {exc}")
+        sys.exit(1)
+    except KafkaException as exc:  # e.g. no broker at the configured address
+        err.print(f"[red]error:[/] Kafka: {exc.args[0]}")
         sys.exit(1)
