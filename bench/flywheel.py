@@ -159,7 +159,7 @@ def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str
     import torch
 
     from services.bootstrap import train_on_seed
-    from services.envs.heldout import gate_headline
+    from services.envs.heldout import gate_headline, gate_task_ids
     from services.gate.evaluate import evaluate
     from services.generator.engines import TransformersEngine
     from services.trainer.train import OptimSettings
@@ -169,7 +169,8 @@ def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str
     optim = OptimSettings(**profile.trainer.get("optim", {}))
     boot = profile.bootstrap.model_copy(update={"micro_batch": optim.micro_batch})
     done, seconds = train_on_seed(engine.model, engine.tokenizer, engine.pad, boot,
-                                  samples=samples, lr=optim.lr)
+                                  samples=samples, lr=optim.lr,
+                                  excluded=gate_task_ids(profile.gate))
     with tempfile.TemporaryDirectory(prefix="flywheel-baseline-") as tmp:
         uri, _ = CheckpointStore(tmp).write(1, engine.model, engine.tokenizer, None)
         scores = evaluate(Path(uri), gate_headline(profile.gate))

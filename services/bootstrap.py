@@ -63,8 +63,9 @@ class BootstrapSettings(BaseModel):
         return data
 
 
-def seed_tasks(s: BootstrapSettings) -> list[Task]:
-    """The seed data set: fixed by ``s.seed``."""
+def seed_tasks(s: BootstrapSettings, excluded: frozenset[str] = frozenset()) -> list[Task]:
+    """The seed data set: fixed by ``s.seed``, without the ``excluded`` task ids (the gate's
+    held-out suite: the seed model must not have learned the answers it is measured on)."""
     env = envs.get(s.env)
     if not isinstance(env, Arithmetic):
         raise ConfigError(f"bootstrap trains on an arithmetic environment, not {s.env!r}; "
@@ -76,8 +77,9 @@ def seed_tasks(s: BootstrapSettings) -> list[Task]:
         la, lb = rng.randint(1, top), rng.randint(1, top)
         if la == lb == top and rng.random() >= s.target_share:
             continue
-        out.append(env.task(env.operand(la, rng), rng.choice(env.operators),
-                            env.operand(lb, rng)))
+        task = env.task(env.operand(la, rng), rng.choice(env.operators), env.operand(lb, rng))
+        if task.task_id not in excluded:
+            out.append(task)
     return out
 
 
@@ -97,13 +99,14 @@ def sft_samples(tokenizer: Any, tasks: list[Task]) -> list[Any]:
 
 def train_on_seed(model: Any, tokenizer: Any, pad: int, s: BootstrapSettings, *,
                   samples: int | None = None, optimizer: Any = None,
-                  lr: float | None = None) -> tuple[int, float]:
+                  lr: float | None = None, excluded: frozenset[str] = frozenset()
+                  ) -> tuple[int, float]:
     """SFT on the seed data for ``samples`` samples (default ``s.samples``); returns the
     samples trained and the seconds taken. Used by the bootstrap and by the one-shot
     baseline of ``bench flywheel``."""
     from services.trainer.train import OptimSettings, make_optimizer, train_round
 
-    data = sft_samples(tokenizer, seed_tasks(s))
+    data = sft_samples(tokenizer, seed_tasks(s, excluded))
     optim = OptimSettings(lr=lr or s.lr, micro_batch=s.micro_batch)
     optimizer = optimizer or make_optimizer(model, optim)
     rng = random.Random(s.seed + 1)
@@ -118,10 +121,12 @@ def train_on_seed(model: Any, tokenizer: Any, pad: int, s: BootstrapSettings, *,
 
 
 def bootstrap(s: BootstrapSettings, store_url: str, model_name: str,
-              evaluate: Callable[[Path], dict[str, float]] | None = None
+              evaluate: Callable[[Path], dict[str, float]] | None = None,
+              excluded: frozenset[str] = frozenset()
               ) -> tuple[str, list[Any], dict[str, float]]:
     """Train the seed model and write it as version 0; returns its URI, manifest, metrics.
-    ``evaluate`` (the gate's held-out evaluation) adds the held-out metrics."""
+    ``evaluate`` (the gate's held-out evaluation) adds the held-out metrics; ``excluded``
+    (the held-out suite's task ids) never appear in the seed data."""
     import tempfile
 
     import torch
@@ -137,7 +142,8 @@ def bootstrap(s: BootstrapSettings, store_url: str, model_name: str,
     with tempfile.TemporaryDirectory(prefix="flywheel-bootstrap-") as tmp:
         folder = tiny_model(Path(tmp) / "init", seed=s.seed, hidden=s.hidden, layers=s.layers)
         engine = TransformersEngine(folder)
-        samples, seconds = train_on_seed(engine.model, engine.tokenizer, engine.pad, s)
+        samples, seconds = train_on_seed(engine.model, engine.tokenizer, engine.pad, s,
+                                         excluded=excluded)
         log.info("bootstrap: %d seed samples trained in %.1f s", samples, seconds)
         metrics = {"bootstrap_samples": float(samples), "bootstrap_seconds": seconds}
         record = {"bootstrap": s.model_dump(mode="json"), "metrics": metrics}

@@ -92,3 +92,8 @@ def headline(sets: list[HeldOut], name: str | None = None) -> HeldOut:
 def gate_headline(gate: dict[str, Any]) -> HeldOut:
     """The headline set of a profile's ``gate`` section."""
     return headline(suite(gate.get("held_out")), gate.get("headline"))
+
+
+def gate_task_ids(gate: dict[str, Any]) -> frozenset[str]:
+    """The task ids of a profile's ``gate`` suite: what no training data may hold."""
+    return frozenset(t.task_id for t in suite_tasks(suite(gate.get("held_out"))))

@@ -187,7 +187,7 @@ class Stack:
 
     def _seed_model(self, say: Callable[[str], None]) -> Path:
         from services.bootstrap import bootstrap, publish_promoted
-        from services.envs.heldout import gate_headline
+        from services.envs.heldout import gate_headline, gate_task_ids
         from services.gate.evaluate import evaluate
         from services.trainer.store import MANIFEST_FILE, CheckpointStore
 
@@ -212,7 +212,8 @@ class Stack:
             say(f"seed model: training a tiny model on {p.bootstrap.samples:,} samples of easy "
                 f"{p.bootstrap.env} data ...")
             uri, manifest, metrics = bootstrap(p.bootstrap, p.checkpoint_url, p.model_name,
-                                               evaluate=lambda f: evaluate(f, held))
+                                               evaluate=lambda f: evaluate(f, held),
+                                               excluded=gate_task_ids(p.gate))
             say(f"seed model: held-out pass rate {metrics.get('pass_rate', 0):.3f}")
         publish_promoted(settings, settings.topic("checkpoints"), p.model_name, uri, manifest,
                          metrics)

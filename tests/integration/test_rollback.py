@@ -34,6 +34,7 @@ from services.bootstrap import BootstrapSettings, bootstrap, publish_promoted
 from services.common import topics as topic_ops
 from services.common.config import KafkaSettings
 from services.common.runtime import StreamRuntime
+from services.envs.heldout import gate_task_ids
 from services.gate.main import GateSettings, build_stage
 from services.quarantine import quarantined, write_records
 from services.up.profile import Profile
@@ -96,7 +97,8 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage_and_recovers(
     topic_ops.apply(topic_ops.admin_client(settings), topic_ops.load(prefix=prefix))
     profile = Profile()
     store = tmp_path / "store"
-    uri, manifest, metrics = bootstrap(BootstrapSettings(samples=60_000), str(store), "policy")
+    uri, manifest, metrics = bootstrap(BootstrapSettings(samples=60_000), str(store), "policy",
+                                       excluded=gate_task_ids(profile.gate))
     publish_promoted(settings, settings.topic("checkpoints"), "policy", uri, manifest, metrics)
     tokenizer = AutoTokenizer.from_pretrained(uri)
     tasks = iter(training_tasks(profile, HEALTHY + POISON + RECOVERY_BUDGET, seed=3))

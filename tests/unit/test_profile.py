@@ -64,3 +64,15 @@ def test_a_time_budget_for_the_seed_model_is_refused_with_its_replacement(
     profile.write_text("bootstrap: {seconds: 45}\n")
     with pytest.raises(ConfigError, match=r"bootstrap\.samples"):
         load_profile(profile)
+
+
+def test_the_seed_data_holds_no_task_of_the_held_out_suite() -> None:
+    from services.bootstrap import BootstrapSettings, seed_tasks
+    from services.envs.heldout import gate_task_ids
+
+    held = gate_task_ids(Profile().gate)
+    settings = BootstrapSettings(seed_examples=4000)
+    one_digit = {t.task_id for t in seed_tasks(settings) if t.difficulty == 1}
+    assert one_digit & held  # 1-digit sums are 100 tasks: the unfiltered draw holds some
+    clean = seed_tasks(settings, held)
+    assert len(clean) == 4000 and not {t.task_id for t in clean} & held
