@@ -22,6 +22,7 @@ the runner) and ``.png`` with every curve, and reports the checkpoint store's si
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import statistics
@@ -286,8 +287,12 @@ def run(profile_path: Path | None = None) -> dict[str, Any]:
 
 
 def _median(values: list[Any]) -> float | None:
-    known = [v for v in values if v is not None]
-    return None if len(known) < len(values) or not known else statistics.median(known)
+    """Median of costs to reach the target, a run that never reached it counting as
+    infinite; None when the median itself is such a run."""
+    if not values:
+        return None
+    median = statistics.median([math.inf if v is None else v for v in values])
+    return None if math.isinf(median) else median
 
 
 def summarize(runs: list[dict[str, Any]], embedded: bool) -> dict[str, Any]:

@@ -29,3 +29,11 @@ def test_first_reaching_reads_promoted_versions_only() -> None:
     assert first_reaching(curve, "samples", 0.8) == 20
     assert first_reaching(curve, "samples", 0.95) is None
     assert first_reaching([{"samples": 5, "pass_rate": 0.8}], "samples", 0.8) == 5
+
+
+def test_a_run_that_never_reached_the_target_counts_as_infinite_in_the_median() -> None:
+    from bench.flywheel import _median
+
+    assert _median([242.4, 360.4, None]) == 360.4
+    assert _median([100.0, None, None]) is None
+    assert _median([]) is None
