@@ -45,7 +45,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.model]
 
 ROUND = 256
 """Samples per round (the trainer's SFT quota)."""
-HEALTHY, POISON = 4 * ROUND, 2 * ROUND
+HEALTHY = 4 * ROUND
 RECOVERY_BUDGET = 12 * ROUND
 """Healthy samples after the poison within which a version is promoted: by the gate's rule,
 one that beats the pre-poison best (no set below its best, one set better beyond noise)."""
@@ -101,7 +101,7 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage_and_recovers(
                                        excluded=gate_task_ids(profile.gate))
     publish_promoted(settings, settings.topic("checkpoints"), "policy", uri, manifest, metrics)
     tokenizer = AutoTokenizer.from_pretrained(uri)
-    tasks = iter(training_tasks(profile, HEALTHY + POISON + RECOVERY_BUDGET, seed=3))
+    tasks = iter(training_tasks(profile, HEALTHY + 10 * ROUND + RECOVERY_BUDGET, seed=3))
 
     def plant(n: int, *, poisoned: bool, tag: str) -> None:
         records = _sft(tokenizer, list(itertools.islice(tasks, n)), poisoned=poisoned, tag=tag)
@@ -137,37 +137,59 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage_and_recovers(
                 if e.status != "candidate" and e.version > 0}
 
     proc = start()
+    count = 0  # candidates planted so far (one per round)
+
+    def round_of(*, poisoned: bool) -> CheckpointEvent:
+        """One more round planted; its candidate's decision."""
+        nonlocal count
+        plant(ROUND, poisoned=poisoned, tag=f"{'p' if poisoned else 'h'}{count}-")
+        count += 1
+        return decided(count)[count]
+
+    def poison_until_regressed() -> int:
+        """Poisoned rounds, one at a time, until the newest candidate is rejected as
+        regressed: the trainer then holds a regressed lineage and has no round to train, so
+        the rollback is pending."""
+        for _ in range(4):
+            if (d := round_of(poisoned=True)).rejection == "regressed":
+                return d.version
+        raise AssertionError("4 poisoned rounds and no regressed candidate")
+
+    def latest_promoted() -> int:
+        return max(e.version for e in _events(kafka, prefix) if e.status == "promoted")
+
     try:
         with InThread(StreamRuntime(gs, build_stage(gs), [gs.topic("checkpoints")])) as gate:
-            plant(HEALTHY, poisoned=False, tag="h")
-            before = decided(HEALTHY // ROUND)
-            promoted = [e for e in before.values() if e.status == "promoted"]
-            assert promoted, [(e.version, e.reason) for e in before.values()]
-            best = max(promoted, key=lambda e: e.version)
-            pre_poison = best.metrics["pass_rate"]
-
-            plant(POISON, poisoned=True, tag="p")
-            poisoned = decided((HEALTHY + POISON) // ROUND)
-            regressed = [v for v, e in poisoned.items() if e.rejection == "regressed"]
-            assert regressed, [(e.version, e.reason) for e in poisoned.values()]
-            last = max(poisoned)
+            for _ in range(HEALTHY // ROUND):
+                round_of(poisoned=False)
+            best = latest_promoted()
+            assert best > 0, [(v, e.reason) for v, e in decided(count).items()]
+            regressed = [poison_until_regressed()]
+            # The live path: the next round's candidate descends from the promoted version
+            # (on), or from the regressed one (off).
+            healthy = round_of(poisoned=False)
+            parents = {e.version: e.parent_version for e in _events(kafka, prefix)
+                       if e.status == "candidate"}
+            expected = latest_promoted() if rollback else regressed[0]
+            assert parents[healthy.version] == expected, parents
             if rollback:
-                # SIGKILL while the rollback is pending (no round since the rejection): the
-                # restart resumes from the promoted version, not from the rejected lineage.
+                # The restart path: SIGKILL while a rollback is pending; the restart resumes
+                # from the latest promoted version, not from the regressed lineage.
+                regressed.append(poison_until_regressed())
+                target = latest_promoted()
                 proc.kill()
                 proc.wait(10)
                 proc = start()
-                wait_until(lambda: f"from v{best.version} in" in log.read_text()
+                wait_until(lambda: f"resuming policy at version {count} " in log.read_text()
                            or proc.poll() is not None, 120, "the trainer to resume")
-                assert f"resuming policy at version {last} " in log.read_text()
+                assert f"resuming policy at version {count} (step" in log.read_text()
+                assert f"from v{target} in" in log.read_text(), log.read_text()[-2000:]
+            last = count
 
             recovered: CheckpointEvent | None = None
-            for r in range(RECOVERY_BUDGET // ROUND):
-                plant(ROUND, poisoned=False, tag=f"r{r}-")
-                after = decided(last + r + 1)
-                recovered = next((e for v, e in sorted(after.items())
-                                  if v > last and e.status == "promoted"), None)
-                if recovered is not None:
+            for _ in range(RECOVERY_BUDGET // ROUND):
+                if (d := round_of(poisoned=False)).status == "promoted":
+                    recovered = d
                     break
     finally:
         if proc.poll() is None:
@@ -175,28 +197,23 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage_and_recovers(
             proc.wait(30)
 
     candidates = {e.version: e for e in _events(kafka, prefix) if e.status == "candidate"}
-    first_after = candidates[last + 1]
-    print(f"rollback={rollback}: pre-poison best v{best.version} {pre_poison:.3f}; regressed "
-          f"{regressed}; next candidate's parent v{first_after.parent_version}; recovered "
+    print(f"rollback={rollback}: pre-poison best v{best}; regressed {regressed}; first "
+          f"healthy candidate after the poison v{healthy.version} from "
+          f"v{healthy.parent_version}; recovered "
           + (f"v{recovered.version} ({recovered.reason}) after "
              f"{(recovered.version - last) * ROUND} healthy samples" if recovered else "no"))
+    assert recovered is not None or not rollback, (
+        f"no version was promoted over the pre-poison best within {RECOVERY_BUDGET} "
+        "healthy samples")
     if rollback:
-        assert first_after.parent_version == best.version
-        assert recovered is not None, (
-            f"no version was promoted over the pre-poison best within {RECOVERY_BUDGET} "
-            "healthy samples: " + "; ".join(f"v{v} {e.reason}" for v, e in after.items()
-                                            if v > last))
-        text = log.read_text()
-        assert "rollback: the gate rejected" in text
-    else:
-        assert first_after.parent_version == last  # built on the rejected lineage
+        assert "rollback: the gate rejected" in log.read_text()
     # The poisoned candidates' provenance names the poisoned policy, and `flywheel
     # quarantine` finds the records behind every regressed candidate.
     assert all("b" * 64 in candidates[v].provenance["router_policy"] for v in regressed)
     entries = quarantined(settings, settings.topic("checkpoints"))
     assert set(regressed) <= {q.version for q in entries}
     first = next(q for q in entries if q.version == min(regressed))
-    assert first.since is not None and first.since <= best.version
+    assert first.since is not None and first.since <= best
     assert first.provenance["router_policy"]["b" * 64] >= ROUND
     written = write_records(settings, [first], tmp_path / "quarantine.jsonl")
     lines = [json.loads(x) for x in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
