@@ -16,6 +16,7 @@ weights with the offsets that follow (the lineage stays exact).
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,8 +112,6 @@ def _merge(ranges: list[OffsetRange]) -> list[OffsetRange]:
 def read_records(kafka: KafkaSettings, ranges: list[OffsetRange], timeout: float = 60.0
                  ) -> list[tuple[OffsetRange, int, RoutedSample | None, bytes]]:
     """The committed records of ``ranges``: (range, offset, parsed or None, raw value)."""
-    import time
-
     consumer = Consumer(kafka.client_config() | {
         "group.id": "flywheel-quarantine-reader", "enable.auto.commit": False,
         "isolation.level": "read_committed", "enable.partition.eof": True})

@@ -102,10 +102,9 @@ def judge(results: dict[str, SetResult], ref: dict[str, Any], sets: list[HeldOut
     improved = [t for t in tests if t[1] > t[2] and t[3] <= level]
     for name, w, lo, p in tests:
         metrics[f"{name}/wins"], metrics[f"{name}/losses"], metrics[f"{name}/p"] = w, lo, p
-    if not paired:  # a reference evaluated before per-task outcomes were kept
-        old = (ref.get("metrics") or {}).get("pass_rate", 0.0)
-        if metrics.get("pass_rate", 0.0) > old:
-            improved.append((headline, 0, 0, 0.0))
+    # A reference evaluated before per-task outcomes were kept: the headline must be higher.
+    unpaired_better = not paired and metrics.get("pass_rate", 0.0) > (
+        ref.get("metrics") or {}).get("pass_rate", 0.0)
 
     table = "; ".join(
         f"{s.name} pass_rate {results[s.name].metrics.get('pass_rate', 0.0):.3f}"
@@ -115,10 +114,10 @@ def judge(results: dict[str, SetResult], ref: dict[str, Any], sets: list[HeldOut
     if worse:
         return Judgement(False, "regressed", f"regressed {against}: " + "; ".join(worse)
                          + f" | {table}", metrics)
-    if not improved:
+    if not improved and not unpaired_better:
         return Judgement(False, "not_better", f"not better than noise {against} (needs p <= "
                          f"{level:.3g} on a set or the suite) | {table}", metrics)
-    names = ", ".join(n for n, *_ in improved)
+    names = ", ".join(n for n, *_ in improved) or headline
     return Judgement(True, None, f"improved {against} on {names} | {table}", metrics)
 
 
