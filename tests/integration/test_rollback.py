@@ -166,11 +166,12 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage_and_recovers(
             assert best > 0, [(v, e.reason) for v, e in decided(count).items()]
             regressed = [poison_until_regressed()]
             # The live path: the next round's candidate descends from the promoted version
-            # (on), or from the regressed one (off).
+            # (on), or from the regressed one (off). The target is read before that round:
+            # its own candidate may be promoted.
+            expected = latest_promoted() if rollback else regressed[0]
             healthy = round_of(poisoned=False)
             parents = {e.version: e.parent_version for e in _events(kafka, prefix)
                        if e.status == "candidate"}
-            expected = latest_promoted() if rollback else regressed[0]
             assert parents[healthy.version] == expected, parents
             if rollback:
                 # The restart path: SIGKILL while a rollback is pending; the restart resumes
