@@ -59,3 +59,9 @@ def kcat() -> str:
 def prometheus() -> str:
     """A real Prometheus server binary."""
     return _program("prometheus")
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """promtool, from the same Debian package as the server: rule unit tests, config checks."""
+    return _program("promtool")
