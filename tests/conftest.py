@@ -40,12 +40,12 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def _program(name: str) -> str:
+def _program(name: str, package: str | None = None) -> str:
     """A program the tests run beside the project; missing is a failure, never a skip."""
     path = shutil.which(name)
     if path is None:
         pytest.fail(f"{name} is not installed: `make test` installs it (tests/tools.sh), or "
-                    f"install the {name} package yourself", pytrace=False)
+                    f"install the {package or name} package yourself", pytrace=False)
     return path
 
 
@@ -64,4 +64,4 @@ def prometheus() -> str:
 @pytest.fixture(scope="session")
 def promtool() -> str:
     """promtool, from the same Debian package as the server: rule unit tests, config checks."""
-    return _program("promtool")
+    return _program("promtool", "prometheus")

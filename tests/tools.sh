@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The programs the integration tests run beside the project: kcat (an independent Kafka client
-# that checks the broker) and prometheus (a real server that scrapes a running service).
+# The programs the tests run beside the project: kcat (an independent Kafka client that checks
+# the broker), prometheus (a real server that scrapes a running service) and promtool (the
+# alert rules' unit tests; Debian ships it in the prometheus package).
 # Installs the missing ones from Debian's packages where it can (apt-get, as root or with
 # passwordless sudo); otherwise, or if that fails, it names what to install and fails, so that
 # `make test` does not start a suite that cannot pass.
 set -euo pipefail
 
-tools=(kcat prometheus)
+tools=(kcat prometheus promtool)
 missing() {
   local tool
   for tool in "${tools[@]}"; do
@@ -16,6 +17,8 @@ missing() {
 
 need=($(missing))
 [ ${#need[@]} -eq 0 ] && exit 0
+# Debian package names: promtool comes with prometheus.
+packages=($(printf '%s\n' "${need[@]}" | sed 's/^promtool$/prometheus/' | sort -u))
 
 if command -v apt-get >/dev/null 2>&1; then
   if [ "$(id -u)" -eq 0 ]; then
@@ -26,11 +29,11 @@ if command -v apt-get >/dev/null 2>&1; then
     as_root=()
   fi
   if [ ${#as_root[@]} -gt 0 ]; then
-    echo "installing ${need[*]} (Debian packages) for the integration tests" >&2
+    echo "installing ${packages[*]} (Debian packages) for the tests" >&2
     apt=(apt-get -qq -o DPkg::Lock::Timeout=300)
     if "${as_root[@]}" "${apt[@]}" update \
         && "${as_root[@]}" DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y \
-             --no-install-recommends "${need[@]}" >/dev/null; then
+             --no-install-recommends "${packages[@]}" >/dev/null; then
       need=($(missing))
       [ ${#need[@]} -eq 0 ] && exit 0
     fi
