@@ -1,0 +1,161 @@
+"""docker-compose.yml without a Docker engine: valid by the Compose Specification's JSON Schema
+(the copy check-jsonschema ships), and every command, FLYWHEEL_* variable, port and path it
+names exists in the code: each service's environment is loaded by its real settings class."""
+
+from __future__ import annotations
+
+import importlib.resources
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from services.common.config import ServiceSettings
+from services.up.stack import SETTINGS, _settings_class
+
+ROOT = Path(__file__).resolve().parents[1].parent
+COMPOSE = ROOT / "docker-compose.yml"
+IMAGES = {"flywheel-stream": "stream", "flywheel-model": "model"}
+METRICS_PORT = 9400
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+
+
+def _schema() -> dict[str, Any]:
+    vendored = importlib.resources.files("check_jsonschema") / "builtin_schemas" / "vendor"
+    return json.loads((vendored / "compose-spec.json").read_text(encoding="utf-8"))
+
+
+def _errors(document: dict[str, Any]) -> list[str]:
+    schema = _schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator.iter_errors(document)]
+
+
+def _in_repo(path: str) -> Path:
+    """A path inside an image (/app/...) or relative to the compose file, in this checkout."""
+    return ROOT / path.removeprefix("/app/").removeprefix("./")
+
+
+def _flywheel() -> dict[str, dict[str, Any]]:
+    """The services that run one of our images."""
+    return {name: s for name, s in _compose()["services"].items()
+            if s.get("image") in IMAGES}
+
+
+def test_the_file_is_valid_by_the_compose_specification() -> None:
+    assert _errors(_compose()) == []
+
+
+def test_the_validation_can_fail() -> None:
+    broken = _compose()
+    broken["services"]["kafka"]["prots"] = ["9092:9092"]  # a typo: not a Compose key
+    broken["services"]["gate"]["depends_on"] = {"seed": {"condition": "when_ready"}}
+    errors = _errors(broken)
+    assert any("prots" in e for e in errors), errors
+    assert any("depends_on" in e for e in errors), errors
+
+
+def test_every_long_running_service_is_a_flywheel_service_with_its_image() -> None:
+    services = _flywheel()
+    runs = {name: s for name, s in services.items() if "command" in s}
+    assert set(runs) == set(SETTINGS), "compose runs every service of `flywheel up`"
+    model = {"generator", "trainer", "gate"}  # the ones that import torch
+    for name, service in runs.items():
+        assert service["command"] == [name]
+        assert service["image"] == ("flywheel-model" if name in model else "flywheel-stream")
+        assert service["restart"] == "unless-stopped"
+        probe = " ".join(service["healthcheck"]["test"])
+        assert f":{METRICS_PORT}/healthz" in probe
+
+
+def test_every_image_target_exists_in_the_dockerfile() -> None:
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text(encoding="utf-8")
+    stages = set(re.findall(r"^FROM \S+ AS (\w+)$", dockerfile, re.MULTILINE))
+    for service in _compose()["services"].values():
+        if "build" in service:
+            assert service["build"]["target"] in stages
+            assert _in_repo(service["build"]["dockerfile"]).is_file()
+            assert IMAGES[service["image"]] == service["build"]["target"]
+    assert 'ENTRYPOINT ["flywheel", "run"]' in dockerfile
+    assert re.search(r"^USER flywheel$", dockerfile, re.MULTILINE)
+
+
+def test_one_shot_commands_exist() -> None:
+    from typer.main import get_command
+
+    from services.cli import app
+
+    cli = get_command(app)
+    services = _compose()["services"]
+    for name in ("topics", "seed"):
+        words = services[name]["entrypoint"]
+        assert words[0] == "flywheel"
+        command: Any = cli
+        for word in words[1:]:
+            if word.startswith("--"):
+                break
+            command = command.commands[word]  # type: ignore[attr-defined]
+        for flag, value in itertools.pairwise(words):
+            if flag == "--profile":
+                assert _in_repo(value).is_file(), value
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_each_service_environment_loads_into_its_settings(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every FLYWHEEL_* variable is a field of the service's settings (a typo would be
+    silently ignored, settings allow extras), and the values validate."""
+    service = _flywheel()[name]
+    environment = {k: str(v) for k, v in service["environment"].items()}
+    cls = _settings_class(name)
+    for variable in environment:
+        if not variable.startswith("FLYWHEEL_"):
+            continue
+        top, *nested = variable.removeprefix("FLYWHEEL_").lower().split("__")
+        assert top in cls.model_fields, f"{name}: {variable} is not a setting"
+        if nested:
+            inner = cls.model_fields[top].annotation
+            assert nested[0] in inner.model_fields, f"{name}: {variable}"
+        value = environment[variable]
+        if value.startswith("/app/"):
+            assert _in_repo(value).exists(), f"{name}: {variable}={value}"
+    for key in list(os.environ):
+        if key.startswith("FLYWHEEL_"):
+            monkeypatch.delenv(key)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    settings = cls()
+    assert settings.kafka.bootstrap_servers == "kafka:19092"
+    assert settings.metrics.port == METRICS_PORT
+
+
+def test_the_topics_job_reads_the_same_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in _compose()["services"]["topics"]["environment"].items():
+        monkeypatch.setenv(key, str(value))
+    assert ServiceSettings(service="cli").kafka.bootstrap_servers == "kafka:19092"
+
+
+def test_prometheus_and_grafana_mount_what_exists() -> None:
+    services = _compose()["services"]
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert _in_repo(source).is_dir(), volume
+    config = services["prometheus"]["command"][0].removeprefix("--config.file=")
+    local = ROOT / "deploy" / "prometheus" / Path(config).name
+    scrape = yaml.safe_load(local.read_text(encoding="utf-8"))
+    discovered = scrape["scrape_configs"][0]["dns_sd_configs"][0]
+    assert set(discovered["names"]) == set(SETTINGS)
+    assert discovered["port"] == METRICS_PORT
+    assert scrape["rule_files"] == ["alerts.yml"]
