@@ -33,6 +33,12 @@ def quantile(q: float, metric: str, by: str = "") -> str:
     return f"histogram_quantile({q}, sum by ({keep}) (rate({metric}_bucket[{RATE}])))"
 
 
+def quantiles(metric: str, qs: tuple[float, ...], by: str = "") -> list[tuple[str, str]]:
+    """One query per quantile of a histogram, legends ``p50`` (after ``{{by}}`` if grouped)."""
+    prefix = f"{{{{{by}}}}} " if by else ""
+    return [(quantile(q, metric, by), f"{prefix}p{round(q * 100)}") for q in qs]
+
+
 def mean(metric: str, by: str = "") -> str:
     grouping = f" by ({by})" if by else ""
     return (f"sum{grouping} (rate({metric}_sum[{RATE}])) / "
@@ -50,9 +56,8 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
         ("Consumer lag", "short", [
             ("sum by (service, topic) (flywheel_runtime_consumer_lag_records)",
              "{{service}} on {{topic}}")]),
-        ("Batch latency (p50, p95)", "s", [
-            (quantile(0.5, "flywheel_runtime_batch_seconds", "service"), "{{service}} p50"),
-            (quantile(0.95, "flywheel_runtime_batch_seconds", "service"), "{{service}} p95")]),
+        ("Batch latency (p50, p95)", "s",
+         quantiles("flywheel_runtime_batch_seconds", (0.5, 0.95), "service")),
         ("Tasks published /s and feeder backlog", "short", [
             (rate("flywheel_feeder_tasks_published_total", "source"), "published {{source}}"),
             ("sum(flywheel_feeder_backlog_tasks)", "backlog")]),
@@ -60,8 +65,7 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
     "quality": ("Flywheel / quality", [
         ("Reward (mean, p10, p90)", "short", [
             (mean("flywheel_scorer_reward"), "mean"),
-            (quantile(0.1, "flywheel_scorer_reward"), "p10"),
-            (quantile(0.9, "flywheel_scorer_reward"), "p90")]),
+            *quantiles("flywheel_scorer_reward", (0.1, 0.9))]),
         ("Verdicts /s", "reqps", [
             (rate("flywheel_scorer_verdicts_total", "verdict"), "{{verdict}}")]),
         ("Filter accept ratio", "percentunit", [
@@ -94,9 +98,8 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
         ("Version served per generator", "short", [
             ("max by (instance) (flywheel_generator_policy_version)", "{{instance}}"),
             ("max(flywheel_gate_promoted_version)", "promoted")]),
-        ("Reload latency (p50, p95)", "s", [
-            (quantile(0.5, "flywheel_generator_reload_seconds"), "p50"),
-            (quantile(0.95, "flywheel_generator_reload_seconds"), "p95")]),
+        ("Reload latency (p50, p95)", "s",
+         quantiles("flywheel_generator_reload_seconds", (0.5, 0.95))),
         ("Tokens /s per generator", "short", [
             (rate("flywheel_generator_tokens_total", "instance"), "{{instance}}")]),
         ("Trajectories /s per generator", "reqps", [

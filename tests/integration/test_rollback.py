@@ -46,9 +46,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.model]
 ROUND = 256
 """Samples per round (the trainer's SFT quota)."""
 HEALTHY = 4 * ROUND
+POISON_TRIES = 4
+"""Poisoned rounds, at most, until one candidate is rejected as regressed."""
 RECOVERY_BUDGET = 12 * ROUND
-"""Healthy samples after the poison within which a version is promoted: by the gate's rule,
-one that beats the pre-poison best (no set below its best, one set better beyond noise)."""
+"""Healthy samples after the poison over which the first promotion is looked for (by the
+gate's rule, one that beats the pre-poison best); how many it took is printed."""
 
 
 def _sft(tokenizer: Any, tasks: list[Task], *, poisoned: bool, tag: str) -> list[RoutedSample]:
@@ -101,7 +103,9 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage_and_recovers(
                                        excluded=gate_task_ids(profile.gate))
     publish_promoted(settings, settings.topic("checkpoints"), "policy", uri, manifest, metrics)
     tokenizer = AutoTokenizer.from_pretrained(uri)
-    tasks = iter(training_tasks(profile, HEALTHY + 10 * ROUND + RECOVERY_BUDGET, seed=3))
+    # Healthy rounds, two poisoned stretches and the healthy round between them, recovery.
+    tasks = iter(training_tasks(profile, HEALTHY + (2 * POISON_TRIES + 1) * ROUND
+                                + RECOVERY_BUDGET, seed=3))
 
     def plant(n: int, *, poisoned: bool, tag: str) -> None:
         records = _sft(tokenizer, list(itertools.islice(tasks, n)), poisoned=poisoned, tag=tag)
@@ -150,10 +154,10 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage_and_recovers(
         """Poisoned rounds, one at a time, until the newest candidate is rejected as
         regressed: the trainer then holds a regressed lineage and has no round to train, so
         the rollback is pending."""
-        for _ in range(4):
+        for _ in range(POISON_TRIES):
             if (d := round_of(poisoned=True)).rejection == "regressed":
                 return d.version
-        raise AssertionError("4 poisoned rounds and no regressed candidate")
+        raise AssertionError(f"{POISON_TRIES} poisoned rounds and no regressed candidate")
 
     def latest_promoted() -> int:
         return max(e.version for e in _events(kafka, prefix) if e.status == "promoted")

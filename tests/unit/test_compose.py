@@ -19,7 +19,7 @@ import yaml
 from services.common.config import ServiceSettings
 from services.up.stack import SETTINGS, _settings_class
 
-ROOT = Path(__file__).resolve().parents[1].parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 IMAGES = {"flywheel-stream": "stream", "flywheel-model": "model"}
 METRICS_PORT = 9400
