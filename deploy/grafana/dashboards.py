@@ -3,10 +3,11 @@ deploy/grafana/dashboards/*.json (provisioned by provisioning/dashboards.yml). E
 the JSON; tests/unit/test_dashboards.py fails when the two differ, when a query names a
 metric the services do not export, or when promtool cannot parse a query.
 
-Five dashboards: flow (rates, lag, batch latency), quality (reward, verdicts, acceptance,
-rejections, samples per stage), learning (held-out scores, decisions, loss, rollbacks,
-curriculum), fleet (versions served, reload latency, tokens/s), health (dead letters, scrape
-status, restarts, transactions).
+Five dashboards: flow (rates, lag, batch latency), quality (reward, pass rate per environment
+and difficulty, verdicts, acceptance, rejections, groups with RL signal, samples per stage),
+learning (held-out scores of the promoted version and of the last candidate, decisions, loss,
+rollbacks, curriculum), fleet (versions served, reload latency, tokens per trajectory and per
+second), health (dead letters, scrape status, restarts, transactions).
 """
 
 from __future__ import annotations
@@ -39,10 +40,20 @@ def quantiles(metric: str, qs: tuple[float, ...], by: str = "") -> list[tuple[st
     return [(quantile(q, metric, by), f"{prefix}p{round(q * 100)}") for q in qs]
 
 
-def mean(metric: str, by: str = "") -> str:
+def share(metric: str, match: str, by: str = "") -> str:
+    """The share of a counter's rate whose series match ``match`` (e.g. ``verdict="correct"``)."""
     grouping = f" by ({by})" if by else ""
-    return (f"sum{grouping} (rate({metric}_sum[{RATE}])) / "
-            f"sum{grouping} (rate({metric}_count[{RATE}]))")
+    return (f"sum{grouping} (rate({metric}{{{match}}}[{RATE}])) / "
+            f"sum{grouping} (rate({metric}[{RATE}]))")
+
+
+def mean_reward(by: str = "") -> str:
+    """The scorer's mean reward: rewards can be negative, so the reward histogram has no
+    ``_sum``; its positive and negative parts are counters of their own."""
+    grouping = f" by ({by})" if by else ""
+    return (f"(sum{grouping} (rate(flywheel_scorer_reward_positive_total[{RATE}])) - "
+            f"sum{grouping} (rate(flywheel_scorer_reward_negative_total[{RATE}]))) / "
+            f"sum{grouping} (rate(flywheel_scorer_reward_count[{RATE}]))")
 
 
 DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
@@ -64,8 +75,13 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
     ]),
     "quality": ("Flywheel / quality", [
         ("Reward (mean, p10, p90)", "short", [
-            (mean("flywheel_scorer_reward"), "mean"),
+            (mean_reward(), "mean"),
             *quantiles("flywheel_scorer_reward", (0.1, 0.9))]),
+        ("Mean reward by environment and difficulty", "short", [
+            (mean_reward("env, difficulty"), "{{env}} {{difficulty}}")]),
+        ("Pass rate (correct verdicts) by environment and difficulty", "percentunit", [
+            (share("flywheel_scorer_verdicts_total", 'verdict="correct"', "env, difficulty"),
+             "{{env}} {{difficulty}}")]),
         ("Verdicts /s", "reqps", [
             (rate("flywheel_scorer_verdicts_total", "verdict"), "{{verdict}}")]),
         ("Filter accept ratio", "percentunit", [
@@ -74,10 +90,16 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
             (rate("flywheel_filter_rejections_total", "reason"), "{{reason}}")]),
         ("Samples routed per stage /s", "reqps", [
             (rate("flywheel_router_routed_samples_total", "stage"), "{{stage}}")]),
+        ("Accepted groups with reward variance (RL signal)", "percentunit", [
+            (share("flywheel_router_groups_total", 'reward_variance="true"'), "share")]),
         ("Samples trained per stage /s", "reqps", [
             (rate("flywheel_trainer_samples_total", "stage"), "{{stage}}")]),
     ]),
     "learning": ("Flywheel / learning", [
+        ("Held-out pass rate of the promoted version, by set", "percentunit", [
+            ('max by (set) (flywheel_gate_promoted_score{metric="pass_rate"})', "{{set}}")]),
+        ("Held-out mean score of the promoted version, by set", "short", [
+            ('max by (set) (flywheel_gate_promoted_score{metric="mean_score"})', "{{set}}")]),
         ("Held-out pass rate of the last candidate, by set", "percentunit", [
             ('max by (set) (flywheel_gate_score{metric="pass_rate"})', "{{set}}")]),
         ("Promoted and candidate versions", "short", [
@@ -100,6 +122,8 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
             ("max(flywheel_gate_promoted_version)", "promoted")]),
         ("Reload latency (p50, p95)", "s",
          quantiles("flywheel_generator_reload_seconds", (0.5, 0.95))),
+        ("Completion tokens per trajectory (p50, p95)", "short",
+         quantiles("flywheel_generator_trajectory_tokens", (0.5, 0.95))),
         ("Tokens /s per generator", "short", [
             (rate("flywheel_generator_tokens_total", "instance"), "{{instance}}")]),
         ("Trajectories /s per generator", "reqps", [

@@ -206,6 +206,10 @@ class StreamRuntime:
         self._m_committed = m.TRANSACTIONS.labels(svc, "committed")
         self._m_aborted = m.TRANSACTIONS.labels(svc, "aborted")
         self._m_ready = m.READY.labels(svc)
+        for topic in self.input_topics:  # at 0 from the start: increase() sees the first one
+            m.RECORDS_CONSUMED.labels(svc, topic)
+            for kind in ("decode", "schema", "stage"):
+                m.RECORDS_DEAD_LETTERED.labels(svc, topic, kind)
 
     # -- state seen by /healthz and /readyz -------------------------------------------------
 
@@ -797,6 +801,10 @@ class StreamRuntime:
         assert self._store is not None
         self._store.restore(self.settings.kafka.client_config(), partitions,
                             self.settings.runtime.transaction_timeout_ms / 1000 + 60)
+        restored = getattr(self._stateful, "restored", None)
+        if restored is not None:  # optional: a stage showing its state in gauges
+            for partition in partitions:
+                restored(self._store.partition(partition))
 
     def _produce_when_room(
         self, topic: str, value: bytes | None, key: str | bytes | None, headers: Headers | None

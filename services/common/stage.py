@@ -96,6 +96,9 @@ class StatefulStage(Protocol[In_contra]):
         """Outputs due by time alone (timeouts); ``now`` is ``time.time()``."""
         ...
 
+    # Optional: ``restored(state)``, called for each partition after its state was restored
+    # (on assignment, after an abort), for gauges that show what the state holds.
+
 
 class DecodeFailure(Exception):
     """A record value that is not a valid message; ``kind`` is 'decode' or 'schema'."""

@@ -77,6 +77,20 @@ class GateStage:
     def tick(self, state: PartitionState, now: float) -> list[Output]:
         return []
 
+    def restored(self, state: PartitionState) -> None:
+        """After a (re)start: the gauges show the promoted versions the state holds, not 0
+        until the next decision."""
+        for key in state.keys("promoted/"):
+            self._show(state.get(key))
+
+    @staticmethod
+    def _show(ref: dict[str, Any]) -> None:
+        m.GATE_PROMOTED_VERSION.set(ref["version"])
+        for key, value in ref["metrics"].items():
+            if "/" in key:  # ``<set>/<metric>``; the plain names repeat the headline set's
+                name, metric = key.split("/", 1)
+                m.GATE_PROMOTED_SCORE.labels(name, metric).set(value)
+
     def _results(self, folder: Path) -> dict[str, SetResult]:
         results = self.evaluate(folder)
         missing = [s.name for s in self.sets if s.name not in results]
@@ -96,6 +110,7 @@ class GateStage:
             current = rule.reference(results, self.headline, version, base=True,
                                      uri=str(folder))
             state.put(key, current)
+            self._show(current)
             log.info("base %s v%d: %s", model, version, current["metrics"])
         return current
 
@@ -114,9 +129,9 @@ class GateStage:
         except Exception as exc:
             raise DependencyError(f"cannot evaluate promoted {event.model} v{event.version}: "
                                   f"{exc}") from exc
-        state.put(f"promoted/{event.model}", rule.reference(
-            results, self.headline, event.version, base=True, uri=event.uri))
-        m.GATE_PROMOTED_VERSION.set(event.version)
+        ref = rule.reference(results, self.headline, event.version, base=True, uri=event.uri)
+        state.put(f"promoted/{event.model}", ref)
+        self._show(ref)
 
     def _decide(self, state: PartitionState, cand: CheckpointEvent) -> Output:
         current = self._reference(state, cand.model)
@@ -143,9 +158,9 @@ class GateStage:
                        tolerance=self.tolerance, alpha=self.alpha, headline=self.headline)
         if not j.promoted:
             return self._out(cand, "rejected", j.metrics, j.reason, j.rejection)
-        state.put(f"promoted/{cand.model}",
-                  rule.promote(current, results, self.headline, cand.version, cand.uri))
-        m.GATE_PROMOTED_VERSION.set(cand.version)
+        promoted = rule.promote(current, results, self.headline, cand.version, cand.uri)
+        state.put(f"promoted/{cand.model}", promoted)
+        self._show(promoted)
         return self._out(cand, "promoted", j.metrics, j.reason, None)
 
     def _out(self, cand: CheckpointEvent, status: str, scores: dict[str, float], reason: str,

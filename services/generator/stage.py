@@ -19,6 +19,11 @@ GENERATION_SECONDS = Histogram(
     "flywheel_generator_generation_seconds", "Engine time per batch of episodes.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
+TRAJECTORY_TOKENS = Histogram(
+    "flywheel_generator_trajectory_tokens", "Completion tokens of one trajectory (every "
+    "assistant turn).", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192,
+                                 16384, 32768),
+)
 ENGINE_BATCH = Histogram(
     "flywheel_generator_engine_batch_episodes", "Episodes per engine batch.",
     buckets=(1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096),
@@ -45,6 +50,9 @@ class GeneratorStage:
         ENGINE_BATCH.observe(len(batch) * self.samples)
         GENERATION_SECONDS.observe(sum(t.timings.generation_seconds for t in trajectories))
         TRAJECTORIES.inc(len(trajectories))
-        TOKENS.inc(sum(len(turn.token_ids or []) for t in trajectories for turn in t.turns
-                       if turn.role == "assistant"))
+        for t in trajectories:
+            tokens = sum(len(turn.token_ids or []) for turn in t.turns
+                         if turn.role == "assistant")
+            TOKENS.inc(tokens)
+            TRAJECTORY_TOKENS.observe(tokens)
         return [Output(self.output_topic, t) for t in trajectories]

@@ -12,6 +12,10 @@ RL_SKIPPED = Counter("flywheel_router_rl_skipped_samples_total",
                      "Accepted samples not sent to RL, by reason: no_signal, too_small, "
                      "group_closed.",
                      ["reason"])
+GROUPS = Counter("flywheel_router_groups_total",
+                 "Groups the filter accepted members of, by whether their rewards vary "
+                 "(reward_variance true/false): each accepted member adds 1/accepted, so a "
+                 "whole group counts 1.", ["reward_variance"])
 CAPPED = Counter("flywheel_router_capped_total", "Samples a stage's mix cap held back.",
                  ["stage"])
 GROUP_ASSEMBLY_SECONDS = Histogram(

@@ -80,6 +80,8 @@ class RouterStage:
     def _collect_rl(self, state: PartitionState, d: FilterDecision, now: float) -> list[Output]:
         rl = self.policy.rl
         expected = d.group_accepted
+        if expected:
+            m.GROUPS.labels(str("no_rl_signal" not in d.flags).lower()).inc(1 / expected)
         if not rl.enabled or expected is None:
             return []
         traj = d.scored.trajectory

@@ -98,6 +98,10 @@ class ScorerStage:
         for out in outputs:
             value = out.value
             assert isinstance(value, ScoredTrajectory)
-            m.REWARD.observe(value.reward)
-            m.VERDICTS.labels(value.verdict).inc()
+            task = value.trajectory.task
+            level = m.difficulty_label(task.difficulty)
+            m.REWARD.labels(task.env, level).observe(value.reward)
+            m.REWARD_POSITIVE.labels(task.env, level).inc(max(0.0, value.reward))
+            m.REWARD_NEGATIVE.labels(task.env, level).inc(max(0.0, -value.reward))
+            m.VERDICTS.labels(value.verdict, task.env, level).inc()
         return outputs

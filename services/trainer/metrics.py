@@ -21,6 +21,9 @@ CANDIDATE_VERSION = Gauge("flywheel_trainer_candidate_version", "Last committed 
 GATE_PROMOTED_VERSION = Gauge("flywheel_gate_promoted_version", "Current promoted version.")
 GATE_SCORE = Gauge("flywheel_gate_score", "Held-out evaluation of the last candidate, by "
                    "held-out set and metric.", ["set", "metric"])
+GATE_PROMOTED_SCORE = Gauge("flywheel_gate_promoted_score", "Held-out evaluation of the "
+                            "promoted version (the base before any promotion), by held-out "
+                            "set and metric.", ["set", "metric"])
 GATE_DECISIONS = Counter("flywheel_gate_decisions_total", "Gate decisions by outcome: "
                          "promoted, regressed, not_better, invalid.", ["outcome"])
 GATE_REGRESSIONS = Counter("flywheel_gate_regressions_total", "Regressed candidates by a "

@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -40,7 +40,7 @@ from confluent_kafka import (
 )
 from pydantic import ValidationError
 
-from schemas import CheckpointEvent, OffsetRange, RoutedSample
+from schemas import CheckpointEvent, OffsetRange, RoutedSample, TrainingStage
 from schemas import Producer as ProducerInfo
 from services.common.checkpoints import CheckpointFollower
 from services.common.errors import FatalRuntimeError
@@ -155,6 +155,9 @@ class Trainer:
                 self.s.base_model_path, dtype=self._dtype, use_safetensors=True)
             self.reference = reference.to(o.device).eval()
         m.CANDIDATE_VERSION.set(self.version)
+        for stage in get_args(TrainingStage):  # every stage's series from the start, at 0
+            m.SAMPLES.labels(stage)
+            m.TOKENS.labels(stage)
         log.info("resuming %s at version %d (step %d) from v%d in %s", self.s.model_name,
                  self.version, self.step, self.head, folder)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 import subprocess
 from collections import defaultdict
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import pytest
 from schemas import CheckpointEvent, RoutedSample, Score, ScoredTrajectory, Trajectory, Turn
 from services import envs
 from services.common import topics as topic_ops
+from services.common.broker import free_port
 from services.common.config import KafkaSettings
 from tests.integration.runners import spawn_service, stopped
 from tests.kafka import Broker, wait_until
@@ -107,6 +109,7 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
     from transformers import AutoTokenizer
 
     from services.generator.tiny import tiny_model
+    from services.up.stack import _detail, scrape
 
     prefix = f"t{uid}."
     settings = KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)
@@ -124,7 +127,7 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
     env = {"FLYWHEEL_BASE_MODEL_PATH": str(base), "FLYWHEEL_CHECKPOINT_URL": str(store),
            "FLYWHEEL_MODEL_NAME": "tiny", "FLYWHEEL_QUOTAS": json.dumps({"sft": 100, "rl": 40}),
            "FLYWHEEL_MAX_WAIT_SECONDS": "2", "FLYWHEEL_OPTIM__EPOCHS": "3",
-           "FLYWHEEL_OPTIM__LR": "0.001"}
+           "FLYWHEEL_OPTIM__LR": "0.001", "FLYWHEEL_METRICS__PORT": str(free_port())}
 
     def start() -> subprocess.Popen[bytes]:
         return spawn_service(kafka.bootstrap, ["trainer"], prefix=prefix, instance="trainer-0",
@@ -134,6 +137,14 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
     try:
         killed_at = _kill_mid_round(proc, kafka, prefix, log)
         proc = start()
+        # The view's trainer row after the restart: the version it resumed at and every
+        # stage's sample count (0 until its first round), not "samples" with nothing after.
+        port = int(env["FLYWHEEL_METRICS__PORT"])
+        wait_until(lambda: scrape(port).get("flywheel_trainer_candidate_version", 0)
+                   >= killed_at or proc.poll() is not None, 180, "the trainer resumed")
+        row = re.fullmatch(r"candidate v(\d+); samples cpt \d+ rl \d+ sft \d+",
+                           _detail("trainer", scrape(port)))
+        assert row is not None and int(row[1]) >= killed_at, _detail("trainer", scrape(port))
 
         def done() -> bool:
             covered = _covered(kafka, prefix)
