@@ -19,7 +19,7 @@ from services.common import broker as local_kafka
 from services.common import topics as topic_ops
 from services.common.config import ServiceSettings
 from services.common.errors import ConfigError, FlywheelError
-from services.common.logs import setup_logging
+from services.common.logs import setup_logging, to_file
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 kafka_app = typer.Typer(no_args_is_help=True, help="A local single-node Kafka broker (KRaft).")
@@ -361,8 +361,12 @@ def up(profile: Profile = None,
     if read_state(stack.home) is not None:
         raise typer.BadParameter(f"a flywheel is already running from {stack.home}; "
                                  "`flywheel status` or `flywheel down`")
-    stack.prepare(say=lambda line: err.print(line))
-    err.print(f"logs: {stack.home / 'logs'}; Ctrl-C or `flywheel down` stops everything")
+    logs = stack.home / "logs"
+    to_file(logs / "up.log")  # one line per step here; libraries' noise in the file
+    err.print(f"logs: {logs} (this command's: up.log)")
+    with err.status("setting up"):  # a spinner below the step lines while they run
+        stack.prepare(say=lambda line: err.print(line))
+    err.print("Ctrl-C or `flywheel down` stops everything")
     if not view:
         stack.run(seconds=seconds)
         return

@@ -232,7 +232,7 @@ def _is_kafka(pid: int) -> bool:
 
 
 def _require_free(port: int) -> None:
-    if not _bindable(port):
+    if not bindable(port):
         raise BrokerError(f"port {port} is in use; choose another with --port")
 
 
@@ -254,12 +254,12 @@ def free_ports(count: int) -> int:
         low = 32768
     for _ in range(1000):
         first = random.randrange(10_000, low - count)
-        if all(_bindable(port) for port in range(first, first + count)):
+        if all(bindable(port) for port in range(first, first + count)):
             return first
     raise OSError(f"no {count} consecutive free ports between 10000 and {low}")
 
 
-def _bindable(port: int) -> bool:
+def bindable(port: int) -> bool:
     """Whether a server (they set SO_REUSEADDR) could listen on ``port`` now."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.bootstrap import BootstrapSettings
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError
+from services.up.monitor import PrometheusProfile
 
 SERVICES = ("feeder", "generator", "scorer", "filter", "router", "trainer", "gate")
 POLICY_FIELD = {"scorer": "config_file", "filter": "policy_file", "router": "policy_file"}
@@ -56,6 +57,8 @@ class Profile(BaseModel):
     threads: int = Field(default=1, ge=1, description="torch threads per model process.")
     metrics_port: int = Field(default=9400, ge=1024, description="First service's /metrics "
                               "port; the others follow.")
+    prometheus: PrometheusProfile = Field(default_factory=PrometheusProfile,
+                                          description="A local Prometheus with the alert rules.")
     policies: dict[str, Path | dict[str, Any]] = Field(
         default_factory=_embedded_policies,
         description="scorer/filter/router: a YAML file, or its content inline.")

@@ -37,6 +37,8 @@ from services.common import topics as topic_ops
 from services.common.checkpoints import CheckpointFollower
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError
+from services.up import monitor
+from services.up.monitor import Prometheus
 from services.up.profile import POLICY_FIELD, SERVICES, Profile
 from services.up.supervisor import ProcessSpec, Supervisor
 
@@ -96,6 +98,7 @@ class Stack:
     ports: dict[str, int] = field(default_factory=dict)
     versions: Versions | None = None
     """Every checkpoint event the last run() saw."""
+    prometheus: Prometheus | None = None
 
     @property
     def home(self) -> Path:
@@ -113,6 +116,7 @@ class Stack:
         self.kafka = dict(p.kafka)
         self.policy_files = self._policies()
         self._validate()  # before anything starts
+        self._monitor(say)
         if p.local_broker:
             local_kafka.install()
             broker, self.started_broker = local_kafka.start(self.home / "kafka", p.broker_port)
@@ -124,6 +128,25 @@ class Stack:
             if self.started_broker:  # leave nothing behind that this call started
                 local_kafka.stop(self.home / "kafka")
             raise
+
+    def _monitor(self, say: Callable[[str], None]) -> None:
+        settings = self.profile.prometheus
+        program = settings.program()
+        if program is None:
+            say("prometheus: not installed, not started (alert rules and dashboards: "
+                "deploy/prometheus, deploy/grafana)" if settings.enabled is None else
+                "prometheus: off")
+            return
+        if not local_kafka.bindable(settings.port):
+            if settings.enabled:
+                raise ConfigError(f"prometheus.port {settings.port} is in use (another "
+                                  "Prometheus?); choose another in the profile")
+            say(f"prometheus: port {settings.port} is in use, not started (set "
+                "prometheus.port in the profile)")
+            return
+        self.prometheus = Prometheus(settings, program, self.home)
+        say(f"prometheus: {self.prometheus.url} (alert rules: deploy/prometheus/alerts.yml; "
+            "dashboards: deploy/grafana)")
 
     def _prepare(self, say: Callable[[str], None]) -> None:
         p = self.profile
@@ -266,6 +289,7 @@ class Stack:
 
     def write_state(self) -> None:
         state = {"pid": os.getpid(), "ports": self.ports, "kafka": self.kafka,
+                 "prometheus": self.prometheus.url if self.prometheus else None,
                  "model_name": self.profile.model_name, "started_broker": self.started_broker,
                  "home": str(self.home.resolve()), "started_at": time.time()}
         (self.home / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
@@ -275,7 +299,10 @@ class Stack:
             supervisor_options: dict[str, Any] | None = None) -> Snapshot:
         """Start every service, supervise until SIGINT/SIGTERM, ``seconds`` or ``until``
         returns true for a snapshot; then stop them."""
-        supervisor = Supervisor(self.specs(), self.home / "logs", **(supervisor_options or {}))
+        specs = self.specs()
+        if self.prometheus is not None:  # scrapes every service's port
+            specs.append(self.prometheus.spec(self.ports))
+        supervisor = Supervisor(specs, self.home / "logs", **(supervisor_options or {}))
         stopping = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stopping.set())
                     for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -293,7 +320,8 @@ class Stack:
                 supervisor.poll()
                 snapshot = Snapshot.take(self.ports, versions, snapshot,
                                          {n: c.state for n, c in supervisor.children.items()},
-                                         {n: c.restarts for n, c in supervisor.children.items()})
+                                         {n: c.restarts for n, c in supervisor.children.items()},
+                                         self.prometheus.alerts() if self.prometheus else None)
                 if view is not None:
                     view(snapshot)
                 if seconds is not None and time.monotonic() - started >= seconds:
@@ -327,6 +355,11 @@ def scrape(port: int, timeout: float = 0.5) -> dict[str, float]:
             text = r.read().decode()
     except OSError:
         return {}
+    return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value of every sample in a Prometheus text exposition."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -349,6 +382,8 @@ class Snapshot:
     rows: dict[str, dict[str, Any]]
     versions: list[CheckpointEvent]
     counters: dict[str, float]
+    alerts: list[dict[str, Any]] | None = None
+    """Prometheus's pending and firing alerts; None without a Prometheus that answers."""
 
     @classmethod
     def empty(cls) -> Snapshot:
@@ -356,8 +391,8 @@ class Snapshot:
 
     @classmethod
     def take(cls, ports: dict[str, int], versions: Versions, before: Snapshot,
-             states: dict[str, str] | None = None, restarts: dict[str, int] | None = None
-             ) -> Snapshot:
+             states: dict[str, str] | None = None, restarts: dict[str, int] | None = None,
+             alerts: list[dict[str, Any]] | None = None) -> Snapshot:
         now, rows, counters = time.monotonic(), {}, {}
         for name, port in ports.items():
             m = scrape(port)
@@ -375,7 +410,7 @@ class Snapshot:
                 "serving": m.get("flywheel_generator_policy_version"),
                 "detail": _detail(service, m),
             }
-        return cls(now, rows, versions.decided(), counters)
+        return cls(now, rows, versions.decided(), counters, alerts)
 
     def render(self) -> Group:
         services = Table(title="services", expand=True)
@@ -393,7 +428,16 @@ class Snapshot:
             versions.add_row(str(e.version), e.status, f"{e.metrics.get('pass_rate', 0):.3f}",
                              " ".join(f"{k}={v}" for k, v in sorted(e.stage_mix.items())),
                              (e.reason or "")[:60])
-        return Group(services, versions)
+        if self.alerts is None:
+            return Group(services, versions)
+        firing = [a for a in self.alerts if a.get("state") == "firing"]
+        alerts = Table(title=f"alerts firing: {len(firing)}", expand=True)
+        for col in ("alert", "severity", "summary"):
+            alerts.add_column(col)
+        for a in firing:
+            alerts.add_row(a["labels"].get("alertname", "?"), a["labels"].get("severity", ""),
+                           a.get("annotations", {}).get("summary", ""))
+        return Group(services, versions, alerts)
 
 
 def _detail(service: str, m: dict[str, float]) -> str:
@@ -460,8 +504,10 @@ def status_snapshot(state: dict[str, Any]) -> Snapshot:
     versions = _read_checkpoints(KafkaSettings(**state["kafka"]), state["model_name"])
     ports = {k: int(v) for k, v in state["ports"].items()}
     first = Snapshot.take(ports, versions, Snapshot.empty())
-    time.sleep(1.0)
-    return Snapshot.take(ports, versions, first)
+    time.sleep(1.0)  # out/s: counters one second apart
+    url = state.get("prometheus")
+    return Snapshot.take(ports, versions, first,
+                         alerts=monitor.alerts(url) if url else None)
 
 
 def down(home: Path, timeout: float = 120.0) -> bool:

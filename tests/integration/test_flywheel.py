@@ -5,21 +5,35 @@ The run lasts until what the test checks has happened, observed in the running s
 checkpoints topic and every service's /metrics), or until a generous budget is spent: the held-out
 pass rate has risen by a clear margin over the seed model across at least three promoted
 versions, and every generator has produced trajectories with the newest promoted version. A slow
-or busy machine takes longer; it does not get a different verdict."""
+or busy machine takes longer; it does not get a different verdict.
+
+It is watched as an operator would: ``flywheel up`` runs a real Prometheus with the deployment's
+configuration and alert rules. A record planted on ``scored`` is dead-lettered and the dead-letter
+alert fires in the live view; then every Grafana panel query and every alert expression is
+evaluated through Prometheus's HTTP API (each must parse; every panel must return data), and
+``promtool check metrics`` passes on every service's /metrics."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import subprocess
 import time
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import yaml
+from rich.console import Console
 
 from schemas import CheckpointEvent
 from services.bootstrap import BootstrapSettings
-from services.common.broker import free_ports
+from services.common.broker import free_port, free_ports
+from services.common.config import DEPLOY_DIR
 from services.envs.heldout import suite, suite_tasks
+from services.up.monitor import Prometheus, PrometheusProfile
 from services.up.profile import Profile
 from services.up.stack import Snapshot, Stack
 from tests.kafka import Broker
@@ -79,21 +93,71 @@ class ServedNewest:
         return done
 
 
+class Watched:
+    """``until``: :class:`ServedNewest` and the planted dead letter's alert firing in the view;
+    then, while the stack still runs, what the dashboards and alert rules would see."""
+
+    def __init__(self, served: ServedNewest, prometheus: Prometheus, promtool: str,
+                 ports: dict[str, int]) -> None:
+        self.served, self.prometheus, self.promtool, self.ports = (
+            served, prometheus, promtool, ports)
+        self.view = ""
+        self.panels: dict[str, list[int]] = {}
+        self.rules: dict[str, int] = {}
+        self.metrics: dict[str, subprocess.CompletedProcess[str]] = {}
+
+    def __call__(self, snapshot: Snapshot) -> bool:
+        if not self.served(snapshot):
+            return False
+        if not any(a["labels"].get("alertname") == "FlywheelDeadLetters"
+                   and a["state"] == "firing" for a in snapshot.alerts or []):
+            return False
+        console = Console(file=io.StringIO(), width=200, record=True)
+        console.print(snapshot.render())
+        self.view = console.export_text()
+        for path in sorted((DEPLOY_DIR / "grafana" / "dashboards").glob("*.json")):
+            board = json.loads(path.read_text(encoding="utf-8"))
+            for panel in board["panels"]:
+                self.panels[f"{board['title']} / {panel['title']}"] = [
+                    self._series(t["expr"]) for t in panel["targets"]]
+        rules = yaml.safe_load((DEPLOY_DIR / "prometheus" / "alerts.yml").read_text())
+        for group in rules["groups"]:
+            for rule in group["rules"]:
+                self.rules[rule["alert"]] = self._series(rule["expr"])
+        for name, port in self.ports.items():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            self.metrics[name] = subprocess.run([self.promtool, "check", "metrics"],
+                                                input=text, capture_output=True, text=True)
+        return True
+
+    def _series(self, expr: str) -> int:
+        """Series with a value (NaN is none) an instant query returns; it must parse. Grafana's
+        rate window becomes 5 minutes, longer than the whole run's samples need."""
+        data = self.prometheus.api("query", query=expr.replace("$__rate_interval", "5m"))
+        return sum(1 for r in data["result"] if not math.isnan(float(r["value"][1])))
+
+
 @pytest.mark.timeout(BUDGET_SECONDS + 600)  # and the seed model, and stopping
 def test_the_pass_rate_rises_across_promoted_versions_served_by_every_generator(
-        kafka: Broker, uid: str, tmp_path: Path) -> None:
+        kafka: Broker, uid: str, tmp_path: Path, prometheus: str, promtool: str) -> None:
     prefix = f"fw{uid}."
     profile = Profile(
         kafka={"bootstrap_servers": kafka.bootstrap, "topic_prefix": prefix},
         home=tmp_path / "home", checkpoint_url=str(tmp_path / "store"),
-        generators=len(GENERATORS), bootstrap=SEED)
+        generators=len(GENERATORS), bootstrap=SEED,
+        prometheus=PrometheusProfile(enabled=True, binary=prometheus, port=free_port(),
+                                     scrape_interval="1s"))
     profile.metrics_port = free_ports(profile.processes)
     stack = Stack(profile)
     stack.prepare(say=print)
+    assert stack.prometheus is not None
+    kafka.produce(f"{prefix}scored", [(None, b"not a message")])  # for the filter's DLQ
 
     until = ServedNewest()
+    watched = Watched(until, stack.prometheus, promtool, stack.ports)
     started = time.monotonic()
-    final = stack.run(seconds=BUDGET_SECONDS, until=until, supervisor_options={"grace": 60.0})
+    final = stack.run(seconds=BUDGET_SECONDS, until=watched, supervisor_options={"grace": 60.0})
     took = time.monotonic() - started
     assert all(r["restarts"] == 0 for r in final.rows.values()), final.rows
 
@@ -141,3 +205,16 @@ def test_the_pass_rate_rises_across_promoted_versions_served_by_every_generator(
         assert versions <= allowed, (instance, sorted(versions - allowed))
         assert until.newest in versions, (instance, sorted(versions))
         print(f"{instance} served {sorted(versions)} of promoted {sorted(allowed)}")
+
+    # Watched as an operator would, while it ran.
+    assert watched.view, (f"the dead-letter alert did not fire within the budget; alerts: "
+                          f"{final.alerts}")
+    assert "FlywheelDeadLetters" in watched.view and "filter" in watched.view, watched.view
+    for panel, series in watched.panels.items():
+        print(f"panel {panel}: {sum(series)} series {series}")
+    assert len(watched.panels) >= 5 * 4  # every panel of the five dashboards (committed JSON)
+    empty = [panel for panel, series in watched.panels.items() if sum(series) == 0]
+    assert not empty, f"panels without data: {empty}"
+    print("alert expressions (series now):", watched.rules)
+    for name, check in watched.metrics.items():
+        assert check.returncode == 0, (name, check.stdout, check.stderr)

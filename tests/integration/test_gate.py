@@ -78,6 +78,7 @@ def test_the_gate_promotes_a_better_candidate_and_rejects_a_degraded_one(
         assert gate.error is None
     decided = decisions()
     assert decided[1].status == "promoted", decided[1].reason
+    _restarted_gate_shows_what_it_promoted(gs, decided[1])
     assert decided[2].status == "rejected", decided[2].reason
     assert decided[1].metrics["pass_rate"] > decided[2].metrics["pass_rate"]
     assert "regressed" in (decided[2].reason or "")
@@ -98,3 +99,23 @@ def test_the_gate_promotes_a_better_candidate_and_rejects_a_degraded_one(
     promoted = TransformersEngine(Path(uri1))
     for a, b in zip(engine.model.parameters(), promoted.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def _restarted_gate_shows_what_it_promoted(gs: GateSettings, promoted: CheckpointEvent) -> None:
+    """A new gate process (its gauges at 0) shows the promoted version and its held-out
+    scores as soon as its state is restored, not after its next decision; so does the view."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from services.trainer import metrics as m
+    from services.up.stack import _detail, parse_metrics
+
+    m.GATE_PROMOTED_VERSION.set(0)
+    m.GATE_PROMOTED_SCORE.clear()
+    with InThread(StreamRuntime(gs, build_stage(gs), [gs.topic("checkpoints")])) as gate:
+        wait_until(lambda: gate.runtime.ready or gate.error, 60, "the gate restored")
+        assert gate.error is None
+        shown = parse_metrics(generate_latest(REGISTRY).decode())
+    assert shown["flywheel_gate_promoted_version"] == promoted.version == 1
+    assert shown["flywheel_gate_promoted_score{metric=pass_rate,set=held_out}"] == \
+        promoted.metrics["pass_rate"]
+    assert _detail("gate", shown) == "promoted v1"
