@@ -159,3 +159,11 @@ def test_prometheus_and_grafana_mount_what_exists() -> None:
     assert set(discovered["names"]) == set(SETTINGS)
     assert discovered["port"] == METRICS_PORT
     assert scrape["rule_files"] == ["alerts.yml"]
+
+
+def test_the_feeder_keeps_the_gates_held_out_tasks_off_tasks() -> None:
+    """Held-out hygiene as `flywheel up` has it: the feeder gets the gate's suite."""
+    services = _compose()["services"]
+    held_out = services["gate"]["environment"]["FLYWHEEL_HELD_OUT"]
+    assert json.loads(held_out)
+    assert services["feeder"]["environment"]["FLYWHEEL_HELD_OUT"] == held_out
