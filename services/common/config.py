@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -24,7 +23,7 @@ DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 TOPIC_NAMES = (
     "tasks", "raw", "scored", "filtered", "rejected",
     "accepted.cpt", "accepted.sft", "accepted.rl", "checkpoints", "dlq",
-    "filter.state", "router.state", "gate.state",
+    "filter.state", "router.state", "gate.state", "published.state",
 )
 """Logical topic names. A deployment prefixes all of them (``KafkaSettings.topic_prefix``)."""
 
@@ -127,12 +126,11 @@ class RuntimeSettings(BaseModel):
         default=300_000, ge=10_000, description="Longest a batch may take to process before "
         "the group takes the partitions away (raise it for slow stages such as the gate).")
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    until_end: bool = Field(
-        default=False, description="Replay: stop by itself once every input partition is "
-        "processed up to the end offset it had when the service started.")
-    start_at: datetime | None = Field(
-        default=None, description="Replay: a partition the group has no committed offset for "
-        "starts at its first record at or after this time (else auto_offset_reset).")
+    bounds: dict[str, dict[int, tuple[int, int]]] | None = Field(
+        default=None, description="Replay: per input topic and partition, the offsets "
+        "[start, end) to process. A partition the group has no committed offset for starts at "
+        "start; records at or past end are never processed; the loop stops by itself once "
+        "every partition is there. A partition not listed has nothing to process.")
 
 
 class MetricsSettings(BaseModel):

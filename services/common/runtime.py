@@ -44,6 +44,11 @@ even when no input arrives, in a transaction of their own if need be. Assigned p
 restored from the changelog before their first record is processed, revoked ones dropped, and
 after an abort every owned partition is restored again.
 
+Bounded runs (replays, ``runtime.bounds``): each input partition is processed over
+``[start, end)`` offsets: a partition without a committed offset starts at its start, a record
+at or past its end is skipped and its partition paused, and the loop stops by itself, with
+:attr:`StreamRuntime.finished` set, once every partition is there.
+
 Stop (SIGTERM/SIGINT or :meth:`StreamRuntime.stop`): no new batch starts; the one in flight is
 committed within ``shutdown_timeout_seconds``. A commit that cannot finish in that time cannot
 be aborted either (librdkafka keeps it in progress): the service exits non-zero, and the broker
@@ -59,11 +64,9 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from confluent_kafka import (
-    OFFSET_END,
     Consumer,
     KafkaError,
     KafkaException,
@@ -193,6 +196,9 @@ class StreamRuntime:
         self._store: StateStore | None = None
         self._next_tick = 0.0
         self._ends: dict[tuple[str, int], int] | None = None
+        self._starts: dict[tuple[str, int], int] = {}
+        self.finished = False
+        """Bounded (``runtime.bounds``): every partition was processed to its end."""
         if isinstance(stage, StatefulStage):
             if not self.exactly_once:
                 raise ConfigError(f"{settings.service} keeps state: it needs "
@@ -236,8 +242,8 @@ class StreamRuntime:
                 self._handle(self._collect())
                 self._check_health()
                 if self._ends is not None and self._reached_end():
-                    log.info("every input partition processed up to its end offset at start; "
-                             "stopping (until_end)")
+                    log.info("every input partition processed up to its end offset; stopping")
+                    self.finished = True
                     self._stop.set()
             if self._open_batch is not None:
                 self._commit_open()  # stopping: the last batch, within shutdown_timeout
@@ -291,8 +297,11 @@ class StreamRuntime:
         if self._store is not None:
             self._require_changelog(self._store.changelog_topic)
         self._consumer = Consumer(consumer_conf)
-        if s.runtime.until_end:
-            self._ends = self._end_offsets()
+        if s.runtime.bounds is not None:
+            self._ends = {(topic, p): end for topic in self.input_topics
+                          for p, (_, end) in s.runtime.bounds.get(topic, {}).items()}
+            self._starts = {(topic, p): start for topic in self.input_topics
+                            for p, (start, _) in s.runtime.bounds.get(topic, {}).items()}
         self._consumer.subscribe(
             self.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
             on_lost=self._on_lost,
@@ -327,6 +336,8 @@ class StreamRuntime:
             )
             for msg in got:
                 err = msg.error()
+                if err is None and self._ends is not None and self._beyond_end(msg):
+                    continue
                 if err is None:
                     if not batch.records:
                         batch.started = time.monotonic()
@@ -821,8 +832,8 @@ class StreamRuntime:
     # -- callbacks from librdkafka (run inside consume/poll on this thread) -----------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if self.settings.runtime.start_at is not None:
-            self._start_at(consumer, partitions)
+        if self._ends is not None:
+            self._start_at_bounds(consumer, partitions)
         if self._store is not None:
             # Before any record of these partitions is processed.
             self._restore([tp.partition for tp in partitions])
@@ -830,47 +841,38 @@ class StreamRuntime:
         self._m_ready.set(1 if self.ready else 0)
         log.info("assigned %s", _fmt(partitions))
 
-    def _start_at(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Partitions without a committed offset start at ``runtime.start_at``."""
-        start_at = self.settings.runtime.start_at
-        assert start_at is not None
+    def _start_at_bounds(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions without a committed offset start at their bound's start."""
         committed = consumer.committed(partitions, timeout=10)
-        fresh = [TopicPartition(tp.topic, tp.partition, _epoch_ms(start_at))
-                 for tp in committed if tp.offset < 0]
+        fresh = {(tp.topic, tp.partition) for tp in committed if tp.offset < 0}
         if not fresh:
             return
-        found = {(tp.topic, tp.partition): tp.offset
-                 for tp in consumer.offsets_for_times(fresh, timeout=10)}
         for tp in partitions:
-            offset = found.get((tp.topic, tp.partition))
-            if offset is not None:
-                tp.offset = offset if offset >= 0 else OFFSET_END  # nothing that recent
+            if (tp.topic, tp.partition) in fresh:
+                tp.offset = self._starts.get((tp.topic, tp.partition),
+                                             self._ends.get((tp.topic, tp.partition), 0)
+                                             if self._ends else 0)
         consumer.assign(partitions)
-        log.info("starting at %s: %s", start_at.isoformat(), _fmt(partitions))
+        log.info("starting at %s", _fmt(partitions))
 
-    def _end_offsets(self) -> dict[tuple[str, int], int]:
-        """End offset of every input partition now: where ``until_end`` stops."""
-        assert self._consumer is not None
-        ends: dict[tuple[str, int], int] = {}
-        for topic in self.input_topics:
-            meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
-            if meta is None or meta.error is not None:
-                raise FatalRuntimeError(f"input topic {topic!r} is not available")
-            for p in meta.partitions:
-                _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                               timeout=10)
-                ends[topic, p] = high
-        log.info("until_end: stopping at %d records in all", sum(ends.values()))
-        return ends
+    def _beyond_end(self, msg: KafkaMessage) -> bool:
+        """A record at or past its partition's end (bounded runs): not processed, and the
+        partition paused, so the consumer stops fetching what the run will never take."""
+        assert self._consumer is not None and self._ends is not None
+        topic, partition, offset = _origin(msg)
+        if offset < self._ends.get((topic, partition), 0):
+            return False
+        self._consumer.pause([TopicPartition(topic, partition)])
+        return True
 
     def _reached_end(self) -> bool:
-        """Every input partition is owned and processed to its end offset at start (or the
-        group's committed offset is there already)."""
+        """Every input partition with something to process is owned and processed to its end
+        (or the group's committed offset is there already)."""
         assert self._consumer is not None and self._ends is not None
-        if self._pending.records or {k for k, end in self._ends.items() if end > 0} - \
-                self._assignment:
+        todo = {k: end for k, end in self._ends.items() if end > self._starts.get(k, 0)}
+        if self._pending.records or set(todo) - self._assignment:
             return False
-        owned = [TopicPartition(t, p) for (t, p), end in self._ends.items() if end > 0]
+        owned = [TopicPartition(t, p) for t, p in todo]
         positions = self._consumer.position(owned) if owned else []
         unknown = [tp for tp in positions if tp.offset < 0]
         committed = {(tp.topic, tp.partition): tp.offset
@@ -1039,19 +1041,6 @@ class StreamRuntime:
             except KafkaException as exc:
                 log.warning("consumer close: %s", exc.args[0])
         log.info("runtime stopped: service=%s", self.settings.service)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _epoch_ms(at: datetime) -> int:
-    """``at`` as a Kafka timestamp: the first whole millisecond at or after it. In integers:
-    ``timestamp() * 1000`` can land a hair below a whole millisecond and truncate to the one
-    before, which would take in records older than ``at``."""
-    if at.tzinfo is None:
-        at = at.astimezone()  # local time, as datetime.timestamp() reads it
-    micros = (at - _EPOCH) // timedelta(microseconds=1)
-    return -(-micros // 1000)
 
 
 def _origin(msg: KafkaMessage) -> tuple[str, int, int]:

@@ -2,8 +2,9 @@
 
 ``serve`` logs the resolved config (secrets redacted), starts the health endpoint, turns
 SIGTERM/SIGINT into a graceful stop, runs the runtime, and returns the process exit code:
-0 after a requested stop, 1 after a fatal error (logged with its reason; an unexpected
-exception is logged with its traceback).
+0 after a requested stop (a bounded run: after reaching its end), 130 for a bounded run stopped
+before its end, 1 after a fatal error (logged with its reason; an unexpected exception is
+logged with its traceback).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from services.common.runtime import StreamRuntime
 from services.common.stage import Stage, StatefulStage
 
 log = logging.getLogger(__name__)
+
+INTERRUPTED = 130
+"""Exit code of a bounded run (a replay) stopped before its end, as after Ctrl-C."""
 
 
 class Loop(Protocol):
@@ -73,6 +77,11 @@ def serve_loop(settings: ServiceSettings, loop: Loop) -> int:
         restore()
         if health is not None:
             health.close()
+    bounded = getattr(settings.runtime, "bounds", None) is not None
+    if bounded and not getattr(loop, "finished", True):
+        log.info("%s stopped before the end of its bounds; run it again to resume",
+                 settings.service)
+        return INTERRUPTED
     return 0
 
 
