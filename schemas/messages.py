@@ -213,6 +213,9 @@ class RoutedSample(Message):
     policy_hash: str
     filter_policy_hash: str | None = Field(
         default=None, description="policy_hash of the filter decisions it came from.")
+    replay: str | None = Field(
+        default=None, description="Name of the replay that published it into the live topics "
+        "(`flywheel replay --into-live`); none for the live router's own.")
 
     def partition_key(self) -> str:
         return self.group_id
@@ -266,7 +269,8 @@ class CheckpointEvent(Message):
         "to load or run). None on a rejection written before the kinds: read as regressed.")
     provenance: dict[str, dict[str, int]] = Field(
         default_factory=dict, description="Where the round's samples came from, as counts: "
-        "'env', 'router_policy', 'filter_policy', 'scorer' (name@version).")
+        "'env', 'router_policy', 'filter_policy', 'scorer' (name@version), 'replay' (samples "
+        "a replay published into the live topics).")
 
     def partition_key(self) -> str:
         return self.model

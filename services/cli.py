@@ -272,26 +272,123 @@ def run_router(
     raise typer.Exit(run(RouterSettings.with_overrides(policy_file=policy)))
 
 
-@app.command("replay")
+replay_app = typer.Typer(
+    invoke_without_command=True, no_args_is_help=True,
+    help="Re-run a chain of stages over history under new policies, into topics of its own, "
+    "and report what changed. Stops by itself at the bounds fixed at its first start; the "
+    "same name resumes it.")
+app.add_typer(replay_app, name="replay")
+
+
+@replay_app.callback()
 def replay_command(
-    service: Annotated[str, typer.Argument(help="scorer, filter or router.")],
-    name: Annotated[str, typer.Option(help="Names the replay: outputs go under "
-                                           "<prefix>replay.<name>.")],
-    policy: Annotated[Path | None, typer.Option(
-        "--policy", "--config", help="Policy (filter, router) or config (scorer) file.")] = None,
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Option(
+        help="Names the replay: outputs go under <prefix>replay.<name>.; the same name "
+        "resumes it.")] = None,
+    source: Annotated[str, typer.Option("--from", help="The live topic to replay: raw, "
+                                        "scored or filtered.")] = "scored",
+    stages: Annotated[str | None, typer.Option(
+        help="Comma-separated chain from the source's stage, e.g. filter,router [default: "
+        "that stage alone].")] = None,
+    policy: Annotated[list[str] | None, typer.Option(
+        "--policy", "--config", help="STAGE=FILE: a stage's policy (filter, router) or config "
+        "(scorer); a plain FILE when one stage runs. Repeat per stage.")] = None,
     since: Annotated[datetime | None, typer.Option(
-        help="Start at the first record at or after this time (default: the beginning).")
+        help="From the first record at or after this time (default: the beginning).")] = None,
+    until: Annotated[datetime | None, typer.Option(
+        help="Up to the last record before this time (default: the end at the first start).")
     ] = None,
+    into_live: Annotated[bool, typer.Option(
+        "--into-live", help="At the end, publish the routed samples into the live accepted.* "
+        "topics for the trainer (once per trajectory, stage and router policy).")] = False,
+    home: Annotated[Path, typer.Option(help="Its log goes to <home>/logs/replay-<name>.log.")
+                    ] = Path(".flywheel"),
 ) -> None:
-    """Re-run a stage over history under a new policy, into topics of its own; stops at the
-    input's end offsets as of the start."""
+    """Run (or resume) a replay, then print its report."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if name is None:
+        raise typer.BadParameter("a replay needs a name", param_hint="--name")
     from services.replay import INPUTS, replay
 
-    if service not in INPUTS:
-        raise typer.BadParameter(f"one of {sorted(INPUTS)}", param_hint="SERVICE")
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
-    raise typer.Exit(replay(service, name, policy, since))  # type: ignore[arg-type]
+    first = {v: k for k, v in INPUTS.items()}.get(source)
+    chain = [s.strip() for s in stages.split(",")] if stages else [first or source]
+    files: dict[str, Path | None] = {}
+    for item in policy or []:
+        stage, sep, file = item.rpartition("=")
+        if not sep and len(chain) == 1:
+            stage, file = chain[0], item
+        elif not sep:
+            raise typer.BadParameter("with several stages, give STAGE=FILE",
+                                     param_hint="--policy")
+        files[stage] = Path(file)
+    since, until = (t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+                    for t in (since, until))
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    logs = home / "logs" / f"replay-{name}.log"
+    to_file(logs)  # the console: steps, a progress bar per stage, the report
+    err.print(f"logs: {logs}")
+    bars: dict[str, TaskID] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                  console=err) as view:
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = view.add_task(stage, total=total, rate="")
+            task = view.tasks[bars[stage]]
+            view.update(bars[stage], completed=done,
+                        rate=f"{task.speed:,.0f} records/s" if task.speed else "")
+
+        code = replay(name, source, chain, files, since, until,
+                      say=lambda line: view.console.print(line), progress=progress,
+                      into_live=into_live)
+    if code == 0:
+        _replay_report(name, None, None)
+    raise typer.Exit(code)
+
+
+@replay_app.command("report")
+def replay_report_command(
+    name: Annotated[str, typer.Argument(help="The replay's name.")],
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write it as JSON.")
+                         ] = None,
+    png: Annotated[Path | None, typer.Option(help="Also plot the distributions (PNG).")
+                   ] = None,
+) -> None:
+    """What a replay changed: its outputs against the live flow's for the same records."""
+    _replay_report(name, json_file, png)
+
+
+def _replay_report(name: str, json_file: Path | None, png: Path | None) -> None:
+    from services.common.config import ServiceSettings
+    from services.replay import MANIFEST, read_manifest
+    from services.replay_report import build, render, write_json, write_png
+
+    kafka = ServiceSettings(service="cli").kafka
+    manifest = read_manifest(kafka, f"{kafka.topic_prefix}replay.{name}.{MANIFEST}", name)
+    if manifest is None:
+        raise typer.BadParameter(f"no replay named {name!r} under {kafka.topic_prefix!r}",
+                                 param_hint="NAME")
+    report = build(kafka, name, list(manifest.stages))
+    state = "finished" if manifest.finished_at is not None else "not finished"
+    Console(width=max(Console().width, 100)).print(
+        f"replay {name!r} ({state}): {report.trajectories:,} trajectories, stages "
+        f"{', '.join(manifest.stages)}", render(report))
+    if json_file is not None:
+        write_json(report, json_file)
+        err.print(f"wrote {json_file}")
+    if png is not None:
+        write_png(report, png)
+        err.print(f"wrote {png}")
 
 
 @app.command("quarantine")

@@ -1,14 +1,25 @@
-"""Replay: re-run the scorer, the filter or the router over history under a new config or
-policy, without touching the live flow.
+"""Replay: re-run a chain of stages (scorer, filter, router) over history under new configs or
+policies, without touching the live flow.
 
-``flywheel replay filter --name relaxed --policy new.yaml [--since 2026-11-01T00:00:00Z]``
-reads the live input topic (``<prefix>scored``) from the beginning, or from the first record
-at or after ``--since``, up to the end offsets it had at start, and stops by itself. It writes
-under its own prefix, ``<prefix>replay.<name>.`` (``...filtered``, ``...rejected``, its own
-state changelog and dead-letter topic), which it creates: the live router and trainer never
-see replayed decisions, and an operator compares them, or points a trainer at them, at will.
-It is a consumer group of its own (``<prefix>replay.<name>.<service>``) with exactly-once
-delivery, so an interrupted replay resumes where it stopped when run again with the same name.
+``flywheel replay --name strict --from scored --stages filter,router --policy filter=F
+--policy router=G [--since T] [--until T]`` reads the live source topic (``<prefix>scored``)
+over fixed offset bounds and runs the stages one after the other, each reading what the one
+before wrote. Everything is written under the replay's own prefix, ``<prefix>replay.<name>.``
+(``...filtered``, ``...rejected``, ``...accepted.sft``, their state changelogs and dead-letter
+topic), which it creates: the live router and trainer never see replayed records, and no live
+consumer group moves. Each stage is a consumer group of its own
+(``<prefix>replay.<name>.<service>``) with exactly-once delivery.
+
+**Bounds.** At its first start a replay fixes, per partition of the source topic, the offsets
+``[start, end)`` it covers: start at the first record at or after ``--since`` (else the
+beginning), end at the first record at or after ``--until`` (else the end offset then). They
+are recorded with the stages and the digests of their policies in the replay's manifest
+(``<prefix>replay.<name>.manifest``, one compacted record). A later stage covers all its input
+topic holds once the stage before it has finished.
+
+**Resumable.** Run again with the same name, a replay continues where it stopped (Ctrl-C,
+SIGKILL, a crash), over the bounds of its manifest, not today's end offsets; a finished replay
+says so and does nothing. The same name with other stages, policies or times is refused.
 
 A replayed filter starts with an empty duplicate memory and measures staleness against the
 latest promoted version of today: a policy for old history usually sets ``max_staleness:
@@ -17,64 +28,350 @@ null``.
 
 from __future__ import annotations
 
-from datetime import datetime
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from pydantic import BaseModel, ConfigDict
 
 from services.common import topics as topic_ops
-from services.common.config import ServiceSettings
+from services.common.config import KafkaSettings, ServiceSettings
+from services.common.errors import ConfigError
+from services.common.service import INTERRUPTED
+
+log = logging.getLogger(__name__)
 
 Service = Literal["scorer", "filter", "router"]
-
+CHAIN: tuple[Service, ...] = ("scorer", "filter", "router")
 INPUTS: dict[str, str] = {"scorer": "raw", "filter": "scored", "router": "filtered"}
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "scorer": ("scored", "dlq"),
     "filter": ("filtered", "rejected", "filter.state", "dlq"),
     "router": ("accepted.cpt", "accepted.sft", "accepted.rl", "router.state", "dlq"),
 }
-
+MANIFEST = "manifest"
+"""The replay's manifest topic, under its prefix."""
 
 S = TypeVar("S", bound=ServiceSettings)
+Bounds = dict[str, dict[int, tuple[int, int]]]
 
 
-def replay_settings(live: S, name: str, since: datetime | None) -> S:
-    """``live`` with outputs, group and transactional id under the replay's prefix, bounded to
-    the input's end at start."""
+class Manifest(BaseModel):
+    """What a replay covers and runs, fixed at its first start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    source: str
+    stages: list[Service]
+    policies: dict[str, str]
+    """Stage -> sha256 of its policy or config file ("embedded" without one)."""
+    since: datetime | None
+    until: datetime | None
+    bounds: Bounds
+    """The source topic's ``[start, end)`` offsets per partition."""
+    into_live: bool = False
+    """Publish the routed samples into the live ``accepted.*`` topics at the end."""
+    created_at: datetime
+    finished_at: datetime | None = None
+
+    def same_run(self, other: Manifest) -> bool:
+        keys = ("source", "stages", "policies", "since", "until", "into_live")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
+
+    @property
+    def records(self) -> int:
+        """Offsets the bounds span (transaction markers included)."""
+        return sum(end - start for parts in self.bounds.values()
+                   for start, end in parts.values())
+
+
+def stages_from(source: str, stages: Sequence[str]) -> list[Service]:
+    """The stages, checked: a chain in flow order that starts at the stage reading
+    ``source``."""
+    first = {v: k for k, v in INPUTS.items()}.get(source)
+    if first is None:
+        raise ConfigError(f"--from must be one of {sorted(INPUTS.values())}, not {source!r}")
+    i = CHAIN.index(first)
+    if not stages or list(stages) != list(CHAIN[i:i + len(stages)]):
+        raise ConfigError(f"from {source!r} the stages are a chain starting at {first!r}: "
+                          f"{', '.join(CHAIN[i:])} (or a prefix of it), not {list(stages)}")
+    return list(stages)  # type: ignore[arg-type]
+
+
+def epoch_ms(at: datetime) -> int:
+    """``at`` as a Kafka timestamp: the first whole millisecond at or after it. In integers:
+    ``timestamp() * 1000`` can land a hair below a whole millisecond and truncate to the one
+    before, which would take in records older than ``at``."""
+    if at.tzinfo is None:
+        at = at.astimezone()  # local time, as datetime.timestamp() reads it
+    micros = (at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    return -(-micros // 1000)
+
+
+def replay_settings(live: S, name: str, bounds: Bounds) -> S:
+    """``live`` with outputs, group and transactional id under the replay's prefix, bounded."""
     prefix = f"{live.kafka.topic_prefix}replay.{name}."
     return live.model_copy(update={
         "kafka": live.kafka.model_copy(update={"topic_prefix": prefix}),
         "runtime": live.runtime.model_copy(update={
-            "until_end": True, "start_at": since, "static_membership": False,
-            "delivery": "exactly_once", "group_id": None}),
+            "bounds": bounds, "static_membership": False, "delivery": "exactly_once",
+            "group_id": None}),
         "instance_id": f"replay-{name}",
     })
 
 
-def create_topics(settings: ServiceSettings, service: str) -> None:
-    wanted = {settings.topic(n) for n in OUTPUTS[service]}
-    specs = [s for s in topic_ops.load(prefix=settings.kafka.topic_prefix) if s.name in wanted]
-    topic_ops.apply(topic_ops.admin_client(settings.kafka), specs)
+def create_topics(kafka: KafkaSettings, prefix: str, names: Sequence[str]) -> None:
+    wanted = {f"{prefix}{n}" for n in names}
+    specs = [s for s in topic_ops.load(prefix=prefix) if s.name in wanted]
+    if MANIFEST in names:
+        specs.append(topic_ops.TopicSpec(f"{prefix}{MANIFEST}", 1, None, {
+            "cleanup.policy": "compact", "retention.ms": "-1"}))
+    topic_ops.apply(topic_ops.admin_client(kafka), specs)
 
 
-def replay(service: Service, name: str, file: Path | None, since: datetime | None) -> int:
-    if service == "scorer":
+def offset_bounds(kafka: KafkaSettings, topic: str, since: datetime | None,
+                  until: datetime | None) -> Bounds:
+    """Per partition of ``topic``: the first offset at or after ``since`` (else the first
+    one) and the first at or after ``until`` (else the end offset now)."""
+    consumer = Consumer(kafka.client_config() | {"group.id": "flywheel-replay-bounds",
+                                                 "enable.auto.commit": False})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise ConfigError(f"source topic {topic!r} is not available")
+        parts = sorted(meta.partitions)
+        marks = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                 for p in parts}
+
+        def at(when: datetime | None, default: Callable[[int], int]) -> dict[int, int]:
+            if when is None:
+                return {p: default(p) for p in parts}
+            found = consumer.offsets_for_times(
+                [TopicPartition(topic, p, epoch_ms(when)) for p in parts], timeout=10)
+            return {tp.partition: tp.offset if tp.offset >= 0 else marks[tp.partition][1]
+                    for tp in found}
+
+        starts = at(since, lambda p: marks[p][0])
+        ends = at(until, lambda p: marks[p][1])
+    finally:
+        consumer.close()
+    return {topic: {p: (starts[p], max(starts[p], ends[p])) for p in parts}}
+
+
+def read_manifest(kafka: KafkaSettings, topic: str, name: str) -> Manifest | None:
+    """The replay's latest manifest record, or None before its first start."""
+    consumer = Consumer(kafka.client_config() | {"group.id": "flywheel-replay-manifest",
+                                                 "enable.auto.commit": False,
+                                                 "isolation.level": "read_committed"})
+    try:
+        tp = TopicPartition(topic, 0)
+        low, high = consumer.get_watermark_offsets(tp, timeout=10)
+        if high <= low:
+            return None
+        consumer.assign([TopicPartition(topic, 0, low)])
+        latest = None
+        while True:
+            msg = consumer.poll(5.0)
+            if msg is None:
+                raise KafkaException(f"{topic}: no record within 5 s before offset {high}")
+            if msg.error() is None and msg.key() == name.encode() and msg.value():
+                latest = Manifest.model_validate_json(msg.value())  # type: ignore[arg-type]
+            if (msg.offset() or 0) >= high - 1:
+                return latest
+    finally:
+        consumer.close()
+
+
+def write_manifest(kafka: KafkaSettings, topic: str, manifest: Manifest) -> None:
+    producer = Producer(kafka.client_config() | {"enable.idempotence": True})
+    producer.produce(topic, manifest.model_dump_json().encode(), manifest.name.encode())
+    if producer.flush(30) != 0:
+        raise KafkaException(f"the manifest of replay {manifest.name!r} was not written")
+
+
+def _digest(path: Path | None) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else "embedded"
+
+
+def _live_settings(stage: Service, file: Path | None) -> ServiceSettings:
+    if stage == "scorer":
+        from services.scorer.main import ScorerSettings
+
+        return ScorerSettings.with_overrides(config_file=file)
+    if stage == "filter":
+        from services.filter.main import FilterSettings
+
+        return FilterSettings.with_overrides(policy_file=file)
+    from services.router.main import RouterSettings
+
+    return RouterSettings.with_overrides(policy_file=file)
+
+
+def _run_stage(stage: Service, settings: Any, input_topic: str, checkpoints: str) -> int:
+    if stage == "scorer":
         from services.scorer import main as scorer
 
-        live_s = scorer.ScorerSettings.with_overrides(config_file=file)
-        out_s = replay_settings(live_s, name, since)
-        create_topics(out_s, service)
-        return scorer.run(out_s, input_topic=live_s.topic(INPUTS[service]))
-    if service == "filter":
+        return scorer.run(settings, input_topic=input_topic)
+    if stage == "filter":
         from services.filter import main as filter_main
 
-        live_f = filter_main.FilterSettings.with_overrides(policy_file=file)
-        out_f = replay_settings(live_f, name, since)
-        create_topics(out_f, service)
-        return filter_main.run(out_f, input_topic=live_f.topic(INPUTS[service]),
-                               checkpoints_topic=live_f.topic("checkpoints"))
+        return filter_main.run(settings, input_topic=input_topic, checkpoints_topic=checkpoints)
     from services.router import main as router
 
-    live_r = router.RouterSettings.with_overrides(policy_file=file)
-    out_r = replay_settings(live_r, name, since)
-    create_topics(out_r, service)
-    return router.run(out_r, input_topic=live_r.topic(INPUTS[service]))
+    return router.run(settings, input_topic=input_topic)
+
+
+Progress = Callable[[str, int, int], None]
+"""(stage, offsets done, offsets in all): called about once a second while a stage runs."""
+
+
+class _Watch:
+    """Reports a stage's progress from its group's committed offsets, from a thread."""
+
+    def __init__(self, kafka: KafkaSettings, group: str, bounds: Bounds, stage: str,
+                 progress: Progress) -> None:
+        self.bounds, self.stage, self.progress = bounds, stage, progress
+        self.consumer = Consumer(kafka.client_config() | {"group.id": group,
+                                                          "enable.auto.commit": False})
+        self.total = sum(end - start for parts in bounds.values()
+                         for start, end in parts.values())
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="replay-progress")
+
+    def done(self) -> int:
+        tps = [TopicPartition(t, p) for t, parts in self.bounds.items() for p in parts]
+        if not tps:
+            return 0
+        n = 0
+        for tp in self.consumer.committed(tps, timeout=5):
+            start, end = self.bounds[tp.topic][tp.partition]
+            n += max(0, min(tp.offset, end) - start) if tp.offset >= 0 else 0
+        return n
+
+    def _run(self) -> None:
+        while not self.stopping.wait(1.0):
+            try:
+                self.progress(self.stage, self.done(), self.total)
+            except KafkaException as exc:  # a view only: the next second tries again
+                log.debug("progress: %s", exc)
+
+    def __enter__(self) -> _Watch:
+        self.progress(self.stage, 0, self.total)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(10)
+        try:
+            self.progress(self.stage, self.done(), self.total)
+        finally:
+            self.consumer.close()
+
+
+def _watched(progress: Progress | None, kafka: KafkaSettings, group: str, bounds: Bounds,
+             label: str, run: Callable[[], int]) -> int:
+    if progress is None:
+        return run()
+    with _Watch(kafka, group, bounds, label, progress):
+        return run()
+
+
+def _into_live(name: str, live: ServiceSettings, progress: Progress | None,
+               say: Callable[[str], None]) -> int:
+    """The routed samples into the live ``accepted.*``, once (``services.replay_publish``)."""
+    from services.common.service import serve
+    from services.common.state import StateStore
+    from services.replay_publish import STATE, PublishStage, publish_settings
+
+    kafka = live.kafka
+    prefix = f"{kafka.topic_prefix}replay.{name}."
+    create_topics(kafka, kafka.topic_prefix, [STATE])
+    published = skipped = 0
+    for stage in ("sft", "cpt", "rl"):
+        topic = f"{prefix}accepted.{stage}"
+        bounds = offset_bounds(kafka, topic, None, None)
+        settings = publish_settings(live, name, stage, bounds)
+        publish = PublishStage(name, kafka.topic_prefix,
+                               StateStore(f"{kafka.topic_prefix}{STATE}"))
+        code = _watched(progress, kafka, settings.group_id, bounds, f"into live {stage}",
+                        partial(serve, settings, publish, [topic]))
+        if code != 0:
+            if code == INTERRUPTED:
+                say(f"replay {name!r} stopped publishing {stage}; run it again to resume")
+            return code
+        published, skipped = published + publish.published, skipped + publish.skipped
+    say(f"into live: {published:,} samples published into {kafka.topic_prefix}accepted.*, "
+        f"{skipped:,} published before (skipped)")
+    return 0
+
+
+def replay(name: str, source: str, stages: Sequence[str], files: dict[str, Path | None],
+           since: datetime | None = None, until: datetime | None = None,
+           say: Callable[[str], None] = print, progress: Progress | None = None,
+           into_live: bool = False) -> int:
+    """Run (or resume) the replay ``name``; the exit code: 0 once finished, 130 when stopped
+    before its end (run it again to resume), 1 on a failure."""
+    chain = stages_from(source, stages)
+    unknown = sorted(set(files) - set(chain))
+    if unknown:
+        raise ConfigError(f"--policy for {unknown}, which this replay does not run")
+    if into_live and chain[-1] != "router":
+        raise ConfigError("--into-live publishes routed samples: the stages must end with "
+                          "the router")
+    live = {stage: _live_settings(stage, files.get(stage)) for stage in chain}
+    kafka = live[chain[0]].kafka
+    prefix = f"{kafka.topic_prefix}replay.{name}."
+    create_topics(kafka, prefix, [MANIFEST])
+    wanted = Manifest(name=name, source=source, stages=chain, since=since, until=until,
+                      policies={s: _digest(files.get(s)) for s in chain}, bounds={},
+                      into_live=into_live, created_at=datetime.now(UTC))
+    manifest = read_manifest(kafka, f"{prefix}{MANIFEST}", name)
+    if manifest is not None and not manifest.same_run(wanted):
+        raise ConfigError(f"replay {name!r} was started {manifest.created_at:%Y-%m-%d %H:%M} "
+                          f"from {manifest.source} with stages {manifest.stages}, policies "
+                          f"{manifest.policies}, since {manifest.since}, until "
+                          f"{manifest.until}: resume it with those, or choose another name")
+    if manifest is not None and manifest.finished_at is not None:
+        say(f"replay {name!r} finished at {manifest.finished_at:%Y-%m-%d %H:%M:%S} "
+            f"({manifest.records:,} offsets of {source}); nothing to do")
+        return 0
+    if manifest is None:
+        source_topic = f"{kafka.topic_prefix}{source}"
+        manifest = wanted.model_copy(update={
+            "bounds": offset_bounds(kafka, source_topic, since, until)})
+        write_manifest(kafka, f"{prefix}{MANIFEST}", manifest)
+        say(f"replay {name!r}: {manifest.records:,} offsets of {source}, stages "
+            f"{', '.join(chain)}, into {prefix}*")
+    else:
+        say(f"replay {name!r}: resuming ({manifest.records:,} offsets of {source})")
+    topic = f"{kafka.topic_prefix}{source}"
+    bounds = manifest.bounds
+    for i, stage in enumerate(chain):
+        if i > 0:  # everything the stage before wrote: it has finished
+            topic = f"{prefix}{INPUTS[stage]}"
+            bounds = offset_bounds(kafka, topic, None, None)
+        settings = replay_settings(live[stage], name, bounds)
+        create_topics(kafka, prefix, OUTPUTS[stage])
+        say(f"{stage}: {topic} -> {prefix}{OUTPUTS[stage][0]}...")
+        code = _watched(progress, kafka, settings.group_id, bounds, stage, partial(
+            _run_stage, stage, settings, topic, f"{kafka.topic_prefix}checkpoints"))
+        if code != 0:
+            if code == INTERRUPTED:
+                say(f"replay {name!r} stopped in {stage}; run it again to resume")
+            return code
+    if manifest.into_live:
+        code = _into_live(name, live["router"], progress, say)
+        if code != 0:
+            return code
+    write_manifest(kafka, f"{prefix}{MANIFEST}", manifest.model_copy(update={
+        "finished_at": datetime.now(UTC)}))
+    say(f"replay {name!r} finished")
+    return 0

@@ -111,9 +111,18 @@ def _texts(n: int, rng: random.Random) -> list[str]:
             for v in (2 * n, 2 * n + 1, 2 * n + 2, 2 * n + 3)]
 
 
-def planted_mix(groups: int, seed: int = 0) -> tuple[list[ScoredTrajectory], Expected]:
+STRICT_MIN_REWARD = 0.5
+"""A stricter filter for replays: the planted policy with ``min_reward: 0.5``."""
+
+
+def planted_mix(groups: int, seed: int = 0, strict: dict[str, str | None] | None = None
+                ) -> tuple[list[ScoredTrajectory], Expected]:
     """``groups`` groups of 4 (``4 * groups`` records), cycling through the kinds, and what
-    the planted policies must make of them."""
+    the planted policies must make of them. ``strict``, if given, is filled with what the
+    stricter filter (``STRICT_MIN_REWARD``) must decide on each record (trajectory id ->
+    rejection reason, None for accepted): a sample it rejects is not remembered, so later
+    copies of the incorrect members of a group pass where the planted policy rejected them as
+    duplicates."""
     rng = random.Random(seed)
     records: list[ScoredTrajectory] = []
     expected = Expected()
@@ -172,4 +181,28 @@ def planted_mix(groups: int, seed: int = 0) -> tuple[list[ScoredTrajectory], Exp
             e = Expected(accepted=4, sft=1, cpt=2, rl_groups=1, rl_samples=4)
         records.extend(members)
         expected.add(e)
+        if strict is not None:
+            for s, outcome in zip(members, _strict(kind, members), strict=True):
+                strict[str(s.trajectory.event_id)] = outcome
     return records, expected
+
+
+def _strict(kind: str, members: list[ScoredTrajectory]) -> list[str | None]:
+    """Each member's outcome under the stricter filter: the per-sample rules first (stale,
+    too_long, then low_reward), then the duplicate memory, which holds only what it accepted:
+    a copy of member i repeats member i of a ``varied`` group, whose odd members are wrong
+    (reward 0) and are now rejected, so their copies are new."""
+    if kind in ("exact_dup", "near_dup"):
+        reason = "duplicate" if kind == "exact_dup" else "near_duplicate"
+        return [reason if i % 2 == 0 else None for i in range(len(members))]
+    out: list[str | None] = []
+    for s in members:
+        if kind == "stale":
+            out.append("stale")
+        elif len(s.trajectory.completion_token_ids or []) > MAX_TOKENS:
+            out.append("too_long")
+        elif s.reward < STRICT_MIN_REWARD:
+            out.append("low_reward")
+        else:
+            out.append(None)
+    return out

@@ -74,6 +74,7 @@ class _Round:
                  "filter_policy": [routed.filter_policy_hash] if routed.filter_policy_hash
                  else [],
                  "env": [s.trajectory.task.env for s in routed.samples],
+                 "replay": [routed.replay] if routed.replay else [],
                  "scorer": [f"{sc.scorer}@{sc.version}" for s in routed.samples[:1]
                             for sc in s.scores]}
         for kind, values in found.items():

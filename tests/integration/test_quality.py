@@ -4,6 +4,7 @@ counts, also when the filter and the router are SIGKILLed mid-stream and restart
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from collections import Counter
 from datetime import UTC, datetime
@@ -22,7 +23,13 @@ from services.filter.main import build_stage as build_filter
 from services.router.main import RouterSettings
 from services.router.main import build_stage as build_router
 from tests import planted
-from tests.integration.runners import Feed, InThread, kill_mid_transaction, spawn_service
+from tests.integration.runners import (
+    Feed,
+    InThread,
+    kill_mid_transaction,
+    spawn_service,
+    stopped,
+)
 from tests.kafka import Broker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -67,13 +74,19 @@ def _counts(kafka: Broker, prefix: str) -> dict[str, int]:
 
 
 def _check(kafka: Broker, prefix: str, expected: planted.Expected) -> None:
-    """Exact counts per stage and per rejection reason; nothing twice."""
+    """Exact counts per stage and per rejection reason; nothing twice. ``prefix`` is the live
+    one, or a replay's."""
     accepted = [FilterDecision.from_bytes(m.value()) for m in kafka.read_all(f"{prefix}filtered")]
     rejected = [FilterDecision.from_bytes(m.value()) for m in kafka.read_all(f"{prefix}rejected")]
     assert len(accepted) == expected.accepted
     assert Counter(r for d in rejected for r in d.reasons) == expected.rejected
     decided = [d.scored.trajectory.event_id for d in accepted + rejected]
     assert len(decided) == len(set(decided)) == 4 * GROUPS
+    _check_routed(kafka, prefix, expected)
+
+
+def _check_routed(kafka: Broker, prefix: str, expected: planted.Expected) -> None:
+    """Exact counts per training stage; no sample twice."""
     routed = {s: [RoutedSample.from_bytes(m.value())
                   for m in kafka.read_all(f"{prefix}accepted.{s}")] for s in STAGES}
     assert len(routed["sft"]) == expected.sft
@@ -262,8 +275,9 @@ def test_a_replay_reads_history_to_its_end_at_start_and_writes_apart(
     log = tmp_path / "replay.log"
 
     def replay(name: str, *extra: str) -> None:
-        proc = spawn_service(kafka.bootstrap, ["filter", "--name", name, "--policy",
-                                               str(policy), *extra],
+        proc = spawn_service(kafka.bootstrap, ["--name", name, "--from", "scored",
+                                               "--policy", str(policy), "--home",
+                                               str(tmp_path / "home"), *extra],
                              prefix=prefix, instance="unused", log=log, verb="replay")
         try:
             assert proc.wait(180) == 0, log.read_text()[-3000:]  # stops by itself
@@ -287,3 +301,180 @@ def test_a_replay_reads_history_to_its_end_at_start_and_writes_apart(
                for m in kafka.read_all(f"{out}{name}")]
     assert sorted(str(d.scored.event_id) for d in decided) == sorted(
         str(r.event_id) for r in new)
+
+
+def test_a_filter_router_chain_replays_its_time_range_exactly_once_across_a_sigkill(
+        kafka: Broker, uid: str, tmp_path: Path) -> None:
+    """History: the planted mix, then records after ``--until``. A filter,router replay is
+    SIGKILLed while its router runs, then run again: its outputs are exactly the planted mix's
+    (nothing missing, nothing twice), none of the later records; run once more it says it has
+    finished and writes nothing; other policies under its name are refused."""
+    prefix = f"c{uid}."
+    _topics(kafka, prefix)
+    _promote(kafka, prefix)
+    records, expected = planted.planted_mix(GROUPS)
+    _produce_in_transactions(kafka, f"{prefix}scored", records, f"old-{uid}")
+    until = datetime.now(UTC)
+    wait_until(lambda: datetime.now(UTC) > until, 10, "the clock to pass the planted mix")
+    later, _ = planted.planted_mix(40, seed=1)
+    _produce_in_transactions(kafka, f"{prefix}scored", later, f"new-{uid}")
+    policy = _policy_file(tmp_path)
+    log = tmp_path / "replay.log"
+    out = f"{prefix}replay.chain."
+
+    def start(policy_file: Path = policy) -> subprocess.Popen[bytes]:
+        # Small batches: many transactions, so the kill below lands inside the router's run.
+        return spawn_service(kafka.bootstrap, [
+            "--name", "chain", "--from", "scored", "--stages", "filter,router",
+            "--policy", f"filter={policy_file}", "--until", until.isoformat(),
+            "--home", str(tmp_path / "home")],
+            prefix=prefix, instance="unused", log=log, verb="replay",
+            env={"FLYWHEEL_RUNTIME__BATCH_MAX_RECORDS": "100"})
+
+    proc = start()
+    try:  # SIGKILL once the router has committed some of its output, frozen to look first
+        wait_until(lambda: len(kafka.read_all(f"{out}accepted.sft")) > 0 or proc.poll()
+                   is not None, 300, "the replay's router to commit output")
+        with stopped(proc):
+            routed_at_kill = len(kafka.read_all(f"{out}accepted.sft"))
+            proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    print(f"killed with {routed_at_kill} of {expected.sft} SFT samples routed")
+    assert 0 < routed_at_kill < expected.sft, "the kill did not land inside the router's run"
+    assert start().wait(300) == 0, log.read_text()[-3000:]
+    _check(kafka, out, expected)
+    later_ids = {str(r.event_id) for r in later}
+    replayed = [FilterDecision.from_bytes(m.value()) for name in ("filtered", "rejected")
+                for m in kafka.read_all(f"{out}{name}")]
+    assert not later_ids & {str(d.scored.event_id) for d in replayed}
+    assert kafka.read_all(f"{prefix}filtered") == []  # the live flow saw nothing
+    assert all(not kafka.read_all(f"{prefix}accepted.{s}") for s in STAGES)
+
+    before = _counts(kafka, out)
+    assert start().wait(120) == 0
+    assert "nothing to do" in " ".join(log.read_text().split())  # rich wraps lines
+    assert _counts(kafka, out) == before
+    other = tmp_path / "other.yaml"
+    other.write_text(planted.FILTER_POLICY_YAML + "\n# another policy\n")
+    assert start(other).wait(120) == 1
+    assert "resume it with those, or choose another name" in " ".join(log.read_text().split())
+
+    # Into the live topics, for the trainer: once per trajectory, stage and router policy,
+    # whichever replay publishes it.
+    def publish(name: str) -> int:
+        return spawn_service(kafka.bootstrap, [
+            "--name", name, "--from", "scored", "--stages", "filter,router", "--policy",
+            f"filter={policy}", "--until", until.isoformat(), "--into-live",
+            "--home", str(tmp_path / "home")],
+            prefix=prefix, instance="unused", log=log, verb="replay").wait(300)
+
+    assert publish("pub1") == 0, log.read_text()[-3000:]
+    _check_routed(kafka, prefix, expected)  # live accepted.* hold exactly the planted mix
+    live = [RoutedSample.from_bytes(m.value()) for s in STAGES
+            for m in kafka.read_all(f"{prefix}accepted.{s}")]
+    assert {r.replay for r in live} == {"pub1"}
+    assert publish("pub2") == 0, log.read_text()[-3000:]
+    assert "published before (skipped)" in " ".join(log.read_text().split())
+    _check_routed(kafka, prefix, expected)  # nothing added the second time
+
+
+def test_a_stricter_filter_replay_yields_the_expected_subset_and_a_report_that_counts_it(
+        kafka: Broker, uid: str, tmp_path: Path) -> None:
+    """The live filter and router decide the planted mix; a filter,router replay beside them
+    under a stricter policy (min_reward 0.5) decides every record exactly as the planted mix
+    says it must, and `flywheel replay report --json` counts what changed as an independent
+    count over the topics does. The live flow's outputs and committed offsets do not move."""
+    prefix = f"s{uid}."
+    _topics(kafka, prefix)
+    _promote(kafka, prefix)
+    strict: dict[str, str | None] = {}
+    planted_records, expected = planted.planted_mix(GROUPS, strict=strict)
+    kafka.produce(f"{prefix}scored", [(r.partition_key().encode(), r.to_bytes())
+                                      for r in planted_records])
+    policy = _policy_file(tmp_path)
+    fs = _service_settings(FilterSettings, kafka, prefix, policy_file=policy)
+    rs = _service_settings(RouterSettings, kafka, prefix)
+    assert isinstance(fs, FilterSettings) and isinstance(rs, RouterSettings)
+    latest = LatestPromoted()
+    follower = CheckpointFollower(fs.kafka, fs.topic("checkpoints"), latest)
+    follower.catch_up()
+    try:
+        with InThread(StreamRuntime(fs, build_filter(fs, latest), [fs.topic("scored")])) as f, \
+                InThread(StreamRuntime(rs, build_router(rs), [rs.topic("filtered")])) as r:
+            wait_until(lambda: _done(kafka, prefix, expected) or f.error or r.error, 240,
+                       "the planted mix through the live filter and router", interval=2)
+            assert f.error is None and r.error is None
+            _wait_committed(kafka, prefix)
+            live_counts = _counts(kafka, prefix)
+            live_offsets = {g: kafka.committed(f"{prefix}{g}", f"{prefix}{t}")
+                            for g, t in (("filter", "scored"), ("router", "filtered"))}
+            # The replay runs beside the live filter and router.
+            strict_file = tmp_path / "strict.yaml"
+            strict_file.write_text(planted.FILTER_POLICY_YAML.replace(
+                "min_reward: 0.0", f"min_reward: {planted.STRICT_MIN_REWARD}"))
+            log = tmp_path / "replay.log"
+            proc = spawn_service(kafka.bootstrap, [
+                "--name", "strict", "--stages", "filter,router", "--policy",
+                f"filter={strict_file}", "--home", str(tmp_path / "home")],
+                prefix=prefix, instance="unused", log=log, verb="replay")
+            assert proc.wait(300) == 0, log.read_text()[-3000:]
+            assert f.error is None and r.error is None and f.runtime.ready and r.runtime.ready
+            assert _counts(kafka, prefix) == live_counts
+    finally:
+        follower.stop()
+    report_file = tmp_path / "report.json"
+    proc = spawn_service(kafka.bootstrap, ["report", "strict", "--json", str(report_file)],
+                         prefix=prefix, instance="unused", log=log, verb="replay")
+    assert proc.wait(120) == 0, log.read_text()[-3000:]
+    report = json.loads(report_file.read_text())
+
+    def decided(p: str) -> dict[str, FilterDecision]:
+        return {str(d.scored.trajectory.event_id): d for d in (
+            FilterDecision.from_bytes(m.value()) for name in ("filtered", "rejected")
+            for m in kafka.read_all(f"{p}{name}"))}
+
+    def routes(p: str) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for stage in STAGES:
+            for m in kafka.read_all(f"{p}accepted.{stage}"):
+                for s in RoutedSample.from_bytes(m.value()).samples:
+                    out.setdefault(str(s.trajectory.event_id), set()).add(stage)
+        return out
+
+    out = f"{prefix}replay.strict."
+    old, new = decided(prefix), decided(out)
+    assert new.keys() == old.keys() and len(new) == 4 * GROUPS
+    # Exactly what the stricter filter must decide on each record (tests/planted.py).
+    assert {t: (None if d.accepted else d.reasons[0]) for t, d in new.items()} == strict
+    assert all(len(d.reasons) <= 1 for d in new.values())
+    newly_rejected = Counter(r for t, d in new.items() if not d.accepted and old[t].accepted
+                             for r in d.reasons)
+    assert newly_rejected["low_reward"] > 0
+    f = report["filter"]
+    assert report["trajectories"] == len(new) and f["unmatched"] == 0
+    assert f["old"] == dict(Counter("accepted" if d.accepted else "rejected"
+                                    for d in old.values()))
+    assert f["new"] == dict(Counter("accepted" if d.accepted else "rejected"
+                                    for d in new.values()))
+    newly_accepted = sum(1 for t, d in new.items() if d.accepted and not old[t].accepted)
+    assert newly_accepted > 0  # copies of now-rejected samples are no longer duplicates
+    assert f["newly_rejected"] == dict(newly_rejected)
+    assert f["newly_accepted"] == newly_accepted
+    assert f["reasons_new"] == dict(Counter(r for d in new.values() for r in d.reasons))
+    old_routes, new_routes = routes(prefix), routes(out)
+
+    def name(stages: set[str] | None) -> str:
+        return "+".join(sorted(stages)) if stages else "none"
+
+    moved = Counter(f"{name(old_routes.get(t))} -> {name(new_routes.get(t))}"
+                    for t in old_routes.keys() | new_routes.keys()
+                    if old_routes.get(t) != new_routes.get(t))
+    assert moved and report["router"]["moved"] == dict(moved)
+    print("replay report:", json.dumps(report, sort_keys=True))
+    # The live flow did not move.
+    assert _counts(kafka, prefix) == live_counts
+    assert {g: kafka.committed(f"{prefix}{g}", f"{prefix}{t}")
+            for g, t in (("filter", "scored"), ("router", "filtered"))} == live_offsets
