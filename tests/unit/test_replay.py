@@ -3,7 +3,9 @@ publish stage's memory (one publication per trajectory, training stage and route
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +55,38 @@ def test_publishing_skips_what_was_published_under_the_same_stage_and_policy() -
     assert again.process_partition(state, samples) == [] and again.skipped == 3
     other_policy = [s.model_copy(update={"policy_hash": "ef" * 32}) for s in samples[:1]]
     assert len(again.process_partition(state, other_policy)) == 1
+
+
+def test_the_report_renders_and_writes_json_and_png(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from services.replay_report import (
+        FilterDiff,
+        Report,
+        RouterDiff,
+        ScorerDiff,
+        render,
+        write_json,
+        write_png,
+    )
+
+    report = Report(
+        name="r", trajectories=4,
+        scorer=ScorerDiff(verdicts_old={"correct": 2, "incorrect": 2},
+                          verdicts_new={"correct": 3, "incorrect": 1},
+                          verdict_changes={"incorrect -> correct": 1}, mean_reward_old=0.5,
+                          mean_reward_new=0.75, rewards_changed=1),
+        filter=FilterDiff(old={"accepted": 4}, new={"accepted": 3, "rejected": 1},
+                          reasons_new={"low_reward": 1}, newly_rejected={"low_reward": 1}),
+        router=RouterDiff(old={"sft": 4}, new={"sft": 3}, moved={"sft -> none": 1}),
+        rewards_old=[0, 0, 1, 1], rewards_new=[0, 1, 1, 1])
+    console = Console(record=True, width=120)
+    console.print(render(report))
+    text = console.export_text()
+    assert "newly rejected" in text and "sft -> none" in text and "0.750" in text
+    write_json(report, tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["filter"]["newly_rejected"] == {"low_reward": 1}
+    assert "rewards_old" not in data
+    write_png(report, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,131 @@
+"""``bench replay``: records per second of a filter,router replay over history, against a bare
+read of the same history in the same run.
+
+N scored arithmetic trajectories (``bench.quality``'s raw groups of 4, scored by the real
+scorer stage with its default config) are written to ``<prefix>scored`` in transactions, as
+the scorer writes them; version 0 is promoted. Then, per round:
+
+- ``bare``: a plain confluent-kafka consumer (read_committed, the runtime's tuning) reads the
+  N records and does nothing else: the floor of any replay;
+- ``replay``: ``flywheel replay --from scored --stages filter,router`` as the command runs it
+  (``services.replay.replay``, default policies): manifest and bounds, both stages one after
+  the other, exactly once, into topics of its own. Its clock covers the whole command.
+
+Reported: records per second of each and their ratio (target: the replay at least 0.5x the
+bare read). The broker is ``FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS`` if set, else a local one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+
+from bench.quality import _trajectories
+from bench.runtime import broker
+from schemas import CheckpointEvent, ScoredTrajectory
+from services.common import topics as topic_ops
+from services.common.config import KafkaSettings
+from services.common.runtime import CONSUMER_TUNING
+from services.common.service import tune_gc
+from services.replay import replay
+from services.scorer.stage import ScorerStage, ScoringConfig
+
+log = logging.getLogger(__name__)
+
+RECORDS = int(os.environ.get("BENCH_REPLAY_RECORDS", "50000"))
+ROUNDS = int(os.environ.get("BENCH_REPLAY_ROUNDS", "2"))
+TARGET = 0.5
+
+
+def _scored(n: int) -> list[ScoredTrajectory]:
+    stage = ScorerStage(ScoringConfig(), "scored")
+    raw = _trajectories(n)
+    out: list[ScoredTrajectory] = []
+    for i in range(0, len(raw), 1000):
+        out += [o.value for o in stage.process(raw[i:i + 1000])]  # type: ignore[misc]
+    return out
+
+
+def _seed(bootstrap: str, prefix: str, records: list[ScoredTrajectory]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
+                         "transactional.id": f"bench-replay-{uuid.uuid4().hex[:8]}"})
+    producer.init_transactions(30)
+    for i in range(0, len(records), 5000):
+        producer.begin_transaction()
+        for r in records[i:i + 5000]:
+            while True:
+                try:
+                    producer.produce(f"{prefix}scored", r.to_bytes(), r.partition_key())
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+        producer.commit_transaction(60)
+    promoted = CheckpointEvent(model="tiny", version=0, uri="/nowhere", manifest=[],
+                               status="promoted")
+    producer.begin_transaction()
+    producer.produce(f"{prefix}checkpoints", promoted.to_bytes(), b"tiny")
+    producer.commit_transaction(30)
+
+
+def _bare_read(bootstrap: str, topic: str, records: int) -> float:
+    consumer = Consumer(CONSUMER_TUNING | {
+        "bootstrap.servers": bootstrap, "group.id": f"bench-read-{uuid.uuid4().hex}",
+        "auto.offset.reset": "earliest", "isolation.level": "read_committed",
+        "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    seen, started = 0, time.perf_counter()
+    try:
+        while seen < records:
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error() is None:
+                    seen += 1
+    finally:
+        consumer.close()
+    return time.perf_counter() - started
+
+
+def run() -> dict[str, Any]:
+    records = _scored(RECORDS)
+    n = len(records)
+    with broker() as bootstrap:
+        prefix = f"br{uuid.uuid4().hex[:8]}."
+        kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+        topic_ops.apply(topic_ops.admin_client(kafka), topic_ops.load(prefix=prefix))
+        _seed(bootstrap, prefix, records)
+        os.environ |= {"FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+                       "FLYWHEEL_KAFKA__TOPIC_PREFIX": prefix,
+                       "FLYWHEEL_METRICS__ENABLED": "false"}
+        tune_gc()
+        runs: list[dict[str, float]] = []
+        for r in range(-1, ROUNDS):  # round -1 warms the broker's JVM up, untimed
+            seconds = {"bare": _bare_read(bootstrap, f"{prefix}scored", n)}
+            started = time.perf_counter()
+            code = replay(f"bench{r + 1}", "scored", ["filter", "router"], {},
+                          say=log.info)
+            seconds["replay"] = time.perf_counter() - started
+            if code != 0:
+                raise RuntimeError(f"the replay exited with {code}")
+            log.info("%s: %s", "warm-up" if r < 0 else f"round {r}",
+                     {k: f"{n / v:,.0f}/s" for k, v in seconds.items()})
+            if r >= 0:
+                runs.append(seconds)
+    rates = {k: [n / s[k] for s in runs] for k in runs[0]}
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    ratio = median["replay"] / median["bare"]
+    return {
+        "records": n,
+        "rounds": ROUNDS,
+        "records_per_second": {k: [round(x) for x in v] for k, v in rates.items()},
+        "median_records_per_second": {k: round(v) for k, v in median.items()},
+        "ratio_to_bare_read": round(ratio, 4),
+        "target": TARGET,
+        "summary": {"replay_rps": round(median["replay"]), "bare_read_rps":
+                    round(median["bare"]), "ratio": round(ratio, 4), "target": TARGET,
+                    "met": ratio >= TARGET},
+    }
