@@ -202,7 +202,7 @@ def test_sigkill_of_filter_and_router_mid_stream_changes_nothing(
 
 
 def test_the_scorer_service_scores_raw_trajectories_exactly_once(
-        kafka: Broker, uid: str) -> None:
+        kafka: Broker, uid: str, tmp_path: Path) -> None:
     from schemas import ScoredTrajectory, Trajectory, Turn
     from services import envs
     from services.scorer.main import ScorerSettings
@@ -241,6 +241,29 @@ def test_the_scorer_service_scores_raw_trajectories_exactly_once(
         t.partition_key().encode() for t in raw}
     [dead] = kafka.read_all(f"{prefix}dlq")
     assert dict(dead.headers() or [])["flywheel-error-type"] == b"schema"
+    _rescoring_replay_reports_reward_changes(kafka, prefix, tmp_path)
+
+
+def _rescoring_replay_reports_reward_changes(kafka: Broker, prefix: str, tmp_path: Path
+                                             ) -> None:
+    """The same raw history re-scored with the verifier weighted 2: the report names every
+    changed reward (the 200 correct ones), no verdict change, and both means."""
+    config = tmp_path / "scorer.yaml"
+    config.write_text("reward: {weights: {verifier: 2.0}}\n")
+    log = tmp_path / "rescore.log"
+    report_file = tmp_path / "rescore.json"
+    for args in (["--name", "x2", "--from", "raw", "--config", str(config), "--home",
+                  str(tmp_path / "home")], ["report", "x2", "--json", str(report_file)]):
+        proc = spawn_service(kafka.bootstrap, args, prefix=prefix, instance="unused", log=log,
+                             verb="replay")
+        assert proc.wait(180) == 0, log.read_text()[-3000:]
+    report = json.loads(report_file.read_text())["scorer"]
+    assert report["verdicts_old"] == report["verdicts_new"] == {"correct": 200, "incorrect": 100}
+    assert report["verdict_changes"] == {} and report["unmatched"] == 0
+    assert report["rewards_changed"] == 200
+    assert report["mean_reward_old"] == pytest.approx(200 / 300)
+    assert report["mean_reward_new"] == pytest.approx(400 / 300)
+    assert len(kafka.read_all(f"{prefix}replay.x2.dlq")) == 1  # the bad record, again
 
 
 def _produce_in_transactions(kafka: Broker, topic: str, records: list[Any], tid: str) -> None:
