@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -319,6 +320,9 @@ def replay(name: str, source: str, stages: Sequence[str], files: dict[str, Path 
            into_live: bool = False) -> int:
     """Run (or resume) the replay ``name``; the exit code: 0 once finished, 130 when stopped
     before its end (run it again to resume), 1 on a failure."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", name):
+        raise ConfigError(f"a replay's name is letters, digits, '_' and '-' (it names "
+                          f"topics), not {name!r}")
     chain = stages_from(source, stages)
     unknown = sorted(set(files) - set(chain))
     if unknown:
