@@ -90,3 +90,11 @@ def test_the_report_renders_and_writes_json_and_png(tmp_path: Path) -> None:
     assert "rewards_old" not in data
     write_png(report, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_name_that_would_make_odd_topic_names_is_refused_before_anything_starts() -> None:
+    from services.replay import replay
+
+    for name in ("with space", "a.b", "", "x" * 101):
+        with pytest.raises(ConfigError, match="letters, digits"):
+            replay(name, "scored", ["filter"], {})
