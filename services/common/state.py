@@ -14,8 +14,12 @@ same Kafka transaction as the batch's outputs and input offsets (Kafka Streams' 
 Within a batch, changes are journaled so that the runtime can undo what a failing ``process``
 call did before it re-runs records one by one (see :func:`services.common.stage.apply_stage`).
 
-Values are JSON: anything ``json.dumps`` takes. Keys are strings; a stage picks a prefix per
-kind of entry (``"g/<group>"``...) and scans them with :meth:`PartitionState.keys`.
+Values are JSON: anything ``json.dumps`` takes, or a pydantic model, kept as the object and
+encoded only when the batch's changelog is written (a value put and deleted within one batch,
+as a group whose members arrive together, is never encoded). A restored value is what the
+JSON decodes to: a stage that puts a model validates a ``dict`` it gets back (see
+:func:`as_model`). Keys are strings; a stage picks a prefix per kind of entry
+(``"g/<group>"``...) and scans them with :meth:`PartitionState.keys`.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from pydantic import BaseModel
 
 from services.common.errors import FatalRuntimeError
 from services.common.offsets import high_watermarks
@@ -33,6 +38,13 @@ from services.common.offsets import high_watermarks
 log = logging.getLogger(__name__)
 
 _ABSENT = object()
+M = TypeVar("M", bound=BaseModel)
+
+
+def as_model(model: type[M], value: Any) -> M:
+    """A state value put as a ``model``: the object itself, or validated from its restored
+    JSON."""
+    return value if isinstance(value, model) else model.model_validate(value)
 
 
 class PartitionState:
@@ -278,5 +290,8 @@ class EventClock:
 
 
 def _encode(value: Any) -> bytes:
-    """Compact UTF-8 JSON (non-ASCII kept as is: escaping would double CJK text)."""
+    """Compact UTF-8 JSON (non-ASCII kept as is: escaping would double CJK text); a model as
+    it is written to Kafka."""
+    if isinstance(value, BaseModel):
+        return value.__pydantic_serializer__.to_json(value)
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -31,7 +31,7 @@ from typing import Any
 
 from schemas import FilterDecision, ScoredTrajectory
 from services.common.stage import Output
-from services.common.state import EventClock, PartitionState, StateStore
+from services.common.state import EventClock, PartitionState, StateStore, as_model
 from services.common.text import repetition_ratio
 from services.filter import metrics as m
 from services.filter.dedup import Fingerprint, Memory, fingerprint
@@ -75,8 +75,7 @@ class FilterStage:
                 m.DUPLICATE_HITS.labels("trajectory_id").inc()
                 continue
             group = {**group, "have": [*group["have"], traj.sample_index]}
-            state.put(f"m/{traj.group_id}/{traj.sample_index}",
-                      scored.model_dump(mode="json"))
+            state.put(f"m/{traj.group_id}/{traj.sample_index}", scored)
             if len(group["have"]) >= group["n"]:
                 outputs.extend(self._decide(state, traj.group_id, group, now, complete=True))
             else:
@@ -104,7 +103,7 @@ class FilterStage:
         members = []
         for index in sorted(group["have"]):
             key = f"m/{group_id}/{index}"
-            members.append(ScoredTrajectory.model_validate(state.get(key)))
+            members.append(as_model(ScoredTrajectory, state.get(key)))
             state.delete(key)
         state.delete(f"g/{group_id}")
         state.put(f"x/{group_id}", self.clock.stream_time(state))

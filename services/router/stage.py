@@ -20,7 +20,7 @@ from typing import Any
 
 from schemas import FilterDecision, RoutedSample, TrainingStage
 from services.common.stage import Output
-from services.common.state import EventClock, PartitionState, StateStore
+from services.common.state import EventClock, PartitionState, StateStore, as_model
 from services.router import metrics as m
 from services.router.policy import RoutingPolicy, SampleRoute
 
@@ -102,7 +102,7 @@ class RouterStage:
         if traj.sample_index in group["have"]:
             return []  # the same member again
         group = {**group, "have": [*group["have"], traj.sample_index]}
-        state.put(f"rm/{traj.group_id}/{traj.sample_index}", d.model_dump(mode="json"))
+        state.put(f"rm/{traj.group_id}/{traj.sample_index}", d)
         if len(group["have"]) < group["n"]:
             state.put(gkey, group)
             return []
@@ -114,7 +114,7 @@ class RouterStage:
         members = []
         for index in sorted(group["have"]):
             key = f"rm/{group_id}/{index}"
-            members.append(FilterDecision.model_validate(state.get(key)))
+            members.append(as_model(FilterDecision, state.get(key)))
             state.delete(key)
         state.delete(f"r/{group_id}")
         state.put(f"rx/{group_id}", self.clock.stream_time(state))

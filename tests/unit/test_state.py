@@ -98,3 +98,29 @@ def test_the_event_clock_times_out_in_stream_time_and_forgets_old_entries() -> N
     assert "x/later" in state
     clock.forget(state, "x/", 500, now=62.0)
     assert "x/later" not in state
+
+
+def test_a_model_value_is_encoded_only_in_the_changelog_and_comes_back_equal() -> None:
+    """A pydantic model put as a value stays the object in memory; the changelog holds its
+    wire JSON, which as_model turns back into an equal model. Put and deleted within one
+    batch, it is written as a delete only."""
+    import json
+
+    from schemas import ScoredTrajectory
+    from services.common.state import as_model
+
+    store = StateStore("changelog")
+    store.adopt(0)
+    store.begin()
+    state = store.partition(0)
+    kept, passing = factories.scored(1), factories.scored(2)
+    state.put("m/kept", kept)
+    state.put("m/passing", passing)
+    state.delete("m/passing")
+    assert state.get("m/kept") is kept
+    changes = {key: value for _, key, value in store.changes()}
+    assert changes["m/passing"] is None
+    assert changes["m/kept"] == kept.to_bytes()
+    restored = json.loads(changes["m/kept"])
+    assert as_model(ScoredTrajectory, restored) == kept
+    assert as_model(ScoredTrajectory, kept) is kept
