@@ -849,9 +849,8 @@ class StreamRuntime:
             return
         for tp in partitions:
             if (tp.topic, tp.partition) in fresh:
-                tp.offset = self._starts.get((tp.topic, tp.partition),
-                                             self._ends.get((tp.topic, tp.partition), 0)
-                                             if self._ends else 0)
+                # A partition the bounds do not list starts anywhere: it has nothing to do.
+                tp.offset = self._starts.get((tp.topic, tp.partition), 0)
         consumer.assign(partitions)
         log.info("starting at %s", _fmt(partitions))
 
