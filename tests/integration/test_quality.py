@@ -7,6 +7,8 @@ import hashlib
 import json
 import subprocess
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -120,28 +122,37 @@ def _service_settings(cls: type, kafka: Broker, prefix: str, **extra: object) ->
                runtime={"lag_interval_seconds": 0.5}, metrics={"enabled": False}, **extra)
 
 
-def test_the_planted_mix_gives_exactly_the_expected_counts(
-        kafka: Broker, uid: str, tmp_path: Path) -> None:
-    prefix = f"q{uid}."
-    records, expected = _setup(kafka, prefix)
-    kafka.produce(f"{prefix}scored", records)
-    policy = _policy_file(tmp_path)
+@contextmanager
+def _live_filter_and_router(kafka: Broker, prefix: str, policy: Path,
+                            expected: planted.Expected) -> Iterator[tuple[InThread, InThread]]:
+    """The live filter (``policy``) and router, in threads, once they have decided and
+    committed the planted mix on ``scored``; stopped after the block."""
     fs = _service_settings(FilterSettings, kafka, prefix, policy_file=policy)
     rs = _service_settings(RouterSettings, kafka, prefix)
     assert isinstance(fs, FilterSettings) and isinstance(rs, RouterSettings)
     latest = LatestPromoted()
     follower = CheckpointFollower(fs.kafka, fs.topic("checkpoints"), latest)
     follower.catch_up()
-    filter_rt = StreamRuntime(fs, build_filter(fs, latest), [fs.topic("scored")])
-    router_rt = StreamRuntime(rs, build_router(rs), [rs.topic("filtered")])
     try:
-        with InThread(filter_rt) as f, InThread(router_rt) as r:
+        with InThread(StreamRuntime(fs, build_filter(fs, latest), [fs.topic("scored")])) as f, \
+                InThread(StreamRuntime(rs, build_router(rs), [rs.topic("filtered")])) as r:
             wait_until(lambda: _done(kafka, prefix, expected) or f.error or r.error, 240,
                        "the planted mix through filter and router", interval=2)
             assert f.error is None and r.error is None
             _wait_committed(kafka, prefix)
+            yield f, r
     finally:
         follower.stop()
+
+
+def test_the_planted_mix_gives_exactly_the_expected_counts(
+        kafka: Broker, uid: str, tmp_path: Path) -> None:
+    prefix = f"q{uid}."
+    records, expected = _setup(kafka, prefix)
+    kafka.produce(f"{prefix}scored", records)
+    policy = _policy_file(tmp_path)
+    with _live_filter_and_router(kafka, prefix, policy, expected):
+        pass
     _check(kafka, prefix, expected)
     [decision] = [FilterDecision.from_bytes(m.value())
                   for m in kafka.read_all(f"{prefix}filtered")][:1]
@@ -417,37 +428,22 @@ def test_a_stricter_filter_replay_yields_the_expected_subset_and_a_report_that_c
     planted_records, expected = planted.planted_mix(GROUPS, strict=strict)
     kafka.produce(f"{prefix}scored", [(r.partition_key().encode(), r.to_bytes())
                                       for r in planted_records])
-    policy = _policy_file(tmp_path)
-    fs = _service_settings(FilterSettings, kafka, prefix, policy_file=policy)
-    rs = _service_settings(RouterSettings, kafka, prefix)
-    assert isinstance(fs, FilterSettings) and isinstance(rs, RouterSettings)
-    latest = LatestPromoted()
-    follower = CheckpointFollower(fs.kafka, fs.topic("checkpoints"), latest)
-    follower.catch_up()
-    try:
-        with InThread(StreamRuntime(fs, build_filter(fs, latest), [fs.topic("scored")])) as f, \
-                InThread(StreamRuntime(rs, build_router(rs), [rs.topic("filtered")])) as r:
-            wait_until(lambda: _done(kafka, prefix, expected) or f.error or r.error, 240,
-                       "the planted mix through the live filter and router", interval=2)
-            assert f.error is None and r.error is None
-            _wait_committed(kafka, prefix)
-            live_counts = _counts(kafka, prefix)
-            live_offsets = {g: kafka.committed(f"{prefix}{g}", f"{prefix}{t}")
-                            for g, t in (("filter", "scored"), ("router", "filtered"))}
-            # The replay runs beside the live filter and router.
-            strict_file = tmp_path / "strict.yaml"
-            strict_file.write_text(planted.FILTER_POLICY_YAML.replace(
-                "min_reward: 0.0", f"min_reward: {planted.STRICT_MIN_REWARD}"))
-            log = tmp_path / "replay.log"
-            proc = spawn_service(kafka.bootstrap, [
-                "--name", "strict", "--stages", "filter,router", "--policy",
-                f"filter={strict_file}", "--home", str(tmp_path / "home")],
-                prefix=prefix, instance="unused", log=log, verb="replay")
-            assert proc.wait(300) == 0, log.read_text()[-3000:]
-            assert f.error is None and r.error is None and f.runtime.ready and r.runtime.ready
-            assert _counts(kafka, prefix) == live_counts
-    finally:
-        follower.stop()
+    with _live_filter_and_router(kafka, prefix, _policy_file(tmp_path), expected) as (f, r):
+        live_counts = _counts(kafka, prefix)
+        live_offsets = {g: kafka.committed(f"{prefix}{g}", f"{prefix}{t}")
+                        for g, t in (("filter", "scored"), ("router", "filtered"))}
+        # The replay runs beside the live filter and router.
+        strict_file = tmp_path / "strict.yaml"
+        strict_file.write_text(planted.FILTER_POLICY_YAML.replace(
+            "min_reward: 0.0", f"min_reward: {planted.STRICT_MIN_REWARD}"))
+        log = tmp_path / "replay.log"
+        proc = spawn_service(kafka.bootstrap, [
+            "--name", "strict", "--stages", "filter,router", "--policy",
+            f"filter={strict_file}", "--home", str(tmp_path / "home")],
+            prefix=prefix, instance="unused", log=log, verb="replay")
+        assert proc.wait(300) == 0, log.read_text()[-3000:]
+        assert f.error is None and r.error is None and f.runtime.ready and r.runtime.ready
+        assert _counts(kafka, prefix) == live_counts
     report_file = tmp_path / "report.json"
     proc = spawn_service(kafka.bootstrap, ["report", "strict", "--json", str(report_file)],
                          prefix=prefix, instance="unused", log=log, verb="replay")
