@@ -38,7 +38,6 @@ from services.common.checkpoints import CheckpointFollower
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError
 from services.up import monitor
-from services.up.monitor import Prometheus
 from services.up.profile import POLICY_FIELD, SERVICES, Profile
 from services.up.supervisor import ProcessSpec, Supervisor
 
@@ -98,7 +97,7 @@ class Stack:
     ports: dict[str, int] = field(default_factory=dict)
     versions: Versions | None = None
     """Every checkpoint event the last run() saw."""
-    prometheus: Prometheus | None = None
+    prometheus: monitor.Prometheus | None = None
 
     @property
     def home(self) -> Path:
@@ -144,7 +143,7 @@ class Stack:
             say(f"prometheus: port {settings.port} is in use, not started (set "
                 "prometheus.port in the profile)")
             return
-        self.prometheus = Prometheus(settings, program, self.home)
+        self.prometheus = monitor.Prometheus(settings, program, self.home)
         say(f"prometheus: {self.prometheus.url} (alert rules: deploy/prometheus/alerts.yml; "
             "dashboards: deploy/grafana)")
 
