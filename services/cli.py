@@ -302,6 +302,9 @@ def replay_command(
     into_live: Annotated[bool, typer.Option(
         "--into-live", help="At the end, publish the routed samples into the live accepted.* "
         "topics for the trainer (once per trajectory, stage and router policy).")] = False,
+    workers: Annotated[int, typer.Option(
+        min=1, help="Processes per stage, members of its consumer group (at most one per "
+        "partition): one per spare CPU core.")] = 1,
     home: Annotated[Path, typer.Option(help="Its log goes to <home>/logs/replay-<name>.log.")
                     ] = Path(".flywheel"),
 ) -> None:
@@ -350,7 +353,7 @@ def replay_command(
 
         code = replay(name, source, chain, files, since, until,
                       say=lambda line: view.console.print(line), progress=progress,
-                      into_live=into_live)
+                      into_live=into_live, workers=workers)
     if code == 0:
         _replay_report(name, None, None)
     raise typer.Exit(code)

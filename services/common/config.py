@@ -131,6 +131,10 @@ class RuntimeSettings(BaseModel):
         "[start, end) to process. A partition the group has no committed offset for starts at "
         "start; records at or past end are never processed; the loop stops by itself once "
         "every partition is there. A partition not listed has nothing to process.")
+    shared_bounds: bool = Field(
+        default=False, description="Replay workers: several members of the group share the "
+        "bounds, and each stops once the partitions it owns (after its first assignment) are "
+        "at their end, rather than waiting to own every partition.")
 
 
 class MetricsSettings(BaseModel):

@@ -47,7 +47,9 @@ after an abort every owned partition is restored again.
 Bounded runs (replays, ``runtime.bounds``): each input partition is processed over
 ``[start, end)`` offsets: a partition without a committed offset starts at its start, a record
 at or past its end is skipped and its partition paused, and the loop stops by itself, with
-:attr:`StreamRuntime.finished` set, once every partition is there.
+:attr:`StreamRuntime.finished` set, once every partition is there. With ``shared_bounds``
+(a replay's workers) a member stops once the partitions it owns are there, and whoever runs
+the members checks that the group's offsets reached the ends.
 
 Stop (SIGTERM/SIGINT or :meth:`StreamRuntime.stop`): no new batch starts; the one in flight is
 committed within ``shutdown_timeout_seconds``. A commit that cannot finish in that time cannot
@@ -180,6 +182,7 @@ class StreamRuntime:
         self._stop = threading.Event()
         self._alive = False
         self._assignment: set[tuple[str, int]] = set()
+        self._assigned_once = False
         self._pending = _Batch()
         self._delivery_error: KafkaError | None = None
         self._unconfirmed: list[TopicPartition] | None = None
@@ -268,6 +271,10 @@ class StreamRuntime:
             "session.timeout.ms": s.runtime.session_timeout_ms,
             "max.poll.interval.ms": s.runtime.max_poll_interval_ms,
         }
+        if s.runtime.shared_bounds:
+            # Replay workers join one after the other at start; a member learns of the
+            # rebalance at its next heartbeat (every 3 s by default), working alone till then.
+            consumer_conf["heartbeat.interval.ms"] = 200
         if s.runtime.static_membership:
             consumer_conf["group.instance.id"] = s.instance_id
         producer_conf = PRODUCER_TUNING | common | {
@@ -834,10 +841,15 @@ class StreamRuntime:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self._ends is not None:
             self._start_at_bounds(consumer, partitions)
+            # librdkafka keeps a partition's pause across a revoke: one this member paused at
+            # its end and gets back after another member took it meanwhile would never be
+            # fetched again, nor its position move past the markers to its end.
+            consumer.resume(partitions)
         if self._store is not None:
             # Before any record of these partitions is processed.
             self._restore([tp.partition for tp in partitions])
         self._assignment.update((tp.topic, tp.partition) for tp in partitions)
+        self._assigned_once = True
         self._m_ready.set(1 if self.ready else 0)
         log.info("assigned %s", _fmt(partitions))
 
@@ -869,6 +881,10 @@ class StreamRuntime:
         (or the group's committed offset is there already)."""
         assert self._consumer is not None and self._ends is not None
         todo = {k: end for k, end in self._ends.items() if end > self._starts.get(k, 0)}
+        if self.settings.runtime.shared_bounds:  # the other members see to the rest
+            if not self._assigned_once:
+                return False
+            todo = {k: end for k, end in todo.items() if k in self._assignment}
         if self._pending.records or set(todo) - self._assignment:
             return False
         owned = [TopicPartition(t, p) for t, p in todo]

@@ -18,8 +18,10 @@ Values are JSON: anything ``json.dumps`` takes, or a pydantic model, kept as the
 encoded only when the batch's changelog is written (a value put and deleted within one batch,
 as a group whose members arrive together, is never encoded). A restored value is what the
 JSON decodes to: a stage that puts a model validates a ``dict`` it gets back (see
-:func:`as_model`). Keys are strings; a stage picks a prefix per kind of entry
-(``"g/<group>"``...) and scans them with :meth:`PartitionState.keys`.
+:func:`as_model`). A value is never changed in place once put (put a new one instead): the
+store may reuse the encoding it made of it earlier in the batch. Keys are strings; a stage
+picks a prefix per kind of entry (``"g/<group>"``...) and scans them with
+:meth:`PartitionState.keys`.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ class StateStore:
         self._parts: dict[int, dict[str, Any]] = {}
         self._assigned_at: dict[int, float] = {}
         self._journal: list[tuple[int, str, Any]] = []
+        self._sized: dict[tuple[int, str], tuple[Any, bytes]] = {}
+        """(partition, key) -> (value, its encoding) measured by :meth:`largest_change` in
+        this batch, so that :meth:`changes` does not encode it again."""
 
     # -- used by stages ----------------------------------------------------------------------
 
@@ -122,6 +127,7 @@ class StateStore:
     def begin(self) -> None:
         """Start a batch: from here, every change is journaled."""
         self._journal = []
+        self._sized = {}
 
     def mark(self) -> int:
         return len(self._journal)
@@ -145,8 +151,16 @@ class StateStore:
         for partition, key, _ in self._journal[mark:]:
             data = self._parts.get(partition)
             if data is not None and key in data:
-                largest = max(largest, len(_encode(data[key])))
+                largest = max(largest, len(self._encoded(partition, key, data[key])))
         return largest
+
+    def _encoded(self, partition: int, key: str, value: Any) -> bytes:
+        known = self._sized.get((partition, key))
+        if known is not None and known[0] is value:  # values are replaced, never mutated
+            return known[1]
+        data = _encode(value)
+        self._sized[partition, key] = (value, data)
+        return data
 
     def changes(self) -> list[tuple[int, str, bytes | None]]:
         """The batch's changelog records: (partition, key, JSON value or None for a delete),
@@ -160,10 +174,11 @@ class StateStore:
             if data is None:
                 continue  # revoked meanwhile: its next owner restores from the changelog
             if key in data:
-                out.append((partition, key, _encode(data[key])))
+                out.append((partition, key, self._encoded(partition, key, data[key])))
             else:
                 out.append((partition, key, None))
         self._journal = []
+        self._sized = {}
         return out
 
     def drop(self, partitions: list[int]) -> None:
@@ -214,7 +229,9 @@ class StateStore:
                 raise FatalRuntimeError(
                     f"state restore from {self.changelog_topic} did not reach the end of "
                     f"partitions {sorted(waiting)} in time (an open transaction?)")
-            for msg in consumer.consume(1000, timeout=0.5):
+            # consume() waits out its timeout unless it fills the batch: a short one, or the
+            # last few records of a restore would cost half a second.
+            for msg in consumer.consume(1000, timeout=0.05):
                 err = msg.error()
                 if err is not None:
                     if err.code() != err._PARTITION_EOF:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from schemas import FilterDecision, ScoredTrajectory
+from services.common.metrics import labelled
 from services.common.stage import Output
 from services.common.state import EventClock, PartitionState, StateStore, as_model
 from services.common.text import repetition_ratio
@@ -72,7 +73,7 @@ class FilterStage:
                 group = {"t": scored.created_at.timestamp(), "n": traj.group_size, "have": []}
             if traj.sample_index in group["have"]:
                 outputs.append(self._decision(scored, ["duplicate"], [], None))
-                m.DUPLICATE_HITS.labels("trajectory_id").inc()
+                labelled(m.DUPLICATE_HITS, "trajectory_id").inc()
                 continue
             group = {**group, "have": [*group["have"], traj.sample_index]}
             state.put(f"m/{traj.group_id}/{traj.sample_index}", scored)
@@ -173,7 +174,7 @@ class FilterStage:
         hit = memory.match(fp, exact=d.exact, near=d.near, threshold=d.threshold)
         if hit is None:
             return fp, None
-        m.DUPLICATE_HITS.labels(hit[0]).inc()
+        labelled(m.DUPLICATE_HITS, hit[0]).inc()
         return fp, hit[0]
 
     def _rules(self, s: ScoredTrajectory) -> list[str]:
@@ -214,9 +215,9 @@ class FilterStage:
             group_accepted=group_accepted,
             latest_version=self.latest_version(s.trajectory.model),
         )
-        m.DECISIONS.labels("accepted" if not reasons else "rejected").inc()
+        labelled(m.DECISIONS, "accepted" if not reasons else "rejected").inc()
         for r in reasons:
-            m.REJECTIONS.labels(r).inc()
+            labelled(m.REJECTIONS, r).inc()
         for f in flags:
-            m.FLAGS.labels(f).inc()
+            labelled(m.FLAGS, f).inc()
         return Output(self.accepted_topic if not reasons else self.rejected_topic, decision)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from schemas import FilterDecision, RoutedSample, TrainingStage
+from services.common.metrics import labelled
 from services.common.stage import Output
 from services.common.state import EventClock, PartitionState, StateStore, as_model
 from services.router import metrics as m
@@ -69,7 +70,7 @@ class RouterStage:
                 outputs.extend(self._emit_rl(state, gkey[2:], members, group,
                                              max(now, self.clock.stream_time(state))))
             else:
-                m.RL_GROUPS.labels("timeout").inc()
+                labelled(m.RL_GROUPS, "timeout").inc()
         self.clock.forget(state, "rx/", rl.remember_seconds, now)  # old routed groups
         self._pending[state.partition] = len(state.keys("r/"))
         m.PENDING_GROUPS.set(sum(self._pending.get(p, 0) for p in self.state.owned()))
@@ -81,22 +82,22 @@ class RouterStage:
         rl = self.policy.rl
         expected = d.group_accepted
         if expected:
-            m.GROUPS.labels(str("no_rl_signal" not in d.flags).lower()).inc(1 / expected)
+            labelled(m.GROUPS, str("no_rl_signal" not in d.flags).lower()).inc(1 / expected)
         if not rl.enabled or expected is None:
             return []
         traj = d.scored.trajectory
         gkey = f"r/{traj.group_id}"
         group = state.get(gkey)
         if group is None and f"rx/{traj.group_id}" in state:
-            m.RL_SKIPPED.labels("group_closed").inc()
+            labelled(m.RL_SKIPPED, "group_closed").inc()
             return []  # routed or timed out already
         if group is None:
             # Group-level facts are the same on every member: decide on the first one.
             if rl.require_signal and "no_rl_signal" in d.flags:
-                m.RL_SKIPPED.labels("no_signal").inc()
+                labelled(m.RL_SKIPPED, "no_signal").inc()
                 return []
             if expected < rl.min_group_size:
-                m.RL_SKIPPED.labels("too_small").inc()
+                labelled(m.RL_SKIPPED, "too_small").inc()
                 return []
             group = {"t": d.created_at.timestamp(), "n": expected, "have": []}
         if traj.sample_index in group["have"]:
@@ -124,9 +125,9 @@ class RouterStage:
                  group: dict[str, Any], now: float) -> list[Output]:
         rl = self.policy.rl
         if not self._room(state, "rl", rl.max_share, len(members)):
-            m.RL_GROUPS.labels("capped").inc()
+            labelled(m.RL_GROUPS, "capped").inc()
             return []
-        m.RL_GROUPS.labels("routed").inc()
+        labelled(m.RL_GROUPS, "routed").inc()
         m.GROUP_ASSEMBLY_SECONDS.observe(max(0.0, now - group["t"]))
         return [self._routed("rl", group_id, members, rl.weight, "group_with_reward_variance")]
 
@@ -145,7 +146,7 @@ class RouterStage:
         total = sum(counts.values())
         if (max_share is not None and total >= self.policy.cap_warmup
                 and counts[stage] + k > max_share * (total + k)):
-            m.CAPPED.labels(stage).inc(k)
+            labelled(m.CAPPED, stage).inc(k)
             return False
         state.put("c", {**counts, stage: counts[stage] + k})
         return True
@@ -160,5 +161,5 @@ class RouterStage:
             policy_name=self.policy.name, policy_hash=self.policy_hash,
             filter_policy_hash=decisions[0].policy_hash,
         )
-        m.ROUTED_SAMPLES.labels(stage).inc(len(decisions))
+        labelled(m.ROUTED_SAMPLES, stage).inc(len(decisions))
         return Output(self.topics[stage], sample)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from schemas import ScoredTrajectory, Trajectory
 from services.common.errors import ConfigError
+from services.common.metrics import labelled
 from services.common.stage import Output
 from services.scorer import metrics as m
 from services.scorer.scorers import (
@@ -94,14 +95,14 @@ class ScorerStage:
         for score_list in per_scorer:
             for score in score_list:
                 if score is not None:
-                    m.SCORES.labels(score.scorer).observe(score.value)
+                    labelled(m.SCORES, score.scorer).observe(score.value)
         for out in outputs:
             value = out.value
             assert isinstance(value, ScoredTrajectory)
             task = value.trajectory.task
             level = m.difficulty_label(task.difficulty)
-            m.REWARD.labels(task.env, level).observe(value.reward)
-            m.REWARD_POSITIVE.labels(task.env, level).inc(max(0.0, value.reward))
-            m.REWARD_NEGATIVE.labels(task.env, level).inc(max(0.0, -value.reward))
-            m.VERDICTS.labels(value.verdict, task.env, level).inc()
+            labelled(m.REWARD, task.env, level).observe(value.reward)
+            labelled(m.REWARD_POSITIVE, task.env, level).inc(max(0.0, value.reward))
+            labelled(m.REWARD_NEGATIVE, task.env, level).inc(max(0.0, -value.reward))
+            labelled(m.VERDICTS, value.verdict, task.env, level).inc()
         return outputs

@@ -3,6 +3,7 @@ killing such a process mid-stream."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -74,9 +75,11 @@ def spawn_relay(
 
 def spawn_service(
     bootstrap: str, command: list[str], *, prefix: str, instance: str, log: Path,
-    env: dict[str, str] | None = None, verb: str = "run",
+    env: dict[str, str] | None = None, verb: str = "run", group: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -m services <verb> <command...>`` as its own process."""
+    """Start ``python -m services <verb> <command...>`` as its own process; with ``group``,
+    leading a process group of its own, so that :func:`stopped` and :func:`kill_group` reach
+    the processes it starts (a replay's workers) too."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     full |= {
         "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
@@ -89,20 +92,28 @@ def spawn_service(
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "services", verb, *command], cwd=REPO, env=full,
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=group,
         )
 
 
 @contextmanager
 def stopped(proc: subprocess.Popen[bytes]) -> Iterator[None]:
-    """``proc`` stopped (SIGSTOP) for the block, so what it has written can be read while it
-    cannot change it; resumed (SIGCONT) after the block unless it ended in it."""
-    os.kill(proc.pid, signal.SIGSTOP)
+    """``proc`` (its whole group, if it leads one) stopped (SIGSTOP) for the block, so what
+    it has written can be read while it cannot change it; resumed (SIGCONT) after the block
+    unless it ended in it."""
+    send = os.killpg if os.getpgid(proc.pid) == proc.pid else os.kill
+    send(proc.pid, signal.SIGSTOP)
     try:
         yield
     finally:
         if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)
+            send(proc.pid, signal.SIGCONT)
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group ``proc`` leads (started with ``group=True``)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextmanager
