@@ -182,7 +182,9 @@ class StreamRuntime:
         self._stop = threading.Event()
         self._alive = False
         self._assignment: set[tuple[str, int]] = set()
-        self._assigned_once = False
+        self._between_assignments = True
+        """From the start, and from a revoke to the assignment that follows (shared bounds: a
+        member owning nothing then is not done)."""
         self._pending = _Batch()
         self._delivery_error: KafkaError | None = None
         self._unconfirmed: list[TopicPartition] | None = None
@@ -849,7 +851,7 @@ class StreamRuntime:
             # Before any record of these partitions is processed.
             self._restore([tp.partition for tp in partitions])
         self._assignment.update((tp.topic, tp.partition) for tp in partitions)
-        self._assigned_once = True
+        self._between_assignments = False
         self._m_ready.set(1 if self.ready else 0)
         log.info("assigned %s", _fmt(partitions))
 
@@ -882,7 +884,7 @@ class StreamRuntime:
         assert self._consumer is not None and self._ends is not None
         todo = {k: end for k, end in self._ends.items() if end > self._starts.get(k, 0)}
         if self.settings.runtime.shared_bounds:  # the other members see to the rest
-            if not self._assigned_once:
+            if self._between_assignments:
                 return False
             todo = {k: end for k, end in todo.items() if k in self._assignment}
         if self._pending.records or set(todo) - self._assignment:
@@ -906,6 +908,7 @@ class StreamRuntime:
         if self._unconfirmed is not None:
             self._confirm()  # at-least-once: store what was delivered before the offsets go
         self._unassign(partitions)
+        self._between_assignments = True
         log.info("revoked %s", _fmt(partitions))
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -916,6 +919,7 @@ class StreamRuntime:
             self._abort_transaction()
         self._unconfirmed = None
         self._unassign(partitions)
+        self._between_assignments = True
         log.warning("lost %s (session expired); uncommitted work dropped", _fmt(partitions))
 
     def _unassign(self, partitions: list[TopicPartition]) -> None:

@@ -255,3 +255,42 @@ def test_a_dependency_failure_stops_the_service_without_dead_lettering(
         rt.run()
     assert kafka.read_all(dlq) == []
     assert kafka.committed(s.group_id, src) == {0: 0}, "the batch stays to be processed again"
+
+
+def test_members_sharing_bounds_each_stop_and_together_take_every_record_once(
+        kafka: Broker, uid: str) -> None:
+    """A replay's workers: two members of one group over bounded input, the second joining
+    while the first works (a rebalance mid-run, revocations, possibly an empty assignment).
+    Each stops by itself without error; together they wrote every task exactly once, and the
+    group's offsets are at the ends (:func:`services.replay._work_left` agrees)."""
+    from confluent_kafka import Producer
+
+    from services.replay import _work_left
+
+    src, out, dlq = f"sb-in-{uid}", f"sb-out-{uid}", f"sb-dlq-{uid}"
+    kafka.create_topics([src, out, dlq], partitions=6)
+    producer = Producer({"bootstrap.servers": kafka.bootstrap, "transactional.id": uid})
+    producer.init_transactions(30)
+    for part in range(3):  # in transactions: the ends sit after commit markers
+        producer.begin_transaction()
+        for i in range(part * 1000, (part + 1) * 1000):
+            producer.produce(src, factories.task(i).to_bytes(), f"k{i}".encode())
+        producer.commit_transaction(30)
+    ends = kafka.end_offsets(src)
+    bounds = {src: {p: (0, end) for p, end in ends.items()}}
+    base = settings(kafka.bootstrap, f"sb{uid}", bounds=bounds, shared_bounds=True,
+                    batch_max_records=50)
+    members = [base.model_copy(update={"instance_id": f"w{i}"}) for i in range(2)]
+    first = InThread(StreamRuntime(members[0], BoomStage(out), [src], dlq_topic=dlq))
+    second = InThread(StreamRuntime(members[1], BoomStage(out), [src], dlq_topic=dlq))
+    with first:
+        wait_until(lambda: len(kafka.read_all(out)) > 0 or first.error is not None, 60,
+                   "the first member to commit output")
+        with second:
+            wait_until(lambda: all(not m.thread.is_alive() for m in (first, second)), 120,
+                       "both members to stop by themselves")
+    assert first.error is None and second.error is None
+    assert first.runtime.finished and second.runtime.finished
+    written = [Task.from_bytes(m.value()).task_id for m in kafka.read_all(out)]
+    assert sorted(written) == sorted(f"arith-{i}" for i in range(3000))
+    assert not _work_left(base, src)
