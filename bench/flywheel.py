@@ -120,7 +120,7 @@ def supervised_bound(profile: Profile, start: Path, samples: int, points: int,
     from services import envs
     from services.envs.heldout import gate_headline
     from services.gate.evaluate import evaluate
-    from services.generator.engines import TransformersEngine, render
+    from services.models.engines import TransformersEngine, render
     from services.trainer.objectives import Sample
     from services.trainer.train import OptimSettings, make_optimizer, train_round
 
@@ -162,7 +162,7 @@ def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str
     from services.bootstrap import train_on_seed
     from services.envs.heldout import gate_headline, gate_task_ids
     from services.gate.evaluate import evaluate
-    from services.generator.engines import TransformersEngine
+    from services.models.engines import TransformersEngine
     from services.trainer.train import OptimSettings
 
     torch.set_num_threads(2)

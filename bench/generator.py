@@ -3,7 +3,7 @@ latency.
 
 Both backends serve the same model on the same batch: 64 arithmetic tasks x 4 samples,
 temperature 1.0, up to 16 new tokens, after one untimed warm-up batch; three timed batches each,
-median reported. Two sizes of ``services.generator.tiny`` (character-level tokenizer, random
+median reported. Two sizes of ``services.models.tiny`` (character-level tokenizer, random
 weights): the embedded 0.35 M parameter model and a 13 M parameter one (hidden 512, 4 layers).
 Then 20 in-place reloads alternating two checkpoints, per backend and size: p50 / p95.
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 from schemas import SamplingParams, Turn
 from services import envs
-from services.generator.engines import Engine, TransformersEngine, VLLMEngine, render
-from services.generator.tiny import tiny_model
+from services.models.engines import Engine, TransformersEngine, VLLMEngine, render
+from services.models.tiny import tiny_model
 
 TASKS, SAMPLES, MAX_TOKENS, BATCHES, RELOADS = 64, 4, 16, 3, 20
 

@@ -84,7 +84,7 @@ def _size(name: str, dims: dict[str, int], folder: Path, bootstrap: str) -> dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from schemas import CheckpointEvent
-    from services.generator.tiny import tiny_model
+    from services.models.tiny import tiny_model
     from services.trainer.store import CheckpointStore
     from services.trainer.train import OptimSettings, make_optimizer, train_round
 

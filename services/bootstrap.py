@@ -1,6 +1,6 @@
 """``flywheel bootstrap``: a seed model for a flywheel that has none.
 
-A tiny Llama (``services.generator.tiny``) is trained on the CPU for a fixed number of samples
+A tiny Llama (``services.models.tiny``) is trained on the CPU for a fixed number of samples
 (about a minute on a 2-core CPU) of easy seed data of an arithmetic environment: sums whose
 operands have up to ``target_difficulty`` digits but are not both that long (plus
 ``target_share`` of full-length ones). It learns the format and the digit-by-digit rule, so its
@@ -85,7 +85,7 @@ def seed_tasks(s: BootstrapSettings, excluded: frozenset[str] = frozenset()) -> 
 
 def sft_samples(tokenizer: Any, tasks: list[Task]) -> list[Any]:
     """Prompt as the generator renders it, target the verified answer and EOS."""
-    from services.generator.engines import render
+    from services.models.engines import render
     from services.trainer.objectives import Sample
 
     out = []
@@ -131,8 +131,8 @@ def bootstrap(s: BootstrapSettings, store_url: str, model_name: str,
 
     import torch
 
-    from services.generator.engines import TransformersEngine
-    from services.generator.tiny import tiny_model
+    from services.models.engines import TransformersEngine
+    from services.models.tiny import tiny_model
     from services.trainer.store import CheckpointStore
 
     store = CheckpointStore(store_url)

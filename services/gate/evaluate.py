@@ -35,7 +35,7 @@ def evaluate(folder: Path, held_out: HeldOut, tasks: list[Task] | None = None
 def evaluate_suite(folder: Path, sets: list[HeldOut], tasks: list[list[Task]] | None = None
                    ) -> dict[str, SetResult]:
     """Every set of the suite, by name, with one load of the checkpoint."""
-    from services.generator.engines import TransformersEngine
+    from services.models.engines import TransformersEngine
 
     engine = TransformersEngine(folder)
     try:
@@ -46,7 +46,7 @@ def evaluate_suite(folder: Path, sets: list[HeldOut], tasks: list[list[Task]] | 
 
 
 def _run(engine: Any, held_out: HeldOut, tasks: list[Task]) -> SetResult:
-    from services.generator.episodes import Policy, run_episodes
+    from services.models.episodes import Policy, run_episodes
 
     trajectories = run_episodes(
         engine, engine.tokenizer, tasks, samples=1,

@@ -28,10 +28,10 @@ from services.common.errors import DependencyError
 from services.common.stage import Output
 from services.common.state import PartitionState, StateStore
 from services.envs.heldout import HeldOut
+from services.gate import metrics as m
 from services.gate import rule
 from services.gate.evaluate import SetResult
-from services.generator.checkpoint import CheckpointRefused, verify
-from services.trainer import metrics as m
+from services.models.manifest import CheckpointRefused, verify
 
 log = logging.getLogger(__name__)
 

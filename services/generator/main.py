@@ -14,10 +14,10 @@ from services.common.checkpoints import CheckpointFollower
 from services.common.config import RuntimeSettings, ServiceSettings
 from services.common.logs import setup_logging
 from services.common.service import serve
-from services.generator.engines import Engine, TransformersEngine, VLLMDtype, VLLMEngine
-from services.generator.episodes import Policy
 from services.generator.reload import RELOAD_REFUSALS, Reloader
 from services.generator.stage import GeneratorStage
+from services.models.engines import Engine, TransformersEngine, VLLMDtype, VLLMEngine
+from services.models.episodes import Policy
 
 log = logging.getLogger(__name__)
 

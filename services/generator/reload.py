@@ -20,9 +20,9 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from schemas import CheckpointEvent
-from services.generator.checkpoint import CheckpointRefused, verify
-from services.generator.engines import Engine
-from services.generator.episodes import Policy
+from services.models.engines import Engine
+from services.models.episodes import Policy
+from services.models.manifest import CheckpointRefused, verify
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from prometheus_client import Counter, Histogram
 
 from schemas import SamplingParams, Task
 from services.common.stage import Output
-from services.generator.engines import Engine
-from services.generator.episodes import run_episodes
 from services.generator.reload import Reloader
+from services.models.engines import Engine
+from services.models.episodes import run_episodes
 
 TRAJECTORIES = Counter("flywheel_generator_trajectories_total", "Trajectories produced.")
 TOKENS = Counter("flywheel_generator_tokens_total", "Completion tokens sampled.")

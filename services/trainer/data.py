@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from schemas import RoutedSample, ScoredTrajectory, Turn
-from services.generator.engines import render
+from services.models.engines import render
 from services.trainer.objectives import Sample, group_advantages
 
 

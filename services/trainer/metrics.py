@@ -1,4 +1,4 @@
-"""The trainer's and the gate's metrics (``flywheel_trainer_*``, ``flywheel_gate_*``)."""
+"""The trainer's metrics (``flywheel_trainer_*``)."""
 
 from __future__ import annotations
 
@@ -18,20 +18,6 @@ STORE_BYTES = Gauge("flywheel_trainer_store_bytes", "Bytes the checkpoint store 
 PRUNED = Counter("flywheel_trainer_pruned_total", "Version folders and optimizer states the "
                  "store's retention deleted.", ["what"])
 CANDIDATE_VERSION = Gauge("flywheel_trainer_candidate_version", "Last committed candidate.")
-GATE_PROMOTED_VERSION = Gauge("flywheel_gate_promoted_version", "Current promoted version.")
-GATE_SCORE = Gauge("flywheel_gate_score", "Held-out evaluation of the last candidate, by "
-                   "held-out set and metric.", ["set", "metric"])
-GATE_PROMOTED_SCORE = Gauge("flywheel_gate_promoted_score", "Held-out evaluation of the "
-                            "promoted version (the base before any promotion), by held-out "
-                            "set and metric.", ["set", "metric"])
-GATE_DECISIONS = Counter("flywheel_gate_decisions_total", "Gate decisions by outcome: "
-                         "promoted, regressed, not_better, invalid.", ["outcome"])
-GATE_REGRESSIONS = Counter("flywheel_gate_regressions_total", "Regressed candidates by a "
-                           "source of their data (kind: env, router_policy, filter_policy, "
-                           "scorer).", ["kind", "value"])
-GATE_REGRESSION_STREAK = Gauge("flywheel_gate_regression_streak", "Consecutive regressed "
-                               "candidates holding data from this source; an alert fires on "
-                               "repeats.", ["kind", "value"])
 ROLLBACKS = Counter("flywheel_trainer_rollbacks_total", "Rollbacks to the promoted version "
                     "after the gate rejected the trainer's lineage.")
 DISCARDED = Counter("flywheel_trainer_discarded_versions_total", "Candidates left behind by a "

@@ -44,7 +44,7 @@ from schemas import CheckpointEvent, OffsetRange, RoutedSample, TrainingStage
 from schemas import Producer as ProducerInfo
 from services.common.checkpoints import CheckpointFollower
 from services.common.errors import FatalRuntimeError
-from services.generator.checkpoint import verify
+from services.models.manifest import verify
 from services.trainer import metrics as m
 from services.trainer.data import to_samples
 from services.trainer.lineage import Decisions, Rollback

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from schemas import FileDigest
-from services.generator.checkpoint import build_manifest
+from services.models.manifest import build_manifest
 
 # In a folder of their own: weight loaders (transformers, vLLM's reload) take every
 # *.safetensors file at a checkpoint's top level as model weights.

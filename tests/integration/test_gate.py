@@ -26,10 +26,10 @@ def test_the_gate_promotes_a_better_candidate_and_rejects_a_degraded_one(
         kafka: Broker, uid: str, tmp_path: Path) -> None:
     import torch
 
-    from services.generator.engines import TransformersEngine
-    from services.generator.episodes import Policy
     from services.generator.reload import Reloader
-    from services.generator.tiny import tiny_model
+    from services.models.engines import TransformersEngine
+    from services.models.episodes import Policy
+    from services.models.tiny import tiny_model
     from services.trainer.store import CheckpointStore
     from services.trainer.train import OptimSettings, make_optimizer
     from tests.unit.test_training import _sft_round
@@ -106,7 +106,7 @@ def _restarted_gate_shows_what_it_promoted(gs: GateSettings, promoted: Checkpoin
     scores as soon as its state is restored, not after its next decision; so does the view."""
     from prometheus_client import REGISTRY, generate_latest
 
-    from services.trainer import metrics as m
+    from services.gate import metrics as m
     from services.up.stack import _detail, parse_metrics
 
     m.GATE_PROMOTED_VERSION.set(0)

@@ -24,8 +24,8 @@ from services import envs
 from services.common import topics
 from services.common.config import KafkaSettings
 from services.feeder.publish import TaskPublisher
-from services.generator.checkpoint import build_manifest
-from services.generator.tiny import tiny_model
+from services.models.manifest import build_manifest
+from services.models.tiny import tiny_model
 from tests.factories import PRODUCER
 from tests.kafka import Broker, wait_until
 

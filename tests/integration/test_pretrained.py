@@ -27,10 +27,10 @@ from schemas import (  # noqa: E402
 from services import envs  # noqa: E402
 from services.envs.heldout import HeldOut  # noqa: E402
 from services.gate.evaluate import evaluate  # noqa: E402
-from services.generator.checkpoint import verify  # noqa: E402
-from services.generator.engines import TransformersEngine, VLLMEngine, render  # noqa: E402
-from services.generator.episodes import Policy, run_episodes  # noqa: E402
+from services.models.engines import TransformersEngine, VLLMEngine, render  # noqa: E402
+from services.models.episodes import Policy, run_episodes  # noqa: E402
 from services.models.gguf import import_gguf, smollm2  # noqa: E402
+from services.models.manifest import verify  # noqa: E402
 from services.trainer.data import to_samples  # noqa: E402
 from services.trainer.store import CheckpointStore  # noqa: E402
 from services.trainer.train import OptimSettings, make_optimizer, train_round  # noqa: E402

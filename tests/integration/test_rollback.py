@@ -56,7 +56,7 @@ gate's rule, one that beats the pre-poison best); how many it took is printed.""
 def _sft(tokenizer: Any, tasks: list[Task], *, poisoned: bool, tag: str) -> list[RoutedSample]:
     """SFT records as the router writes them: the verified answer, or (poisoned) a wrong
     one passed off as correct."""
-    from services.generator.engines import render
+    from services.models.engines import render
 
     env = envs.get("addition")
     out = []

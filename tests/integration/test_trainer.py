@@ -108,7 +108,7 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
         kafka: Broker, uid: str, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from services.generator.tiny import tiny_model
+    from services.models.tiny import tiny_model
     from services.up.stack import _detail, scrape
 
     prefix = f"t{uid}."
@@ -172,7 +172,7 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
             assert start == end, f"{tp}: a gap or an overlap in {spans}"
         assert spans[-1][1] == ends[tp]
     # No orphan: the store holds exactly the committed candidates, all verifiable.
-    from services.generator.checkpoint import verify
+    from services.models.manifest import verify
 
     folders = sorted(p.name for p in store.iterdir())
     assert folders == [f"v{v:06d}" for v in versions]

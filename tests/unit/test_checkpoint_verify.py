@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from schemas import CheckpointEvent
-from services.generator.checkpoint import CheckpointRefused, build_manifest, verify
+from services.models.manifest import CheckpointRefused, build_manifest, verify
 
 
 def _checkpoint(folder: Path) -> CheckpointEvent:

@@ -16,7 +16,7 @@ from services.envs.heldout import HeldOut
 from services.gate.evaluate import SetResult
 from services.gate.rule import sign_test
 from services.gate.stage import GateStage
-from services.generator.checkpoint import build_manifest
+from services.models.manifest import build_manifest
 
 N = 100
 

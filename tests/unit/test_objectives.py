@@ -24,7 +24,7 @@ pytestmark = pytest.mark.model
 def model(tmp_path_factory: pytest.TempPathFactory) -> object:
     from transformers import AutoModelForCausalLM
 
-    from services.generator.tiny import tiny_model
+    from services.models.tiny import tiny_model
 
     folder = tiny_model(Path(tmp_path_factory.mktemp("tiny")), seed=3)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

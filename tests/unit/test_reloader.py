@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from schemas import CheckpointEvent
-from services.generator.checkpoint import build_manifest
-from services.generator.episodes import Policy
 from services.generator.reload import RELOAD_REFUSALS, Reloader
+from services.models.episodes import Policy
+from services.models.manifest import build_manifest
 
 
 class RecordingEngine:

@@ -173,7 +173,7 @@ def test_code_is_taken_from_the_first_fence() -> None:
 def test_a_reward_model_folder_scores_in_batches(tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from services.generator.tiny import tiny_model
+    from services.models.tiny import tiny_model
     from services.scorer.scorers import RewardModelConfig, RewardModelScorer
 
     folder = tiny_model(tmp_path / "rm")

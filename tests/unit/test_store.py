@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the model extra (torch) is not installed")
 
 from schemas import CheckpointEvent  # noqa: E402
-from services.generator.checkpoint import PICKLE_SUFFIXES, verify  # noqa: E402
+from services.models.manifest import PICKLE_SUFFIXES, verify  # noqa: E402
 from services.trainer.store import CheckpointStore, folder_name, load_optimizer  # noqa: E402
 
 pytestmark = pytest.mark.model
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.model
 def trained(tmp_path: Path) -> tuple[object, object, torch.optim.Optimizer]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.generator.tiny import tiny_model
+    from services.models.tiny import tiny_model
 
     folder = tiny_model(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -94,8 +94,8 @@ def test_a_checkpoint_with_optimizer_state_reloads_into_a_serving_engine(
         tmp_path: Path, trained: tuple[object, object, torch.optim.Optimizer]) -> None:
     """Weight loaders take every top-level *.safetensors file as weights: the optimizer's
     tensors must not be one of them (a generator refused every trained version)."""
-    from services.generator.engines import TransformersEngine
-    from services.generator.tiny import tiny_model
+    from services.models.engines import TransformersEngine
+    from services.models.tiny import tiny_model
 
     model, tokenizer, optimizer = trained
     uri, _ = CheckpointStore(str(tmp_path / "store")).write(1, model, tokenizer, optimizer)

@@ -26,8 +26,8 @@ HELD_OUT, TRAIN = PAIRS[:20], PAIRS[20:]
 
 @pytest.fixture()
 def engine(tmp_path: Path) -> Any:
-    from services.generator.engines import TransformersEngine
-    from services.generator.tiny import tiny_model
+    from services.models.engines import TransformersEngine
+    from services.models.tiny import tiny_model
 
     return TransformersEngine(tiny_model(tmp_path / "tiny", seed=1))
 
@@ -135,7 +135,7 @@ def _chunks(items: list[Any], n: int) -> list[list[Any]]:
 
 
 def test_samples_without_token_ids_are_rendered_like_generator_prompts(engine: Any) -> None:
-    from services.generator.engines import render
+    from services.models.engines import render
 
     task = envs.get("arithmetic").task(2, "+", 3)
     traj = Trajectory(task=task, group_id="g", sample_index=0, group_size=1,
@@ -157,7 +157,7 @@ def test_samples_without_token_ids_are_rendered_like_generator_prompts(engine: A
 
 
 def test_a_multi_turn_answer_is_trained_after_the_whole_conversation(engine: Any) -> None:
-    from services.generator.engines import render
+    from services.models.engines import render
 
     task = envs.get("guess").tasks(1, rng=random.Random(0))[0]
     turns = [Turn(role="user", content=task.prompt), Turn(role="assistant", content="8"),

@@ -23,7 +23,7 @@ from typing import Any
 
 from schemas import SamplingParams, Task, Timings, Trajectory, Turn
 from services import envs
-from services.generator.engines import Completion, Engine, render
+from services.models.engines import Completion, Engine, render
 
 NAMESPACE = uuid.UUID("8b0e0f5e-2f6c-4f4e-9a55-3c1f7d2a9e41")
 """Fixed namespace for the uuid5 ids of groups and trajectories."""

@@ -1,0 +1,59 @@
+"""The import graph: a service package imports ``schemas``, the shared packages
+(``services.common``, ``services.models``, ``services.envs``) and itself, never another
+service. Tools above the services (the CLI, ``flywheel up``, replay, bootstrap) may run them.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SERVICES = ("feeder", "generator", "scorer", "filter", "router", "trainer", "gate", "relay")
+SHARED = ("common", "models", "envs")
+ROOT = Path(__file__).resolve().parents[2] / "services"
+
+
+def _imported(tree: ast.AST) -> list[str]:
+    """Every module an import names: ``from services import envs`` names ``services.envs``."""
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.level:
+                raise AssertionError("relative imports hide the graph; import by full name")
+            names += [f"{node.module}.{a.name}" for a in node.names]
+    return names
+
+
+def crossings(package: str, source: str) -> list[str]:
+    """Modules of other service packages that ``source`` (a module of ``package``) imports."""
+    allowed = {*SHARED, package}
+    bad = []
+    for name in _imported(ast.parse(source)):
+        parts = name.split(".")
+        if parts[0] == "services" and len(parts) > 1 and parts[1] in SERVICES \
+                and parts[1] not in allowed:
+            bad.append(name)
+    return bad
+
+
+def test_no_service_imports_another() -> None:
+    found = {
+        str(path.relative_to(ROOT.parent)): bad
+        for package in SERVICES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (bad := crossings(package, path.read_text(encoding="utf-8")))
+    }
+    assert found == {}
+    assert sum(1 for p in SERVICES for _ in (ROOT / p).rglob("*.py")) > 30  # it read them
+
+
+def test_the_check_sees_every_form_of_a_crossing() -> None:
+    assert crossings("gate", "from services.trainer import metrics as m") == [
+        "services.trainer.metrics"]
+    assert crossings("gate", "import services.generator.stage") == ["services.generator.stage"]
+    assert crossings("trainer", "from services import generator") == ["services.generator"]
+    assert crossings("gate", "from services.models.manifest import verify\n"
+                     "from services import envs\nfrom services.gate import rule\n"
+                     "from schemas import Task") == []
