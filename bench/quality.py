@@ -36,6 +36,7 @@ from schemas import Message, Trajectory, Turn
 from services import envs
 from services.common import topics as topic_ops
 from services.common.config import KafkaSettings, ServiceSettings
+from services.common.produce import produce_when_room
 from services.common.runtime import StreamRuntime
 from services.common.service import tune_gc
 from services.common.stage import Output
@@ -83,12 +84,7 @@ def _trajectories(n: int) -> list[Trajectory]:
 def _seed(bootstrap: str, topic: str, records: Sequence[Message]) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
     for r in records:
-        while True:
-            try:
-                producer.produce(topic, r.to_bytes(), r.partition_key())
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_when_room(producer, topic, r.to_bytes(), r.partition_key())
     if producer.flush(120):
         raise RuntimeError("seeding did not finish")
 

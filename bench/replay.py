@@ -34,6 +34,7 @@ from bench.runtime import broker
 from schemas import CheckpointEvent, ScoredTrajectory
 from services.common import topics as topic_ops
 from services.common.config import KafkaSettings
+from services.common.produce import produce_when_room
 from services.common.runtime import CONSUMER_TUNING
 from services.common.service import tune_gc
 from services.replay import replay
@@ -63,12 +64,7 @@ def _seed(bootstrap: str, prefix: str, records: list[ScoredTrajectory]) -> None:
     for i in range(0, len(records), 5000):
         producer.begin_transaction()
         for r in records[i:i + 5000]:
-            while True:
-                try:
-                    producer.produce(f"{prefix}scored", r.to_bytes(), r.partition_key())
-                    break
-                except BufferError:
-                    producer.poll(0.05)
+            produce_when_room(producer, f"{prefix}scored", r.to_bytes(), r.partition_key())
         producer.commit_transaction(60)
     promoted = CheckpointEvent(model="tiny", version=0, uri="/nowhere", manifest=[],
                                status="promoted")

@@ -17,6 +17,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from services.common.offsets import watermarks
+from services.common.produce import produce_when_room
 
 _COORDINATOR_MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
                        KafkaError.COORDINATOR_NOT_AVAILABLE}
@@ -49,12 +50,7 @@ class Broker:
 
         n = 0
         for key, value in records:
-            while True:
-                try:
-                    producer.produce(topic, value, key, headers=headers, on_delivery=report)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
+            produce_when_room(producer, topic, value, key, headers=headers, on_delivery=report)
             n += 1
         assert producer.flush(60) == 0, "records left unacknowledged"
         assert not errors, errors

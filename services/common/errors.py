@@ -29,23 +29,3 @@ class DependencyError(FlywheelError):
     the failure is not about the records, so they must not be dead-lettered. The runtime stops
     the service with a non-zero exit; the uncommitted batch is processed again after restart.
     """
-
-
-class RecordError(FlywheelError):
-    """One input record could not be handled; it goes to the dead-letter topic.
-
-    ``kind`` is the value of the ``flywheel-error-type`` header: ``decode`` (not UTF-8 JSON),
-    ``schema`` (JSON that fails its schema) or ``stage`` (the stage raised on it).
-    """
-
-    def __init__(
-        self, kind: str, message: str, *, topic: str, partition: int, offset: int,
-        exception_type: str,
-    ) -> None:
-        super().__init__(f"{kind} error at {topic}[{partition}]@{offset}: {message}")
-        self.kind = kind
-        self.message = message
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self.exception_type = exception_type

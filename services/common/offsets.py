@@ -54,3 +54,17 @@ def watermarks(consumer: Consumer, topic: str, partition: int, timeout: float = 
                 raise FatalRuntimeError(f"cannot read the offsets of {topic} [{partition}]: "
                                         f"{exc.args[0]}") from exc
             time.sleep(0.2)
+
+
+def positions(consumer: Consumer, partitions: list[TopicPartition], timeout: float = 10.0
+              ) -> dict[tuple[str, int], int]:
+    """Where the consumer stands in each partition: its position, else (nothing fetched yet
+    since the assignment) the group's committed offset, else -1."""
+    if not partitions:
+        return {}
+    found = consumer.position(partitions)
+    unknown = [tp for tp in found if tp.offset < 0]
+    committed = {(tp.topic, tp.partition): tp.offset
+                 for tp in (consumer.committed(unknown, timeout=timeout) if unknown else [])}
+    return {(tp.topic, tp.partition): tp.offset if tp.offset >= 0
+            else committed.get((tp.topic, tp.partition), -1) for tp in found}

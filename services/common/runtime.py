@@ -82,8 +82,10 @@ from schemas import Message
 from schemas import Producer as ProducerInfo
 from services.common import metrics as m
 from services.common.config import ServiceSettings
-from services.common.dlq import DeadLetter, Headers
+from services.common.dlq import DeadLetter
 from services.common.errors import ConfigError, FatalRuntimeError, FlywheelError
+from services.common.offsets import positions
+from services.common.produce import produce_when_room
 from services.common.stage import (
     DecodeFailure,
     Output,
@@ -490,13 +492,8 @@ class StreamRuntime:
         owned = [TopicPartition(t, p) for t, p in sorted(self._assignment)]
         if not owned:
             return []
-        positions = [tp for tp in self._consumer.position(owned) if tp.offset >= 0]
-        have = {(tp.topic, tp.partition) for tp in positions}
-        rest = [tp for tp in owned if (tp.topic, tp.partition) not in have]
-        if rest:
-            positions += [tp for tp in self._consumer.committed(rest, timeout=10)
-                          if tp.offset >= 0]
-        return positions
+        return [TopicPartition(t, p, at) for (t, p), at in
+                positions(self._consumer, owned).items() if at >= 0]
 
     def _encode(self, outputs: Iterable[Output], sources: _Sources) -> tuple[list[_Encoded], bool]:
         """Topic, key and bytes of each output, and whether any is over ``max_record_bytes``.
@@ -763,17 +760,13 @@ class StreamRuntime:
             assert self._store is not None
             changelog = self._store.changelog_topic
             for partition, state_key, value in state:
-                while True:
-                    try:
-                        produce(changelog, value, state_key, partition=partition)
-                        break
-                    except BufferError:
-                        self._producer.poll(0.05)
+                produce_when_room(self._producer, changelog, value, state_key,
+                                  partition=partition)
         for topic, key, data in encoded:
-            try:
+            try:  # the hot path: one call, the helper only when the queue is full
                 produce(topic, data, key)
             except BufferError:
-                self._produce_when_room(topic, data, key, None)
+                produce_when_room(self._producer, topic, data, key)
         s = self.settings
         limit = s.runtime.max_record_bytes
         for d in dead:
@@ -783,7 +776,7 @@ class StreamRuntime:
                 # Too large to carry: the headers say where the original still is.
                 headers.append(("flywheel-value-omitted", f"{len(value)} bytes".encode()))
                 value = None
-            self._produce_when_room(self.dlq_topic, value, d.key, headers)
+            produce_when_room(self._producer, self.dlq_topic, value, d.key, headers=headers)
 
     def _require_topic(self, topic: str) -> None:
         """Fail fast on a topic that does not exist: librdkafka would only fail its records
@@ -825,18 +818,6 @@ class StreamRuntime:
         if restored is not None:  # optional: a stage showing its state in gauges
             for partition in partitions:
                 restored(self._store.partition(partition))
-
-    def _produce_when_room(
-        self, topic: str, value: bytes | None, key: str | bytes | None, headers: Headers | None
-    ) -> None:
-        assert self._producer is not None
-        while True:
-            try:
-                self._producer.produce(topic, value, key, headers=headers)
-                return
-            except BufferError:
-                # Local queue full: serve delivery reports until there is room.
-                self._producer.poll(0.05)
 
     # -- callbacks from librdkafka (run inside consume/poll on this thread) -----------------
 
@@ -889,17 +870,8 @@ class StreamRuntime:
             todo = {k: end for k, end in todo.items() if k in self._assignment}
         if self._pending.records or set(todo) - self._assignment:
             return False
-        owned = [TopicPartition(t, p) for t, p in todo]
-        positions = self._consumer.position(owned) if owned else []
-        unknown = [tp for tp in positions if tp.offset < 0]
-        committed = {(tp.topic, tp.partition): tp.offset
-                     for tp in (self._consumer.committed(unknown, timeout=10) if unknown
-                                else [])}
-        for tp in positions:
-            at = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
-            if at < self._ends[tp.topic, tp.partition]:
-                return False
-        return True
+        at = positions(self._consumer, [TopicPartition(t, p) for t, p in todo])
+        return all(offset >= self._ends[key] for key, offset in at.items())
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Still a member of the old generation: finish what was processed while we may.
@@ -1009,18 +981,14 @@ class StreamRuntime:
         if not self._assignment:
             return
         consumer = self._consumer
-        positions = consumer.position([TopicPartition(t, p) for t, p in sorted(self._assignment)])
-        unknown = [tp for tp in positions if tp.offset < 0]
-        committed = {
-            (tp.topic, tp.partition): tp.offset
-            for tp in (consumer.committed(unknown, timeout=2) if unknown else [])
-        }
+        at = positions(consumer, [TopicPartition(t, p) for t, p in sorted(self._assignment)],
+                       timeout=2)
         svc = self.settings.service
-        for tp in positions:
+        for (topic, partition), pos in at.items():
+            tp = TopicPartition(topic, partition)
             low, high = consumer.get_watermark_offsets(tp, cached=True)
             if high < 0:
                 continue  # no fetch response for this partition yet
-            pos = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
             if pos < 0:
                 pos = low if low >= 0 else 0
             m.CONSUMER_LAG.labels(svc, tp.topic, str(tp.partition)).set(max(0, high - pos))

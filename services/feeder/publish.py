@@ -11,6 +11,7 @@ from schemas import Producer as ProducerInfo
 from schemas import Task
 from services.common.config import KafkaSettings
 from services.common.errors import FatalRuntimeError
+from services.common.produce import produce_when_room
 
 
 class TaskPublisher:
@@ -34,12 +35,7 @@ class TaskPublisher:
         for task in tasks:
             if task.producer is None:
                 task.producer = self.identity
-            while True:
-                try:
-                    self._producer.produce(self.topic, task.to_bytes(), task.partition_key())
-                    break
-                except BufferError:
-                    self._producer.poll(0.05)
+            produce_when_room(self._producer, self.topic, task.to_bytes(), task.partition_key())
             n += 1
         left = self._producer.flush(timeout)
         if self._error is not None or left:
