@@ -1,6 +1,6 @@
 """Every message on the wire: pydantic models, their JSON Schemas, and compatibility goldens."""
 
-from schemas.envelope import SCHEMA_VERSION, Message, Producer, WireModel
+from schemas.envelope import SCHEMA_VERSION, Message, ProducerInfo, WireModel
 from schemas.messages import (
     MESSAGE_TYPES,
     CheckpointEvent,
@@ -30,7 +30,7 @@ __all__ = [
     "FilterDecision",
     "Message",
     "OffsetRange",
-    "Producer",
+    "ProducerInfo",
     "RoutedSample",
     "SamplingParams",
     "Score",

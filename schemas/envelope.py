@@ -33,7 +33,7 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
 
-class Producer(WireModel):
+class ProducerInfo(WireModel):
     """Which service and which instance of it wrote a message."""
 
     service: str = Field(description="Service name, e.g. 'generator'.")
@@ -53,7 +53,7 @@ class Message(WireModel):
     )
     schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
     created_at: datetime = Field(default_factory=_now, description="UTC time of creation.")
-    producer: Producer | None = Field(
+    producer: ProducerInfo | None = Field(
         default=None,
         description="The writing service; the runtime stamps it on outputs that leave it unset.",
     )

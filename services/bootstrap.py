@@ -24,8 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas import CheckpointEvent, Task
-from schemas import Producer as ProducerInfo
+from schemas import CheckpointEvent, ProducerInfo, Task
 from services import envs
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError

@@ -142,7 +142,7 @@ def tasks_seed(
     """Publish tasks to the tasks topic, from an environment or a JSONL file."""
     import random
 
-    from schemas import Producer as ProducerInfo
+    from schemas import ProducerInfo
     from services import envs
     from services.envs.reference import load_task_file
     from services.feeder.publish import TaskPublisher

@@ -9,7 +9,7 @@ from schemas import (
     FileDigest,
     FilterDecision,
     OffsetRange,
-    Producer,
+    ProducerInfo,
     RoutedSample,
     SamplingParams,
     Score,
@@ -20,7 +20,7 @@ from schemas import (
     VerifierSpec,
 )
 
-PRODUCER = Producer(service="test", instance="test-0")
+PRODUCER = ProducerInfo(service="test", instance="test-0")
 
 
 def task(i: int = 0, *, pad: int = 0) -> Task:

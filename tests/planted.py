@@ -28,7 +28,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-from schemas import Producer, Score, ScoredTrajectory, Task, Trajectory, Turn, VerifierSpec
+from schemas import ProducerInfo, Score, ScoredTrajectory, Task, Trajectory, Turn, VerifierSpec
 from services.filter.policy import FilterPolicy, LengthRule
 from services.router.policy import RoutingPolicy
 
@@ -39,7 +39,7 @@ MODEL = "tiny"
 KINDS = ("varied", "equal", "varied", "exact_dup", "stale", "near_dup", "low_reward",
          "over_long", "in_group_dup")
 """One cycle; two ``varied`` groups for the two duplicate groups to repeat."""
-PRODUCER = Producer(service="test", instance="planted")
+PRODUCER = ProducerInfo(service="test", instance="planted")
 
 
 def filter_policy() -> FilterPolicy:

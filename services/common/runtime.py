@@ -78,8 +78,7 @@ from confluent_kafka import (
 from confluent_kafka import Message as KafkaMessage
 from pydantic import ValidationError
 
-from schemas import Message
-from schemas import Producer as ProducerInfo
+from schemas import Message, ProducerInfo
 from services.common import metrics as m
 from services.common.config import ServiceSettings
 from services.common.dlq import DeadLetter

@@ -21,7 +21,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 from pydantic import Field, model_validator
 
-from schemas import Producer as ProducerInfo
+from schemas import ProducerInfo
 from services import envs
 from services.common.config import ServiceSettings
 from services.common.errors import ConfigError, FlywheelError

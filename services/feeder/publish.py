@@ -7,8 +7,7 @@ from collections.abc import Iterable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from schemas import Producer as ProducerInfo
-from schemas import Task
+from schemas import ProducerInfo, Task
 from services.common.config import KafkaSettings
 from services.common.errors import FatalRuntimeError
 from services.common.produce import produce_when_room

@@ -40,8 +40,7 @@ from confluent_kafka import (
 )
 from pydantic import ValidationError
 
-from schemas import CheckpointEvent, OffsetRange, RoutedSample, TrainingStage
-from schemas import Producer as ProducerInfo
+from schemas import CheckpointEvent, OffsetRange, ProducerInfo, RoutedSample, TrainingStage
 from services.common.checkpoints import CheckpointFollower
 from services.common.errors import FatalRuntimeError
 from services.models.manifest import verify

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas import CheckpointEvent, FileDigest
-from schemas import Producer as ProducerInfo
+from schemas import CheckpointEvent, FileDigest, ProducerInfo
 from services.common.state import StateStore
 from services.envs.heldout import HeldOut
 from services.gate.evaluate import SetResult
