@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
+from services.scorer.harness import VIOLATION_EXIT
 from services.scorer.sandbox import (
-    _VIOLATION_EXIT,
     KILL_REASONS,
     SandboxLimits,
     SandboxResult,
@@ -354,8 +354,8 @@ STARTED = ("audit_hook",)
     (3, 0.3, _Report(STARTED, None, "memory"), ("killed", "memory")),
     (-signal.SIGXFSZ, 0.3, _Report(STARTED, None, None), ("killed", "output_size")),
     (-signal.SIGALRM, 0.3, _Report(STARTED, None, None), ("killed", "forbidden")),
-    (_VIOLATION_EXIT, 0.3, _Report(STARTED, "network", None), ("killed", "network")),
-    (_VIOLATION_EXIT, 0.3, _Report(STARTED, None, None), ("killed", "forbidden")),
+    (VIOLATION_EXIT, 0.3, _Report(STARTED, "network", None), ("killed", "network")),
+    (VIOLATION_EXIT, 0.3, _Report(STARTED, None, None), ("killed", "forbidden")),
     (0, 0.3, _Report(STARTED, None, "passed"), ("passed", None)),
     (1, 0.3, _Report(STARTED, None, "passed"), ("failed", "NoReport")),
     (1, 0.3, _Report(STARTED, None, "failed KeyError"), ("failed", "KeyError")),
