@@ -46,12 +46,12 @@ def evaluate_suite(folder: Path, sets: list[HeldOut], tasks: list[list[Task]] | 
 
 
 def _run(engine: Any, held_out: HeldOut, tasks: list[Task]) -> SetResult:
-    from services.models.episodes import Policy, run_episodes
+    from services.models.episodes import ModelVersion, run_episodes
 
     trajectories = run_episodes(
         engine, engine.tokenizer, tasks, samples=1,
         sampling=SamplingParams(temperature=0.0, max_tokens=held_out.max_tokens),
-        policy=Policy("eval", 0), max_turns=held_out.max_turns)
+        model=ModelVersion("eval", 0), max_turns=held_out.max_turns)
     outcomes: list[int] = []
     scores = 0.0
     for t in trajectories:  # in task order, one each

@@ -17,7 +17,7 @@ from services.common.service import serve
 from services.generator.reload import RELOAD_REFUSALS, Reloader
 from services.generator.stage import GeneratorStage
 from services.models.engines import Engine, TransformersEngine, VLLMDtype, VLLMEngine
-from services.models.episodes import Policy
+from services.models.episodes import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ def run(settings: GeneratorSettings) -> int:
     log.info("config: %s", json.dumps(settings.redacted(), sort_keys=True))
     engine, tokenizer = build_engine(settings)
     reloader = Reloader(engine, settings.checkpoint_root,
-                        Policy(settings.model_name, settings.base_version), settings.model_path)
+                        ModelVersion(settings.model_name, settings.base_version),
+                        settings.model_path)
     follower = CheckpointFollower(
         settings.kafka, settings.topic("checkpoints"), reloader,
         on_invalid=RELOAD_REFUSALS.labels("invalid_event").inc)

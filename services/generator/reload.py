@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from schemas import CheckpointEvent
 from services.models.engines import Engine
-from services.models.episodes import Policy
+from services.models.episodes import ModelVersion
 from services.models.manifest import CheckpointRefused, verify
 
 log = logging.getLogger(__name__)
@@ -43,21 +43,21 @@ ARCHITECTURE_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_l
 class Reloader:
     """What the generator serves, and the next verified checkpoint waiting to be loaded."""
 
-    def __init__(self, engine: Engine, root: Path, policy: Policy, served: Path) -> None:
+    def __init__(self, engine: Engine, root: Path, serving: ModelVersion, served: Path) -> None:
         self.engine, self.root = engine, root
-        self.policy = policy
+        self.serving = serving
         self.served = served
         self._architecture = _architecture(served)
         self._pending: tuple[int, Path] | None = None
         self._lock = threading.Lock()
-        POLICY_VERSION.set(policy.version)
+        POLICY_VERSION.set(serving.version)
 
     def offer(self, event: CheckpointEvent) -> None:
         """Consider one checkpoint event; safe from any thread."""
-        if event.status != "promoted" or event.model != self.policy.model:
+        if event.status != "promoted" or event.model != self.serving.model:
             return
         with self._lock:
-            newest = self._pending[0] if self._pending else self.policy.version
+            newest = self._pending[0] if self._pending else self.serving.version
         if event.version <= newest:
             return
         try:
@@ -68,7 +68,7 @@ class Reloader:
         except CheckpointRefused as exc:
             RELOAD_REFUSALS.labels(exc.reason).inc()
             log.error("refused %s v%d (%s); still serving v%d", event.model, event.version, exc,
-                      self.policy.version)
+                      self.serving.version)
             return
         with self._lock:
             if self._pending is None or event.version > self._pending[0]:
@@ -89,13 +89,13 @@ class Reloader:
             self.engine.reload(self.served)
             RELOAD_REFUSALS.labels("load_failed").inc()
             log.error("loading v%d failed (%s: %s); restored v%d", version, type(exc).__name__,
-                      exc, self.policy.version)
+                      exc, self.serving.version)
             return False
         seconds = time.perf_counter() - started
         RELOAD_SECONDS.observe(seconds)
-        self.policy, self.served = Policy(self.policy.model, version), folder
+        self.serving, self.served = ModelVersion(self.serving.model, version), folder
         POLICY_VERSION.set(version)
-        log.info("now serving %s v%d (reload %.1f ms)", self.policy.model, version, 1e3 * seconds)
+        log.info("now serving %s v%d (reload %.1f ms)", self.serving.model, version, 1e3 * seconds)
         return True
 
 

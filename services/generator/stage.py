@@ -45,7 +45,7 @@ class GeneratorStage:
         self.reloader.apply_pending()  # between batches: nothing is in flight
         trajectories = run_episodes(
             self.engine, self.tokenizer, batch, samples=self.samples, sampling=self.sampling,
-            policy=self.reloader.policy, max_turns=self.max_turns,
+            model=self.reloader.serving, max_turns=self.max_turns,
         )
         ENGINE_BATCH.observe(len(batch) * self.samples)
         GENERATION_SECONDS.observe(sum(t.timings.generation_seconds for t in trajectories))

@@ -30,8 +30,8 @@ NAMESPACE = uuid.UUID("8b0e0f5e-2f6c-4f4e-9a55-3c1f7d2a9e41")
 
 
 @dataclass(frozen=True)
-class Policy:
-    """The weights a generator serves: model name and promoted version."""
+class ModelVersion:
+    """The weights a generator serves (the RL policy): model name and promoted version."""
 
     model: str
     version: int
@@ -52,18 +52,18 @@ class _Episode:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
-def group_id(task: Task, policy: Policy) -> str:
-    return str(uuid.uuid5(NAMESPACE, f"group:{task.event_id}:{policy.model}:{policy.version}"))
+def group_id(task: Task, model: ModelVersion) -> str:
+    return str(uuid.uuid5(NAMESPACE, f"group:{task.event_id}:{model.model}:{model.version}"))
 
 
-def trajectory_id(task: Task, sample_index: int, policy: Policy) -> uuid.UUID:
-    return uuid.uuid5(NAMESPACE, f"traj:{task.event_id}:{sample_index}:{policy.model}:"
-                                 f"{policy.version}")
+def trajectory_id(task: Task, sample_index: int, model: ModelVersion) -> uuid.UUID:
+    return uuid.uuid5(NAMESPACE, f"traj:{task.event_id}:{sample_index}:{model.model}:"
+                                 f"{model.version}")
 
 
 def run_episodes(
     engine: Engine, tokenizer: Any, tasks: Sequence[Task], *, samples: int,
-    sampling: SamplingParams, policy: Policy, max_turns: int = 8,
+    sampling: SamplingParams, model: ModelVersion, max_turns: int = 8,
 ) -> list[Trajectory]:
     """``samples`` trajectories per task, in task order then sample order."""
     environments: dict[str, envs.Environment] = {}
@@ -71,7 +71,7 @@ def run_episodes(
     for task in tasks:
         env = environments.get(task.env) or environments.setdefault(task.env, envs.get(task.env))
         for i in range(samples):
-            seed = zlib.crc32(f"{task.event_id}:{i}:{policy.version}".encode())
+            seed = zlib.crc32(f"{task.event_id}:{i}:{model.version}".encode())
             episodes.append(_Episode(task, env, i, env.initial_turns(task), seed))
     active = episodes
     while active:
@@ -97,17 +97,17 @@ def run_episodes(
                 ep.turns.append(step.reply)
                 still.append(ep)
         active = still
-    return [_trajectory(ep, samples, sampling, policy) for ep in episodes]
+    return [_trajectory(ep, samples, sampling, model) for ep in episodes]
 
 
-def _trajectory(ep: _Episode, samples: int, sampling: SamplingParams, policy: Policy
+def _trajectory(ep: _Episode, samples: int, sampling: SamplingParams, model: ModelVersion
                 ) -> Trajectory:
     assert ep.last is not None
     now = datetime.now(UTC)
     return Trajectory(
-        event_id=trajectory_id(ep.task, ep.sample_index, policy),
+        event_id=trajectory_id(ep.task, ep.sample_index, model),
         task=ep.task,
-        group_id=group_id(ep.task, policy),
+        group_id=group_id(ep.task, model),
         sample_index=ep.sample_index,
         group_size=samples,
         turns=ep.turns,
@@ -116,8 +116,8 @@ def _trajectory(ep: _Episode, samples: int, sampling: SamplingParams, policy: Po
         completion_token_ids=ep.last.token_ids,
         completion_logprobs=ep.last.logprobs,
         finish_reason=ep.last.finish_reason,
-        policy_version=policy.version,
-        model=policy.model,
+        policy_version=model.version,
+        model=model.model,
         sampling=sampling.model_copy(update={"n": samples, "seed": ep.seed}),
         timings=Timings(
             started_at=ep.started_at, finished_at=now,

@@ -11,13 +11,13 @@ pytest.importorskip("torch", reason="needs the model extras (make test installs 
 from schemas import SamplingParams, Trajectory
 from services import envs
 from services.models.engines import TransformersEngine
-from services.models.episodes import Policy, run_episodes
+from services.models.episodes import ModelVersion, run_episodes
 from services.models.tiny import tiny_model
 
 pytestmark = pytest.mark.model
 
 SAMPLING = SamplingParams(temperature=1.0, max_tokens=6)
-POLICY = Policy(model="tiny", version=3)
+MODEL = ModelVersion(model="tiny", version=3)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_groups_of_samples_per_task_are_schema_valid_and_repeatable(
 ) -> None:
     tasks = envs.get("arithmetic").tasks(4, rng=random.Random(0), difficulty=2)
     trajectories = run_episodes(engine, engine.tokenizer, tasks, samples=3, sampling=SAMPLING,
-                                policy=POLICY)
+                                model=MODEL)
     assert len(trajectories) == 12
     for task, group in zip(tasks, [trajectories[i:i + 3] for i in range(0, 12, 3)],
                            strict=True):
@@ -49,12 +49,12 @@ def test_groups_of_samples_per_task_are_schema_valid_and_repeatable(
         assert t.turns[-1].content == t.completion
         assert t.timings.generation_seconds > 0
     repeat = run_episodes(engine, engine.tokenizer, tasks, samples=3, sampling=SAMPLING,
-                          policy=POLICY)
+                          model=MODEL)
     assert [t.event_id for t in repeat] == [t.event_id for t in trajectories]
     assert [t.completion_token_ids for t in repeat] == [t.completion_token_ids
                                                         for t in trajectories]
     newer = run_episodes(engine, engine.tokenizer, tasks, samples=3, sampling=SAMPLING,
-                         policy=Policy("tiny", 4))
+                         model=ModelVersion("tiny", 4))
     assert not {t.event_id for t in newer} & {t.event_id for t in trajectories}
 
 
@@ -66,7 +66,7 @@ def test_a_multi_turn_episode_keeps_every_step(engine: TransformersEngine) -> No
                 if int(t.verifier.answer) >= 10)  # type: ignore[union-attr]
     one_token = SamplingParams(temperature=1.0, max_tokens=1)
     [trajectory] = run_episodes(engine, engine.tokenizer, [task], samples=1,
-                                sampling=one_token, policy=POLICY)
+                                sampling=one_token, model=MODEL)
     roles = [t.role for t in trajectory.turns]
     assistant = [t for t in trajectory.turns if t.role == "assistant"]
     assert len(assistant) == 7, roles

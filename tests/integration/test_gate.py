@@ -28,7 +28,7 @@ def test_the_gate_promotes_a_better_candidate_and_rejects_a_degraded_one(
 
     from services.generator.reload import Reloader
     from services.models.engines import TransformersEngine
-    from services.models.episodes import Policy
+    from services.models.episodes import ModelVersion
     from services.models.tiny import tiny_model
     from services.trainer.store import CheckpointStore
     from services.trainer.train import OptimSettings, make_optimizer
@@ -88,14 +88,14 @@ def test_the_gate_promotes_a_better_candidate_and_rejects_a_degraded_one(
     served = tmp_path / "served"
     shutil.copytree(base, served)
     engine = TransformersEngine(served)
-    reloader = Reloader(engine, root, Policy("tiny", 0), served)
+    reloader = Reloader(engine, root, ModelVersion("tiny", 0), served)
     follower = CheckpointFollower(settings, f"{prefix}checkpoints", reloader)
     try:
         follower.catch_up()
         assert reloader.apply_pending()
     finally:
         follower.stop()
-    assert reloader.policy.version == 1
+    assert reloader.serving.version == 1
     promoted = TransformersEngine(Path(uri1))
     for a, b in zip(engine.model.parameters(), promoted.model.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -28,7 +28,7 @@ from services import envs  # noqa: E402
 from services.envs.heldout import HeldOut  # noqa: E402
 from services.gate.evaluate import evaluate  # noqa: E402
 from services.models.engines import TransformersEngine, VLLMEngine, render  # noqa: E402
-from services.models.episodes import Policy, run_episodes  # noqa: E402
+from services.models.episodes import ModelVersion, run_episodes  # noqa: E402
 from services.models.gguf import import_gguf, smollm2  # noqa: E402
 from services.models.manifest import verify  # noqa: E402
 from services.trainer.data import to_samples  # noqa: E402
@@ -86,9 +86,9 @@ def test_both_backends_serve_train_reload_and_evaluate(imported: Path, served: V
         assert all(c.token_ids[-1] == reference.tokenizer.eos_token_id for c in stopped)
 
     # Sample groups with vLLM, score them with the environment, train SFT then GRPO.
-    policy = Policy("smol", 0)
+    policy = ModelVersion("smol", 0)
     trajectories = run_episodes(served, served.tokenizer, tasks, samples=4, sampling=SAMPLING,
-                                policy=policy)
+                                model=policy)
     scored = []
     for t in trajectories:
         verdict = env.verify(t.task, t.turns)

@@ -13,7 +13,7 @@ import pytest
 
 from schemas import CheckpointEvent
 from services.generator.reload import RELOAD_REFUSALS, Reloader
-from services.models.episodes import Policy
+from services.models.episodes import ModelVersion
 from services.models.manifest import build_manifest
 
 
@@ -55,7 +55,7 @@ def setup(tmp_path: Path) -> tuple[Reloader, RecordingEngine, Path]:
     root = tmp_path / "ckpt"
     base = _checkpoint(root, 0)
     engine = RecordingEngine()
-    return Reloader(engine, root, Policy("tiny", 0), Path(base.uri)), engine, root
+    return Reloader(engine, root, ModelVersion("tiny", 0), Path(base.uri)), engine, root
 
 
 def test_only_newer_promoted_checkpoints_of_its_model_are_taken(
@@ -69,7 +69,7 @@ def test_only_newer_promoted_checkpoints_of_its_model_are_taken(
     reloader.offer(_checkpoint(root, 5))
     reloader.offer(_checkpoint(root, 4))  # older than the pending v5
     assert reloader.apply_pending()
-    assert engine.loaded == [(root / "v5").resolve()] and reloader.policy.version == 5
+    assert engine.loaded == [(root / "v5").resolve()] and reloader.serving.version == 5
     reloader.offer(CheckpointEvent.model_validate(
         _checkpoint(root, 6).model_dump() | {"version": 5}))  # not newer than what it serves
     assert not reloader.apply_pending()
@@ -85,7 +85,7 @@ def test_tampered_and_incompatible_checkpoints_are_refused(
     reloader.offer(tampered)
     reloader.offer(_checkpoint(root, 2, hidden=256))
     assert not reloader.apply_pending() and engine.loaded == []
-    assert reloader.policy.version == 0
+    assert reloader.serving.version == 0
     assert _refusals("sha256") == sha + 1 and _refusals("incompatible") == arch + 1
 
 
@@ -93,9 +93,9 @@ def test_a_failed_load_restores_the_served_weights(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     base = _checkpoint(root, 0)
     engine = RecordingEngine(fail_on=(root / "v1").resolve())
-    reloader = Reloader(engine, root, Policy("tiny", 0), Path(base.uri))
+    reloader = Reloader(engine, root, ModelVersion("tiny", 0), Path(base.uri))
     failed = _refusals("load_failed")
     reloader.offer(_checkpoint(root, 1))
     assert not reloader.apply_pending()
     assert engine.loaded == [(root / "v1").resolve(), Path(base.uri)]
-    assert reloader.policy.version == 0 and _refusals("load_failed") == failed + 1
+    assert reloader.serving.version == 0 and _refusals("load_failed") == failed + 1
