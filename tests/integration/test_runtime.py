@@ -262,10 +262,10 @@ def test_members_sharing_bounds_each_stop_and_together_take_every_record_once(
     """A replay's workers: two members of one group over bounded input, the second joining
     while the first works (a rebalance mid-run, revocations, possibly an empty assignment).
     Each stops by itself without error; together they wrote every task exactly once, and the
-    group's offsets are at the ends (:func:`services.replay._work_left` agrees)."""
+    group's offsets are at the ends (:func:`services.replay_workers.work_left` agrees)."""
     from confluent_kafka import Producer
 
-    from services.replay import _work_left
+    from services.replay_workers import work_left
 
     src, out, dlq = f"sb-in-{uid}", f"sb-out-{uid}", f"sb-dlq-{uid}"
     kafka.create_topics([src, out, dlq], partitions=6)
@@ -293,4 +293,4 @@ def test_members_sharing_bounds_each_stop_and_together_take_every_record_once(
     assert first.runtime.finished and second.runtime.finished
     written = [Task.from_bytes(m.value()).task_id for m in kafka.read_all(out)]
     assert sorted(written) == sorted(f"arith-{i}" for i in range(3000))
-    assert not _work_left(base, src)
+    assert not work_left(base, src)
