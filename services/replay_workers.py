@@ -39,7 +39,7 @@ def workers_for(requested: int | None, bounds: Bounds) -> int:
 
 
 def run_in_workers(stage: Service, settings: ServiceSettings, input_topic: str,
-                      checkpoints: str, workers: int) -> int:
+                   checkpoints: str, workers: int) -> int:
     """Run the stage over its bounds in ``workers`` processes, members of one consumer group
     (each stops when the partitions it owns are at their end; ``shared_bounds``), then check
     that the group's offsets reached every end; what is left, if anything (a worker stopped
