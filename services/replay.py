@@ -45,17 +45,14 @@ from services.common import topics as topic_ops
 from services.common.config import KafkaSettings, ServiceSettings
 from services.common.errors import ConfigError
 from services.common.service import INTERRUPTED
+from services.registry import REPLAYABLE, SERVICES
 from services.replay_workers import Bounds, Service, run_in_workers, workers_for
 
 log = logging.getLogger(__name__)
 
-CHAIN: tuple[Service, ...] = ("scorer", "filter", "router")
-INPUTS: dict[str, str] = {"scorer": "raw", "filter": "scored", "router": "filtered"}
-OUTPUTS: dict[str, tuple[str, ...]] = {
-    "scorer": ("scored", "dlq"),
-    "filter": ("filtered", "rejected", "filter.state", "dlq"),
-    "router": ("accepted.cpt", "accepted.sft", "accepted.rl", "router.state", "dlq"),
-}
+CHAIN: tuple[Service, ...] = REPLAYABLE  # type: ignore[assignment]
+INPUTS: dict[str, str] = {n: SERVICES[n].reads or "" for n in CHAIN}
+OUTPUTS: dict[str, tuple[str, ...]] = {n: SERVICES[n].writes for n in CHAIN}
 MANIFEST = "manifest"
 """The replay's manifest topic, under its prefix."""
 
@@ -203,17 +200,11 @@ def _digest(path: Path | None) -> str:
 
 
 def _live_settings(stage: Service, file: Path | None) -> ServiceSettings:
-    if stage == "scorer":
-        from services.scorer.main import ScorerSettings
-
-        return ScorerSettings.with_overrides(config_file=file)
-    if stage == "filter":
-        from services.filter.main import FilterSettings
-
-        return FilterSettings.with_overrides(policy_file=file)
-    from services.router.main import RouterSettings
-
-    return RouterSettings.with_overrides(policy_file=file)
+    service = SERVICES[stage]
+    assert service.policy_field is not None
+    settings: ServiceSettings = service.settings_class().with_overrides(
+        **{service.policy_field: file})
+    return settings
 
 
 Progress = Callable[[str, int, int], None]

@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, TopicPartition
 from services.common.config import ServiceSettings
 from services.common.logs import setup_logging, to_file
 from services.common.service import INTERRUPTED
+from services.registry import SERVICES
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +154,7 @@ def work_left(settings: ServiceSettings, input_topic: str) -> bool:
 
 
 def run_stage(stage: Service, settings: Any, input_topic: str, checkpoints: str) -> int:
-    if stage == "scorer":
-        from services.scorer import main as scorer
-
-        return scorer.run(settings, input_topic=input_topic)
-    if stage == "filter":
-        from services.filter import main as filter_main
-
-        return filter_main.run(settings, input_topic=input_topic, checkpoints_topic=checkpoints)
-    from services.router import main as router
-
-    return router.run(settings, input_topic=input_topic)
+    """The stage's service over ``input_topic`` (a filter follows the live ``checkpoints``)."""
+    service = SERVICES[stage]
+    extra = {"checkpoints_topic": checkpoints} if service.follows_checkpoints else {}
+    return service.run(settings, input_topic=input_topic, **extra)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.up.stack import _settings_class
+from services.registry import SERVICES
 
 
 def load_settings(name: str, environment: dict[str, str],
@@ -16,7 +16,7 @@ def load_settings(name: str, environment: dict[str, str],
     """Every FLYWHEEL_* variable is a field of service ``name``'s settings (they allow
     extras, so a typo would be silently ignored), then the settings loaded from exactly
     those variables: values that do not validate fail here."""
-    cls = _settings_class(name)
+    cls = SERVICES[name].settings_class()
     for variable in environment:
         if not variable.startswith("FLYWHEEL_"):
             continue

@@ -18,13 +18,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from services import registry
 from services.bootstrap import BootstrapSettings
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError
 from services.up.monitor import PrometheusProfile
 
-SERVICES = ("feeder", "generator", "scorer", "filter", "router", "trainer", "gate")
-POLICY_FIELD = {"scorer": "config_file", "filter": "policy_file", "router": "policy_file"}
+SERVICES = tuple(registry.SERVICES)
+POLICY_FIELD = {name: s.policy_field for name, s in registry.SERVICES.items() if s.policy_field}
 
 
 def _embedded(**sections: Any) -> Any:

@@ -10,7 +10,6 @@ with its settings in ``FLYWHEEL_*`` variables, logs in ``<home>/logs/<name>.log`
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from rich.console import Group
 from rich.table import Table
 
 from schemas import CheckpointEvent
+from services import registry
 from services.common import broker as local_kafka
 from services.common import topics as topic_ops
 from services.common.checkpoints import CheckpointFollower
@@ -46,21 +46,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "up.json"
 
 
-SETTINGS = {
-    "feeder": "services.feeder.main:FeederSettings",
-    "generator": "services.generator.main:GeneratorSettings",
-    "scorer": "services.scorer.main:ScorerSettings",
-    "filter": "services.filter.main:FilterSettings",
-    "router": "services.router.main:RouterSettings",
-    "trainer": "services.trainer.settings:TrainerSettings",
-    "gate": "services.gate.main:GateSettings",
-}
-"""Each service's settings class, imported only when needed (some pull in torch)."""
-
-
 def _settings_class(service: str) -> Any:
-    module, name = SETTINGS[service].split(":")
-    return getattr(importlib.import_module(module), name)
+    return registry.SERVICES[service].settings_class()
 
 
 class Versions:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from services.common.config import ServiceSettings
-from services.up.stack import SETTINGS
+from services.registry import SERVICES
 from tests.deployment import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def test_the_validation_can_fail() -> None:
 def test_every_long_running_service_is_a_flywheel_service_with_its_image() -> None:
     services = _flywheel()
     runs = {name: s for name, s in services.items() if "command" in s}
-    assert set(runs) == set(SETTINGS), "compose runs every service of `flywheel up`"
+    assert set(runs) == set(SERVICES), "compose runs every service of `flywheel up`"
     model = {"generator", "trainer", "gate"}  # the ones that import torch
     for name, service in runs.items():
         assert service["command"] == [name]
@@ -110,7 +110,7 @@ def test_one_shot_commands_exist() -> None:
                 assert _in_repo(value).is_file(), value
 
 
-@pytest.mark.parametrize("name", sorted(SETTINGS))
+@pytest.mark.parametrize("name", sorted(SERVICES))
 def test_each_service_environment_loads_into_its_settings(
         name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every FLYWHEEL_* variable is a field of the service's settings (a typo would be
@@ -142,7 +142,7 @@ def test_prometheus_and_grafana_mount_what_exists() -> None:
     local = ROOT / "deploy" / "prometheus" / Path(config).name
     scrape = yaml.safe_load(local.read_text(encoding="utf-8"))
     discovered = scrape["scrape_configs"][0]["dns_sd_configs"][0]
-    assert set(discovered["names"]) == set(SETTINGS)
+    assert set(discovered["names"]) == set(SERVICES)
     assert discovered["port"] == METRICS_PORT
     assert scrape["rule_files"] == ["alerts.yml"]
 

@@ -6,6 +6,7 @@ service. Tools above the services (the CLI, ``flywheel up``, replay, bootstrap) 
 from __future__ import annotations
 
 import ast
+import itertools
 from pathlib import Path
 
 SERVICES = ("feeder", "generator", "scorer", "filter", "router", "trainer", "gate", "relay")
@@ -57,3 +58,24 @@ def test_the_check_sees_every_form_of_a_crossing() -> None:
     assert crossings("gate", "from services.models.manifest import verify\n"
                      "from services import envs\nfrom services.gate import rule\n"
                      "from schemas import Task") == []
+
+
+def test_the_registry_names_every_service_package_and_its_cli_command() -> None:
+    """One list of services: each has a package with its entry and settings class, and a
+    ``flywheel run`` command; the replayable stages read the topic the one before writes."""
+    from typer.main import get_command
+
+    from services.cli import run_app
+    from services.registry import REPLAYABLE
+    from services.registry import SERVICES as REGISTERED
+
+    assert set(REGISTERED) == set(SERVICES) - {"relay"}
+    commands = set(get_command(run_app).commands)  # type: ignore[attr-defined]
+    assert set(REGISTERED) <= commands
+    for service in REGISTERED.values():
+        assert (ROOT / service.settings.split(":")[0].split(".")[1]).is_dir()
+        assert service.settings_class().model_fields["service"].default == service.name
+    chain = [REGISTERED[n] for n in REPLAYABLE]
+    assert [s.name for s in chain] == ["scorer", "filter", "router"]
+    for before, after in itertools.pairwise(chain):
+        assert after.reads in before.writes

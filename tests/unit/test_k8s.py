@@ -13,7 +13,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import ValidationError
 
-from services.up.stack import SETTINGS
+from services.registry import SERVICES
 from tests.deployment import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def test_workload_kinds_images_commands_and_probes() -> None:
     """Stream stages, trainer and gate are StatefulSets (a stable pod name is a stable
     transactional id); generators a Deployment; each runs `flywheel run <service>`."""
     workloads = _workloads()
-    assert set(workloads) == set(SETTINGS), "Kubernetes runs every service of `flywheel up`"
+    assert set(workloads) == set(SERVICES), "Kubernetes runs every service of `flywheel up`"
     assert set(_by_kind("Deployment")) == {"generator"}
     services = _by_kind("Service")
     for name, workload in workloads.items():
@@ -106,7 +106,7 @@ def test_workload_kinds_images_commands_and_probes() -> None:
             assert services[workload["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
 
 
-@pytest.mark.parametrize("name", sorted(SETTINGS))
+@pytest.mark.parametrize("name", sorted(SERVICES))
 def test_each_workload_environment_loads_into_its_settings(
         name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every FLYWHEEL_* variable is a setting of the service (settings allow extras, so a
