@@ -46,10 +46,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "up.json"
 
 
-def _settings_class(service: str) -> Any:
-    return registry.SERVICES[service].settings_class()
-
-
 class Versions:
     """Every checkpoint event of the model, for the view: candidates and the gate's calls."""
 
@@ -171,7 +167,7 @@ class Stack:
         placeholder = {"model_path": "x", "base_model_path": "x"}
         checked = {}
         for service in SERVICES:
-            cls = _settings_class(service)
+            cls = registry.SERVICES[service].settings_class()
             fields = {k: v for k, v in placeholder.items() if k in cls.model_fields}
             try:
                 checked[service] = cls(**{**fields, **self._section(service),
