@@ -33,9 +33,9 @@ from bench.quality import _trajectories
 from bench.runtime import broker
 from schemas import CheckpointEvent, ScoredTrajectory
 from services.common import topics as topic_ops
+from services.common.clients import CONSUMER_TUNING
 from services.common.config import KafkaSettings
 from services.common.produce import produce_when_room
-from services.common.runtime import CONSUMER_TUNING
 from services.common.service import tune_gc
 from services.replay import replay
 from services.scorer.stage import ScorerStage, ScoringConfig

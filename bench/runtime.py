@@ -36,8 +36,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from schemas import Task
 from services.common import broker as local_kafka
+from services.common.clients import CONSUMER_TUNING, PRODUCER_TUNING
 from services.common.config import ServiceSettings
-from services.common.runtime import CONSUMER_TUNING, PRODUCER_TUNING, StreamRuntime
+from services.common.runtime import StreamRuntime
 from services.common.service import tune_gc
 from services.common.stage import Output
 from services.relay.stage import RelayStage

@@ -35,14 +35,16 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
-    Producer,
     TopicPartition,
 )
 from pydantic import ValidationError
 
 from schemas import CheckpointEvent, OffsetRange, ProducerInfo, RoutedSample, TrainingStage
 from services.common.checkpoints import CheckpointFollower
+from services.common.clients import consumer_config, producer_config, transactional_producer
 from services.common.errors import FatalRuntimeError
+from services.common.membership import Membership
+from services.common.transactions import Transactions
 from services.models.manifest import verify
 from services.trainer import metrics as m
 from services.trainer.data import to_samples
@@ -95,7 +97,7 @@ class Trainer:
         self._round = _Round()
         self._paused: set[str] = set()
         self._held: set[tuple[str, int]] = set()
-        self._assignment: set[tuple[str, int]] = set()
+        self._members = Membership(assigned=self._on_assign, released=self._on_release)
         self._committed: dict[tuple[str, int], int] = {}
         self.version = settings.base_version
         """The newest version this model's trainer wrote (the next is one more)."""
@@ -107,7 +109,7 @@ class Trainer:
         self.optimizer: Any = None
         self.reference: Any = None
         self._consumer: Consumer | None = None
-        self._producer: Producer | None = None
+        self._transactions: Transactions | None = None
         self.decisions = Decisions(settings.model_name)
         self._decisions: CheckpointFollower | None = None
 
@@ -117,7 +119,7 @@ class Trainer:
 
     @property
     def ready(self) -> bool:
-        return self._alive and bool(self._assignment)
+        return self._alive and bool(self._members.owned)
 
     def stop(self) -> None:
         self._stop.set()
@@ -232,27 +234,18 @@ class Trainer:
         version numbers. Also settles (aborts) what a dead predecessor left open, before
         the resume reads ``checkpoints``."""
         s = self.s
-        self._producer = Producer(s.kafka.client_config() | {
-            "transactional.id": f"{s.group_id}.{s.model_name}", "enable.idempotence": True,
-            "transaction.timeout.ms": s.runtime.transaction_timeout_ms,
-        })
-        self._producer.init_transactions(s.runtime.transaction_timeout_ms / 1000)
+        producer = transactional_producer(
+            producer_config(s, transactional_id=f"{s.group_id}.{s.model_name}"),
+            s.runtime.transaction_timeout_ms / 1000)
+        self._transactions = Transactions(producer, s.runtime, s.service, self._stop)
 
     def _open(self) -> None:
         s = self.s
-        common = s.kafka.client_config()
-        conf = common | {
-            "group.id": s.group_id, "isolation.level": "read_committed",
-            "enable.auto.commit": False, "auto.offset.reset": "earliest",
-            "session.timeout.ms": s.runtime.session_timeout_ms,
-            # A round can take long; the loop polls between rounds only.
-            "max.poll.interval.ms": max(300_000, int(s.max_round_seconds * 1000) + 60_000),
-        }
-        if s.runtime.static_membership:
-            conf["group.instance.id"] = s.instance_id
-        self._consumer = Consumer(conf)
-        self._consumer.subscribe(list(self.topics), on_assign=self._on_assign,
-                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        # A round can take long; the loop polls between rounds only.
+        self._consumer = Consumer(consumer_config(
+            s, transactional=True,
+            max_poll_interval_ms=max(300_000, int(s.max_round_seconds * 1000) + 60_000)))
+        self._members.subscribe(self._consumer, list(self.topics))
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -286,13 +279,13 @@ class Trainer:
                 self._decisions.stop()
             if self._consumer is not None:
                 self._consumer.close()
-            if self._producer is not None:
-                self._producer.flush(5)
+            if self._transactions is not None:
+                self._transactions.producer.flush(5)
 
     def _buffer(self, msg: Any) -> None:
         r = self._round
         tp = (cast(str, msg.topic()), cast(int, msg.partition()))
-        if tp not in self._assignment:
+        if tp not in self._members.owned:
             return  # revoked during this consume(): its next owner reads it
         offset = cast(int, msg.offset())
         stage = self.topics[tp[0]]
@@ -340,11 +333,8 @@ class Trainer:
             quota = self.s.quotas.get(stage, 0)
             full = quota > 0 and self._round.counts[stage] >= quota
             if full and stage not in self._paused:
-                self._consumer.pause(self._partitions(topic))
+                self._consumer.pause(self._members.partitions(topic))
                 self._paused.add(stage)
-
-    def _partitions(self, topic: str) -> list[TopicPartition]:
-        return [TopicPartition(t, p) for t, p in sorted(self._assignment) if t == topic]
 
     def _due(self) -> bool:
         r = self._round
@@ -427,17 +417,16 @@ class Trainer:
         m.STORE_BYTES.set(self.store.size_bytes())
 
     def _commit(self, event: CheckpointEvent, r: _Round) -> None:
-        """The candidate event and the consumed offsets, in one transaction."""
-        assert self._producer is not None and self._consumer is not None
-        producer, consumer = self._producer, self._consumer
+        """The candidate event and the consumed offsets, in one transaction
+        (:mod:`services.common.transactions`)."""
+        assert self._transactions is not None and self._consumer is not None
+        transactions = self._transactions
         offsets = [TopicPartition(t, p, end) for (t, p), (_, end) in sorted(r.ranges.items())]
-        timeout = self.s.runtime.transaction_timeout_ms / 1000
         try:
-            producer.begin_transaction()
-            producer.produce(self.s.topic("checkpoints"), event.to_bytes(), event.model)
-            producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(),
-                                                 timeout)
-            producer.commit_transaction(timeout)
+            transactions.begin()
+            transactions.producer.produce(self.s.topic("checkpoints"), event.to_bytes(),
+                                          event.model)
+            transactions.commit(offsets, self._consumer)
         except KafkaException as exc:
             # The outcome may be unknown (a commit that timed out may still complete): exit.
             # The restart fences this producer, reads checkpoints to its true end and
@@ -450,40 +439,38 @@ class Trainer:
         assert self._consumer is not None
         for stage in self._paused:
             topic = next(t for t, st in self.topics.items() if st == stage)
-            self._consumer.resume(self._partitions(topic))
-        held = [TopicPartition(*tp) for tp in sorted(self._held) if tp in self._assignment]
+            self._consumer.resume(self._members.partitions(topic))
+        held = [TopicPartition(*tp) for tp in sorted(self._held) if tp in self._members.owned]
         if held:
             self._consumer.resume(held)
         self._paused.clear()
         self._held.clear()
 
-    # -- rebalancing ------------------------------------------------------------------------
+    # -- rebalance hooks (inside consume(), on this thread) -----------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._assignment.update((tp.topic, tp.partition) for tp in partitions)
         for tp in consumer.committed(partitions, timeout=10):
             if tp.offset >= 0:
                 self._committed[tp.topic, tp.partition] = tp.offset
-        log.info("assigned %d partitions", len(partitions))
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_release(self, consumer: Consumer, partitions: list[TopicPartition],
+                    _lost: bool) -> None:
         # Buffered samples were not committed: the next owner (or this instance, after the
         # rebalance) reads them again from the committed offsets.
         gone = {(tp.topic, tp.partition) for tp in partitions}
-        self._assignment -= gone
+        staying = [TopicPartition(t, p) for t, p in sorted(self._members.owned - gone)]
         self._held -= gone
-        for tp in gone:
-            self._committed.pop(tp, None)
+        for key in gone:
+            self._committed.pop(key, None)
         if not self._round.empty():
             log.info("partitions revoked: dropping %d buffered samples (re-read from the "
                      "committed offsets)", sum(self._round.counts.values()))
             self._round = _Round()
-            for t, p in sorted(self._assignment):
-                committed = consumer.committed([TopicPartition(t, p)], timeout=10)[0].offset
-                consumer.seek(TopicPartition(t, p, committed if committed >= 0
-                                             else OFFSET_BEGINNING))
-        if self._assignment:  # what stays assigned starts a new round: nothing held back
-            consumer.resume([TopicPartition(t, p) for t, p in sorted(self._assignment)])
+            for at in consumer.committed(staying, timeout=10) if staying else []:
+                consumer.seek(TopicPartition(at.topic, at.partition, at.offset
+                                             if at.offset >= 0 else OFFSET_BEGINNING))
+        if staying:  # what stays assigned starts a new round: nothing held back
+            consumer.resume(staying)
         self._paused.clear()
         self._held.clear()
 

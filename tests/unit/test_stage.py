@@ -86,13 +86,13 @@ def test_relay_forwards_each_record_unchanged() -> None:
 
 
 def test_forwarded_outputs_resolve_to_the_exact_input_bytes() -> None:
-    from services.common.runtime import _Sources
+    from services.common.batches import Sources
 
     raw = [factories.task(i).to_bytes() + b" " for i in range(4)]  # trailing space: not re-encoded
     records = [Task.from_bytes(r) for r in raw]
-    sources = _Sources(records, list(raw))
+    sources = Sources(records, list(raw))
     assert [sources.raw(r) for r in records] == raw  # in order: the cheap path
-    sources = _Sources(records, list(raw))
+    sources = Sources(records, list(raw))
     assert [sources.raw(r) for r in reversed(records)] == raw[::-1]  # any order
     with pytest.raises(ValueError, match="not an input"):
         sources.raw(factories.task(9))
@@ -131,9 +131,9 @@ class _At:
 def test_rewind_targets_the_lowest_uncommitted_offset_of_every_partition() -> None:
     """The open batch (offsets 0-4 of p0) and the one processed after it (5-9 of p0, 3 of p1)
     are rewound together: p0 must go back to 0, not to 5."""
-    from services.common.runtime import _first_offsets
+    from services.common.batches import first_offsets
 
     open_batch = [_At("t", 0, o) for o in range(5)]
     next_batch = [_At("t", 0, o) for o in range(5, 10)] + [_At("t", 1, 3)]
     for records in (open_batch + next_batch, next_batch + open_batch):
-        assert _first_offsets(records) == {("t", 0): 0, ("t", 1): 3}  # type: ignore[arg-type]
+        assert first_offsets(records) == {("t", 0): 0, ("t", 1): 3}  # type: ignore[arg-type]
