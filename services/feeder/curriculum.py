@@ -19,18 +19,16 @@ import json
 import logging
 import random
 import threading
-import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Message as KafkaMessage
 from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.config import KafkaSettings
-from services.common.errors import FatalRuntimeError
-from services.common.offsets import watermarks
+from services.common.follower import TopicFollower
 
 log = logging.getLogger(__name__)
 
@@ -104,61 +102,20 @@ class Curriculum:
         return out
 
 
-class ScoredFollower:
-    """Hands every ``scored`` record (decoded JSON) to ``on_record``; reads only, commits
-    nothing. Starts ``history`` records back in each partition; ``caught_up`` is set once it
-    has read up to where the partitions ended when it started."""
+def scored_follower(kafka: KafkaSettings, topic: str,
+                    on_record: Callable[[dict[str, Any]], None], history: int) -> TopicFollower:
+    """Hands every ``scored`` record (decoded JSON) to ``on_record``, starting ``history``
+    records back in each partition."""
 
-    def __init__(self, kafka: KafkaSettings, topic: str,
-                 on_record: Callable[[dict[str, Any]], None], history: int) -> None:
-        self.topic, self.on_record = topic, on_record
-        self._consumer = Consumer(kafka.client_config() | {
-            "group.id": f"curriculum-{uuid.uuid4().hex}", "enable.auto.commit": False,
-            "isolation.level": "read_committed", "enable.partition.eof": True,
-        })
-        meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
-            raise FatalRuntimeError(f"topic {topic!r} is not available; `flywheel topics apply`")
-        start, self._behind = [], set()
-        for p in sorted(meta.partitions):
-            low, high = watermarks(self._consumer, topic, p)
-            start.append(TopicPartition(topic, p, max(low, high - history)))
-            if high > max(low, high - history):
-                self._behind.add(p)
-        self._consumer.assign(start)
-        self.caught_up = threading.Event()
-        if not self._behind:
-            self.caught_up.set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="curriculum", daemon=True)
+    def decoded(msg: KafkaMessage) -> None:
+        try:
+            record = json.loads(msg.value() or b"")
+        except ValueError:
+            return  # not ours to judge: the scorer dead-letters bad records
+        if isinstance(record, dict):
+            on_record(record)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
-        self._consumer.close()
-
-    def _follow(self) -> None:
-        while not self._stop.is_set():
-            for msg in self._consumer.consume(500, 0.5):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        self._behind.discard(msg.partition())
-                        if not self._behind:
-                            self.caught_up.set()
-                    else:
-                        log.warning("curriculum: %s", err)
-                    continue
-                try:
-                    record = json.loads(msg.value() or b"")
-                except ValueError:
-                    continue  # not ours to judge: the scorer dead-letters bad records
-                if isinstance(record, dict):
-                    self.on_record(record)
+    return TopicFollower(kafka, topic, decoded, history=history, name="curriculum")
 
 
 def level_verdict(curriculum: Curriculum) -> Callable[[dict[str, Any]], None]:

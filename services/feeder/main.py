@@ -25,6 +25,7 @@ from schemas import ProducerInfo
 from services import envs
 from services.common.config import ServiceSettings
 from services.common.errors import ConfigError, FlywheelError
+from services.common.follower import TopicFollower
 from services.common.logs import setup_logging
 from services.common.service import serve_loop
 from services.envs.heldout import Suite, suite_tasks
@@ -32,8 +33,8 @@ from services.envs.tasksets import TaskSetSpec
 from services.feeder.curriculum import (
     Curriculum,
     CurriculumSettings,
-    ScoredFollower,
     level_verdict,
+    scored_follower,
 )
 from services.feeder.frontier import TaskCurriculumSettings, verdict_of
 from services.feeder.publish import Backlog, TaskPublisher
@@ -84,7 +85,7 @@ class Feeder:
         identity = ProducerInfo(service=settings.service, instance=settings.instance_id)
         held = suite_tasks(settings.held_out) if settings.held_out is not None else []
         excluded = {t.task_id for t in held}
-        self.follower: ScoredFollower | None = None
+        self.follower: TopicFollower | None = None
         self.source: Source
         if settings.tasksets:
             cursors = resume_cursors(settings.kafka, topic, {s.name for s in settings.tasksets})
@@ -99,7 +100,7 @@ class Feeder:
                     if (verdict := verdict_of(record)) is not None:
                         curriculum.observe(*verdict)
 
-                self.follower = ScoredFollower(settings.kafka, settings.topic("scored"),
+                self.follower = scored_follower(settings.kafka, settings.topic("scored"),
                                                observe, settings.task_curriculum.history)
             self.source = source
         else:
@@ -108,7 +109,7 @@ class Feeder:
             if settings.curriculum.enabled:
                 levels = Curriculum(settings.curriculum,
                                     settings.curriculum.levels or _levels(env))
-                self.follower = ScoredFollower(settings.kafka, settings.topic("scored"),
+                self.follower = scored_follower(settings.kafka, settings.topic("scored"),
                                                level_verdict(levels),
                                                settings.curriculum.window)
             self.source = EnvSource(env, difficulty=settings.difficulty, curriculum=levels,
