@@ -34,7 +34,8 @@ from typing import Any
 from services.common import broker as local_kafka
 from services.trainer.store import CheckpointStore
 from services.up.profile import Profile, load_profile
-from services.up.stack import Snapshot, Stack
+from services.up.stack import Stack
+from services.up.view import Snapshot
 
 TARGET = 0.8
 

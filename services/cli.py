@@ -454,8 +454,9 @@ def up(profile: Profile = None,
     """Run the whole flywheel: broker, topics, seed model, every service supervised."""
     from rich.live import Live
 
+    from services.up.control import read_state
     from services.up.profile import load_profile
-    from services.up.stack import Stack, read_state
+    from services.up.stack import Stack
 
     stack = Stack(load_profile(profile))
     if read_state(stack.home) is not None:
@@ -478,7 +479,7 @@ def up(profile: Profile = None,
 def down_command(home: Annotated[Path, typer.Option(help="The stack's home.")] = Path(
         ".flywheel")) -> None:
     """Stop a running flywheel cleanly (services commit their batch in flight)."""
-    from services.up.stack import down
+    from services.up.control import down
 
     err.print("stopped" if down(home) else "no flywheel is running")
 
@@ -487,7 +488,7 @@ def down_command(home: Annotated[Path, typer.Option(help="The stack's home.")] =
 def status_command(home: Annotated[Path, typer.Option(help="The stack's home.")] = Path(
         ".flywheel")) -> None:
     """The live view's snapshot of a running flywheel."""
-    from services.up.stack import read_state, status_snapshot
+    from services.up.control import read_state, status_snapshot
 
     state = read_state(home)
     if state is None:

@@ -35,7 +35,8 @@ from services.common.config import DEPLOY_DIR
 from services.envs.heldout import suite, suite_tasks
 from services.up.monitor import Prometheus, PrometheusProfile
 from services.up.profile import Profile
-from services.up.stack import Snapshot, Stack
+from services.up.stack import Stack
+from services.up.view import Snapshot
 from tests.kafka import Broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]

@@ -107,7 +107,7 @@ def _restarted_gate_shows_what_it_promoted(gs: GateSettings, promoted: Checkpoin
     from prometheus_client import REGISTRY, generate_latest
 
     from services.gate import metrics as m
-    from services.up.stack import _detail, parse_metrics
+    from services.up.view import _detail, parse_metrics
 
     m.GATE_PROMOTED_VERSION.set(0)
     m.GATE_PROMOTED_SCORE.clear()

@@ -109,7 +109,7 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
     from transformers import AutoTokenizer
 
     from services.models.tiny import tiny_model
-    from services.up.stack import _detail, scrape
+    from services.up.view import _detail, scrape
 
     prefix = f"t{uid}."
     settings = KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)

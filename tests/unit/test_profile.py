@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import ConfigError
+from services.up import prepare
 from services.up.profile import SERVICES, Profile, load_profile
 from services.up.stack import Stack
 
@@ -18,8 +19,8 @@ def test_the_embedded_profile_validates_and_makes_one_process_per_service(
         tmp_path: Path) -> None:
     stack = Stack(Profile(home=tmp_path, generators=2))
     stack.kafka = {"bootstrap_servers": "127.0.0.1:1"}
-    stack.policy_files = stack._policies()
-    stack._validate()
+    stack.policy_files = prepare.write_policies(stack.profile)
+    prepare.validate(stack.profile, stack.kafka, stack.policy_files)
     stack.base_path = tmp_path / "seed"
     specs = stack.specs()
     assert [s.name for s in specs] == ["feeder", "generator-0", "generator-1", "scorer",
@@ -41,17 +42,17 @@ def test_the_example_profile_for_real_runs_validates(monkeypatch: pytest.MonkeyP
         s for s in SERVICES if profile.section(s)}
     stack = Stack(profile)
     stack.kafka = dict(profile.kafka)
-    stack.policy_files = stack._policies()
+    stack.policy_files = prepare.write_policies(stack.profile)
     # Every setting validates; then the task files are read, which live on the cluster.
     with pytest.raises(ConfigError, match=r"cannot read task file /data/math/train\.jsonl"):
-        stack._validate()
+        prepare.validate(stack.profile, stack.kafka, stack.policy_files)
 
 
 def test_a_wrong_setting_is_named_before_anything_starts(tmp_path: Path) -> None:
     stack = Stack(Profile(home=tmp_path, trainer={"quotas": "lots"}))
     stack.kafka = {"bootstrap_servers": "127.0.0.1:1"}
     with pytest.raises(ConfigError, match="profile section 'trainer'"):
-        stack._validate()
+        prepare.validate(stack.profile, stack.kafka, stack.policy_files)
     bad = tmp_path / "p.yaml"
     bad.write_text("generators: 0\n")
     with pytest.raises(ConfigError, match="invalid profile"):

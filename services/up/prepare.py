@@ -1,0 +1,147 @@
+"""Everything ``flywheel up`` does before the first service starts: the policy files, a check
+of every service's settings, Prometheus, the topics and the seed model.
+
+A profile that is wrong fails here, with the section named, before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from services import registry
+from services.common import broker as local_kafka
+from services.common import topics as topic_ops
+from services.common.config import KafkaSettings
+from services.common.errors import ConfigError
+from services.up import monitor
+from services.up.profile import POLICY_FIELD, SERVICES, Profile
+from services.up.view import read_checkpoints
+
+Say = Callable[[str], None]
+
+
+def write_policies(profile: Profile) -> dict[str, Path]:
+    """The profile's policies as files (inline ones written under ``<home>/policies``)."""
+    out = {}
+    for service, value in profile.policies.items():
+        if service not in POLICY_FIELD:
+            raise ConfigError(f"policies: unknown service {service!r}; one of "
+                              f"{sorted(POLICY_FIELD)}")
+        if isinstance(value, Path):
+            out[service] = value
+            continue
+        target = profile.home / "policies" / f"{service}.yaml"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(yaml.safe_dump(value, sort_keys=False), encoding="utf-8")
+        out[service] = target
+    return out
+
+
+def validate(profile: Profile, kafka: dict[str, Any], policy_files: dict[str, Path]) -> None:
+    """Every service's settings and policy, checked before anything starts."""
+    from services.common.policy import load_policy
+    from services.filter.policy import FilterPolicy
+    from services.router.policy import RoutingPolicy
+    from services.scorer.stage import ScoringConfig
+
+    kinds: dict[str, type[Any]] = {"scorer": ScoringConfig, "filter": FilterPolicy,
+                                   "router": RoutingPolicy}
+    for service, path in policy_files.items():
+        load_policy(kinds[service], path)
+    placeholder = {"model_path": "x", "base_model_path": "x"}
+    checked = {}
+    for service in SERVICES:
+        cls = registry.SERVICES[service].settings_class()
+        fields = {k: v for k, v in placeholder.items() if k in cls.model_fields}
+        try:
+            checked[service] = cls(**{**fields, **section(profile, service), "kafka": kafka})
+        except ValidationError as exc:
+            raise ConfigError(f"profile section {service!r}: {exc}") from exc
+    # Every row of every task file, so a bad line is named now, with nothing published.
+    from services.envs.heldout import suite_tasks
+    from services.envs.tasksets import load
+
+    for spec in checked["feeder"].tasksets:
+        load(spec)
+    suite_tasks(checked["gate"].held_out)
+
+
+def section(profile: Profile, service: str) -> dict[str, Any]:
+    """A service's settings as the profile gives them; the feeder also gets the gate's
+    held-out suite, so it keeps those tasks off ``tasks``."""
+    fields = profile.section(service)
+    if service == "feeder":
+        fields.setdefault("held_out", profile.gate.get("held_out", {}))
+    return fields
+
+
+def start_monitor(profile: Profile, say: Say) -> monitor.Prometheus | None:
+    """A Prometheus for the stack when the profile wants one and the machine has it."""
+    settings = profile.prometheus
+    program = settings.program()
+    if program is None:
+        say("prometheus: not installed, not started (alert rules and dashboards: "
+            "deploy/prometheus, deploy/grafana)" if settings.enabled is None else
+            "prometheus: off")
+        return None
+    if not local_kafka.bindable(settings.port):
+        if settings.enabled:
+            raise ConfigError(f"prometheus.port {settings.port} is in use (another "
+                              "Prometheus?); choose another in the profile")
+        say(f"prometheus: port {settings.port} is in use, not started (set "
+            "prometheus.port in the profile)")
+        return None
+    prometheus = monitor.Prometheus(settings, program, profile.home)
+    say(f"prometheus: {prometheus.url} (alert rules: deploy/prometheus/alerts.yml; "
+        "dashboards: deploy/grafana)")
+    return prometheus
+
+
+def apply_topics(settings: KafkaSettings, say: Say) -> None:
+    report = topic_ops.apply(topic_ops.admin_client(settings),
+                             topic_ops.load(prefix=settings.topic_prefix))
+    say(f"topics: {len(report.changes)} changes under {settings.topic_prefix!r}")
+
+
+def seed_model(profile: Profile, settings: KafkaSettings, say: Say) -> Path:
+    """Version 0 of the model, promoted on ``checkpoints``: bootstrapped (a tiny model
+    trained on easy data) unless the store has it already."""
+    from services.bootstrap import bootstrap, publish_promoted
+    from services.envs.heldout import gate_headline, gate_task_ids
+    from services.gate.evaluate import evaluate
+    from services.trainer.store import MANIFEST_FILE, CheckpointStore
+
+    p = profile
+    store = CheckpointStore(p.checkpoint_url)
+    if not store.local:
+        raise ConfigError("bootstrapping needs a local checkpoint store; give the profile "
+                          "a model_path for a remote one")
+    folder = Path(store.uri(0))
+    versions = read_checkpoints(settings, p.model_name)
+    if 0 in store.versions():
+        say(f"seed model: {folder} (exists)")
+        if any(e.version == 0 for e in versions.decided()):
+            return folder
+        document = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+        from schemas import FileDigest
+        manifest = [FileDigest(**f) for f in document["files"]]
+        metrics = document.get("metrics", {})
+        uri = str(folder)
+    else:
+        held = gate_headline(p.gate)
+        say(f"seed model: training a tiny model on {p.bootstrap.samples:,} samples of easy "
+            f"{p.bootstrap.env} data ...")
+        uri, manifest, metrics = bootstrap(p.bootstrap, p.checkpoint_url, p.model_name,
+                                           evaluate=lambda f: evaluate(f, held),
+                                           excluded=gate_task_ids(p.gate))
+        say(f"seed model: held-out pass rate {metrics.get('pass_rate', 0):.3f}")
+    publish_promoted(settings, settings.topic("checkpoints"), p.model_name, uri, manifest,
+                     metrics)
+    say("seed model: published as promoted version 0")
+    return folder
