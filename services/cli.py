@@ -7,6 +7,7 @@ so pointing ``FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS`` at a real cluster moves all of
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services import registry
 from services.common import broker as local_kafka
 from services.common import topics as topic_ops
 from services.common.config import ServiceSettings
@@ -209,67 +211,36 @@ def model_import_gguf(
     err.print(f"imported {source.name} -> {out}")
 
 
-@run_app.command("generator")
-def run_generator() -> None:
-    """Turn tasks into trajectories with the promoted policy (FLYWHEEL_MODEL_PATH, ...)."""
-    from services.generator.main import GeneratorSettings, run
+def _run_command(service: registry.Service) -> Callable[..., None]:
+    """``flywheel run NAME``: the service with its settings from ``FLYWHEEL_*`` variables,
+    and its policy or config file from ``--policy``/``--config`` when it has one."""
 
-    raise typer.Exit(run(GeneratorSettings()))
+    def run(policy: Path | None = None) -> None:
+        cls = service.settings_class()
+        settings = cls.with_overrides(**{service.policy_field: policy}) \
+            if service.policy_field else cls()
+        raise typer.Exit(service.run(settings))
 
+    if service.policy_field is None:
+        def plain() -> None:
+            run()
+        command: Callable[..., None] = plain
+    else:
+        option = typer.Option(f"--{service.policy_option}",
+                              help=f"{service.name.capitalize()} {service.policy_option} "
+                              "(YAML).")
 
-@run_app.command("feeder")
-def run_feeder() -> None:
-    """Keep the tasks topic topped up (FLYWHEEL_ENV, FLYWHEEL_TARGET_BACKLOG, ...)."""
-    from services.feeder.main import FeederSettings, run
-
-    raise typer.Exit(run(FeederSettings()))
-
-
-@run_app.command("scorer")
-def run_scorer(
-    config: Annotated[Path | None, typer.Option(help="Scorer config (YAML).")] = None,
-) -> None:
-    """Score raw trajectories: rewards and verdicts (raw -> scored)."""
-    from services.scorer.main import ScorerSettings, run
-
-    raise typer.Exit(run(ScorerSettings.with_overrides(config_file=config)))
-
-
-@run_app.command("filter")
-def run_filter(
-    policy: Annotated[Path | None, typer.Option(help="Filter policy (YAML).")] = None,
-) -> None:
-    """Accept or reject scored trajectories, with reasons (scored -> filtered | rejected)."""
-    from services.filter.main import FilterSettings, run
-
-    raise typer.Exit(run(FilterSettings.with_overrides(policy_file=policy)))
+        def with_policy(policy: Path | None = None) -> None:
+            run(policy)
+        # Made here, per service: typer reads the option from the annotation.
+        with_policy.__annotations__ = {"policy": Annotated[Path | None, option], "return": None}
+        command = with_policy
+    command.__doc__ = service.summary
+    return command
 
 
-@run_app.command("trainer")
-def run_trainer() -> None:
-    """Train candidates on the accepted streams (FLYWHEEL_BASE_MODEL_PATH, FLYWHEEL_QUOTAS...)."""
-    from services.trainer.main import run
-    from services.trainer.settings import TrainerSettings
-
-    raise typer.Exit(run(TrainerSettings()))
-
-
-@run_app.command("gate")
-def run_gate() -> None:
-    """Evaluate candidates on held-out tasks; promote or reject (FLYWHEEL_BASE_MODEL_PATH...)."""
-    from services.gate.main import GateSettings, run
-
-    raise typer.Exit(run(GateSettings()))
-
-
-@run_app.command("router")
-def run_router(
-    policy: Annotated[Path | None, typer.Option(help="Routing policy (YAML).")] = None,
-) -> None:
-    """Route accepted samples to CPT, SFT and RL (filtered -> accepted.*)."""
-    from services.router.main import RouterSettings, run
-
-    raise typer.Exit(run(RouterSettings.with_overrides(policy_file=policy)))
+for _service in registry.SERVICES.values():
+    run_app.command(_service.name)(_run_command(_service))
 
 
 replay_app = typer.Typer(

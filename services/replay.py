@@ -51,7 +51,7 @@ from services.replay_workers import Bounds, Service, run_in_workers, workers_for
 log = logging.getLogger(__name__)
 
 CHAIN = cast(tuple[Service, ...], REPLAYABLE)  # the registry's names, checked by a test
-INPUTS: dict[str, str] = {n: SERVICES[n].reads or "" for n in CHAIN}
+INPUTS: dict[str, str] = {n: SERVICES[n].stream_input or "" for n in CHAIN}
 OUTPUTS: dict[str, tuple[str, ...]] = {n: SERVICES[n].writes for n in CHAIN}
 MANIFEST = "manifest"
 """The replay's manifest topic, under its prefix."""

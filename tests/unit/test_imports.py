@@ -78,4 +78,20 @@ def test_the_registry_names_every_service_package_and_its_cli_command() -> None:
     chain = [REGISTERED[n] for n in REPLAYABLE]
     assert [s.name for s in chain] == ["scorer", "filter", "router"]
     for before, after in itertools.pairwise(chain):
-        assert after.reads in before.writes
+        assert after.stream_input in before.writes
+
+
+def test_every_topic_has_a_reader_and_a_writer() -> None:
+    """The topic list is the registry's: every topic a service reads, a service writes; a
+    written topic no service reads is a state changelog or one kept for people (rejected
+    trajectories, dead letters)."""
+    from services.registry import SERVICES as REGISTERED
+    from services.registry import TOOL_TOPICS, TOPICS
+
+    reads = {t for s in REGISTERED.values() for t in s.reads}
+    writes = {t for s in REGISTERED.values() for t in s.writes}
+    assert reads <= writes
+    unread = writes - reads
+    assert unread == {"rejected", "dlq", "filter.state", "router.state", "gate.state"}
+    assert set(TOPICS) == reads | writes | set(TOOL_TOPICS)
+    assert len(TOPICS) == len(set(TOPICS))
