@@ -18,6 +18,9 @@ reaches 0.8 or the budget ends; the figures are the medians of the seconds to 0.
 included) and of the training samples to 0.8, beside the bound's. A profile with a model runs
 once, for the whole budget. Writes ``results/flywheel[-NAME].json`` (via
 the runner) and ``.png`` with every curve, and reports the checkpoint store's size at the end.
+
+Over 300 lines: the flywheel run and its two baselines (the supervised bound, the seed-data
+baseline) are measured on the same samples in the same run, so they share one module.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Every command reads the same settings as the services (``FLYWHEEL_...`` environment variables),
 so pointing ``FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS`` at a real cluster moves all of them there.
+
+Over 300 lines: the whole command tree in one place, so ``flywheel --help`` reads like this
+file. Each command only parses its options and calls into a service or tool module.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ says so and does nothing. The same name with other stages, policies or times is 
 A replayed filter starts with an empty duplicate memory and measures staleness against the
 latest promoted version of today: a policy for old history usually sets ``max_staleness:
 null``.
+
+Over 300 lines: the manifest (bounds and policy digests) and the run that resumes from it
+are one contract, read together; the workers, the report and publishing into live topics
+are modules of their own (``replay_workers``, ``replay_report``, ``replay_publish``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ calls: decode and validate each record, run the stage (per input partition, with
 partition's state, for a stateful stage), run its timers when due, encode the outputs, and
 turn every record-level failure into a dead letter.
 
-Over 300 lines because the rare paths belong with the common one they undo: an output or a
+Over 300 lines: the rare paths belong with the common one they undo: an output or a
 state change too large to produce sends the batch through the stage again, record by record,
 so that only the inputs behind it are dead-lettered; a timer that fails is undone alone.
 """

@@ -8,6 +8,9 @@ version are comparable, and a replay under a new config is told apart.
 
 The reward and the verdict are derived from the scores by :class:`RewardRule`, whose text is
 recorded with every scored trajectory.
+
+Over 300 lines: six scorers, each beside its config (about 40 lines a pair), and the reward
+rule that reads them.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ start removes. After it, they are never trained again. Consecutive candidates' r
 therefore tile each partition: no overlap, no gap. At start the trainer reads ``checkpoints``
 to its end and resumes from its model's latest candidate (weights and optimizer state);
 without one, from the base model.
+
+Over 300 lines: the round loop and the lineage rules (resume, rollback, the candidate's
+transaction, retention) all read and move the same three numbers, the newest version, the
+head the weights are at and the committed offsets; they stay together so that each move of
+one is seen beside the others.
 """
 
 from __future__ import annotations

@@ -95,3 +95,21 @@ def test_every_topic_has_a_reader_and_a_writer() -> None:
     assert unread == {"rejected", "dlq", "filter.state", "router.state", "gate.state"}
     assert set(TOPICS) == reads | writes | set(TOOL_TOPICS)
     assert len(TOPICS) == len(set(TOPICS))
+
+
+LONG = 320
+"""About 300 lines: longer, a module says why at its top."""
+
+
+def test_a_long_module_says_why_it_is_long_at_its_top() -> None:
+    top = ROOT.parent
+    files = [p for d in ("services", "schemas", "bench") for p in (top / d).rglob("*.py")]
+    assert len(files) > 50
+    silent = []
+    for path in files:
+        source = path.read_text(encoding="utf-8")
+        if source.count("\n") > LONG:
+            doc = ast.get_docstring(ast.parse(source)) or ""
+            if "Over 300 lines:" not in doc:
+                silent.append(f"{path.relative_to(top)} ({source.count(chr(10))} lines)")
+    assert silent == []
