@@ -20,8 +20,14 @@ as a group whose members arrive together, is never encoded). A restored value is
 JSON decodes to: a stage that puts a model validates a ``dict`` it gets back (see
 :func:`as_model`). A value is never changed in place once put (put a new one instead): the
 store may reuse the encoding it made of it earlier in the batch. Keys are strings; a stage
-picks a prefix per kind of entry (``"g/<group>"``...) and scans them with
+picks a prefix per kind of entry (``"group/<id>"``...) and scans them with
 :meth:`PartitionState.keys`.
+
+Formats change: a stage that renames its keys or fields gives its store an ``upgrade``
+(:class:`Renames`), which reads entries written in the older format as they are restored.
+The changelog is rewritten with the first transaction that changes anything afterwards: the
+old key deleted, the new one written, so that a key deleted later in the new format is not
+brought back by its old copy at the next restore.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -95,8 +102,13 @@ class StateStore:
     :meth:`undo` around each ``process`` call. Stages only use :meth:`partition`.
     """
 
-    def __init__(self, changelog_topic: str) -> None:
+    def __init__(self, changelog_topic: str,
+                 upgrade: Callable[[str, Any], tuple[str, Any] | None] | None = None) -> None:
         self.changelog_topic = changelog_topic
+        self._upgrade = upgrade
+        self._rewrite: dict[tuple[int, str], None] = {}
+        """Keys upgraded at restore (old and new): rewritten in the changelog with the next
+        batch's changes."""
         self._parts: dict[int, dict[str, Any]] = {}
         self._assigned_at: dict[int, float] = {}
         self._journal: list[tuple[int, str, Any]] = []
@@ -168,6 +180,11 @@ class StateStore:
         touched: dict[tuple[int, str], None] = {}
         for partition, key, _ in self._journal:
             touched[partition, key] = None
+        if touched and self._rewrite:
+            # Only with changes of its own: a batch that changes nothing may carry no offsets
+            # to fence its transaction with.
+            touched = self._rewrite | touched
+            self._rewrite = {}
         out: list[tuple[int, str, bytes | None]] = []
         for partition, key in touched:
             data = self._parts.get(partition)
@@ -213,10 +230,29 @@ class StateStore:
         finally:
             consumer.close()
         for p, data in fresh.items():
-            self.adopt(p, data)
+            self.adopt(p, self._upgraded(p, data) if self._upgrade is not None else data)
         entries = sum(len(fresh[p]) for p in partitions)
         log.info("restored %d state entries of partitions %s from %s in %.2f s", entries,
                  partitions, self.changelog_topic, time.monotonic() - started)
+
+    def _upgraded(self, partition: int, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` with every entry of an older format read into the current one."""
+        assert self._upgrade is not None
+        out: dict[str, Any] = {}
+        count = 0
+        for key, value in data.items():
+            new = self._upgrade(key, value)
+            if new is None:
+                out.setdefault(key, value)
+                continue
+            new_key, out[new_key] = new
+            self._rewrite[partition, key] = None
+            self._rewrite[partition, new_key] = None
+            count += 1
+        if count:
+            log.info("read %d state entries of partition %d in an older format; rewritten "
+                     "with the next change", count, partition)
+        return out
 
     def _read(self, consumer: Consumer, fresh: dict[int, dict[str, Any]],
               ends: dict[int, int], deadline: float) -> None:
@@ -249,6 +285,32 @@ class StateStore:
             for tp in positions:
                 if tp.offset >= waiting[tp.partition]:
                     del waiting[tp.partition]
+
+
+class Renames:
+    """An ``upgrade`` for :class:`StateStore`: keys and fields renamed since a format was
+    written. ``keys`` maps an old key to its new one, or an old prefix (ending in ``/``) to
+    its new prefix; ``fields`` maps, per new prefix or key, old field names of a dict value to
+    new ones. An entry in the current format is left alone (None)."""
+
+    def __init__(self, keys: dict[str, str],
+                 fields: dict[str, dict[str, str]] | None = None) -> None:
+        self.keys, self.fields = keys, fields or {}
+
+    def __call__(self, key: str, value: Any) -> tuple[str, Any] | None:
+        for old, new in self.keys.items():
+            if old.endswith("/") and key.startswith(old):
+                key, renamed_to = new + key[len(old):], new
+                break
+            if key == old:
+                key, renamed_to = new, new
+                break
+        else:
+            return None
+        names = self.fields.get(renamed_to)
+        if names and isinstance(value, dict):
+            value = {names.get(k, k): v for k, v in value.items()}
+        return key, value
 
 
 class EventClock:

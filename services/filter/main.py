@@ -10,9 +10,8 @@ from services.common.checkpoints import CheckpointFollower, LatestPromoted
 from services.common.config import ServiceSettings
 from services.common.policy import load_policy
 from services.common.service import serve
-from services.common.state import StateStore
 from services.filter.policy import FilterPolicy
-from services.filter.stage import FilterStage
+from services.filter.stage import FilterStage, state_store
 
 
 class FilterSettings(ServiceSettings):
@@ -28,7 +27,7 @@ def build_stage(settings: FilterSettings, latest: LatestPromoted | None = None) 
     return FilterStage(
         policy, digest, accepted_topic=settings.topic("filtered"),
         rejected_topic=settings.topic("rejected"),
-        state=StateStore(settings.topic("filter.state")),
+        state=state_store(settings.topic("filter.state")),
         latest_version=(latest or LatestPromoted()).get,
     )
 

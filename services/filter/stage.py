@@ -32,7 +32,7 @@ from typing import Any
 from schemas import FilterDecision, ScoredTrajectory
 from services.common.metrics import labelled
 from services.common.stage import Output
-from services.common.state import EventClock, PartitionState, StateStore, as_model
+from services.common.state import EventClock, PartitionState, Renames, StateStore, as_model
 from services.common.text import repetition_ratio
 from services.filter import metrics as m
 from services.filter.dedup import Fingerprint, Memory, fingerprint
@@ -40,6 +40,26 @@ from services.filter.policy import FilterPolicy
 
 NAMESPACE = uuid.UUID("0b5b8f2e-3c1d-4a8e-9f7a-5d6c2e1b9a40")
 """uuid5 namespace of decision ids: one per (scored trajectory, policy)."""
+
+GROUP = "group/"
+"""``group/<group id>``: a group assembling, ``{first_at, size, indexes}`` (event time of its
+first member, members expected, sample indexes arrived)."""
+MEMBER = "member/"
+"""``member/<group id>/<sample index>``: an arrived member, the scored trajectory."""
+DECIDED = "decided/"
+"""``decided/<group id>``: a decided group, with the stream time it was decided at."""
+SEEN = "seen/"
+"""``seen/<task id>``: the task's duplicate memory, ``{entries}`` (accepted fingerprints)."""
+UPGRADE = Renames({"g/": GROUP, "m/": MEMBER, "x/": DECIDED, "d/": SEEN},
+                  {GROUP: {"t": "first_at", "n": "size", "have": "indexes"},
+                   SEEN: {"e": "entries"}})
+"""Reads filter state written before the keys had names (``g/ m/ x/ d/``, fields
+``t n have e``)."""
+
+
+def state_store(changelog_topic: str) -> StateStore:
+    """The filter's state, reading older formats too."""
+    return StateStore(changelog_topic, upgrade=UPGRADE)
 
 
 class FilterStage:
@@ -64,20 +84,21 @@ class FilterStage:
         for scored in batch:
             traj = scored.trajectory
             now = self.clock.observe(state, [scored.created_at.timestamp()])
-            gkey = f"g/{traj.group_id}"
+            gkey = f"{GROUP}{traj.group_id}"
             group = state.get(gkey)
-            if group is None and f"x/{traj.group_id}" in state:
+            if group is None and f"{DECIDED}{traj.group_id}" in state:
                 outputs.extend(self._decide_late(state, scored))
                 continue
             if group is None:
-                group = {"t": scored.created_at.timestamp(), "n": traj.group_size, "have": []}
-            if traj.sample_index in group["have"]:
+                group = {"first_at": scored.created_at.timestamp(), "size": traj.group_size,
+                         "indexes": []}
+            if traj.sample_index in group["indexes"]:
                 outputs.append(self._decision(scored, ["duplicate"], [], None))
                 labelled(m.DUPLICATE_HITS, "trajectory_id").inc()
                 continue
-            group = {**group, "have": [*group["have"], traj.sample_index]}
-            state.put(f"m/{traj.group_id}/{traj.sample_index}", scored)
-            if len(group["have"]) >= group["n"]:
+            group = {**group, "indexes": [*group["indexes"], traj.sample_index]}
+            state.put(f"{MEMBER}{traj.group_id}/{traj.sample_index}", scored)
+            if len(group["indexes"]) >= group["size"]:
                 outputs.extend(self._decide(state, traj.group_id, group, now, complete=True))
             else:
                 state.put(gkey, group)
@@ -86,14 +107,14 @@ class FilterStage:
     def tick(self, state: PartitionState, now: float) -> list[Output]:
         outputs: list[Output] = []
         rule = self.policy.groups
-        for gkey in state.keys("g/"):
+        for gkey in state.keys(GROUP):
             group = state.get(gkey)
-            if self.clock.due(state, group["t"], rule.timeout_seconds, now):
-                outputs.extend(self._decide(state, gkey[2:], group,
+            if self.clock.due(state, group["first_at"], rule.timeout_seconds, now):
+                outputs.extend(self._decide(state, gkey[len(GROUP):], group,
                                             max(now, self.clock.stream_time(state)),
                                             complete=False))
-        self.clock.forget(state, "x/", rule.remember_seconds, now)  # old decided groups
-        self._pending_groups[state.partition] = len(state.keys("g/"))
+        self.clock.forget(state, DECIDED, rule.remember_seconds, now)  # old decided groups
+        self._pending_groups[state.partition] = len(state.keys(GROUP))
         m.PENDING_GROUPS.set(sum(self._pending_groups.get(p, 0) for p in self.state.owned()))
         return outputs
 
@@ -102,19 +123,19 @@ class FilterStage:
     def _decide(self, state: PartitionState, group_id: str, group: dict[str, Any], now: float,
                 *, complete: bool) -> list[Output]:
         members = []
-        for index in sorted(group["have"]):
-            key = f"m/{group_id}/{index}"
+        for index in sorted(group["indexes"]):
+            key = f"{MEMBER}{group_id}/{index}"
             members.append(as_model(ScoredTrajectory, state.get(key)))
             state.delete(key)
-        state.delete(f"g/{group_id}")
-        state.put(f"x/{group_id}", self.clock.stream_time(state))
+        state.delete(f"{GROUP}{group_id}")
+        state.put(f"{DECIDED}{group_id}", self.clock.stream_time(state))
         p = self.policy
         reasons = [self._rules(s) for s in members]
         fps: list[Fingerprint | None] = [None] * len(members)
         flags: list[list[str]] = [[] for _ in members]
         task_id = members[0].trajectory.task.task_id
-        mkey = f"d/{task_id}"
-        memory = Memory([list(e) for e in state.get(mkey, {"e": []})["e"]])
+        mkey = f"{SEEN}{task_id}"
+        memory = Memory([list(e) for e in state.get(mkey, {"entries": []})["entries"]])
         seen: set[str] = set()
         for i, s in enumerate(members):
             if reasons[i]:
@@ -134,14 +155,14 @@ class FilterStage:
         for fp in remembered:
             memory.add(fp, group_id, p.dedup.memory_per_task)
         if remembered:
-            state.put(mkey, {"e": memory.entries})
+            state.put(mkey, {"entries": memory.entries})
         rewards = [members[i].reward for i in accepted]
         group_flags = []
         if len(rewards) < 2 or max(rewards) - min(rewards) <= p.groups.min_reward_spread:
             group_flags.append("no_rl_signal")
         if not complete:
             group_flags.append("incomplete_group")
-        m.GROUP_ASSEMBLY_SECONDS.observe(max(0.0, now - group["t"]))
+        m.GROUP_ASSEMBLY_SECONDS.observe(max(0.0, now - group["first_at"]))
         if members:
             m.ACCEPT_RATIO.set(len(accepted) / len(members))
         return [
@@ -154,14 +175,14 @@ class FilterStage:
         """A member of a group decided already: alone, against the rules and the memory."""
         reasons = self._rules(s)
         if not reasons:
-            mkey = f"d/{s.trajectory.task.task_id}"
-            memory = Memory([list(e) for e in state.get(mkey, {"e": []})["e"]])
+            mkey = f"{SEEN}{s.trajectory.task.task_id}"
+            memory = Memory([list(e) for e in state.get(mkey, {"entries": []})["entries"]])
             fp, hit = self._lookup(memory, s)
             if hit is not None:
                 reasons.append(hit)
             elif fp is not None:
                 memory.add(fp, s.trajectory.group_id, self.policy.dedup.memory_per_task)
-                state.put(mkey, {"e": memory.entries})
+                state.put(mkey, {"entries": memory.entries})
         return [self._decision(s, reasons, ["late_member"], None)]
 
     def _lookup(self, memory: Memory, s: ScoredTrajectory) -> tuple[Fingerprint | None,

@@ -9,9 +9,8 @@ from pydantic import Field
 from services.common.config import ServiceSettings
 from services.common.policy import load_policy
 from services.common.service import serve
-from services.common.state import StateStore
 from services.router.policy import RoutingPolicy
-from services.router.stage import RouterStage
+from services.router.stage import RouterStage, state_store
 
 
 class RouterSettings(ServiceSettings):
@@ -26,7 +25,7 @@ def build_stage(settings: RouterSettings) -> RouterStage:
     policy, digest = load_policy(RoutingPolicy, settings.policy_file)
     topics = {s: settings.topic(f"accepted.{s}") for s in ("cpt", "sft", "rl")}
     return RouterStage(policy, digest, topics=topics,
-                       state=StateStore(settings.topic("router.state")))
+                       state=state_store(settings.topic("router.state")))
 
 
 def run(settings: RouterSettings, *, input_topic: str | None = None) -> int:

@@ -21,12 +21,31 @@ from typing import Any
 from schemas import FilterDecision, RoutedSample, TrainingStage
 from services.common.metrics import labelled
 from services.common.stage import Output
-from services.common.state import EventClock, PartitionState, StateStore, as_model
+from services.common.state import EventClock, PartitionState, Renames, StateStore, as_model
 from services.router import metrics as m
 from services.router.policy import RoutingPolicy, SampleRoute
 
 NAMESPACE = uuid.UUID("a3d6f1c2-58b4-4e1f-8c7d-9e0b2a4f6d13")
 REASONS = {"sft": "verified_correct", "cpt": "clean_not_verified_correct"}
+
+GROUP = "group/"
+"""``group/<group id>``: an RL group assembling, ``{first_at, size, indexes}`` (event time of
+its first member, accepted members expected, sample indexes arrived)."""
+MEMBER = "member/"
+"""``member/<group id>/<sample index>``: an arrived member, the filter's decision."""
+DECIDED = "decided/"
+"""``decided/<group id>``: a group routed or timed out, with the stream time it was."""
+MIX = "mix"
+"""Samples routed per training stage so far, ``{cpt, sft, rl}``: what the mix caps read."""
+UPGRADE = Renames({"r/": GROUP, "rm/": MEMBER, "rx/": DECIDED, "c": MIX},
+                  {GROUP: {"t": "first_at", "n": "size", "have": "indexes"}})
+"""Reads router state written before the keys had names (``r/ rm/ rx/ c``, fields
+``t n have``)."""
+
+
+def state_store(changelog_topic: str) -> StateStore:
+    """The router's state, reading older formats too."""
+    return StateStore(changelog_topic, upgrade=UPGRADE)
 
 
 class RouterStage:
@@ -61,18 +80,19 @@ class RouterStage:
     def tick(self, state: PartitionState, now: float) -> list[Output]:
         rl = self.policy.rl
         outputs: list[Output] = []
-        for gkey in state.keys("r/"):
+        for gkey in state.keys(GROUP):
             group = state.get(gkey)
-            if not self.clock.due(state, group["t"], rl.timeout_seconds, now):
+            if not self.clock.due(state, group["first_at"], rl.timeout_seconds, now):
                 continue
-            members = self._take(state, gkey[2:], group)
+            group_id = gkey[len(GROUP):]
+            members = self._take(state, group_id, group)
             if rl.on_timeout == "emit" and len(members) >= rl.min_group_size:
-                outputs.extend(self._emit_rl(state, gkey[2:], members, group,
+                outputs.extend(self._emit_rl(state, group_id, members, group,
                                              max(now, self.clock.stream_time(state))))
             else:
                 labelled(m.RL_GROUPS, "timeout").inc()
-        self.clock.forget(state, "rx/", rl.remember_seconds, now)  # old routed groups
-        self._pending[state.partition] = len(state.keys("r/"))
+        self.clock.forget(state, DECIDED, rl.remember_seconds, now)  # old routed groups
+        self._pending[state.partition] = len(state.keys(GROUP))
         m.PENDING_GROUPS.set(sum(self._pending.get(p, 0) for p in self.state.owned()))
         return outputs
 
@@ -86,9 +106,9 @@ class RouterStage:
         if not rl.enabled or expected is None:
             return []
         traj = d.scored.trajectory
-        gkey = f"r/{traj.group_id}"
+        gkey = f"{GROUP}{traj.group_id}"
         group = state.get(gkey)
-        if group is None and f"rx/{traj.group_id}" in state:
+        if group is None and f"{DECIDED}{traj.group_id}" in state:
             labelled(m.RL_SKIPPED, "group_closed").inc()
             return []  # routed or timed out already
         if group is None:
@@ -99,12 +119,12 @@ class RouterStage:
             if expected < rl.min_group_size:
                 labelled(m.RL_SKIPPED, "too_small").inc()
                 return []
-            group = {"t": d.created_at.timestamp(), "n": expected, "have": []}
-        if traj.sample_index in group["have"]:
+            group = {"first_at": d.created_at.timestamp(), "size": expected, "indexes": []}
+        if traj.sample_index in group["indexes"]:
             return []  # the same member again
-        group = {**group, "have": [*group["have"], traj.sample_index]}
-        state.put(f"rm/{traj.group_id}/{traj.sample_index}", d)
-        if len(group["have"]) < group["n"]:
+        group = {**group, "indexes": [*group["indexes"], traj.sample_index]}
+        state.put(f"{MEMBER}{traj.group_id}/{traj.sample_index}", d)
+        if len(group["indexes"]) < group["size"]:
             state.put(gkey, group)
             return []
         members = self._take(state, traj.group_id, group)
@@ -113,12 +133,12 @@ class RouterStage:
     def _take(self, state: PartitionState, group_id: str, group: dict[str, Any]
               ) -> list[FilterDecision]:
         members = []
-        for index in sorted(group["have"]):
-            key = f"rm/{group_id}/{index}"
+        for index in sorted(group["indexes"]):
+            key = f"{MEMBER}{group_id}/{index}"
             members.append(as_model(FilterDecision, state.get(key)))
             state.delete(key)
-        state.delete(f"r/{group_id}")
-        state.put(f"rx/{group_id}", self.clock.stream_time(state))
+        state.delete(f"{GROUP}{group_id}")
+        state.put(f"{DECIDED}{group_id}", self.clock.stream_time(state))
         return members
 
     def _emit_rl(self, state: PartitionState, group_id: str, members: list[FilterDecision],
@@ -128,7 +148,7 @@ class RouterStage:
             labelled(m.RL_GROUPS, "capped").inc()
             return []
         labelled(m.RL_GROUPS, "routed").inc()
-        m.GROUP_ASSEMBLY_SECONDS.observe(max(0.0, now - group["t"]))
+        m.GROUP_ASSEMBLY_SECONDS.observe(max(0.0, now - group["first_at"]))
         return [self._routed("rl", group_id, members, rl.weight, "group_with_reward_variance")]
 
     # -- shared -----------------------------------------------------------------------------
@@ -142,13 +162,13 @@ class RouterStage:
 
     def _room(self, state: PartitionState, stage: str, max_share: float | None, k: int) -> bool:
         """Apply the stage's mix cap, and count the ``k`` samples if they are let through."""
-        counts = state.get("c", {"cpt": 0, "sft": 0, "rl": 0})
+        counts = state.get(MIX, {"cpt": 0, "sft": 0, "rl": 0})
         total = sum(counts.values())
         if (max_share is not None and total >= self.policy.cap_warmup
                 and counts[stage] + k > max_share * (total + k)):
             labelled(m.CAPPED, stage).inc(k)
             return False
-        state.put("c", {**counts, stage: counts[stage] + k})
+        state.put(MIX, {**counts, stage: counts[stage] + k})
         return True
 
     def _routed(self, stage: TrainingStage, group_id: str, decisions: list[FilterDecision],

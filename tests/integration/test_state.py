@@ -120,3 +120,58 @@ def test_oversized_state_and_timer_outputs_are_dead_lettered_once(
     assert set(letters) == {b"StateTooLarge", b"OutputTooLarge"}
     [numbers] = _numbers(kafka, out).values()
     assert sorted(numbers) == list(range(1, 10))  # the big one left no trace in the count
+
+
+def test_filter_state_in_the_old_format_is_read_and_rewritten(kafka: Broker, uid: str) -> None:
+    """State written before the filter's keys had names (``g/ m/ x/ d/``; ``t n have e``) is
+    read at restore: a group half assembled in it completes with its next member. The
+    changelog is then rewritten, so no old key is left to bring a finished group back at the
+    next restore."""
+    import json
+
+    from schemas import FilterDecision
+    from services.filter.stage import FilterStage, state_store
+    from tests import planted
+
+    src, out, dlq, changelog = (f"fs{uid}.scored", f"fs{uid}.filtered", f"fs{uid}.dlq",
+                                f"fs{uid}.filter.state")
+    kafka.create_topics([src, out, dlq, changelog], partitions=1)
+    records, _ = planted.planted_mix(1)
+    group = records[0].trajectory.group_id
+    task = records[0].trajectory.task.task_id
+    first_at = records[0].created_at.timestamp()
+    old = {
+        f"g/{group}": {"t": first_at, "n": 4, "have": [0, 1, 2]},
+        **{f"m/{group}/{i}": json.loads(records[i].to_bytes()) for i in range(3)},
+        "x/decided-long-ago": first_at - 10,
+        f"d/{task}": {"e": []},
+    }
+    kafka.produce(changelog, [(k.encode(), json.dumps(v).encode()) for k, v in old.items()])
+
+    s = settings(kafka.bootstrap, "filter", prefix=f"fs{uid}.")
+    stage = FilterStage(planted.filter_policy(), "f" * 64, accepted_topic=out,
+                        rejected_topic=out, state=state_store(changelog),
+                        latest_version=lambda _m: planted.LATEST_VERSION)
+    with InThread(StreamRuntime(s, stage, [src], dlq_topic=dlq)) as running:
+        kafka.produce(src, [(task.encode(), records[3].to_bytes())])
+        decided = wait_until(lambda: len(kafka.read_all(out)) == 4 and kafka.read_all(out),
+                             60, "the whole group decided")
+    assert running.error is None
+    decisions = [FilterDecision.from_bytes(m.value()) for m in decided]
+    assert sorted(d.scored.trajectory.sample_index for d in decisions) == [0, 1, 2, 3]
+    assert not any("incomplete_group" in d.flags or "late_member" in d.flags
+                   for d in decisions)
+
+    final: dict[str, bytes | None] = {}
+    for m in kafka.read_all(changelog):
+        final[m.key().decode()] = m.value()
+    live = {k for k, v in final.items() if v is not None}
+    assert not any(k.startswith(("g/", "m/", "x/", "d/")) for k in live), live
+    assert {f"decided/{group}", "decided/decided-long-ago"} <= live
+    assert not any(k.startswith(("group/", "member/")) for k in live), live
+    restored = state_store(changelog)
+    restored.restore(s.kafka.client_config(), [0], 60)
+    state = restored.partition(0)
+    assert state.keys("group/") == [] and state.keys("member/") == []
+    assert state.get("decided/decided-long-ago") == first_at - 10
+    assert json.loads(final[f"seen/{task}"] or b"{}")["entries"], "the accepted ones remembered"

@@ -97,13 +97,13 @@ def test_an_incomplete_group_waits_then_is_decided_at_its_timeout() -> None:
     records, _ = planted.planted_mix(1)  # one varied group of 4
     assert run(stage, records[:3]) == []
     state = stage.state.partition(0)
-    t0 = state.get(f"g/{records[0].trajectory.group_id}")["t"]
+    t0 = state.get(f"group/{records[0].trajectory.group_id}")["first_at"]
     assert stage.tick(state, t0 + 29) == []
     decided = [o.value for o in stage.tick(state, t0 + 31)]
     assert len(decided) == 3 and all(d.accepted for d in decided)
     assert all("incomplete_group" in d.flags for d in decided)
     assert {d.group_accepted for d in decided} == {3}
-    assert state.keys("g/") == [] and state.keys("m/") == []
+    assert state.keys("group/") == [] and state.keys("member/") == []
 
 
 def test_a_redelivered_sample_is_never_accepted_twice() -> None:
@@ -161,7 +161,7 @@ def test_the_router_sends_a_group_to_rl_once() -> None:
     router = make_router()
     assert len(values(run(router, decisions), "accepted.rl")) == 1
     assert values(run(router, decisions[:2]), "accepted.rl") == []  # replayed stragglers
-    assert router.state.partition(0).keys("r/") == []
+    assert router.state.partition(0).keys("group/") == []
 
 
 def test_the_duplicate_memory_per_task_is_bounded() -> None:
@@ -169,7 +169,7 @@ def test_the_duplicate_memory_per_task_is_bounded() -> None:
     stage = make_filter(policy)
     records, _ = planted.planted_mix(1)
     run(stage, records)
-    memory = stage.state.partition(0).get(f"d/{records[0].trajectory.task.task_id}")["e"]
+    memory = stage.state.partition(0).get(f"seen/{records[0].trajectory.task.task_id}")["entries"]
     assert len(memory) == 3
     assert [e[0] for e in memory] == [e[0] for e in memory][-3:]
 
@@ -188,8 +188,8 @@ def test_rl_groups_wait_for_every_accepted_member_across_batches() -> None:
     [group] = values(rest, "accepted.rl")
     assert [s.trajectory.sample_index for s in group.samples] == [0, 1, 2, 3]
     assert group.decision_ids == [d.event_id for d in decisions]
-    assert router.state.partition(0).keys("r/") == []
-    assert router.state.partition(0).keys("rm/") == []
+    assert router.state.partition(0).keys("group/") == []
+    assert router.state.partition(0).keys("member/") == []
 
 
 def test_an_rl_group_missing_members_is_dropped_at_its_timeout() -> None:
@@ -199,7 +199,7 @@ def test_an_rl_group_missing_members_is_dropped_at_its_timeout() -> None:
     run(router, decisions[:2])
     state = router.state.partition(0)
     assert router.tick(state, 1e12) == []
-    assert state.keys("r/") == [] and state.keys("rm/") == []
+    assert state.keys("group/") == [] and state.keys("member/") == []
     emit = make_router(RoutingPolicy(rl={"on_timeout": "emit"}))  # type: ignore[arg-type]
     run(emit, decisions[:2])
     [group] = values(emit.tick(emit.state.partition(0), 1e12), "accepted.rl")

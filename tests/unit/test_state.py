@@ -124,3 +124,14 @@ def test_a_model_value_is_encoded_only_in_the_changelog_and_comes_back_equal() -
     restored = json.loads(changes["m/kept"])
     assert as_model(ScoredTrajectory, restored) == kept
     assert as_model(ScoredTrajectory, kept) is kept
+
+
+def test_renames_read_an_older_format_and_leave_the_current_one_alone() -> None:
+    from services.common.state import Renames
+
+    upgrade = Renames({"g/": "group/", "c": "mix"}, {"group/": {"t": "first_at"}})
+    assert upgrade("g/a/b", {"t": 1.0, "size": 2}) == ("group/a/b", {"first_at": 1.0, "size": 2})
+    assert upgrade("c", {"sft": 1}) == ("mix", {"sft": 1})
+    assert upgrade("group/a", {"first_at": 1.0}) is None
+    assert upgrade("clock", 5.0) is None  # an exact old key is not a prefix
+    assert upgrade("mix", {}) is None
