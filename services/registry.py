@@ -47,7 +47,7 @@ class Service:
 
 SERVICES: dict[str, Service] = {s.name: s for s in (
     Service("feeder", "Keep the tasks topic topped up (FLYWHEEL_ENV, FLYWHEEL_TARGET_BACKLOG, "
-            "...).", "services.feeder.main:FeederSettings", "services.feeder.main:run",
+            "...).", "services.feeder.settings:FeederSettings", "services.feeder.main:run",
             reads=("scored",), writes=("tasks",)),
     Service("generator", "Turn tasks into trajectories with the promoted model "
             "(FLYWHEEL_MODEL_PATH, ...).", "services.generator.main:GeneratorSettings",

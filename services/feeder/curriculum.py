@@ -24,17 +24,13 @@ from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Message as KafkaMessage
-from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.config import KafkaSettings
 from services.common.follower import TopicFollower
+from services.feeder.metrics import FRONTIER, LEVEL_PASS_RATE
 
 log = logging.getLogger(__name__)
-
-LEVEL_PASS_RATE = Gauge("flywheel_curriculum_pass_rate",
-                        "Recent sampled pass rate per difficulty level.", ["difficulty"])
-FRONTIER = Gauge("flywheel_curriculum_frontier", "The difficulty tasks are drawn around.")
 
 
 class CurriculumSettings(BaseModel):

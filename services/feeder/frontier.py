@@ -25,17 +25,12 @@ import threading
 from collections import OrderedDict, deque
 from typing import Any, Literal
 
-from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.feeder.metrics import GROUPS_WITH_VARIANCE, TASKS_BY_STATE
 
 State = Literal["new", "frontier", "mastered", "unsolved", "hopeless"]
 STATES: tuple[State, ...] = ("new", "frontier", "mastered", "unsolved", "hopeless")
-
-TASKS_BY_STATE = Gauge("flywheel_feeder_tasks", "Task-set tasks by curriculum state.",
-                       ["state"])
-GROUPS_WITH_VARIANCE = Gauge("flywheel_feeder_groups_with_variance_ratio",
-                             "Share of recent complete groups whose verdicts differ (GRPO "
-                             "signal).")
 
 
 class TaskCurriculumSettings(BaseModel):

@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from confluent_kafka import Consumer, TopicPartition
-from prometheus_client import Counter
 
 from schemas import Task
 from services import envs
@@ -32,13 +31,9 @@ from services.common.offsets import watermarks
 from services.envs.tasksets import SOURCE, Cycle, TaskSetSpec, load
 from services.feeder.curriculum import Curriculum
 from services.feeder.frontier import TaskCurriculum, TaskCurriculumSettings
+from services.feeder.metrics import CYCLE_SKIPPED, HELD_OUT_EXCLUDED
 
 log = logging.getLogger(__name__)
-
-HELD_OUT_EXCLUDED = Counter("flywheel_feeder_held_out_excluded_total",
-                            "Tasks kept off `tasks` because they are held out.", ["source"])
-CYCLE_SKIPPED = Counter("flywheel_feeder_cycle_skipped_total", "Mastered or hopeless tasks "
-                        "the cycle passed over until their next epoch.", ["taskset"])
 
 
 class Source(Protocol):

@@ -30,9 +30,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from schemas import FilterDecision, ScoredTrajectory
+from services.common.event_time import EventClock
 from services.common.metrics import labelled
 from services.common.stage import Output
-from services.common.state import EventClock, PartitionState, Renames, StateStore, as_model
+from services.common.state import PartitionState, Renames, StateStore, as_model
 from services.common.text import repetition_ratio
 from services.filter import metrics as m
 from services.filter.dedup import Fingerprint, Memory, fingerprint

@@ -14,7 +14,8 @@ from services.common.checkpoints import CheckpointFollower
 from services.common.config import RuntimeSettings, ServiceSettings
 from services.common.logs import setup_logging
 from services.common.service import serve
-from services.generator.reload import RELOAD_REFUSALS, Reloader
+from services.generator.metrics import RELOAD_REFUSALS
+from services.generator.reload import Reloader
 from services.generator.stage import GeneratorStage
 from services.models.engines import Engine, TransformersEngine, VLLMDtype, VLLMEngine
 from services.models.episodes import ModelVersion

@@ -17,23 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
-
 from schemas import CheckpointEvent
+from services.generator.metrics import POLICY_VERSION, RELOAD_REFUSALS, RELOAD_SECONDS
 from services.models.engines import Engine
 from services.models.episodes import ModelVersion
 from services.models.manifest import CheckpointRefused, verify
 
 log = logging.getLogger(__name__)
 
-POLICY_VERSION = Gauge("flywheel_generator_policy_version", "Promoted version being served.")
-RELOAD_SECONDS = Histogram(
-    "flywheel_generator_reload_seconds", "Time to swap weights into the engine.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-)
-RELOAD_REFUSALS = Counter(
-    "flywheel_generator_reload_refusals_total", "Checkpoints refused, by reason.", ["reason"]
-)
 
 ARCHITECTURE_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "vocab_size",

@@ -5,29 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client import Counter, Histogram
-
 from schemas import SamplingParams, Task
 from services.common.stage import Output
+from services.generator.metrics import (
+    ENGINE_BATCH,
+    GENERATION_SECONDS,
+    TOKENS,
+    TRAJECTORIES,
+    TRAJECTORY_TOKENS,
+)
 from services.generator.reload import Reloader
 from services.models.engines import Engine
 from services.models.episodes import run_episodes
-
-TRAJECTORIES = Counter("flywheel_generator_trajectories_total", "Trajectories produced.")
-TOKENS = Counter("flywheel_generator_tokens_total", "Completion tokens sampled.")
-GENERATION_SECONDS = Histogram(
-    "flywheel_generator_generation_seconds", "Engine time per batch of episodes.",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-)
-TRAJECTORY_TOKENS = Histogram(
-    "flywheel_generator_trajectory_tokens", "Completion tokens of one trajectory (every "
-    "assistant turn).", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192,
-                                 16384, 32768),
-)
-ENGINE_BATCH = Histogram(
-    "flywheel_generator_engine_batch_episodes", "Episodes per engine batch.",
-    buckets=(1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096),
-)
 
 
 class GeneratorStage:

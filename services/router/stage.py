@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from schemas import FilterDecision, RoutedSample, TrainingStage
+from services.common.event_time import EventClock
 from services.common.metrics import labelled
 from services.common.stage import Output
-from services.common.state import EventClock, PartitionState, Renames, StateStore, as_model
+from services.common.state import PartitionState, Renames, StateStore, as_model
 from services.router import metrics as m
 from services.router.policy import RoutingPolicy, SampleRoute
 

@@ -7,7 +7,7 @@ import logging
 
 from services.common.logs import setup_logging
 from services.common.service import serve_loop
-from services.trainer.service import Trainer
+from services.trainer.loop import Trainer
 from services.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from confluent_kafka import Consumer, TopicPartition
 from schemas import Task
 from services.envs.heldout import HeldOut
 from services.envs.tasksets import SOURCE, FieldMap, TaskSetSpec, load, split, write_rows
-from services.feeder.main import Feeder, FeederSettings
+from services.feeder.loop import Feeder
+from services.feeder.settings import FeederSettings
 from services.feeder.sources import TaskSetSource
 from tests import factories
 from tests.integration.runners import InThread

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from schemas import CheckpointEvent
-from services.generator.reload import RELOAD_REFUSALS, Reloader
+from services.generator.metrics import RELOAD_REFUSALS
+from services.generator.reload import Reloader
 from services.models.episodes import ModelVersion
 from services.models.manifest import build_manifest
 

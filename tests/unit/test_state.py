@@ -78,7 +78,7 @@ def test_a_partition_not_owned_is_an_error() -> None:
 
 
 def test_the_event_clock_times_out_in_stream_time_and_forgets_old_entries() -> None:
-    from services.common.state import EventClock
+    from services.common.event_time import EventClock
 
     store = StateStore("t.state")
     store.adopt(0)

@@ -1,5 +1,5 @@
-"""The trainer service: accepted samples in, candidate checkpoints out, each sample trained
-into exactly one committed checkpoint.
+"""The trainer's long-running loop: accepted samples in, candidate checkpoints out, each
+sample trained into exactly one committed checkpoint.
 
 The loop consumes ``accepted.cpt``, ``accepted.sft`` and ``accepted.rl`` (read_committed, one
 consumer group) into per-stage buffers. A stage whose buffer reached its quota is paused, so
