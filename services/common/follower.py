@@ -123,7 +123,12 @@ class TopicFollower:
                 self._read.notify_all()
 
     def _read_some(self, timeout: float) -> None:
-        for msg in self._consumer.consume(500, timeout):
+        # poll() returns with the first record; consume() would wait out its timeout unless
+        # it filled the batch. What else is fetched already comes with it.
+        first = self._consumer.poll(timeout)
+        if first is None:
+            return
+        for msg in [first, *self._consumer.consume(499, 0)]:
             err = msg.error()
             if err is None:
                 self.on_record(msg)

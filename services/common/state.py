@@ -240,19 +240,23 @@ class StateStore:
                  partitions, self.changelog_topic, time.monotonic() - started)
 
     def _upgraded(self, partition: int, data: dict[str, Any]) -> dict[str, Any]:
-        """``data`` with every entry of an older format read into the current one."""
+        """``data`` with every entry of an older format read into the current one. Where
+        both formats hold a key (versions mixed in one group: not supported, but not to be
+        made worse), the current one wins."""
         assert self._upgrade is not None
         out: dict[str, Any] = {}
-        count = 0
+        old: list[tuple[str, str, Any]] = []
         for key, value in data.items():
             new = self._upgrade(key, value)
             if new is None:
-                out.setdefault(key, value)
-                continue
-            new_key, out[new_key] = new
+                out[key] = value
+            else:
+                old.append((key, *new))
+        for key, new_key, value in old:
+            out.setdefault(new_key, value)
             self._rewrite[partition, key] = None
             self._rewrite[partition, new_key] = None
-            count += 1
+        count = len(old)
         if count:
             log.info("read %d state entries of partition %d in an older format; rewritten "
                      "with the next change", count, partition)

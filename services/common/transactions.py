@@ -41,7 +41,7 @@ class Transactions:
     docstring for the order and the failure rules)."""
 
     def __init__(self, producer: Producer, runtime: RuntimeSettings, service: str,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event | None = None) -> None:
         self.producer = producer
         self._runtime = runtime
         self._stop = stop
@@ -94,7 +94,8 @@ class Transactions:
 
     def bounded(self, call: Callable[[float], Any]) -> None:
         """Run a transactional call in short slices, retrying timeouts and retriable errors,
-        until ``transaction_timeout_ms``, or ``shutdown_timeout_seconds`` once stop is asked.
+        until ``transaction_timeout_ms``, or ``shutdown_timeout_seconds`` once ``stop`` (if
+        given) is set.
 
         Short slices keep SIGTERM responsive: Python runs signal handlers only between calls.
         """
@@ -102,7 +103,7 @@ class Transactions:
         deadline = time.monotonic() + rt.transaction_timeout_ms / 1000
         stop_deadline: float | None = None
         while True:
-            if stop_deadline is None and self._stop.is_set():
+            if stop_deadline is None and self._stop is not None and self._stop.is_set():
                 stop_deadline = time.monotonic() + rt.shutdown_timeout_seconds
                 deadline = min(deadline, stop_deadline)
             left = deadline - time.monotonic()

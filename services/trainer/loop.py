@@ -242,7 +242,9 @@ class Trainer:
         producer = transactional_producer(
             producer_config(s, transactional_id=f"{s.group_id}.{s.model_name}"),
             s.runtime.transaction_timeout_ms / 1000)
-        self._transactions = Transactions(producer, s.runtime, s.service, self._stop)
+        # No stop event: a trained round's commit is worth the whole transaction timeout,
+        # even when stopping (a round cut short is trained again after the restart).
+        self._transactions = Transactions(producer, s.runtime, s.service)
 
     def _open(self) -> None:
         s = self.s
