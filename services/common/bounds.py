@@ -60,8 +60,7 @@ class Bounds:
         consumer.pause([TopicPartition(topic, partition)])
         return True
 
-    def reached(self, consumer: Consumer, owned: set[Partition], *, settled: bool,
-                collecting: bool) -> bool:
+    def reached(self, consumer: Consumer, owned: set[Partition], *, settled: bool) -> bool:
         """Every input partition with something to process is owned and processed to its end
         (or the group's committed offset is there already). With shared bounds, only the
         partitions owned, and not while between a revoke and the next assignment
@@ -71,7 +70,7 @@ class Bounds:
             if not settled:
                 return False
             todo = {k: end for k, end in todo.items() if k in owned}
-        if collecting or set(todo) - owned:
+        if set(todo) - owned:
             return False
         at = positions(consumer, [TopicPartition(t, p) for t, p in todo])
         return all(offset >= self.ends[key] for key, offset in at.items())

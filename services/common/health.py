@@ -46,16 +46,16 @@ class BrokerHealth:
             raise FatalRuntimeError(f"fatal Kafka client error: {self._fatal}")
 
     def check(self, producer: Producer, consumer: Consumer, topic: str,
-              owned: set[tuple[str, int]]) -> None:
-        """When due: probe the broker with a metadata request for ``topic``, and refresh the
-        lag gauges of the ``owned`` partitions.
+              owned: set[tuple[str, int]]) -> bool:
+        """When due (then True): probe the broker with a metadata request for ``topic``, and
+        refresh the lag gauges of the ``owned`` partitions.
 
         The probe goes through the producer: on the consumer's connection it would queue
         behind the fetch long-poll (``fetch.wait.max.ms``) and stall the loop.
         """
         now = time.monotonic()
         if now < self._next:
-            return
+            return False
         s = self.settings
         self._next = now + s.runtime.lag_interval_seconds
         try:
@@ -75,6 +75,7 @@ class BrokerHealth:
                 f"no broker reachable for {now - self._down_since:.0f} s "
                 f"({s.kafka.bootstrap_servers})"
             )
+        return True
 
     def _update_lag(self, consumer: Consumer, owned: set[tuple[str, int]]) -> None:
         """Lag = end of partition - position, from the watermarks the last fetch response

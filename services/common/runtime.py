@@ -451,15 +451,15 @@ class StreamRuntime:
 
     def _check_health(self) -> None:
         assert self._producer is not None and self._consumer is not None
-        self._health.check(self._producer, self._consumer, self.input_topics[0],
-                           self._members.owned)
-        self._set_ready()
+        if self._health.check(self._producer, self._consumer, self.input_topics[0],
+                              self._members.owned):
+            self._set_ready()
 
     def _reached_end(self) -> bool:
         assert self._consumer is not None and self._bounds is not None
+        # Called between batches: nothing is being collected.
         return self._bounds.reached(self._consumer, self._members.owned,
-                                    settled=self._members.settled,
-                                    collecting=bool(self._collecting.records))
+                                    settled=self._members.settled)
 
     # -- shutdown ---------------------------------------------------------------------------
 
