@@ -17,14 +17,9 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.registry import TOPICS
-
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 """Kafka pom, topics file, Prometheus and Grafana files, in the source checkout."""
 
-TOPIC_NAMES = TOPICS
-"""Logical topic names, from the registry. A deployment prefixes all of them
-(``KafkaSettings.topic_prefix``)."""
 
 
 class KafkaSettings(BaseModel):

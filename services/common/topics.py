@@ -32,8 +32,9 @@ from confluent_kafka.admin import (
 )
 from pydantic import BaseModel, Field, field_validator
 
-from services.common.config import DEPLOY_DIR, TOPIC_NAMES, KafkaSettings
+from services.common.config import DEPLOY_DIR, KafkaSettings
 from services.common.errors import ConfigError, FlywheelError
+from services.registry import TOPICS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,7 +103,7 @@ def load(path: Path = DEFAULT_TOPICS_FILE, prefix: str = "flywheel.") -> list[To
     except OSError as exc:
         raise ConfigError(f"cannot read topics file {path}: {exc}") from exc
     spec = TopicsFile.model_validate(raw)
-    missing = [n for n in TOPIC_NAMES if n not in spec.topics]
+    missing = [n for n in TOPICS if n not in spec.topics]
     if missing:
         raise ConfigError(f"{path} does not declare: {', '.join(missing)}")
     d = spec.defaults

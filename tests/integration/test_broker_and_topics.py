@@ -12,7 +12,7 @@ from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from services.common import topics
 from services.common.broker import free_port
-from services.common.config import TOPIC_NAMES
+from services.registry import TOPICS
 from tests.kafka import Broker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -51,7 +51,7 @@ def test_cli_broker_lifecycle_kcat_and_idempotent_topics(tmp_path: Path, kcat: s
         env = {"FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": address}
         first = _flywheel("topics", "apply", env=env)
         assert first.returncode == 0, first.stderr
-        assert first.stderr.count("created") == len(TOPIC_NAMES)
+        assert first.stderr.count("created") == len(TOPICS)
         second = _flywheel("topics", "apply", env=env)
         assert second.returncode == 0, second.stderr
         assert "no changes" in second.stderr and "changed" not in second.stderr
@@ -59,7 +59,7 @@ def test_cli_broker_lifecycle_kcat_and_idempotent_topics(tmp_path: Path, kcat: s
         # apply returned once the broker's metadata had every topic: kcat sees them at once.
         out = subprocess.run([kcat, "-L", "-b", address], capture_output=True, text=True,
                              timeout=60, check=True).stdout
-        assert all(f'topic "flywheel.{name}"' in out for name in TOPIC_NAMES), out
+        assert all(f'topic "flywheel.{name}"' in out for name in TOPICS), out
 
         # Stop and start again from the same folder: storage is not reformatted, topics stay.
         assert _flywheel("kafka", "stop", "--data-dir", str(data)).returncode == 0
@@ -79,7 +79,7 @@ def test_apply_converges_and_describe_shows_end_offsets(kafka: Broker, uid: str)
     specs = topics.load(prefix=prefix)
     admin = kafka.admin()
     first = topics.apply(admin, specs)
-    assert len(first.changes) == len(TOPIC_NAMES)
+    assert len(first.changes) == len(TOPICS)
     assert topics.apply(admin, specs).changes == []
 
     # Someone changed a config by hand: apply puts the declared value back, and only that.

@@ -8,9 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from services.common import topics
-from services.common.config import TOPIC_NAMES
 from services.common.dlq import MAX_MESSAGE_BYTES, DeadLetter
 from services.common.errors import ConfigError
+from services.registry import TOPICS
 
 HISTORY = ["raw", "scored", "filtered", "rejected", "accepted.cpt", "accepted.sft",
            "accepted.rl", "checkpoints"]
@@ -48,7 +48,7 @@ def test_dead_letter_message_is_bounded_and_source_headers_kept() -> None:
 
 def test_default_topics_file_declares_every_topic_with_history_kept_forever() -> None:
     specs = {s.name: s for s in topics.load(prefix="flywheel.")}
-    assert set(specs) == {f"flywheel.{n}" for n in TOPIC_NAMES}
+    assert set(specs) == {f"flywheel.{n}" for n in TOPICS}
     for name in HISTORY:
         assert specs[f"flywheel.{name}"].config["retention.ms"] == "-1", name
     assert specs["flywheel.tasks"].config["retention.ms"] != "-1"
@@ -69,7 +69,7 @@ def test_topics_file_must_declare_every_topic(tmp_path: Path) -> None:
 
 
 def test_topics_file_rejects_unknown_keys_and_coerces_values(tmp_path: Path) -> None:
-    body = "".join(f"  {n}: {{}}\n" for n in TOPIC_NAMES)
+    body = "".join(f"  {n}: {{}}\n" for n in TOPICS)
     f = tmp_path / "topics.yaml"
     defaults = "defaults:\n  partitions: 2\n  config: {retention.ms: -1, x: true}\n"
     f.write_text(defaults + "topics:\n" + body)
