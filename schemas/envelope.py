@@ -51,7 +51,9 @@ class Message(WireModel):
         default_factory=uuid.uuid4,
         description="Identity of this record. Deterministic where replays must deduplicate.",
     )
-    schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
+    schema_version: int = Field(
+        default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION,
+        description="A newer version than this code knows is refused (dead-lettered).")
     created_at: datetime = Field(default_factory=_now, description="UTC time of creation.")
     producer: ProducerInfo | None = Field(
         default=None,

@@ -146,7 +146,7 @@ class Score(WireModel):
 
     scorer: str = Field(description="Scorer name, e.g. 'verifier', 'reward_model', 'length'.")
     version: str = Field(description="Scorer version: code version, model hash or config hash.")
-    value: float
+    value: float = Field(allow_inf_nan=False, description="Finite: JSON has no NaN.")
     passed: bool | None = Field(default=None, description="For checks with a yes/no outcome.")
     details: dict[str, Any] = Field(default_factory=dict)
 
@@ -156,7 +156,7 @@ class ScoredTrajectory(Message):
 
     trajectory: Trajectory
     scores: list[Score]
-    reward: float
+    reward: float = Field(allow_inf_nan=False, description="Finite: JSON has no NaN.")
     verdict: Verdict
     reward_rule: str = Field(description="The declared rule that combined scores into reward.")
 
@@ -207,7 +207,7 @@ class RoutedSample(Message):
     decision_ids: list[uuid.UUID] = Field(
         default_factory=list, description="FilterDecision event ids this sample came from."
     )
-    weight: float = Field(default=1.0, ge=0)
+    weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     reason: str = Field(description="Why the router sent it to this stage.")
     policy_name: str
     policy_hash: str
