@@ -4,12 +4,15 @@ A checkpoint is loaded only if (1) its folder, after resolving symlinks, lies in
 configured checkpoint root; (2) every file of its manifest exists there, inside the folder,
 with the declared size and sha256; (3) its weights are safetensors and nothing in the folder
 is a pickle-based format (``.bin``, ``.pt``, ``.pth``, ``.pkl``, ``.ckpt``): those can execute
-code when loaded, so their mere presence refuses the checkpoint.
+code when loaded, so their mere presence refuses the checkpoint; (4) its ``config.json``, if
+any, is a JSON object whose model dimensions are plausible (a forged config could otherwise make
+the loader allocate without bound before any weight is read).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from schemas import CheckpointEvent, FileDigest
@@ -67,7 +70,33 @@ def verify(event: CheckpointEvent, root: Path) -> Path:
             raise CheckpointRefused("size", f"{entry.path}: size differs from the manifest")
         if sha256_file(path) != entry.sha256:
             raise CheckpointRefused("sha256", f"{entry.path}: sha256 differs from the manifest")
+    _check_config(folder / "config.json")
     return folder
+
+
+DIMENSIONS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
+MAX_DIMENSION = 1 << 24
+"""Above every released model's (vocabularies of 256k, contexts of a few million tokens)."""
+
+
+def _check_config(path: Path) -> None:
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointRefused("config", f"config.json is not JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointRefused("config", "config.json is not a JSON object")
+    for key in DIMENSIONS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) \
+                or not 0 < value <= MAX_DIMENSION:
+            raise CheckpointRefused("config", f"config.json: {key} = {value!r} is not a "
+                                    f"dimension in 1..{MAX_DIMENSION}")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -74,3 +74,22 @@ def test_paths_outside_the_root_are_refused_also_through_symlinks(tmp_path: Path
     assert _refused(remote, root) == "not_local"
     missing = event.model_copy(update={"uri": str(root / "v9")})
     assert _refused(missing, root) == "missing"
+
+
+@pytest.mark.parametrize("config", ['{"hidden_size": 1000000000}', '{"vocab_size": -1}',
+                                    '{"num_hidden_layers": "12"}', '[1, 2]', '{"a": ',
+                                    '[' * 100_000])
+def test_an_absurd_or_unreadable_config_is_refused_with_hashes_that_match(
+        tmp_path: Path, config: str) -> None:
+    # The hashes are the forger's own: only the content can refuse it, before a loader
+    # allocates for a billion-wide layer.
+    root = tmp_path / "ckpt"
+    folder = root / "v1"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    (folder / "config.json").write_text(config)
+    event = CheckpointEvent(model="tiny", version=1, uri=str(folder),
+                            manifest=build_manifest(folder), status="promoted")
+    assert _refused(event, root) == "config"
+    (folder / "config.json").write_text('{"hidden_size": 64, "vocab_size": 49152}')
+    assert verify(event.model_copy(update={"manifest": build_manifest(folder)}), root)
