@@ -47,6 +47,11 @@ class Decisions:
                 self.parents[event.version] = event.parent_version
                 if self.latest is None or event.version > self.latest.version:
                     self.latest = event
+            elif event.version not in self.parents:
+                # A decision about no candidate of this model (each candidate precedes its
+                # decision on the model's partition): forged or foreign, never a rollback
+                # target. The base version needs no event.
+                return
             elif event.status == "promoted":
                 self.promoted[event.version] = event
             else:

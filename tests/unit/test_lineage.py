@@ -55,3 +55,15 @@ def test_the_target_is_the_latest_promoted_even_from_another_lineage() -> None:
     assert due is not None and due.target == 2 and due.discarded == [3]
     assert d.latest_promoted(0) == 2
     assert d.latest is not None and d.latest.version == 3
+
+
+def test_a_decision_about_no_candidate_is_never_a_rollback_target() -> None:
+    # A forged "promoted v999" (no trainer wrote a v999) would otherwise be the target of the
+    # next rollback, which would load whatever its uri names.
+    d = _decisions(_event(1, "candidate", 0), _event(2, "candidate", 1),
+                   _event(999, "promoted"), _event(2, "rejected", rejection="regressed"))
+    assert d.latest_promoted(0) == 0
+    due = d.rollback(2, base=0, after=1)
+    assert due is not None and due.target == 0
+    d.offer(_event(1, "promoted"))
+    assert d.latest_promoted(0) == 1

@@ -114,6 +114,9 @@ def test_retention_keeps_what_may_still_be_loaded_and_optimizer_state_of_latest_
     manifests = {v: store.write(v, model, tokenizer, optimizer)[1] for v in range(0, 9)}
     full = store.size_bytes()
     decisions = Decisions("tiny")
+    for version in range(1, 9):  # each candidate precedes its decision
+        decisions.offer(CheckpointEvent(model="tiny", version=version, uri="x",
+                                        manifest=manifests[version], status="candidate"))
     for version, status in [(1, "promoted"), (2, "rejected"), (3, "rejected"),
                             (4, "promoted"), (5, "rejected"), (6, "rejected")]:
         decisions.offer(CheckpointEvent(model="tiny", version=version, uri="x",
