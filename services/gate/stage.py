@@ -118,17 +118,18 @@ class GateStage:
         current = self._reference(state, event.model)
         if current is not None and event.version <= int(current["version"]):
             return
+        # A promotion this gate cannot check is the event's fault (a forged or broken
+        # checkpoint), not a dependency's: it is dead-lettered with the reason, and the gate
+        # keeps its reference.
         try:
             folder = verify(event, self.root)
-        except CheckpointRefused as exc:
-            log.error("%s v%d was promoted elsewhere but cannot be evaluated here: %s",
-                      event.model, event.version, exc)
-            return
-        try:
             results = self._results(folder)
+        except CheckpointRefused as exc:
+            raise ValueError(f"{event.model} v{event.version} was promoted elsewhere but is "
+                             f"refused here: {exc}") from exc
         except Exception as exc:
-            raise DependencyError(f"cannot evaluate promoted {event.model} v{event.version}: "
-                                  f"{exc}") from exc
+            raise ValueError(f"{event.model} v{event.version} was promoted elsewhere but does "
+                             f"not evaluate here: {exc}") from exc
         ref = rule.reference(results, self.headline, event.version, base=True, uri=event.uri)
         state.put(f"promoted/{event.model}", ref)
         self._show(ref)
