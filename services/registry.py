@@ -71,7 +71,7 @@ SERVICES: dict[str, Service] = {s.name: s for s in (
             "FLYWHEEL_QUOTAS, ...).", "services.trainer.settings:TrainerSettings",
             "services.trainer.main:run",
             reads=("accepted.cpt", "accepted.sft", "accepted.rl", "checkpoints"),
-            writes=("checkpoints",)),
+            writes=("checkpoints", "dlq")),
     Service("gate", "Evaluate candidates on held-out tasks; promote or reject "
             "(FLYWHEEL_BASE_MODEL_PATH, ...).", "services.gate.main:GateSettings",
             "services.gate.main:run", reads=("checkpoints",),

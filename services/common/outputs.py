@@ -72,13 +72,18 @@ class OutputWriter:
                 produce(topic, data, key)
             except BufferError:
                 produce_when_room(producer, topic, data, key)
-        s = self.settings
-        limit = s.runtime.max_record_bytes
-        for d in dead:
-            headers = d.record_headers(s.service, s.instance_id)
-            value = d.value
-            if value is not None and len(value) > limit:
-                # Too large to carry: the headers say where the original still is.
-                headers.append(("flywheel-value-omitted", f"{len(value)} bytes".encode()))
-                value = None
-            produce_when_room(producer, self.dlq_topic, value, d.key, headers=headers)
+        produce_dead_letters(producer, self.settings, self.dlq_topic, dead)
+
+
+def produce_dead_letters(producer: Producer, settings: ServiceSettings, topic: str,
+                         dead: Sequence[DeadLetter]) -> None:
+    """Each dead letter, with its headers, to ``topic`` (inside the caller's transaction)."""
+    limit = settings.runtime.max_record_bytes
+    for d in dead:
+        headers = d.record_headers(settings.service, settings.instance_id)
+        value = d.value
+        if value is not None and len(value) > limit:
+            # Too large to carry: the headers say where the original still is.
+            headers.append(("flywheel-value-omitted", f"{len(value)} bytes".encode()))
+            value = None
+        produce_when_room(producer, topic, value, d.key, headers=headers)

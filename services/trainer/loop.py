@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast, get_args
@@ -42,13 +43,18 @@ from confluent_kafka import (
     KafkaException,
     TopicPartition,
 )
-from pydantic import ValidationError
 
 from schemas import CheckpointEvent, OffsetRange, ProducerInfo, RoutedSample, TrainingStage
+from services.common.batches import dead_letter
 from services.common.checkpoints import CheckpointFollower
 from services.common.clients import consumer_config, producer_config, transactional_producer
+from services.common.dlq import DeadLetter
 from services.common.errors import FatalRuntimeError
+from services.common.health import BrokerHealth
 from services.common.membership import Membership
+from services.common.metrics import RECORDS_DEAD_LETTERED
+from services.common.outputs import produce_dead_letters
+from services.common.stage import DecodeFailure, decode
 from services.common.transactions import Transactions
 from services.models.manifest import verify
 from services.trainer import metrics as m
@@ -73,6 +79,8 @@ class _Round:
     """(topic, partition) -> [start, end): start is where the group was, end the next."""
     first_at: float | None = None
     provenance: dict[str, dict[str, int]] = field(default_factory=dict)
+    dead: list[DeadLetter] = field(default_factory=list)
+    """Records of the round that are not samples: dead-lettered in the round's transaction."""
 
     def count(self, routed: RoutedSample) -> None:
         """Where its samples came from: environments, policies, scorer versions."""
@@ -103,6 +111,7 @@ class Trainer:
         self._paused: set[str] = set()
         self._held: set[tuple[str, int]] = set()
         self._members = Membership(assigned=self._on_assign, released=self._on_release)
+        self._health = BrokerHealth(settings)
         self._committed: dict[tuple[str, int], int] = {}
         self.version = settings.base_version
         """The newest version this model's trainer wrote (the next is one more)."""
@@ -124,7 +133,7 @@ class Trainer:
 
     @property
     def ready(self) -> bool:
-        return self._alive and bool(self._members.owned)
+        return self._alive and self._health.connected and bool(self._members.owned)
 
     def stop(self) -> None:
         self._stop.set()
@@ -240,7 +249,8 @@ class Trainer:
         the resume reads ``checkpoints``."""
         s = self.s
         producer = transactional_producer(
-            producer_config(s, transactional_id=f"{s.group_id}.{s.model_name}"),
+            producer_config(s, transactional_id=f"{s.group_id}.{s.model_name}",
+                            error_cb=self._health.on_error),
             s.runtime.transaction_timeout_ms / 1000)
         # No stop event: a trained round's commit is worth the whole transaction timeout,
         # even when stopping (a round cut short is trained again after the restart).
@@ -250,7 +260,7 @@ class Trainer:
         s = self.s
         # A round can take long; the loop polls between rounds only.
         self._consumer = Consumer(consumer_config(
-            s, transactional=True,
+            s, transactional=True, error_cb=self._health.on_error,
             max_poll_interval_ms=max(300_000, int(s.max_round_seconds * 1000) + 60_000)))
         self._members.subscribe(self._consumer, list(self.topics))
 
@@ -265,8 +275,13 @@ class Trainer:
                                                  self.decisions)
             self._decisions.start()
             self._alive = True
-            assert self._consumer is not None
+            self._health.connected = True
+            assert self._consumer is not None and self._transactions is not None
             while not self._stop.is_set():
+                self._health.raise_if_fatal()
+                # /readyz follows the broker; no broker for broker_down_seconds is fatal.
+                self._health.check(self._transactions.producer, self._consumer,
+                                   next(iter(self.topics)), self._members.owned)
                 for msg in self._consumer.consume(500, timeout=0.5):
                     err = msg.error()
                     if err is not None:
@@ -304,24 +319,31 @@ class Trainer:
         span[1] = max(span[1], offset + 1)
         if r.first_at is None:
             r.first_at = time.monotonic()
+        # A record that is not a sample is dead-lettered with the round: it stays in the
+        # round's range (consumed, and visible in the lineage) and reaches `dlq` exactly once.
         try:
-            routed = RoutedSample.from_bytes(msg.value() or b"")
-        except ValidationError as exc:
-            log.error("skipping an invalid record at %s[%d]@%d: %s", tp[0], tp[1], offset,
-                      exc.errors(include_url=False)[:2])
-            return  # counted in the range: it is consumed, and visible in the lineage
+            routed = decode(RoutedSample, msg.value())
+        except DecodeFailure as exc:
+            self._reject(msg, exc.kind, type(exc.cause or exc).__name__, str(exc))
+            return
         if routed.stage != stage:
-            log.error("record at %s[%d]@%d says stage %r; skipped", tp[0], tp[1], offset,
-                      routed.stage)
+            self._reject(msg, "schema", "WrongStage",
+                         f"a {routed.stage!r} sample on the {stage!r} topic")
             return
         try:
             samples = to_samples([routed], self.tokenizer, self.s.optim.max_tokens)
-        except ValueError as exc:
-            log.error("skipping the record at %s[%d]@%d: %s", tp[0], tp[1], offset, exc)
-            return  # consumed and in the range: the lineage shows it was seen
+        except Exception as exc:  # whatever one record does to tokenizing, it is that record's
+            self._reject(msg, "stage", type(exc).__name__, str(exc))
+            return
         r.samples[stage].extend(samples)
         r.counts[stage] += len(samples)
         r.count(routed)
+
+    def _reject(self, msg: Any, kind: str, error_class: str, message: str) -> None:
+        letter = dead_letter(msg, kind, error_class, message)
+        log.error("dead-lettering the record at %s[%d]@%d: %s: %s", letter.topic,
+                  letter.partition, letter.offset, error_class, message[:300])
+        self._round.dead.append(letter)
 
     def _hold(self, tp: tuple[str, int], offset: int) -> None:
         """A record beyond its stage's quota (one consume() can fetch hundreds): not part of
@@ -389,6 +411,8 @@ class Trainer:
             producer=ProducerInfo(service=self.s.service, instance=self.s.instance_id),
         )
         self._commit(event, r)
+        for (topic, kind), n in Counter((d.topic, d.kind) for d in r.dead).items():
+            RECORDS_DEAD_LETTERED.labels(self.s.service, topic, kind).inc(n)
         m.CHECKPOINT_SECONDS.observe(time.perf_counter() - written)
         m.CHECKPOINT_BYTES.set(sum(f.size_bytes for f in manifest))
         m.ROUND_SECONDS.observe(train_seconds)
@@ -433,6 +457,7 @@ class Trainer:
             transactions.begin()
             transactions.producer.produce(self.s.topic("checkpoints"), event.to_bytes(),
                                           event.model)
+            produce_dead_letters(transactions.producer, self.s, self.s.topic("dlq"), r.dead)
             transactions.commit(offsets, self._consumer)
         except KafkaException as exc:
             # The outcome may be unknown (a commit that timed out may still complete): exit.
@@ -465,6 +490,7 @@ class Trainer:
         # Buffered samples were not committed: the next owner (or this instance, after the
         # rebalance) reads them again from the committed offsets.
         gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._health.forget(gone)
         staying = [TopicPartition(t, p) for t, p in sorted(self._members.owned - gone)]
         self._held -= gone
         for key in gone:
