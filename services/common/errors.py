@@ -24,6 +24,11 @@ class FatalRuntimeError(FlywheelError):
     """
 
 
+class BrokerUnreachable(FatalRuntimeError):
+    """No broker answered a request in time. Fatal to a caller that cannot wait; a loop that
+    tracks its broker (the feeder) reports not-ready and retries until its own limit."""
+
+
 class DependencyError(FlywheelError):
     """Raised by a stage when something it depends on is down (a model server, a sandbox pool):
     the failure is not about the records, so they must not be dead-lettered. The runtime stops

@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from typing import Any
 
 from schemas import ProducerInfo
 from services import envs
-from services.common.errors import ConfigError
+from services.common.errors import BrokerUnreachable, ConfigError, FatalRuntimeError
 from services.common.follower import TopicFollower
 from services.envs.heldout import suite_tasks
 from services.feeder.curriculum import Curriculum, level_verdict, scored_follower
@@ -65,17 +66,19 @@ class Feeder:
         self.backlog = Backlog(settings.kafka, topic, group)
         self.stopping = threading.Event()
         self.alive = False
+        self.connected = False
+        """Whether the last backlog measurement reached the broker (/readyz)."""
 
     @property
     def ready(self) -> bool:
-        return self.alive
+        return self.alive and self.connected
 
     def stop(self) -> None:
         self.stopping.set()
 
     def tick(self) -> int:
         """Top up once; returns how many tasks were published."""
-        waiting = self.backlog.size()
+        waiting = self.backlog.size(timeout=5.0)
         BACKLOG.set(waiting)
         missing = self.settings.target_backlog - waiting
         if missing <= 0:
@@ -94,8 +97,21 @@ class Feeder:
                 if self.stopping.is_set():
                     break
         try:
+            down_since: float | None = None
+            limit = self.settings.runtime.broker_down_seconds
             while not self.stopping.is_set():
-                published = self.tick()
+                try:
+                    published = self.tick()
+                except BrokerUnreachable as exc:
+                    # Not ready while the broker is away; it comes back to the same loop.
+                    self.connected = False
+                    down_since = down_since or time.monotonic()
+                    if time.monotonic() - down_since > limit:
+                        raise FatalRuntimeError(f"no broker reachable for {limit:.0f} s: "
+                                                f"{exc}") from exc
+                    log.warning("broker unreachable: %s", exc)
+                    continue
+                self.connected, down_since = True, None
                 if published:
                     log.info("published %d %s tasks", published, self.source.name)
                 self.stopping.wait(self.settings.interval_seconds)

@@ -9,7 +9,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from schemas import ProducerInfo, Task
 from services.common.config import KafkaSettings
-from services.common.errors import FatalRuntimeError
+from services.common.errors import BrokerUnreachable, FatalRuntimeError
 from services.common.produce import produce_when_room
 
 
@@ -47,6 +47,7 @@ class TaskPublisher:
 _MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
            KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
            KafkaError.LEADER_NOT_AVAILABLE}
+_AWAY = {KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN}
 
 
 class Backlog:
@@ -68,9 +69,12 @@ class Backlog:
                 return self._size()
             except KafkaException as exc:
                 err = exc.args[0]
-                if (err.code() not in _MOVING and not err.retriable()) \
-                        or time.monotonic() > deadline:
+                away = err.code() in _AWAY
+                if not (away or err.code() in _MOVING or err.retriable()):
                     raise FatalRuntimeError(
+                        f"cannot measure the backlog of {self.topic}: {err}") from exc
+                if time.monotonic() > deadline:
+                    raise BrokerUnreachable(
                         f"cannot measure the backlog of {self.topic}: {err}") from exc
                 time.sleep(0.2)
 
