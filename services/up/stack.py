@@ -45,6 +45,8 @@ class Stack:
     versions: Versions | None = None
     """Every checkpoint event the last run() saw."""
     prometheus: monitor.Prometheus | None = None
+    supervisor: Supervisor | None = None
+    """The running services' supervisor, while run() runs (its children's pids)."""
 
     @property
     def home(self) -> Path:
@@ -134,7 +136,8 @@ class Stack:
         specs = self.specs()
         if self.prometheus is not None:  # scrapes every service's port
             specs.append(self.prometheus.spec(self.ports))
-        supervisor = Supervisor(specs, self.home / "logs", **(supervisor_options or {}))
+        supervisor = self.supervisor = Supervisor(specs, self.home / "logs",
+                                                  **(supervisor_options or {}))
         stopping = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stopping.set())
                     for sig in (signal.SIGINT, signal.SIGTERM)}
