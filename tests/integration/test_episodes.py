@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-
-pytest.importorskip("torch", reason="needs the model extras (make test installs them)")
+import torch  # noqa: F401  (the model extras: missing is a failure, never a skip)
 
 from schemas import SamplingParams, Trajectory
 from services import envs

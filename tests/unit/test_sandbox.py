@@ -4,7 +4,8 @@ Every run starts a real interpreter under small limits; the whole file takes a f
 most of it the CPU-time and wall-clock cases.
 
 Runs use ``/usr/bin/python3``, which uid 65534 can execute, with the isolation the module
-requires by default; where this process cannot drop privileges (not root) they waive it. The
+requires by default; where this process cannot drop privileges (not root) they fail, unless
+the run waives isolation (``FLYWHEEL_TEST_UNISOLATED=1``, :mod:`tests.isolation`). The
 weak-isolation cases (no uid drop: the solution keeps this process's uid and can touch the run's
 folder and this process's siblings) use ``weak_python``, a copy of this interpreter's launcher
 that uid 65534 may not execute.
@@ -37,6 +38,7 @@ from services.scorer.sandbox import (
     isolation_plan,
     run_python_tests,
 )
+from tests.isolation import require, waived
 
 # A wall clock far above the CPU limit: on a busy machine a passing run, or one that spends its
 # CPU second, takes longer than its CPU time, and must not end as "wall_clock" for that.
@@ -54,9 +56,14 @@ def _isolated() -> bool:
 
 def sandbox(solution: str, tests: str = TESTS, limits: SandboxLimits = LIMITS,
             **kwargs: Any) -> SandboxResult:
-    """``run_python_tests`` with PYTHON, insisting on the uid drop wherever it is possible."""
+    """``run_python_tests`` with PYTHON and the uid drop; where this process cannot drop
+    privileges the test fails, unless the run waived isolation."""
     kwargs.setdefault("python", PYTHON)
-    kwargs.setdefault("require_isolation", _isolated())
+    if kwargs.get("require_isolation", True):
+        isolated = _isolated()
+        if not isolated and not waived():
+            require(f"uid 65534 cannot be switched to for {kwargs['python']}", False)
+        kwargs["require_isolation"] = isolated
     return run_python_tests(solution, tests, limits, **kwargs)
 
 
@@ -186,14 +193,13 @@ def test_the_network_namespace_has_only_loopback() -> None:
     solution = ("def interfaces():\n    with open('/proc/self/net/dev') as f:\n"
                 "        return [line.split(':')[0].strip() for line in f.readlines()[2:]]\n")
     result = sandbox(solution, "assert interfaces() == ['lo'], interfaces()\n")
-    if "netns" not in result.isolation:
-        pytest.skip("no network namespaces here (they need root or CAP_SYS_ADMIN)")
+    require("no network namespaces here (they need root or CAP_SYS_ADMIN)",
+            "netns" in result.isolation)
     assert result.status == "passed", result.stderr
 
 
 def test_as_root_the_child_runs_as_nobody_with_a_process_limit() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("privileges are only dropped by a root parent")
+    require("privileges are only dropped by a root parent", os.geteuid() == 0)
     solution = (
         "import os, threading\n\n"
         "def threads_started(n):\n"
@@ -211,8 +217,7 @@ def test_as_root_the_child_runs_as_nobody_with_a_process_limit() -> None:
              "try:\n    open('/proc/self/mem', 'rb')\nexcept PermissionError:\n    pass\n"
              "else:\n    raise AssertionError('/proc/self/mem is open to the solution')\n")
     # The interpreter must be one uid 65534 can run; a pyenv under /root is not.
-    if not _isolated():
-        pytest.skip(f"uid 65534 cannot run {PYTHON}")
+    require(f"uid 65534 cannot run {PYTHON}", _isolated())
     result = run_python_tests(solution, tests, LIMITS, python=PYTHON)
     assert result.status == "passed", result.stderr
     assert {"setuid", "nproc", "nondumpable"} <= set(result.isolation)
@@ -269,8 +274,8 @@ def test_other_processes_of_the_same_uid_cannot_be_signalled(
     result = run_python_tests(solution, TESTS, LIMITS, python=weak_python,
                               require_isolation=False)
     if way == "original_create_builtin":
-        if "seccomp" not in result.isolation:
-            pytest.skip("no seccomp filter here: native-level access is out of reach")
+        require("no seccomp filter here: native-level access is out of reach",
+                "seccomp" in result.isolation)
         assert (result.status, result.reason) == ("failed", "PermissionError"), result.stderr
     else:
         assert (result.status, result.reason) == ("killed", "forbidden"), result.stderr

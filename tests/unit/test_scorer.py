@@ -25,6 +25,7 @@ from services.scorer.scorers import (
     extract_code,
 )
 from services.scorer.stage import ScorerStage, ScoringConfig
+from tests.isolation import require
 
 
 def traj(task: Task, completion: str, index: int = 0) -> Trajectory:
@@ -125,9 +126,6 @@ SOLUTIONS = {
 }
 
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="the code sandbox isolates solutions by switching to uid 65534, "
-    "which needs root; without it the code scorer refuses to start (tested below)")
 
 
 def test_the_code_scorer_refuses_to_start_without_real_isolation() -> None:
@@ -139,8 +137,10 @@ def test_the_code_scorer_refuses_to_start_without_real_isolation() -> None:
                                                   require_isolation=False)]), "scored")
 
 
-@needs_root
 def test_code_solutions_are_judged_in_the_sandbox_and_abuse_is_stopped_with_a_reason() -> None:
+    # The code scorer isolates solutions by switching to uid 65534, which needs root; without
+    # it the scorer refuses to start (tested above), so this needs root or the waiver.
+    require("the code scorer needs root to drop privileges", os.geteuid() == 0)
     task = Task(task_id="code:add", env="reference", prompt="Write add(a, b).",
                 verifier=VerifierSpec(kind="unit_tests", params={"tests": CODE_TESTS}))
     names = [*SOLUTIONS, "correct"]  # a good one after all the kills: scoring goes on

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch  # the model extras: missing is a failure, never a skip
 
-torch = pytest.importorskip("torch", reason="the model extra (torch) is not installed")
-
-from schemas import CheckpointEvent  # noqa: E402
-from services.models.manifest import PICKLE_SUFFIXES, verify  # noqa: E402
-from services.trainer.store import CheckpointStore, folder_name, load_optimizer  # noqa: E402
+from schemas import CheckpointEvent
+from services.models.manifest import PICKLE_SUFFIXES, verify
+from services.trainer.store import CheckpointStore, folder_name, load_optimizer
 
 pytestmark = pytest.mark.model
 

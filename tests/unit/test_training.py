@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch  # the model extras: missing is a failure, never a skip
 
-torch = pytest.importorskip("torch", reason="the model extra (torch) is not installed")
-
-from schemas import RoutedSample, SamplingParams, Score, ScoredTrajectory, Trajectory, Turn  # noqa: E402
-from services import envs  # noqa: E402
-from services.trainer.data import to_samples  # noqa: E402
-from services.trainer.train import OptimSettings, make_optimizer, train_round  # noqa: E402
+from schemas import RoutedSample, SamplingParams, Score, ScoredTrajectory, Trajectory, Turn
+from services import envs
+from services.trainer.data import to_samples
+from services.trainer.train import OptimSettings, make_optimizer, train_round
 
 pytestmark = pytest.mark.model
 
