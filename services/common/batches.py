@@ -138,6 +138,9 @@ class BatchProcessor:
                 except DecodeFailure as exc:
                     cls = type(exc.cause).__name__ if exc.cause else "DecodeFailure"
                     dead.append(dead_letter(msg, exc.kind, cls, str(exc)))
+        admit = getattr(self.stage, "admit", None)
+        if admit is not None:
+            good, good_src, good_raw = self._admitted(admit, good, good_src, good_raw, dead)
         store = self._store
         result = self._run_stage(good, good_src)
         for index, error in result.failed:
@@ -169,6 +172,25 @@ class BatchProcessor:
             records=records, encoded=encoded, dead=dead, offsets=offsets, started=started,
             state=store.changes() if store is not None else [],
         )
+
+    @staticmethod
+    def _admitted(admit: Callable[[Any], None], good: list[Message], src: list[KafkaMessage],
+                  raw: list[bytes | None], dead: list[DeadLetter]
+                  ) -> tuple[list[Message], list[KafkaMessage], list[bytes | None]]:
+        """The records the stage's optional ``admit(record)`` check lets through; the others
+        are dead-lettered one by one, without the batch retried record by record (for a
+        stage whose batch is costly, such as a generator's)."""
+        kept: tuple[list[Message], list[KafkaMessage], list[bytes | None]] = ([], [], [])
+        for record, msg, value in zip(good, src, raw, strict=True):
+            try:
+                admit(record)
+            except ValueError as exc:
+                dead.append(dead_letter(msg, "stage", type(exc).__name__, str(exc)))
+                continue
+            kept[0].append(record)
+            kept[1].append(msg)
+            kept[2].append(value)
+        return kept
 
     def _run_stage(self, good: list[Message], src: list[KafkaMessage]) -> StageResult[Any]:
         """The stage over the decoded records. A stateful stage runs per input partition,

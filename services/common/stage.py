@@ -67,6 +67,9 @@ class Stage(Protocol[In_contra]):
         """Outputs for the whole batch. Raise to reject; see :func:`apply_stage`."""
         ...
 
+    # Optional: ``admit(record)``, raising ValueError for a record the stage cannot take
+    # (dead-lettered with that message before ``process`` sees the batch).
+
 
 @runtime_checkable
 class StatefulStage(Protocol[In_contra]):

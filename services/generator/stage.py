@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from schemas import SamplingParams, Task
+from services import envs
 from services.common.stage import Output
 from services.generator.metrics import (
     ENGINE_BATCH,
@@ -29,6 +30,12 @@ class GeneratorStage:
         self.engine, self.tokenizer, self.reloader = engine, tokenizer, reloader
         self.output_topic, self.samples = output_topic, samples
         self.sampling, self.max_turns = sampling, max_turns
+
+    def admit(self, task: Task) -> None:
+        """A task of no registered environment cannot make an episode: refused before the
+        batch is generated, so it costs no generation."""
+        if task.env not in envs.names():
+            raise ValueError(f"unknown environment {task.env!r}")
 
     def process(self, batch: Sequence[Task]) -> list[Output]:
         self.reloader.apply_pending()  # between batches: nothing is in flight
