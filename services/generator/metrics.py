@@ -27,3 +27,7 @@ RELOAD_SECONDS = Histogram(
 RELOAD_REFUSALS = Counter(
     "flywheel_generator_reload_refusals_total", "Checkpoints refused, by reason.", ["reason"]
 )
+RELOAD_SKIPPED = Counter(
+    "flywheel_generator_versions_skipped_total", "Promoted versions never served: a newer one "
+    "was promoted before the batch in flight ended, and only the newest is loaded.",
+)

@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from schemas import CheckpointEvent
-from services.generator.metrics import POLICY_VERSION, RELOAD_REFUSALS, RELOAD_SECONDS
+from services.generator.metrics import (
+    POLICY_VERSION,
+    RELOAD_REFUSALS,
+    RELOAD_SECONDS,
+    RELOAD_SKIPPED,
+)
 from services.models.engines import Engine
 from services.models.episodes import ModelVersion
 from services.models.manifest import CheckpointRefused, verify
@@ -63,6 +68,10 @@ class Reloader:
             return
         with self._lock:
             if self._pending is None or event.version > self._pending[0]:
+                if self._pending is not None:  # promoted while a batch ran: never served
+                    RELOAD_SKIPPED.inc()
+                    log.info("v%d superseded by v%d before it was loaded", self._pending[0],
+                             event.version)
                 self._pending = (event.version, folder)
 
     def apply_pending(self) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from schemas import CheckpointEvent
-from services.generator.metrics import RELOAD_REFUSALS
+from services.generator.metrics import RELOAD_REFUSALS, RELOAD_SKIPPED
 from services.generator.reload import Reloader
 from services.models.episodes import ModelVersion
 from services.models.manifest import build_manifest
@@ -66,9 +66,11 @@ def test_only_newer_promoted_checkpoints_of_its_model_are_taken(
     reloader.offer(_checkpoint(root, 1, status="candidate"))
     reloader.offer(_checkpoint(root, 2, model="other"))
     assert not reloader.apply_pending() and engine.loaded == []
+    skipped = RELOAD_SKIPPED._value.get()
     reloader.offer(_checkpoint(root, 3))
-    reloader.offer(_checkpoint(root, 5))
+    reloader.offer(_checkpoint(root, 5))  # both promoted within one batch: v3 is never served
     reloader.offer(_checkpoint(root, 4))  # older than the pending v5
+    assert RELOAD_SKIPPED._value.get() == skipped + 1
     assert reloader.apply_pending()
     assert engine.loaded == [(root / "v5").resolve()] and reloader.serving.version == 5
     reloader.offer(CheckpointEvent.model_validate(
