@@ -14,11 +14,12 @@ import time
 import uuid
 from collections.abc import Callable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 
 from services.common.config import KafkaSettings
 from services.common.errors import FatalRuntimeError
+from services.common.metrics import FOLLOWER_SKIPPED
 from services.common.offsets import high_watermarks, watermarks
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,13 @@ class TopicFollower:
         False if that took longer than ``timeout``."""
         if self._ends is None:  # its own client: the following thread owns the other one
             self._ends = Consumer(_reader(self._kafka, f"{self.name}-ends"))
-        ends = {p: self._ends.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10,
-                                                    cached=False)[1] for p in self.partitions}
+        try:
+            ends = {p: self._ends.get_watermark_offsets(TopicPartition(self.topic, p),
+                                                        timeout=10, cached=False)[1]
+                    for p in self.partitions}
+        except KafkaException as exc:  # the broker away: not known to be current
+            log.warning("%s: end offsets not read: %s", self.name, exc.args[0])
+            return False
         with self._read:
             return self._read.wait_for(
                 lambda: all(end == 0 or self._positions.get(p, 0) >= end
@@ -131,7 +137,13 @@ class TopicFollower:
         for msg in [first, *self._consumer.consume(499, 0)]:
             err = msg.error()
             if err is None:
-                self.on_record(msg)
+                try:
+                    self.on_record(msg)
+                except Exception as exc:  # one bad record: skipped and counted, never the end
+                    FOLLOWER_SKIPPED.labels(self.name).inc()
+                    log.error("%s: record %s[%s]@%s skipped: %s: %s", self.name, msg.topic(),
+                              msg.partition(), msg.offset(), type(exc).__name__,
+                              str(exc)[:300])
             elif err.code() == KafkaError._PARTITION_EOF:
                 self._behind.discard(msg.partition())
                 if not self._behind:

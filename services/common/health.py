@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from services.common import metrics as m
 from services.common.config import ServiceSettings
-from services.common.errors import FatalRuntimeError
+from services.common.errors import BrokerUnreachable, FatalRuntimeError
 from services.common.offsets import positions
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ class BrokerHealth:
         self.settings = settings
         self.connected = False
         self._down_since: float | None = None
+        self.last_outage: float | None = None
+        """When (monotonic) the broker was last seen unreachable."""
         self._next = 0.0
         self._fatal: KafkaError | None = None
 
@@ -37,6 +39,7 @@ class BrokerHealth:
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
             self.connected = False
             self._down_since = self._down_since or time.monotonic()
+            self.last_outage = time.monotonic()
             log.warning("all brokers down: %s", err)
         else:
             log.warning("kafka client error: %s", err)
@@ -63,6 +66,7 @@ class BrokerHealth:
         except KafkaException as exc:
             self.connected = False
             self._down_since = self._down_since or now
+            self.last_outage = now
             log.warning("broker probe failed: %s", exc.args[0])
         else:
             self.connected, self._down_since = True, None
@@ -71,7 +75,7 @@ class BrokerHealth:
             except KafkaException as exc:  # a metric is not worth stopping for
                 log.warning("could not refresh consumer lag: %s", exc.args[0])
         if self._down_since and now - self._down_since > s.runtime.broker_down_seconds:
-            raise FatalRuntimeError(
+            raise BrokerUnreachable(
                 f"no broker reachable for {now - self._down_since:.0f} s "
                 f"({s.kafka.bootstrap_servers})"
             )
@@ -99,3 +103,7 @@ class BrokerHealth:
         for topic, partition in partitions:
             with contextlib.suppress(KeyError):  # no lag reported for it yet
                 m.CONSUMER_LAG.remove(self.settings.service, topic, str(partition))
+
+    def outage_within(self, seconds: float) -> bool:
+        """Whether the broker was unreachable at some point in the last ``seconds``."""
+        return self.last_outage is not None and time.monotonic() - self.last_outage <= seconds

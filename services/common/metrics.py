@@ -60,6 +60,14 @@ TRANSACTIONS = Counter(
     "flywheel_runtime_transactions_total", "Kafka transactions by outcome.",
     ["service", "outcome"],
 )
+FOLLOWER_SKIPPED = Counter(
+    "flywheel_follower_records_skipped_total",
+    "Records a background follower could not take (malformed), skipped.", ["follower"],
+)
+RECONNECTS = Counter(
+    "flywheel_runtime_reconnects_total",
+    "Kafka clients rebuilt in-process after a broker outage left them unusable.", ["service"],
+)
 READY = Gauge("flywheel_runtime_ready", "1 when connected and assigned partitions.", ["service"])
 
 

@@ -143,6 +143,10 @@ class StreamRuntime:
     def ready(self) -> bool:
         return self._alive and self._health.connected and bool(self._members.owned)
 
+    @property
+    def health(self) -> BrokerHealth:
+        return self._health
+
     def stop(self) -> None:
         """Ask the loop to finish the batch in flight and return. Safe from any thread."""
         self._stop.set()
@@ -438,7 +442,11 @@ class StreamRuntime:
     def _on_consume_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
             return
-        if err.fatal() or err.code() in (
+        if err.fatal() or err.code() == KafkaError._FATAL:
+            # e.g. a static member fenced after a broker outage (librdkafka #3437): this
+            # consumer can never fetch again; the service rebuilds its clients (serve()).
+            raise FatalRuntimeError(f"fatal consumer error: {err}")
+        if err.code() in (
             KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_AUTHORIZATION_FAILED,
             KafkaError.GROUP_AUTHORIZATION_FAILED,
         ):
@@ -467,6 +475,13 @@ class StreamRuntime:
         self._alive = False
         self._m_ready.set(0)
         deadline = self.settings.runtime.shutdown_timeout_seconds
+        if self._transactions is not None:
+            self._transactions.close()
+            if self._transactions.wedged:  # any call of it could block: leave it be
+                log.error("the transactional producer is wedged; not flushed or aborted (its "
+                          "successor's init_transactions aborts its transaction)")
+                self._producer = None
+                self._open_batch = None
         if self._producer is not None and self._open_batch is not None:
             # Leaving on an error mid-transaction: abort now rather than let the open
             # transaction hold back read_committed readers until transaction_timeout_ms.
@@ -477,7 +492,11 @@ class StreamRuntime:
             except KafkaException as exc:
                 log.warning("could not abort the open transaction: %s", exc.args[0])
         if self._producer is not None:
-            left = self._producer.flush(deadline)
+            try:
+                left = self._producer.flush(deadline)
+            except KafkaException as exc:  # a fatal producer: nothing more will be delivered
+                log.error("producer flush at shutdown: %s", exc.args[0])
+                left = len(self._producer)
             if left:
                 log.error("%d produced records not acknowledged at shutdown", left)
             elif self._unconfirmed is not None and self._delivery_error is None:

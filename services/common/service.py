@@ -12,18 +12,23 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import signal
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, Protocol
 
+from confluent_kafka import KafkaException
+
 from services.common.config import ServiceSettings
-from services.common.errors import FlywheelError
+from services.common.errors import BrokerUnreachable, FatalRuntimeError, FlywheelError
 from services.common.logs import setup_logging
-from services.common.metrics import HealthServer
+from services.common.metrics import RECONNECTS, HealthServer
 from services.common.runtime import StreamRuntime
 from services.common.stage import Stage, StatefulStage
+from services.common.transactions import WEDGED
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +55,96 @@ def serve(settings: ServiceSettings, stage: Stage[Any] | StatefulStage[Any],
     """Run a stream stage as a service (the common case)."""
     setup_logging(settings.log_level)
     log.info("config: %s", json.dumps(settings.redacted(), sort_keys=True))
-    runtime = StreamRuntime(settings, stage, input_topics)
+    state = stage.state if isinstance(stage, StatefulStage) else None
+
+    def runtime() -> StreamRuntime:
+        if state is not None:  # what is owned again is restored from the changelog
+            state.drop(state.owned())
+        return StreamRuntime(settings, stage, input_topics)
+
+    loop = Reconnecting(settings, runtime)
     tune_gc()
-    return serve_loop(settings, runtime)
+    return serve_loop(settings, loop)
+
+
+class Reconnecting:
+    """A loop whose Kafka clients are rebuilt in this process when a broker outage broke them.
+
+    After an outage longer than the session or transaction timeout, the clients can be left
+    unusable: a static member fenced by its own earlier registration (librdkafka #3437), a
+    producer whose open transaction the broker aborted, a commit whose group generation is
+    gone. Each ends the loop with a fatal error. If the broker was seen unreachable within
+    ``window`` before it, a new loop (new consumer and producer; the new producer's
+    ``init_transactions`` aborts what the old one left open) takes over the same stage, so a
+    loaded model stays loaded and the process is not restarted; uncommitted work is
+    processed again, as after a restart. Anything else, a broker away for longer than
+    ``broker_down_seconds``, or more than ``MAX_REBUILDS`` rebuilds in a row, ends the
+    service as before.
+    """
+
+    MAX_REBUILDS = 5
+    STEADY_SECONDS = 300.0
+    """A loop that ran this long resets the count of rebuilds in a row."""
+
+    def __init__(self, settings: ServiceSettings, make: Callable[[], Any]) -> None:
+        self.settings, self.make = settings, make
+        self.current = make()
+        self.rebuilds = 0
+        self._stop = threading.Event()
+        rt = settings.runtime
+        self.window = max(300.0, 2 * rt.transaction_timeout_ms / 1000)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.current.alive)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.current.ready)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.current.stop()
+
+    def __getattr__(self, name: str) -> Any:  # finished, and whatever else callers read
+        if name == "current":  # not built yet
+            raise AttributeError(name)
+        return getattr(self.current, name)
+
+    def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                self.current.run()
+                return
+            except (FatalRuntimeError, KafkaException) as exc:
+                if time.monotonic() - started >= self.STEADY_SECONDS:
+                    self.rebuilds = 0
+                if not self._rebuildable(exc):
+                    raise
+                self.rebuilds += 1
+                RECONNECTS.labels(self.settings.service).inc()
+                log.warning("Kafka clients lost after a broker outage (%s); rebuilding them "
+                            "(%d in a row)", exc, self.rebuilds)
+            self.current = self.make()
+            if self._stop.is_set():
+                return
+
+    def _rebuildable(self, exc: BaseException) -> bool:
+        health = getattr(self.current, "health", None)
+        return (not self._stop.is_set() and not isinstance(exc, BrokerUnreachable)
+                and self.rebuilds < self.MAX_REBUILDS and health is not None
+                and (not health.connected or health.outage_within(self.window)))
 
 
 def serve_loop(settings: ServiceSettings, loop: Loop) -> int:
     """Health endpoint, signals and the top-level error boundary around ``loop.run()``."""
+    code = _serve_loop(settings, loop)
+    exit_now_if_wedged(code)
+    return code
+
+
+def _serve_loop(settings: ServiceSettings, loop: Loop) -> int:
     setup_logging(settings.log_level)
     health = None
     if settings.metrics.enabled:
@@ -83,6 +171,16 @@ def serve_loop(settings: ServiceSettings, loop: Loop) -> int:
                  settings.service)
         return INTERRUPTED
     return 0
+
+
+def exit_now_if_wedged(code: int) -> None:
+    """A process holding a wedged producer (:mod:`services.common.transactions`) cannot exit
+    normally: its stuck call's thread would be joined, and destroying the producer could
+    block. It leaves at once, logs flushed."""
+    if WEDGED:
+        log.error("exiting without cleanup: %d wedged producer(s)", len(WEDGED))
+        logging.shutdown()
+        os._exit(code)
 
 
 def tune_gc() -> None:

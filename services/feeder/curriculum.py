@@ -106,8 +106,8 @@ def scored_follower(kafka: KafkaSettings, topic: str,
     def decoded(msg: KafkaMessage) -> None:
         try:
             record = json.loads(msg.value() or b"")
-        except ValueError:
-            return  # not ours to judge: the scorer dead-letters bad records
+        except (ValueError, RecursionError):
+            return  # not ours to judge: the filter dead-letters bad records
         if isinstance(record, dict):
             on_record(record)
 

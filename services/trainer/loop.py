@@ -135,6 +135,10 @@ class Trainer:
     def ready(self) -> bool:
         return self._alive and self._health.connected and bool(self._members.owned)
 
+    @property
+    def health(self) -> BrokerHealth:
+        return self._health
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -302,7 +306,9 @@ class Trainer:
             if self._consumer is not None:
                 self._consumer.close()
             if self._transactions is not None:
-                self._transactions.producer.flush(5)
+                self._transactions.close()
+                if not self._transactions.wedged:  # a wedged producer is left alone
+                    self._transactions.producer.flush(5)
 
     def _buffer(self, msg: Any) -> None:
         r = self._round

@@ -6,7 +6,7 @@ import json
 import logging
 
 from services.common.logs import setup_logging
-from services.common.service import serve_loop
+from services.common.service import Reconnecting, serve_loop
 from services.trainer.loop import Trainer
 from services.trainer.settings import TrainerSettings
 
@@ -16,4 +16,4 @@ log = logging.getLogger(__name__)
 def run(settings: TrainerSettings) -> int:
     setup_logging(settings.log_level)
     log.info("config: %s", json.dumps(settings.redacted(), sort_keys=True))
-    return serve_loop(settings, Trainer(settings))
+    return serve_loop(settings, Reconnecting(settings, lambda: Trainer(settings)))
