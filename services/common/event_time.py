@@ -52,13 +52,15 @@ class EventClock:
 
     def forget(self, state: PartitionState, prefix: str, keep_seconds: float, now: float
                ) -> None:
-        """Delete the entries under ``prefix`` (values: event times) older than
-        ``keep_seconds`` of stream time; at most once a minute per partition and prefix."""
+        """Delete the entries under ``prefix`` (values: event times, or objects with the event
+        time under ``at``) older than ``keep_seconds`` of stream time; at most once a minute
+        per partition and prefix."""
         key = (state.partition, prefix)
         if now < self._next_sweep.get(key, 0.0):
             return
         self._next_sweep[key] = now + self.SWEEP_SECONDS
         horizon = self.stream_time(state) - keep_seconds
         for entry in state.keys(prefix):
-            if state.get(entry) < horizon:
+            value = state.get(entry)
+            if (value["at"] if isinstance(value, dict) else value) < horizon:
                 state.delete(entry)

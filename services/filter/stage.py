@@ -48,7 +48,9 @@ first member, members expected, sample indexes arrived)."""
 MEMBER = "member/"
 """``member/<group id>/<sample index>``: an arrived member, the scored trajectory."""
 DECIDED = "decided/"
-"""``decided/<group id>``: a decided group, with the stream time it was decided at."""
+"""``decided/<group id>``: a decided group, ``{at, indexes}`` (the stream time it was decided
+at, the sample indexes decided since: a repeat of one is a duplicate by identity). Written
+before that by a bare stream time, still read (no indexes known)."""
 SEEN = "seen/"
 """``seen/<task id>``: the task's duplicate memory, ``{entries}`` (accepted fingerprints)."""
 UPGRADE = Renames({"g/": GROUP, "m/": MEMBER, "x/": DECIDED, "d/": SEEN},
@@ -87,7 +89,18 @@ class FilterStage:
             now = self.clock.observe(state, [scored.created_at.timestamp()])
             gkey = f"{GROUP}{traj.group_id}"
             group = state.get(gkey)
-            if group is None and f"{DECIDED}{traj.group_id}" in state:
+            dkey = f"{DECIDED}{traj.group_id}"
+            if group is None and dkey in state:
+                decided = state.get(dkey)
+                known = decided.get("indexes") if isinstance(decided, dict) else None
+                if known is not None and traj.sample_index in known:
+                    # The same trajectory again (a generator's at-least-once repeat): however
+                    # long ago, and whether or not its content is still in the memory.
+                    outputs.append(self._decision(scored, ["duplicate"], ["late_member"], None))
+                    labelled(m.DUPLICATE_HITS, "trajectory_id").inc()
+                    continue
+                if known is not None:
+                    state.put(dkey, {**decided, "indexes": [*known, traj.sample_index]})
                 outputs.extend(self._decide_late(state, scored))
                 continue
             if group is None:
@@ -129,7 +142,8 @@ class FilterStage:
             members.append(as_model(ScoredTrajectory, state.get(key)))
             state.delete(key)
         state.delete(f"{GROUP}{group_id}")
-        state.put(f"{DECIDED}{group_id}", self.clock.stream_time(state))
+        state.put(f"{DECIDED}{group_id}", {"at": self.clock.stream_time(state),
+                                           "indexes": sorted(group["indexes"])})
         p = self.policy
         reasons = [self._rules(s) for s in members]
         fps: list[Fingerprint | None] = [None] * len(members)

@@ -124,6 +124,18 @@ def test_a_redelivered_sample_is_never_accepted_twice() -> None:
     assert len({d.event_id for d in [*done, *later]}) == 8  # a repeat has an id of its own
 
 
+def test_a_repeat_of_a_decided_member_is_a_duplicate_by_identity_not_by_content() -> None:
+    # Dedup off: only the decided group's indexes can tell a repeat. Seen in the fault suite:
+    # a generator's repeat, once its content had left the bounded memory, was accepted again.
+    stage = make_filter(planted.filter_policy().model_copy(
+        update={"dedup": DedupRule(exact=False, near=False)}))
+    records, _ = planted.planted_mix(1)
+    done = [o.value for o in run(stage, records)]
+    assert len(done) == 4 and all(d.accepted for d in done)
+    again = [o.value for o in run(stage, [records[0], records[0]])]
+    assert [(d.accepted, d.reasons) for d in again] == [(False, ["duplicate"])] * 2
+
+
 def test_a_late_member_is_decided_alone_and_never_joins_an_rl_group() -> None:
     records, _ = planted.planted_mix(1)
     stage = make_filter(planted.filter_policy().model_copy(
