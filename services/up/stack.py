@@ -26,6 +26,7 @@ from typing import Any
 from services.common import broker as local_kafka
 from services.common.checkpoints import CheckpointFollower
 from services.common.config import KafkaSettings
+from services.common.errors import ConfigError
 from services.up import control, monitor, prepare
 from services.up.profile import POLICY_FIELD, SERVICES, Profile
 from services.up.supervisor import ProcessSpec, Supervisor
@@ -46,6 +47,7 @@ class Stack:
     """Every checkpoint event the last run() saw."""
     prometheus: monitor.Prometheus | None = None
     supervisor: Supervisor | None = None
+    _owner: control.Owner = field(init=False, repr=False)
     """The running services' supervisor, while run() runs (its children's pids)."""
 
     @property
@@ -61,21 +63,32 @@ class Stack:
     def prepare(self, say: Callable[[str], None] = print) -> None:
         p = self.profile
         self.home.mkdir(parents=True, exist_ok=True)
+        left = control.orphans(self.home)
+        if left:
+            raise ConfigError(f"a flywheel left by a killed `flywheel up` is still running from "
+                              f"{self.home} ({', '.join(sorted(left))}): `flywheel down` first")
+        self._owner = control.Owner(self.home)  # until run() ends; a second up fails here
         self.kafka = dict(p.kafka)
-        self.policy_files = prepare.write_policies(p)
-        prepare.validate(p, self.kafka, self.policy_files)  # before anything starts
-        self.prometheus = prepare.start_monitor(p, say)
-        if p.local_broker:
-            local_kafka.install()
-            broker, self.started_broker = local_kafka.start(self.home / "kafka", p.broker_port)
-            self.kafka["bootstrap_servers"] = broker.bootstrap
-            say(f"broker: {broker.bootstrap} ({'started' if self.started_broker else 'running'})")
+        self.write_state()  # this process's from now on, not a dead up's
         try:
+            self.policy_files = prepare.write_policies(p)
+            prepare.validate(p, self.kafka, self.policy_files)  # before anything starts
+            self.prometheus = prepare.start_monitor(p, say)
+            if p.local_broker:
+                local_kafka.install()
+                broker, self.started_broker = local_kafka.start(self.home / "kafka",
+                                                                p.broker_port)
+                self.kafka["bootstrap_servers"] = broker.bootstrap
+                self.write_state()  # from here on `down` can stop the broker, whatever happens
+                say(f"broker: {broker.bootstrap} "
+                    f"({'started' if self.started_broker else 'running'})")
             prepare.apply_topics(self.kafka_settings, say)
             self.base_path = p.model_path or prepare.seed_model(p, self.kafka_settings, say)
         except BaseException:
             if self.started_broker:  # leave nothing behind that this call started
                 local_kafka.stop(self.home / "kafka")
+            control.clear_state(self.home)
+            self._owner.release()
             raise
 
     # -- processes ------------------------------------------------------------------------
@@ -136,8 +149,9 @@ class Stack:
         specs = self.specs()
         if self.prometheus is not None:  # scrapes every service's port
             specs.append(self.prometheus.spec(self.ports))
-        supervisor = self.supervisor = Supervisor(specs, self.home / "logs",
-                                                  **(supervisor_options or {}))
+        supervisor = self.supervisor = Supervisor(
+            specs, self.home / "logs", **(supervisor_options or {}),
+            on_spawn=lambda name, pid: control.record_child(self.home, name, pid))
         stopping = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stopping.set())
                     for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -175,7 +189,9 @@ class Stack:
                     log.warning("checkpoints not read to the end: %s", exc)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            control.clear_state(self.home)
             if stop_broker and self.started_broker:
                 local_kafka.stop(self.home / "kafka")
+            if stop_broker or not self.started_broker:
+                control.clear_state(self.home)
+            self._owner.release()
         return snapshot

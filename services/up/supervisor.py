@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,8 @@ class Supervised:
 class Supervisor:
     def __init__(self, specs: list[ProcessSpec], logs: Path, *, initial_backoff: float = 1.0,
                  max_backoff: float = 30.0, healthy_after: float = 30.0,
-                 grace: float = 30.0) -> None:
+                 grace: float = 30.0,
+                 on_spawn: Callable[[str, int], None] | None = None) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"process names must be unique: {names}")
@@ -56,6 +58,8 @@ class Supervisor:
         self.logs = logs
         self.initial_backoff, self.max_backoff = initial_backoff, max_backoff
         self.healthy_after, self.grace = healthy_after, grace
+        self.on_spawn = on_spawn
+        """Told (name, pid) of every process started: each leads its own process group."""
         self.running = False
 
     def start(self) -> None:
@@ -114,3 +118,5 @@ class Supervisor:
                 stderr=subprocess.STDOUT, start_new_session=True)
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", spec.name, child.proc.pid)
+        if self.on_spawn is not None:
+            self.on_spawn(spec.name, child.proc.pid)
