@@ -503,10 +503,17 @@ def main() -> None:
     from confluent_kafka import KafkaException
 
     try:
-        app()
-    except FlywheelError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        sys.exit(1)
-    except KafkaException as exc:  # e.g. no broker at the configured address
-        err.print(f"[red]error:[/] Kafka: {exc.args[0]}")
-        sys.exit(1)
+        try:
+            app()
+        except FlywheelError as exc:
+            err.print(f"[red]error:[/] {exc}")
+            sys.exit(1)
+        except KafkaException as exc:  # e.g. no broker at the configured address
+            err.print(f"[red]error:[/] Kafka: {exc.args[0]}")
+            sys.exit(1)
+    except SystemExit as exc:
+        service = sys.modules.get("services.common.service")
+        if service is not None:  # a service ran in this process: it may hold a wedged producer
+            service.exit_now_if_wedged(exc.code if isinstance(exc.code, int)
+                                       else int(exc.code is not None))
+        raise

@@ -514,4 +514,5 @@ class StreamRuntime:
                 self._consumer.close()
             except KafkaException as exc:
                 log.warning("consumer close: %s", exc.args[0])
+        self._consumer = self._producer = None  # a rebuilt loop's predecessor holds no client
         log.info("runtime stopped: service=%s", self.settings.service)

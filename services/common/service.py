@@ -73,38 +73,44 @@ class Reconnecting:
     After an outage longer than the session or transaction timeout, the clients can be left
     unusable: a static member fenced by its own earlier registration (librdkafka #3437), a
     producer whose open transaction the broker aborted, a commit whose group generation is
-    gone. Each ends the loop with a fatal error. If the broker was seen unreachable within
-    ``window`` before it, a new loop (new consumer and producer; the new producer's
-    ``init_transactions`` aborts what the old one left open) takes over the same stage, so a
-    loaded model stays loaded and the process is not restarted; uncommitted work is
-    processed again, as after a restart. Anything else, a broker away for longer than
-    ``broker_down_seconds``, or more than ``MAX_REBUILDS`` rebuilds in a row, ends the
-    service as before.
+    gone. Each ends the loop with a fatal error. If the broker was seen unreachable (by this
+    loop or an earlier one of this process) within ``window`` before it, a new loop (new
+    consumer and producer; the new producer's ``init_transactions`` aborts what the old one
+    left open) takes over the same stage, so a loaded model stays loaded and the process is
+    not restarted; uncommitted work is processed again, as after a restart. A failure with
+    no outage seen (a missing topic, a denied ACL), a broker away for longer than
+    ``broker_down_seconds``, or more than ``MAX_REBUILDS`` rebuilds within
+    ``REBUILDS_WINDOW_SECONDS`` ends the service as before.
     """
 
     MAX_REBUILDS = 5
-    STEADY_SECONDS = 300.0
-    """A loop that ran this long resets the count of rebuilds in a row."""
+    REBUILDS_WINDOW_SECONDS = 1800.0
 
     def __init__(self, settings: ServiceSettings, make: Callable[[], Any]) -> None:
         self.settings, self.make = settings, make
         self.current = make()
-        self.rebuilds = 0
+        self.rebuilt_at: list[float] = []
+        self.outage_at: float | None = None
+        """The last time any loop of this process saw the broker unreachable."""
         self._stop = threading.Event()
         rt = settings.runtime
         self.window = max(300.0, 2 * rt.transaction_timeout_ms / 1000)
 
     @property
     def alive(self) -> bool:
-        return bool(self.current.alive)
+        current = self.current  # None while rebuilding (read by the health thread)
+        return current is not None and bool(current.alive)
 
     @property
     def ready(self) -> bool:
-        return bool(self.current.ready)
+        current = self.current
+        return current is not None and bool(current.ready)
 
     def stop(self) -> None:
         self._stop.set()
-        self.current.stop()
+        current = self.current
+        if current is not None:
+            current.stop()
 
     def __getattr__(self, name: str) -> Any:  # finished, and whatever else callers read
         if name == "current":  # not built yet
@@ -113,38 +119,46 @@ class Reconnecting:
 
     def run(self) -> None:
         while True:
-            started = time.monotonic()
             try:
                 self.current.run()
                 return
             except (FatalRuntimeError, KafkaException) as exc:
-                if time.monotonic() - started >= self.STEADY_SECONDS:
-                    self.rebuilds = 0
                 if not self._rebuildable(exc):
                     raise
-                self.rebuilds += 1
+                self.rebuilt_at.append(time.monotonic())
                 RECONNECTS.labels(self.settings.service).inc()
                 log.warning("Kafka clients lost after a broker outage (%s); rebuilding them "
-                            "(%d in a row)", exc, self.rebuilds)
+                            "(%d in %.0f s)", exc, len(self.rebuilt_at),
+                            self.REBUILDS_WINDOW_SECONDS)
+            self.current = None
+            _collect_frozen()  # the old loop's clients and model go before new ones load
             self.current = self.make()
             if self._stop.is_set():
                 return
 
     def _rebuildable(self, exc: BaseException) -> bool:
+        now = time.monotonic()
         health = getattr(self.current, "health", None)
+        seen = health.last_outage if health is not None else None
+        if seen is not None:
+            self.outage_at = max(self.outage_at or seen, seen)
+        self.rebuilt_at = [t for t in self.rebuilt_at
+                           if now - t <= self.REBUILDS_WINDOW_SECONDS]
         return (not self._stop.is_set() and not isinstance(exc, BrokerUnreachable)
-                and self.rebuilds < self.MAX_REBUILDS and health is not None
-                and (not health.connected or health.outage_within(self.window)))
+                and len(self.rebuilt_at) < self.MAX_REBUILDS
+                and self.outage_at is not None and now - self.outage_at <= self.window)
+
+
+def _collect_frozen() -> None:
+    """A full collection that reaches what :func:`tune_gc` froze (the loops are reference
+    cycles), then the freeze again."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def serve_loop(settings: ServiceSettings, loop: Loop) -> int:
     """Health endpoint, signals and the top-level error boundary around ``loop.run()``."""
-    code = _serve_loop(settings, loop)
-    exit_now_if_wedged(code)
-    return code
-
-
-def _serve_loop(settings: ServiceSettings, loop: Loop) -> int:
     setup_logging(settings.log_level)
     health = None
     if settings.metrics.enabled:
@@ -176,7 +190,7 @@ def _serve_loop(settings: ServiceSettings, loop: Loop) -> int:
 def exit_now_if_wedged(code: int) -> None:
     """A process holding a wedged producer (:mod:`services.common.transactions`) cannot exit
     normally: its stuck call's thread would be joined, and destroying the producer could
-    block. It leaves at once, logs flushed."""
+    block. It leaves at once, logs flushed. Called by the CLI when its command returned."""
     if WEDGED:
         log.error("exiting without cleanup: %d wedged producer(s)", len(WEDGED))
         logging.shutdown()

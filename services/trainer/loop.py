@@ -81,6 +81,9 @@ class _Round:
     provenance: dict[str, dict[str, int]] = field(default_factory=dict)
     taken: dict[tuple[str, int], int] = field(default_factory=dict)
     """Samples taken from each input partition (its fair share of a stage's quota)."""
+    shared: bool = True
+    """Whether the shares apply; lifted when the round waited out max_wait_seconds short of
+    min_samples with partitions held at their share."""
     dead: list[DeadLetter] = field(default_factory=list)
     """Records of the round that are not samples: dead-lettered in the round's transaction."""
 
@@ -258,8 +261,8 @@ class Trainer:
             producer_config(s, transactional_id=f"{s.group_id}.{s.model_name}",
                             error_cb=self._health.on_error),
             s.runtime.transaction_timeout_ms / 1000)
-        # No stop event: a trained round's commit is worth the whole transaction timeout,
-        # even when stopping (a round cut short is trained again after the restart).
+        # No stop event: a trained round's commit is not cut short by a stop (a round cut
+        # short is trained again after the restart); it retries for COMMIT_PATIENCE_SECONDS.
         self._transactions = Transactions(producer, s.runtime, s.service)
 
     def _open(self) -> None:
@@ -320,8 +323,8 @@ class Trainer:
         offset = cast(int, msg.offset())
         stage = self.topics[tp[0]]
         quota = self.s.quotas.get(stage, 0)
-        if tp in self._held or (quota > 0 and (r.counts[stage] >= quota
-                                              or r.taken.get(tp, 0) >= self._share(tp, quota))):
+        if tp in self._held or (quota > 0 and (r.counts[stage] >= quota or (
+                r.shared and r.taken.get(tp, 0) >= self._share(tp, quota)))):
             self._hold(tp, offset)
             return
         span = r.ranges.setdefault(tp, [self._committed.get(tp, offset), offset + 1])
@@ -341,7 +344,7 @@ class Trainer:
             return
         try:
             samples = to_samples([routed], self.tokenizer, self.s.optim.max_tokens)
-        except Exception as exc:  # whatever one record does to tokenizing, it is that record's
+        except (ValueError, TypeError, KeyError, IndexError) as exc:  # this record's content
             self._reject(msg, "stage", type(exc).__name__, str(exc))
             return
         r.samples[stage].extend(samples)
@@ -392,7 +395,14 @@ class Trainer:
         if quotas and all(r.counts[st] >= q for st, q in quotas.items()):
             return True
         waited = time.monotonic() - (r.first_at or time.monotonic())
-        return waited >= self.s.max_wait_seconds and sum(r.counts.values()) >= self.s.min_samples
+        if waited < self.s.max_wait_seconds:
+            return False
+        if sum(r.counts.values()) >= self.s.min_samples:
+            return True
+        if r.shared and self._held:  # the data sits in few partitions: take more from them
+            r.shared = False
+            self._resume_held()
+        return False
 
     # -- a round ----------------------------------------------------------------------------
 
@@ -491,10 +501,14 @@ class Trainer:
         for stage in self._paused:
             topic = next(t for t, st in self.topics.items() if st == stage)
             self._consumer.resume(self._members.partitions(topic))
+        self._paused.clear()
+        self._resume_held()
+
+    def _resume_held(self) -> None:
+        assert self._consumer is not None
         held = [TopicPartition(*tp) for tp in sorted(self._held) if tp in self._members.owned]
         if held:
             self._consumer.resume(held)
-        self._paused.clear()
         self._held.clear()
 
     # -- rebalance hooks (inside consume(), on this thread) -----------------------------------
