@@ -324,7 +324,8 @@ class Trainer:
         stage = self.topics[tp[0]]
         quota = self.s.quotas.get(stage, 0)
         if tp in self._held or (quota > 0 and (r.counts[stage] >= quota or (
-                r.shared and r.taken.get(tp, 0) >= self._share(tp, quota)))):
+                r.shared and r.taken.get(tp, 0) >= self._share(tp, quota)
+                and self._others_waiting(tp)))):
             self._hold(tp, offset)
             return
         span = r.ranges.setdefault(tp, [self._committed.get(tp, offset), offset + 1])
@@ -354,12 +355,28 @@ class Trainer:
 
     def _share(self, tp: tuple[str, int], quota: int) -> int:
         """A partition's share of its stage's quota in one round: the quota over the topic's
-        owned partitions, rounded up. Without it the partition whose records the client
-        happens to hand over first fills every round, and the others are never trained on
-        (seen: five of six partitions of accepted.rl starved for a whole run). A stage whose
-        data sits in fewer partitions runs its round after max_wait_seconds instead."""
+        owned partitions, rounded up. A partition past its share is held while another of
+        the topic has records waiting (:meth:`_others_waiting`): without it the partition
+        whose records the client happens to hand over first fills every round, and the
+        others are never trained on (seen: five of six partitions of accepted.rl starved for
+        a whole run). With no other waiting, it goes on filling the round."""
         owned = sum(1 for t, _ in self._members.owned if t == tp[0])
         return -(-quota // max(1, owned))
+
+    def _others_waiting(self, tp: tuple[str, int]) -> bool:
+        """Whether another owned, unheld partition of the topic has records not yet handed
+        over (from the watermarks of the last fetch responses: no request)."""
+        assert self._consumer is not None
+        others = [TopicPartition(t, p) for t, p in sorted(self._members.owned)
+                  if t == tp[0] and p != tp[1] and (t, p) not in self._held]
+        if not others:
+            return False
+        for position in self._consumer.position(others):
+            _, high = self._consumer.get_watermark_offsets(
+                TopicPartition(position.topic, position.partition), cached=True)
+            if high > 0 and (position.offset < 0 or position.offset < high):
+                return True
+        return False
 
     def _reject(self, msg: Any, kind: str, error_class: str, message: str) -> None:
         letter = dead_letter(msg, kind, error_class, message)

@@ -20,7 +20,7 @@ def txn(monkeypatch: pytest.MonkeyPatch) -> Transactions:
     monkeypatch.setattr(transactions, "WEDGED_AFTER_SECONDS", 0.3)
     monkeypatch.setattr(transactions, "WEDGED", [])
     # A producer that never connects: the calls under test are stand-ins for its methods.
-    producer = Producer({"bootstrap.servers": "127.0.0.1:1"})
+    producer = Producer({"bootstrap.servers": "127.0.0.1:1", "log_level": 0})  # no broker: quiet
     return Transactions(producer, RuntimeSettings(), "test")
 
 
