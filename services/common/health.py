@@ -103,7 +103,3 @@ class BrokerHealth:
         for topic, partition in partitions:
             with contextlib.suppress(KeyError):  # no lag reported for it yet
                 m.CONSUMER_LAG.remove(self.settings.service, topic, str(partition))
-
-    def outage_within(self, seconds: float) -> bool:
-        """Whether the broker was unreachable at some point in the last ``seconds``."""
-        return self.last_outage is not None and time.monotonic() - self.last_outage <= seconds

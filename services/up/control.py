@@ -124,13 +124,18 @@ def orphans_of(state: dict[str, Any]) -> dict[str, int]:
             if _same_process(c["pgid"], c.get("started"))}
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields is not None else None
 
 
 def _same_process(pid: int, started: int | None) -> bool:
@@ -140,9 +145,8 @@ def _same_process(pid: int, started: int | None) -> bool:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):  # gone, or another user's: not ours
         return False
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = _stat(pid)
+    if fields is None:
         return started is None  # no /proc: trust the pid
     return fields[0] != "Z" and (started is None or int(fields[19]) == started)
 
@@ -153,14 +157,13 @@ def _group_alive(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
+    if not Path("/proc/self/stat").exists():
+        return True  # no /proc: the group is there
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat(int(entry.name))
+        if fields is not None and int(fields[2]) == pgid and fields[0] != "Z":
             return True
-    return not Path("/proc/self/stat").exists()  # no /proc: the group is there
+    return False
 
 
 def status_snapshot(state: dict[str, Any]) -> Snapshot:

@@ -32,7 +32,6 @@ import json
 import os
 import signal
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from services.up.profile import Profile
 from services.up.stack import Stack
 from services.up.view import Snapshot
 from tests import hostile
+from tests.integration.runners import ready
 from tests.kafka import Broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.fault]
@@ -69,14 +69,6 @@ SEED = BootstrapSettings(samples=100_000)
 HOSTILE_PER_TOPIC = 24
 REPEATED = 40  # committed raw records written again
 BUDGET_SECONDS = 2400.0
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def _promoted(snapshot: Snapshot) -> int:
@@ -152,7 +144,7 @@ class Faults:
                     if e.producer is not None and e.producer.service == "gate"), default=0)
 
     def _ready(self, name: str) -> bool:
-        return _ready(self.stack.ports[name])
+        return ready(self.stack.ports[name])
 
     # -- the script -----------------------------------------------------------------------
 

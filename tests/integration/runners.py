@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -206,3 +207,12 @@ class Feed:
     def rest(self) -> None:
         while self.more():
             pass
+
+
+def ready(port: int) -> bool:
+    """Whether the service on ``port`` answers /readyz with 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from services.feeder.publish import TaskPublisher
 from services.models.manifest import build_manifest
 from services.models.tiny import tiny_model
 from tests.factories import PRODUCER
+from tests.integration.runners import ready
 from tests.kafka import Broker, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -36,14 +36,6 @@ SAMPLES = 2
 
 def _publish_checkpoint(kafka: Broker, prefix: str, event: CheckpointEvent) -> None:
     kafka.produce(f"{prefix}checkpoints", [(event.model.encode(), event.to_bytes())])
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def _spawn(kafka: Broker, prefix: str, instance: str, model: Path, root: Path,
@@ -171,7 +163,7 @@ def test_two_late_instances_serve_the_latest_promoted_version_and_share_the_task
              for i, port in enumerate(ports)]
     try:
         # Both must have joined and own partitions, or the first one up takes every task.
-        wait_until(lambda: all(_ready(p) for p in ports), 240, "both generators ready")
+        wait_until(lambda: all(ready(p) for p in ports), 240, "both generators ready")
         tasks = envs.get("arithmetic").tasks(200, rng=random.Random(2), difficulty=2)
         _publisher(kafka, prefix).publish(tasks)
         raw = f"{prefix}raw"
