@@ -56,9 +56,20 @@ def kafka_install() -> None:
 def kafka_start(
     data_dir: DataDir = None,
     port: Annotated[int, typer.Option(help="Client port on 127.0.0.1.")] = 9092,
+    sasl: Annotated[bool, typer.Option(
+        help="SASL_PLAINTEXT with SCRAM-SHA-512 and ACLs enforced; the admin (a super user) "
+        "is FLYWHEEL_KAFKA__SASL_USERNAME with FLYWHEEL_KAFKA__SASL_PASSWORD. A folder first "
+        "started so is always started so.")] = False,
 ) -> None:
     """Start the broker in the background and print its bootstrap address once it answers."""
-    broker, started = local_kafka.start(data_dir, port)
+    admin = None
+    if sasl:
+        kafka = ServiceSettings(service="cli").kafka
+        if not (kafka.sasl_username and kafka.sasl_password):
+            raise ConfigError("--sasl: set FLYWHEEL_KAFKA__SASL_USERNAME and "
+                              "FLYWHEEL_KAFKA__SASL_PASSWORD to the admin's credentials")
+        admin = (kafka.sasl_username, kafka.sasl_password.get_secret_value())
+    broker, started = local_kafka.start(data_dir, port, sasl=admin)
     err.print(
         f"{'started' if started else 'already running'}: pid {broker.pid}, "
         f"data {broker.data_dir}"
@@ -116,6 +127,78 @@ def topics_list(file: TopicsFile = topic_ops.DEFAULT_TOPICS_FILE) -> None:
         ends = " ".join(str(st.end_offsets[p]) for p in sorted(st.end_offsets))
         table.add_row(st.name, str(st.partitions), configs, ends, str(sum(st.end_offsets.values())))
     Console(width=max(Console().width, 110)).print(table)
+
+
+acls_app = typer.Typer(no_args_is_help=True, help="Access as code: each service's SCRAM "
+                       "user and ACLs, derived from what it reads and writes.")
+app.add_typer(acls_app, name="acls")
+Users = Annotated[list[str] | None, typer.Option(
+    "--user", help="SERVICE=USERNAME: the service's principal is User:USERNAME [default: "
+    "the service's name]. Repeatable.")]
+
+
+ProfileUsers = Annotated[Path | None, typer.Option(
+    "--profile", help="Take the usernames from a profile's credentials section.")]
+
+
+def _users(pairs: list[str] | None, profile: Path | None = None) -> dict[str, str]:
+    from services.up.profile import load_profile
+
+    users = {name: c.username for name, c in load_profile(profile).credentials.items()} \
+        if profile is not None else {}
+    for pair in pairs or []:
+        service, sep, name = pair.partition("=")
+        if not sep or not name:
+            raise typer.BadParameter(f"{pair!r}: expected SERVICE=USERNAME", param_hint="--user")
+        users[service] = name
+    return users
+
+
+@acls_app.command("apply")
+def acls_apply(user: Users = None, profile: ProfileUsers = None) -> None:
+    """Grant every service's principal the ACLs it needs (run as an administrator); a second
+    run changes nothing, and ACLs not declared here are left alone."""
+    from services.common import access
+
+    settings = ServiceSettings(service="cli")
+    wanted = access.all_grants(settings.kafka.topic_prefix, _users(user, profile))
+    created = access.apply(access.admin_client(settings.kafka), wanted)
+    for grant in created:
+        err.print(f"[green]granted[/] {grant}")
+    err.print(f"{len(created)} ACLs created, {len(wanted) - len(created)} already there")
+
+
+@acls_app.command("list")
+def acls_list(user: Users = None, profile: ProfileUsers = None) -> None:
+    """The ACLs every service needs, and whether the cluster has each."""
+    from services.common import access
+
+    settings = ServiceSettings(service="cli")
+    have = access.existing(access.admin_client(settings.kafka))
+    table = Table(title=f"ACLs on {settings.kafka.bootstrap_servers}")
+    for col in ("principal", "operation", "resource", "name", "present"):
+        table.add_column(col)
+    for g in access.all_grants(settings.kafka.topic_prefix, _users(user, profile)):
+        table.add_row(g.principal, g.operation, g.resource,
+                      g.name + ("*" if g.pattern == "prefixed" else ""),
+                      "yes" if g.binding() in have else "[red]missing[/]")
+    Console(width=max(Console().width, 110)).print(table)
+
+
+@acls_app.command("user")
+def acls_user(
+    name: Annotated[str, typer.Argument(help="SCRAM username, e.g. a service's name.")],
+    password: Annotated[str, typer.Option(
+        prompt=True, hide_input=True, envvar="FLYWHEEL_NEW_USER_PASSWORD",
+        help="Read from the terminal or FLYWHEEL_NEW_USER_PASSWORD; never an argument.",
+        show_default=False)],
+) -> None:
+    """Create or change a SCRAM-SHA-512 user (run as an administrator)."""
+    from services.common import access
+
+    settings = ServiceSettings(service="cli")
+    access.set_users(access.admin_client(settings.kafka), {name: password})
+    err.print(f"user {name}: SCRAM-SHA-512 credentials set")
 
 
 @run_app.command("relay")
@@ -219,9 +302,12 @@ def _run_command(service: registry.Service) -> Callable[..., None]:
     and its policy or config file from ``--policy``/``--config`` when it has one."""
 
     def run(policy: Path | None = None) -> None:
+        from services.common.access import preflight
+
         cls = service.settings_class()
         settings = cls.with_overrides(**{service.policy_field: policy}) \
             if service.policy_field else cls()
+        preflight(settings.kafka, service, settings.group_id)
         raise typer.Exit(service.run(settings))
 
     if service.policy_field is None:
@@ -501,6 +587,8 @@ def bench(
 def main() -> None:
     setup_logging("INFO")
     from confluent_kafka import KafkaException
+    from pydantic import ValidationError
+    from rich.markup import escape
 
     try:
         try:
@@ -511,6 +599,11 @@ def main() -> None:
         except KafkaException as exc:  # e.g. no broker at the configured address
             err.print(f"[red]error:[/] Kafka: {exc.args[0]}")
             sys.exit(1)
+        except ValidationError as exc:  # settings: named, never echoed (they hold secrets)
+            for e in exc.errors(include_input=False, include_url=False):
+                err.print(f"[red]error:[/] setting {'.'.join(map(str, e['loc']))}: "
+                          f"{escape(e['msg'])}")
+            sys.exit(2)
     except SystemExit as exc:
         service = sys.modules.get("services.common.service")
         if service is not None:  # a service ran in this process: it may hold a wedged producer

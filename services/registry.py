@@ -26,6 +26,11 @@ class Service:
     """Every logical topic it consumes or follows."""
     writes: tuple[str, ...] = ()
     """Every logical topic it produces to: outputs, state changelogs, dead letters."""
+    watches_groups: tuple[str, ...] = ()
+    """Other services' consumer groups whose committed offsets it reads (the feeder: the
+    generators' progress is its backlog)."""
+    consumes_in_group: bool = True
+    """A member of its own consumer group (``<prefix><name>``); the feeder only follows."""
     policy_field: str | None = None
     """The setting naming its YAML policy or config file, if it has one."""
     policy_option: str = "policy"
@@ -48,7 +53,8 @@ class Service:
 SERVICES: dict[str, Service] = {s.name: s for s in (
     Service("feeder", "Keep the tasks topic topped up (FLYWHEEL_ENV, FLYWHEEL_TARGET_BACKLOG, "
             "...).", "services.feeder.settings:FeederSettings", "services.feeder.main:run",
-            reads=("scored",), writes=("tasks",)),
+            reads=("scored",), writes=("tasks",), watches_groups=("generator",),
+            consumes_in_group=False),
     Service("generator", "Turn tasks into trajectories with the promoted model "
             "(FLYWHEEL_MODEL_PATH, ...).", "services.generator.main:GeneratorSettings",
             "services.generator.main:run", reads=("tasks", "checkpoints"),

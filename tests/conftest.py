@@ -8,10 +8,13 @@ in a temporary folder on a free port, and stopped at the end of the session.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +30,40 @@ def kafka() -> Iterator[Broker]:
         return
     with local_kafka.temporary() as broker:
         yield Broker(broker.bootstrap)
+
+
+@dataclass(frozen=True)
+class SecureCluster:
+    """A broker with SASL_PLAINTEXT (SCRAM-SHA-512) and ACLs enforced. ``broker``'s clients
+    are its admin, the only super user; each service has a SCRAM user of its own name."""
+
+    broker: Broker
+    admin: tuple[str, str] = field(repr=False)
+    passwords: dict[str, str] = field(repr=False)
+    """Per service (a SCRAM user of that name): its password."""
+
+    def kafka(self, user: str | None = None, **more: Any) -> dict[str, Any]:
+        """KafkaSettings fields for ``user`` (default: the admin)."""
+        name = user or self.admin[0]
+        password = self.admin[1] if user is None else self.passwords[user]
+        return {"bootstrap_servers": self.broker.bootstrap, "security_protocol": "SASL_PLAINTEXT",
+                "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": name,
+                "sasl_password": password, **more}
+
+
+@pytest.fixture(scope="session")
+def secure_kafka() -> Iterator[SecureCluster]:
+    """A second broker of the session, started on first use: SASL and ACLs, as production
+    clusters are. Passwords are fresh per session."""
+    from services import registry
+    from services.common import access
+
+    admin = ("admin", secrets.token_urlsafe(16))
+    with local_kafka.temporary(sasl=admin) as started:
+        broker = Broker(started.bootstrap, started.client_config(admin[1]))
+        passwords = {name: secrets.token_urlsafe(16) for name in registry.SERVICES}
+        access.set_users(broker.admin(), passwords)
+        yield SecureCluster(broker, admin, passwords)
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import (
     Consumer,
@@ -26,9 +27,14 @@ _COORDINATOR_MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_I
 @dataclass(frozen=True)
 class Broker:
     bootstrap: str
+    auth: dict[str, Any] = field(default_factory=dict, repr=False)
+    """librdkafka security properties (a SASL broker's admin), for every client here."""
+
+    def conf(self, **props: Any) -> dict[str, Any]:
+        return {"bootstrap.servers": self.bootstrap} | self.auth | props
 
     def admin(self) -> AdminClient:
-        return AdminClient({"bootstrap.servers": self.bootstrap})
+        return AdminClient(self.conf())
 
     def create_topics(self, names: Iterable[str], partitions: int = 3) -> None:
         admin = self.admin()  # must outlive its futures
@@ -41,7 +47,7 @@ class Broker:
         headers: list[tuple[str, bytes]] | None = None,
     ) -> int:
         """Produce (key, value) pairs and wait until all are acknowledged."""
-        producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        producer = Producer(self.conf(**{"linger.ms": 5}))
         errors: list[KafkaError] = []
 
         def report(err: KafkaError | None, _msg: Message) -> None:
@@ -57,10 +63,8 @@ class Broker:
         return n
 
     def end_offsets(self, topic: str, isolation: str = "read_committed") -> dict[int, int]:
-        consumer = Consumer({
-            "bootstrap.servers": self.bootstrap, "group.id": "offsets-probe",
-            "isolation.level": isolation,
-        })
+        consumer = Consumer(self.conf(**{"group.id": "offsets-probe",
+                                         "isolation.level": isolation}))
         try:
             md = consumer.list_topics(topic, timeout=10)
             # A topic created a moment ago may not have its leaders yet: wait, as clients do.
@@ -77,11 +81,10 @@ class Broker:
         open is not waited for)."""
         ends = self.end_offsets(topic, isolation)
         first = {p: (start or {}).get(p, 0) for p in ends}
-        consumer = Consumer({
-            "bootstrap.servers": self.bootstrap, "group.id": "reader",
-            "isolation.level": isolation, "enable.auto.commit": False,
+        consumer = Consumer(self.conf(**{
+            "group.id": "reader", "isolation.level": isolation, "enable.auto.commit": False,
             "enable.partition.eof": True,
-        })
+        }))
         consumer.assign([TopicPartition(topic, p, first[p]) for p in ends])
         out: list[Message] = []
         done = {p for p, end in ends.items() if end <= first[p]}
@@ -107,8 +110,8 @@ class Broker:
         """Committed offset per partition; 0 where the group committed nothing yet. Offsets sent
         in a transaction not yet committed do not count (a read_committed probe would instead
         wait for that transaction, which never ends while its producer is frozen)."""
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group,
-                             "isolation.level": "read_uncommitted"})
+        consumer = Consumer(self.conf(**{"group.id": group,
+                                         "isolation.level": "read_uncommitted"}))
         try:
             md = consumer.list_topics(topic, timeout=10)
             tps = [TopicPartition(topic, p) for p in md.topics[topic].partitions]

@@ -5,10 +5,17 @@
 - ``start``: renders ``deploy/kafka/server.properties`` into the data folder, formats KRaft
   storage on first use, starts ``kafka.Kafka`` detached, and returns once the broker answers a
   metadata request. Starting a broker that is already running from that folder is a no-op.
+- ``start(sasl=(admin, password))``: the client listener is SASL_PLAINTEXT with SCRAM-SHA-512
+  and ACLs are enforced (``deploy/kafka/sasl.properties``); ``admin`` is created at format time
+  and is the only super user. Service principals and their ACLs are added over the admin API
+  (``services.common.access``).
 - ``stop``: SIGTERM (a clean shutdown flushes logs and releases the controller), SIGKILL only
   after a timeout.
 
 Java 17+ and Maven must be on PATH. Heap: ``KAFKA_HEAP_OPTS`` as with Kafka's own scripts.
+
+Over 300 lines: installing, formatting (plain or SASL), starting, probing and stopping one
+broker, and the free-port helpers its callers need, are one lifecycle.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -94,10 +102,37 @@ class LocalBroker:
     pid: int
     port: int
     controller_port: int
+    sasl_admin: str | None = None
+    """The super user of a SASL broker (its password is never written here)."""
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def client_config(self, password: str | None = None) -> dict[str, Any]:
+        """librdkafka properties to reach this broker (as its admin, on a SASL broker)."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap}
+        if self.sasl_admin is not None:
+            conf |= _sasl_conf(self.sasl_admin, password)
+        return conf
+
+
+Credentials = tuple[str, str]
+"""(username, password) of a SCRAM-SHA-512 principal."""
+
+
+def _sasl_conf(user: str, password: str | None) -> dict[str, Any]:
+    return {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-512",
+            "sasl.username": user, "sasl.password": password or ""}
+
+
+def _check_credentials(user: str, password: str) -> None:
+    """What the JAAS line and the SCRAM format argument can carry unescaped."""
+    if not user or not re.fullmatch(r"[A-Za-z0-9._-]+", user):
+        raise BrokerError(f"SASL admin name {user!r}: use letters, digits, '.', '_' or '-'")
+    if len(password) < 8 or any(c in password for c in '"\\\n\r,=[]'):
+        raise BrokerError("SASL admin password: at least 8 characters, none of "
+                          "'\"', '\\', ',', '=', '[', ']' or a line break")
 
 
 def status(data_dir: Path | None = None) -> LocalBroker | None:
@@ -111,13 +146,26 @@ def status(data_dir: Path | None = None) -> LocalBroker | None:
 
 def start(
     data_dir: Path | None = None, port: int = 9092, *, libs: Path | None = None,
-    wait_seconds: float = 120.0,
+    wait_seconds: float = 120.0, sasl: Credentials | None = None,
 ) -> tuple[LocalBroker, bool]:
-    """Start a broker (or find the one running). Returns (broker, whether it was started now)."""
+    """Start a broker (or find the one running). Returns (broker, whether it was started now).
+
+    ``sasl``: the admin's (username, password) of a SASL broker. A folder formatted with SASL
+    is always started with it, so its ACLs are never bypassed by a plain start.
+    """
     data = (data_dir or default_data_dir()).resolve()
     running = status(data)
     if running is not None:
         return running, False
+    marker = data / "sasl-admin"
+    if sasl is not None:
+        _check_credentials(*sasl)
+        if marker.is_file() and marker.read_text(encoding="utf-8") != sasl[0]:
+            raise BrokerError(f"{data} was formatted with SASL admin "
+                              f"{marker.read_text(encoding='utf-8')!r}, not {sasl[0]!r}")
+    elif marker.is_file():
+        raise BrokerError(f"{data} is a SASL broker: start it with its admin's credentials "
+                          "(FLYWHEEL_KAFKA__SASL_USERNAME and FLYWHEEL_KAFKA__SASL_PASSWORD)")
     java = shutil.which("java")
     if java is None:
         raise BrokerError("java is not on PATH; Kafka needs Java 17 or newer")
@@ -128,9 +176,16 @@ def start(
     controller_port = free_port()
     data.mkdir(parents=True, exist_ok=True)
     props = data / "server.properties"
+    text = (KAFKA_DIR / "server.properties").read_text(encoding="utf-8")
+    if sasl is not None:
+        text += "\n" + (KAFKA_DIR / "sasl.properties").read_text(encoding="utf-8")
+    # It holds the admin's password on a SASL broker: readable by its owner only.
+    props.touch(mode=0o600)
+    props.chmod(0o600)
     props.write_text(
-        Template((KAFKA_DIR / "server.properties").read_text(encoding="utf-8")).substitute(
-            port=port, controller_port=controller_port, log_dir=data / "logs"
+        Template(text).substitute(
+            port=port, controller_port=controller_port, log_dir=data / "logs",
+            admin=sasl[0] if sasl else "", password=sasl[1] if sasl else "",
         ),
         encoding="utf-8",
     )
@@ -138,14 +193,20 @@ def start(
     classpath = ["-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={log4j}"]
     if not (data / "logs" / "meta.properties").is_file():
         cluster_id = _cluster_id()
+        scram = ["--add-scram", f"SCRAM-SHA-512=[name={sasl[0]},password={sasl[1]}]"] \
+            if sasl else []
         fmt = subprocess.run(
             [java, *classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-             "-c", str(props)],
+             "-c", str(props), *scram],
             capture_output=True, text=True, check=False,
         )
         if fmt.returncode != 0:
             output = fmt.stdout[-3000:] + fmt.stderr[-3000:]
+            if sasl:
+                output = output.replace(sasl[1], "**********")
             raise BrokerError(f"formatting KRaft storage failed:\n{output}")
+        if sasl:
+            marker.write_text(sasl[0], encoding="utf-8")
     heap = shlex.split(os.environ.get("KAFKA_HEAP_OPTS", DEFAULT_HEAP))
     logfile = data / "broker.log"
     with logfile.open("ab") as out:
@@ -155,10 +216,11 @@ def start(
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # outlives the CLI; Ctrl-C in the terminal does not reach it
         )
-    broker = LocalBroker(str(data), proc.pid, port, controller_port)
+    broker = LocalBroker(str(data), proc.pid, port, controller_port,
+                         sasl[0] if sasl else None)
     (data / "broker.json").write_text(json.dumps(asdict(broker)), encoding="utf-8")
     deadline = time.monotonic() + wait_seconds
-    while not _answers(broker.bootstrap):
+    while not _answers(broker.client_config(sasl[1] if sasl else None)):
         if proc.poll() is not None:
             raise BrokerError(f"broker exited with {proc.returncode}; log tail:\n{_tail(logfile)}")
         if time.monotonic() > deadline:
@@ -195,21 +257,20 @@ def _cluster_id() -> str:
 
 
 @contextlib.contextmanager
-def temporary() -> Iterator[LocalBroker]:
+def temporary(sasl: Credentials | None = None) -> Iterator[LocalBroker]:
     """A throwaway broker (jars installed if missing) in a temporary folder on a free port,
     stopped on exit: for test sessions and benchmarks."""
     install()
     with tempfile.TemporaryDirectory(prefix="flywheel-kafka-") as data:
-        broker, _ = start(Path(data), free_port())
+        broker, _ = start(Path(data), free_port(), sasl=sasl)
         try:
             yield broker
         finally:
             stop(Path(data))
 
 
-def _answers(bootstrap: str) -> bool:
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _QUIET}
-    admin = AdminClient(conf)
+def _answers(client_config: dict[str, Any]) -> bool:
+    admin = AdminClient(client_config | {"logger": _QUIET})
     try:
         md = admin.list_topics(timeout=1.0)
     except KafkaException:

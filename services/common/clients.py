@@ -14,7 +14,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka import Message as KafkaMessage
 
 from services.common.config import ServiceSettings
-from services.common.errors import FatalRuntimeError
+from services.common.errors import AccessDenied, FatalRuntimeError
 
 CONSUMER_TUNING: dict[str, Any] = {
     # librdkafka pauses fetching a partition for fetch.queue.backoff.ms (default 1000 ms) once
@@ -93,5 +93,10 @@ def transactional_producer(conf: dict[str, Any], timeout_seconds: float) -> Prod
     try:
         producer.init_transactions(timeout_seconds)
     except KafkaException as exc:
+        if exc.args[0].code() in (KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+                                  KafkaError.CLUSTER_AUTHORIZATION_FAILED):
+            raise AccessDenied(f"init_transactions refused: {exc.args[0]} (this principal "
+                               f"may not use transactional id {conf['transactional.id']!r}: "
+                               "`flywheel acls apply`)") from exc
         raise FatalRuntimeError(f"init_transactions failed: {exc.args[0]}") from exc
     return producer

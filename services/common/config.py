@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
@@ -42,6 +42,25 @@ class KafkaSettings(BaseModel):
         description="Any further librdkafka property, passed through as is "
         "(e.g. FLYWHEEL_KAFKA__CLIENT_PROPERTIES='{\"socket.keepalive.enable\": \"true\"}').",
     )
+
+    @model_validator(mode="after")
+    def _credentials_complete(self) -> Self:
+        """A SASL protocol with a password mechanism and no credentials cannot work: say so at
+        start, not as a retry loop of failed handshakes."""
+        if not self.security_protocol.startswith("SASL_"):
+            return self
+        if self.sasl_mechanism is None:
+            raise ValueError(f"security_protocol {self.security_protocol} needs a "
+                             "sasl_mechanism (FLYWHEEL_KAFKA__SASL_MECHANISM, e.g. "
+                             "SCRAM-SHA-512)")
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            missing = [f"FLYWHEEL_KAFKA__{name.upper()}" for name, value in (
+                ("sasl_username", self.sasl_username), ("sasl_password", self.sasl_password))
+                if not value]
+            if missing:
+                raise ValueError(f"{self.sasl_mechanism} needs credentials: "
+                                 f"{' and '.join(missing)} not set")
+        return self
 
     def topic(self, name: str) -> str:
         """Full topic name for a logical name: ``topic("raw") == "flywheel.raw"``."""

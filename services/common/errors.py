@@ -29,6 +29,11 @@ class BrokerUnreachable(FatalRuntimeError):
     tracks its broker (the feeder) reports not-ready and retries until its own limit."""
 
 
+class AccessDenied(FatalRuntimeError):
+    """The cluster refused this client: its credentials, or an ACL it needs. Retrying cannot
+    help; the message says what to fix."""
+
+
 class DependencyError(FlywheelError):
     """Raised by a stage when something it depends on is down (a model server, a sandbox pool):
     the failure is not about the records, so they must not be dead-lettered. The runtime stops

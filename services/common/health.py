@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from services.common import metrics as m
 from services.common.config import ServiceSettings
-from services.common.errors import BrokerUnreachable, FatalRuntimeError
+from services.common.errors import AccessDenied, BrokerUnreachable, FatalRuntimeError
 from services.common.offsets import positions
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ class BrokerHealth:
 
     def on_error(self, err: KafkaError) -> None:
         """librdkafka's ``error_cb`` (runs inside consume/poll, on the loop's thread)."""
-        if err.fatal():
+        if err.fatal() or err.code() == KafkaError._AUTHENTICATION:
+            # A refused handshake (a password rotated away) does not heal by retrying.
             self._fatal = err
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
             self.connected = False
@@ -45,8 +46,12 @@ class BrokerHealth:
             log.warning("kafka client error: %s", err)
 
     def raise_if_fatal(self) -> None:
-        if self._fatal is not None:
-            raise FatalRuntimeError(f"fatal Kafka client error: {self._fatal}")
+        if self._fatal is None:
+            return
+        if self._fatal.code() == KafkaError._AUTHENTICATION:
+            raise AccessDenied(f"the cluster refused this client's credentials: {self._fatal}"
+                               " (FLYWHEEL_KAFKA__SASL_USERNAME, FLYWHEEL_KAFKA__SASL_PASSWORD)")
+        raise FatalRuntimeError(f"fatal Kafka client error: {self._fatal}")
 
     def check(self, producer: Producer, consumer: Consumer, topic: str,
               owned: set[tuple[str, int]]) -> bool:

@@ -59,7 +59,7 @@ from services.common.batches import BatchProcessor, PreparedBatch, first_offsets
 from services.common.bounds import Bounds
 from services.common.clients import consumer_config, producer_config, transactional_producer
 from services.common.config import ServiceSettings
-from services.common.errors import ConfigError, FatalRuntimeError
+from services.common.errors import AccessDenied, ConfigError, FatalRuntimeError
 from services.common.health import BrokerHealth
 from services.common.membership import Membership
 from services.common.offsets import positions
@@ -446,10 +446,11 @@ class StreamRuntime:
             # e.g. a static member fenced after a broker outage (librdkafka #3437): this
             # consumer can never fetch again; the service rebuilds its clients (serve()).
             raise FatalRuntimeError(f"fatal consumer error: {err}")
-        if err.code() in (
-            KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_AUTHORIZATION_FAILED,
-            KafkaError.GROUP_AUTHORIZATION_FAILED,
-        ):
+        if err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                          KafkaError.GROUP_AUTHORIZATION_FAILED):
+            raise AccessDenied(f"consumer error: {err} (this principal's ACLs: "
+                               "`flywheel acls apply`)")
+        if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
             raise FatalRuntimeError(
                 f"consumer error: {err} (do the input topics exist? `flywheel topics apply`)"
             )

@@ -23,7 +23,12 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaException
 
 from services.common.config import ServiceSettings
-from services.common.errors import BrokerUnreachable, FatalRuntimeError, FlywheelError
+from services.common.errors import (
+    AccessDenied,
+    BrokerUnreachable,
+    FatalRuntimeError,
+    FlywheelError,
+)
 from services.common.logs import setup_logging
 from services.common.metrics import RECONNECTS, HealthServer
 from services.common.runtime import StreamRuntime
@@ -144,7 +149,8 @@ class Reconnecting:
             self.outage_at = max(self.outage_at or seen, seen)
         self.rebuilt_at = [t for t in self.rebuilt_at
                            if now - t <= self.REBUILDS_WINDOW_SECONDS]
-        return (not self._stop.is_set() and not isinstance(exc, BrokerUnreachable)
+        return (not self._stop.is_set()
+                and not isinstance(exc, BrokerUnreachable | AccessDenied)
                 and len(self.rebuilt_at) < self.MAX_REBUILDS
                 and self.outage_at is not None and now - self.outage_at <= self.window)
 

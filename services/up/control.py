@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from services.common import broker as local_kafka
-from services.common.config import KafkaSettings
 from services.common.errors import ConfigError
 from services.up import monitor
+from services.up.profile import kafka_from_env
 from services.up.view import Snapshot, read_checkpoints
 
 STATE_FILE = "up.json"
@@ -168,7 +168,8 @@ def _group_alive(pgid: int) -> bool:
 
 def status_snapshot(state: dict[str, Any]) -> Snapshot:
     """A running stack's snapshot from outside: its /metrics and the checkpoints topic."""
-    versions = read_checkpoints(KafkaSettings(**state["kafka"]), state["model_name"])
+    # The state holds no secret: the password comes from the environment, as for up.
+    versions = read_checkpoints(kafka_from_env(state["kafka"]), state["model_name"])
     ports = {k: int(v) for k, v in state["ports"].items()}
     first = Snapshot.take(ports, versions, Snapshot.empty())
     time.sleep(1.0)  # out/s: counters one second apart

@@ -61,8 +61,10 @@ def validate(profile: Profile, kafka: dict[str, Any], policy_files: dict[str, Pa
         fields = {k: v for k, v in placeholder.items() if k in cls.model_fields}
         try:
             checked[service] = cls(**{**fields, **section(profile, service), "kafka": kafka})
-        except ValidationError as exc:
-            raise ConfigError(f"profile section {service!r}: {exc}") from exc
+        except ValidationError as exc:  # named, never echoed: the input holds secrets
+            raise ConfigError(f"profile section {service!r}: " + "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                for e in exc.errors(include_input=False, include_url=False))) from exc
     # Every row of every task file, so a bad line is named now, with nothing published.
     from services.envs.heldout import suite_tasks
     from services.envs.tasksets import load

@@ -12,11 +12,12 @@ whole. ``flywheel up`` validates all of them before it starts anything.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from services import registry
 from services.bootstrap import BootstrapSettings
@@ -41,6 +42,55 @@ def _embedded_policies() -> dict[str, Path | dict[str, Any]]:
     }
 
 
+SECRETS = ("sasl_password", "ssl_key_password")
+"""KafkaSettings fields that are secrets: never in a child's FLYWHEEL_KAFKA, ``up.json`` or
+a log line."""
+
+
+class ServiceCredentials(BaseModel):
+    """A service's own SASL principal: its username, and the environment variable that holds
+    its password (a profile file never holds a password)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    username: str
+    password_env: str = Field(description="Variable holding the password, e.g. "
+                              "FLYWHEEL_GENERATOR_PASSWORD.")
+
+    def password(self, service: str) -> str:
+        value = os.environ.get(self.password_env)
+        if not value:
+            raise ConfigError(f"credentials.{service}: {self.password_env} is not set (the "
+                              f"password of Kafka user {self.username!r})")
+        return value
+
+
+def kafka_from_env(overrides: dict[str, Any]) -> KafkaSettings:
+    """The cluster settings as a service would resolve them (``FLYWHEEL_KAFKA__*``), with
+    ``overrides`` (a profile's ``kafka`` section, a running stack's state) on top: a password
+    given only in the environment reaches ``flywheel up``'s own clients too."""
+    from services.common.config import ServiceSettings
+
+    try:
+        env = ServiceSettings(service="up").kafka.model_dump()
+    except ValidationError:  # incomplete in the environment alone; the profile may complete it
+        env = {}
+    try:
+        return KafkaSettings(**{**env, **overrides})
+    except ValidationError as exc:
+        raise ConfigError("kafka settings: " + "; ".join(
+            e["msg"] for e in exc.errors(include_input=False, include_url=False))) from exc
+
+
+def public(kafka: KafkaSettings) -> dict[str, Any]:
+    """``kafka`` as plain data without its secrets (and client properties naming one)."""
+    data = kafka.model_dump(mode="json", exclude=set(SECRETS))
+    data["client_properties"] = {k: v for k, v in data["client_properties"].items()
+                                 if not any(w in k for w in ("password", "secret", "token",
+                                                             "jaas"))}
+    return data
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +101,9 @@ class Profile(BaseModel):
     bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
     kafka: dict[str, Any] = Field(default_factory=dict, description="KafkaSettings; without "
                                   "bootstrap_servers a local broker is started.")
+    credentials: dict[str, ServiceCredentials] = Field(
+        default_factory=dict, description="Per service, its own SASL principal; a service "
+        "not named here connects as the kafka section says.")
     broker_port: int = Field(default=9092, description="Port of the local broker.")
     checkpoint_url: str = ".flywheel/checkpoints"
     home: Path = Field(default=Path(".flywheel"), description="Logs, policies, state.")
@@ -95,9 +148,14 @@ class Profile(BaseModel):
                    "max_tokens": 8}],
         headline="digits3", tolerance=0.05)
 
-    @property
-    def kafka_settings(self) -> KafkaSettings:
-        return KafkaSettings(**self.kafka)
+    @field_validator("credentials")
+    @classmethod
+    def _known_services(cls, value: dict[str, ServiceCredentials]
+                        ) -> dict[str, ServiceCredentials]:
+        unknown = set(value) - set(SERVICES)
+        if unknown:
+            raise ValueError(f"credentials for unknown services {sorted(unknown)}")
+        return value
 
     @property
     def processes(self) -> int:

@@ -28,7 +28,7 @@ from services.common.checkpoints import CheckpointFollower
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError
 from services.up import control, monitor, prepare
-from services.up.profile import POLICY_FIELD, SERVICES, Profile
+from services.up.profile import POLICY_FIELD, SECRETS, SERVICES, Profile, kafka_from_env, public
 from services.up.supervisor import ProcessSpec, Supervisor
 from services.up.view import Snapshot, Versions, read_checkpoints
 
@@ -47,6 +47,8 @@ class Stack:
     """Every checkpoint event the last run() saw."""
     prometheus: monitor.Prometheus | None = None
     supervisor: Supervisor | None = None
+    credentials: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
+    """Per service with its own principal: (username, password)."""
     _owner: control.Owner = field(init=False, repr=False)
     """The running services' supervisor, while run() runs (its children's pids)."""
 
@@ -54,9 +56,12 @@ class Stack:
     def home(self) -> Path:
         return self.profile.home
 
+    secrets: dict[str, Any] = field(default_factory=dict, repr=False)
+    """The cluster secrets (the kafka section's password): this process's clients only."""
+
     @property
     def kafka_settings(self) -> KafkaSettings:
-        return KafkaSettings(**self.kafka)
+        return KafkaSettings(**self.kafka, **self.secrets)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -68,16 +73,22 @@ class Stack:
             raise ConfigError(f"a flywheel left by a killed `flywheel up` is still running from "
                               f"{self.home} ({', '.join(sorted(left))}): `flywheel down` first")
         self._owner = control.Owner(self.home)  # until run() ends; a second up fails here
-        self.kafka = dict(p.kafka)
         self.write_state()  # this process's from now on, not a dead up's
         try:
+            resolved = kafka_from_env(p.kafka)
+            self.kafka = public(resolved)
+            self.secrets = {k: getattr(resolved, k) for k in SECRETS
+                            if getattr(resolved, k) is not None}
+            self.credentials = {name: (c.username, c.password(name))
+                                for name, c in p.credentials.items()}
             self.policy_files = prepare.write_policies(p)
-            prepare.validate(p, self.kafka, self.policy_files)  # before anything starts
+            # before anything starts
+            prepare.validate(p, self.kafka | self.secrets, self.policy_files)
             self.prometheus = prepare.start_monitor(p, say)
             if p.local_broker:
                 local_kafka.install()
-                broker, self.started_broker = local_kafka.start(self.home / "kafka",
-                                                                p.broker_port)
+                broker, self.started_broker = local_kafka.start(
+                    self.home / "kafka", p.broker_port, sasl=self._local_admin(resolved))
                 self.kafka["bootstrap_servers"] = broker.bootstrap
                 self.write_state()  # from here on `down` can stop the broker, whatever happens
                 say(f"broker: {broker.bootstrap} "
@@ -90,6 +101,19 @@ class Stack:
             control.clear_state(self.home)
             self._owner.release()
             raise
+
+    @staticmethod
+    def _local_admin(kafka: KafkaSettings) -> tuple[str, str] | None:
+        """A local broker for a SASL profile is a SASL broker whose admin is the profile's
+        principal (SCRAM-SHA-512 on SASL_PLAINTEXT only)."""
+        if kafka.security_protocol == "PLAINTEXT":
+            return None
+        if kafka.security_protocol != "SASL_PLAINTEXT" or kafka.sasl_mechanism != \
+                "SCRAM-SHA-512" or not kafka.sasl_username or kafka.sasl_password is None:
+            raise ConfigError("a local broker speaks PLAINTEXT, or SASL_PLAINTEXT with "
+                              "SCRAM-SHA-512 and the profile's user as its admin; name a "
+                              "cluster (kafka.bootstrap_servers) for anything else")
+        return kafka.sasl_username, kafka.sasl_password.get_secret_value()
 
     # -- processes ------------------------------------------------------------------------
 
@@ -114,9 +138,9 @@ class Stack:
             replicas = p.generators if service == "generator" else 1
             for i in range(replicas):
                 name = f"{service}-{i}" if service == "generator" else service
-                env = self._env(fields, instance=name, port=port)
+                env = self._env(fields, instance=name, port=port) | self._auth(service)
                 out.append(ProcessSpec(name, [sys.executable, "-m", "services", "run", service],
-                                       env))
+                                       env, hide=self._hidden()))
                 self.ports[name] = port
                 port += 1
         return out
@@ -135,6 +159,22 @@ class Stack:
                 "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
         return env
 
+    def _auth(self, service: str) -> dict[str, str]:
+        """The service's own principal if the profile names one, else the kafka section's
+        secrets: in the child's environment only."""
+        if service in self.credentials:
+            user, password = self.credentials[service]
+            return {"FLYWHEEL_KAFKA__SASL_USERNAME": user,
+                    "FLYWHEEL_KAFKA__SASL_PASSWORD": password}
+        return {f"FLYWHEEL_KAFKA__{k.upper()}": v.get_secret_value()
+                for k, v in self.secrets.items()}
+
+    def _hidden(self) -> tuple[str, ...]:
+        """Variables of this process no child inherits: the other services' passwords, and
+        the kafka section's password where a child has its own principal."""
+        return tuple(c.password_env for c in self.profile.credentials.values()) + tuple(
+            f"FLYWHEEL_KAFKA__{k.upper()}" for k in SECRETS)
+
     def write_state(self) -> None:
         control.write_state(self.home, ports=self.ports, kafka=self.kafka,
                             prometheus=self.prometheus.url if self.prometheus else None,
@@ -149,6 +189,7 @@ class Stack:
         specs = self.specs()
         if self.prometheus is not None:  # scrapes every service's port
             specs.append(self.prometheus.spec(self.ports))
+            specs[-1].hide = self._hidden()
         supervisor = self.supervisor = Supervisor(
             specs, self.home / "logs", **(supervisor_options or {}),
             on_spawn=lambda name, pid: control.record_child(self.home, name, pid))

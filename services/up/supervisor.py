@@ -27,6 +27,9 @@ class ProcessSpec:
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    """On top of this process's environment."""
+    hide: tuple[str, ...] = ()
+    """Variables of this process's environment the child does not inherit (secrets)."""
 
 
 @dataclass
@@ -114,7 +117,8 @@ class Supervisor:
         spec = child.spec
         with (self.logs / f"{spec.name}.log").open("ab") as out:
             child.proc = subprocess.Popen(
-                spec.argv, env={**os.environ, **spec.env}, stdout=out,
+                spec.argv, env={**{k: v for k, v in os.environ.items() if k not in spec.hide},
+                                **spec.env}, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", spec.name, child.proc.pid)

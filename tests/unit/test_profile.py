@@ -9,7 +9,7 @@ import pytest
 
 from services.common.errors import ConfigError
 from services.up import prepare
-from services.up.profile import SERVICES, Profile, load_profile
+from services.up.profile import SERVICES, Profile, kafka_from_env, load_profile, public
 from services.up.stack import Stack
 
 EXAMPLE = Path(__file__).parents[2] / "deploy" / "profiles" / "cluster.yaml"
@@ -40,8 +40,17 @@ def test_the_example_profile_for_real_runs_validates(monkeypatch: pytest.MonkeyP
     assert profile.model_path is not None and not profile.local_broker
     assert profile.generators == 4 and set(SERVICES) - {"scorer", "filter", "router"} <= {
         s for s in SERVICES if profile.section(s)}
+    # Its passwords are never in the file: without them in the environment, it says which.
+    with pytest.raises(ConfigError, match="FLYWHEEL_KAFKA__SASL_PASSWORD not set"):
+        kafka_from_env(profile.kafka)
+    monkeypatch.setenv("FLYWHEEL_KAFKA__SASL_PASSWORD", "admin-secret")
+    kafka = kafka_from_env(profile.kafka)
+    assert kafka.sasl_username == "flywheel" and "sasl_password" not in public(kafka)
+    assert set(profile.credentials) == set(SERVICES)
+    with pytest.raises(ConfigError, match="FW_GATE_PASSWORD is not set"):
+        profile.credentials["gate"].password("gate")
     stack = Stack(profile)
-    stack.kafka = dict(profile.kafka)
+    stack.kafka = public(kafka) | {"sasl_password": kafka.sasl_password}
     stack.policy_files = prepare.write_policies(stack.profile)
     # Every setting validates; then the task files are read, which live on the cluster.
     with pytest.raises(ConfigError, match=r"cannot read task file /data/math/train\.jsonl"):
