@@ -150,6 +150,19 @@ class RuntimeSettings(BaseModel):
         "at their end, rather than waiting to own every partition.")
 
 
+class StateSettings(BaseModel):
+    """Where stateful stages (filter, router) keep what they remember between batches; the
+    changelog topic is the source of truth either way (services.common.tables)."""
+
+    backend: Literal["rocksdb", "memory"] = Field(
+        default="rocksdb", description="rocksdb: on local disk, memory bounded by memory_mb "
+        "whatever is remembered. memory: a dict, growing with what is remembered.")
+    dir: Path | None = Field(default=None, description="Folder for the RocksDB files "
+                             "[default: <temp dir>/flywheel-state]; a copy, wiped at start.")
+    memory_mb: int = Field(default=64, ge=8, le=65536,
+                           description="RocksDB's block cache, memtables included.")
+
+
 class MetricsSettings(BaseModel):
     """The HTTP endpoint serving /metrics, /healthz and /readyz."""
 
@@ -176,6 +189,7 @@ class ServiceSettings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
 
     def topic(self, name: str) -> str:
         return self.kafka.topic(name)

@@ -69,7 +69,11 @@ def serve(settings: ServiceSettings, stage: Stage[Any] | StatefulStage[Any],
 
     loop = Reconnecting(settings, runtime)
     tune_gc()
-    return serve_loop(settings, loop)
+    try:
+        return serve_loop(settings, loop)
+    finally:
+        if state is not None:  # after every rebuild of the loop: they share the stage
+            state.close()
 
 
 class Reconnecting:

@@ -36,17 +36,22 @@ batch, abort or restore), and each part is written against the others.
 
 from __future__ import annotations
 
-import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from pydantic import BaseModel
 
+from services.common.config import ServiceSettings
 from services.common.errors import FatalRuntimeError
 from services.common.offsets import high_watermarks
+from services.common.tables import DiskDatabase, DiskTable, MemoryTable, encode
+
+Table = MemoryTable | DiskTable
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +75,7 @@ class PartitionState:
         """Wall time this instance took the partition (restored it): not persisted."""
         return self._store._assigned_at.get(self.partition, 0.0)
 
-    def __init__(self, store: StateStore, partition: int, data: dict[str, Any]) -> None:
+    def __init__(self, store: StateStore, partition: int, data: Table) -> None:
         self._store = store
         self.partition = partition
         self._data = data
@@ -95,7 +100,18 @@ class PartitionState:
     def keys(self, prefix: str = "") -> list[str]:
         """Keys starting with ``prefix``, in insertion order (a copy: safe to mutate while
         iterating)."""
-        return [k for k in self._data if k.startswith(prefix)]
+        return self._data.keys_with(prefix)
+
+
+def disk_for(settings: ServiceSettings, changelog_topic: str) -> DiskDatabase | None:
+    """The RocksDB of a store, when ``settings.state`` asks for one: in a folder of this
+    instance (its transactional id) and changelog, so no two live processes share one, and
+    a restarted instance reuses (wipes) its own."""
+    if settings.state.backend == "memory":
+        return None
+    root = settings.state.dir or Path(tempfile.gettempdir()) / "flywheel-state"
+    return DiskDatabase(root / settings.transactional_id / changelog_topic,
+                        settings.state.memory_mb)
 
 
 class StateStore:
@@ -107,13 +123,16 @@ class StateStore:
     """
 
     def __init__(self, changelog_topic: str,
-                 upgrade: Callable[[str, Any], tuple[str, Any] | None] | None = None) -> None:
+                 upgrade: Callable[[str, Any], tuple[str, Any] | None] | None = None,
+                 disk: DiskDatabase | None = None) -> None:
         self.changelog_topic = changelog_topic
         self._upgrade = upgrade
+        self._disk = disk
+        """Where the partitions' entries live; None: in memory (services.common.tables)."""
         self._rewrite: dict[tuple[int, str], None] = {}
         """Keys upgraded at restore (old and new): rewritten in the changelog with the next
         batch's changes."""
-        self._parts: dict[int, dict[str, Any]] = {}
+        self._parts: dict[int, Table] = {}
         self._assigned_at: dict[int, float] = {}
         self._journal: list[tuple[int, str, Any]] = []
         self._sized: dict[tuple[int, str], tuple[Any, bytes]] = {}
@@ -135,8 +154,25 @@ class StateStore:
     def adopt(self, partition: int, data: dict[str, Any] | None = None) -> None:
         """Own ``partition`` with ``data`` (empty by default); :meth:`restore` does this from
         the changelog, tests and tools directly."""
-        self._parts[partition] = dict(data or {})
+        table = self._table(partition)
+        for key, value in (data or {}).items():
+            table[key] = value
+        table.settle({})
+        self._parts[partition] = table
         self._assigned_at[partition] = time.time()
+
+    def _table(self, partition: int) -> Table:
+        """An empty table for ``partition`` (on disk: its old entries cleared)."""
+        if self._disk is None:
+            return MemoryTable()
+        table = self._disk.table(partition)
+        table.clear_all()
+        return table
+
+    def close(self) -> None:
+        """Release the disk (its content is a copy of the changelog's)."""
+        if self._disk is not None:
+            self._disk.close()
 
     # -- used by the runtime -----------------------------------------------------------------
 
@@ -174,7 +210,7 @@ class StateStore:
         known = self._sized.get((partition, key))
         if known is not None and known[0] is value:  # values are replaced, never mutated
             return known[1]
-        data = _encode(value)
+        data = encode(value)
         self._sized[partition, key] = (value, data)
         return data
 
@@ -190,21 +226,25 @@ class StateStore:
             touched = self._rewrite | touched
             self._rewrite = {}
         out: list[tuple[int, str, bytes | None]] = []
+        settled: dict[int, dict[str, bytes | None]] = {p: {} for p in self._parts}
         for partition, key in touched:
             data = self._parts.get(partition)
             if data is None:
                 continue  # revoked meanwhile: its next owner restores from the changelog
-            if key in data:
-                out.append((partition, key, self._encoded(partition, key, data[key])))
-            else:
-                out.append((partition, key, None))
+            raw = self._encoded(partition, key, data[key]) if key in data else None
+            out.append((partition, key, raw))
+            settled[partition][key] = raw
+        for partition, encoded in settled.items():
+            self._parts[partition].settle(encoded)
         self._journal = []
         self._sized = {}
         return out
 
     def drop(self, partitions: list[int]) -> None:
         for p in partitions:
-            self._parts.pop(p, None)
+            table = self._parts.pop(p, None)
+            if table is not None:
+                table.clear_all()
             self._assigned_at.pop(p, None)
 
     def restore(self, consumer_config: dict[str, Any], partitions: list[int],
@@ -214,7 +254,9 @@ class StateStore:
         if not partitions:
             return
         started = time.monotonic()
-        fresh: dict[int, dict[str, Any]] = {p: {} for p in partitions}
+        for p in partitions:  # what a partition held is replaced, whatever happens next
+            self.drop([p])
+        fresh: dict[int, Table] = {p: self._table(p) for p in partitions}
         ends = {p: high for p, (low, high) in high_watermarks(
             consumer_config, self.changelog_topic, partitions, min(timeout, 30)).items()
             if high > low}
@@ -233,36 +275,39 @@ class StateStore:
                 f"cannot restore state from {self.changelog_topic}: {exc.args[0]}") from exc
         finally:
             consumer.close()
-        for p, data in fresh.items():
-            self.adopt(p, self._upgraded(p, data) if self._upgrade is not None else data)
+        for p, table in fresh.items():
+            if self._upgrade is not None:
+                self._upgraded(p, table)
+            self._parts[p] = table
+            self._assigned_at[p] = time.time()
         entries = sum(len(fresh[p]) for p in partitions)
         log.info("restored %d state entries of partitions %s from %s in %.2f s", entries,
                  partitions, self.changelog_topic, time.monotonic() - started)
 
-    def _upgraded(self, partition: int, data: dict[str, Any]) -> dict[str, Any]:
-        """``data`` with every entry of an older format read into the current one. Where
-        both formats hold a key (versions mixed in one group: not supported, but not to be
-        made worse), the current one wins."""
+    def _upgraded(self, partition: int, data: Table) -> None:
+        """Read every entry of ``data`` in an older format into the current one, in place.
+        Where both formats hold a key (versions mixed in one group: not supported, but not
+        to be made worse), the current one wins."""
         assert self._upgrade is not None
-        out: dict[str, Any] = {}
         old: list[tuple[str, str, Any]] = []
-        for key, value in data.items():
+        for key, value in list(data.items()):
             new = self._upgrade(key, value)
-            if new is None:
-                out[key] = value
-            else:
+            if new is not None:
                 old.append((key, *new))
+        for key, _, _ in old:
+            data.pop(key)
         for key, new_key, value in old:
-            out.setdefault(new_key, value)
+            if new_key not in data:
+                data[new_key] = value
             self._rewrite[partition, key] = None
             self._rewrite[partition, new_key] = None
+        data.settle({})
         count = len(old)
         if count:
             log.info("read %d state entries of partition %d in an older format; rewritten "
                      "with the next change", count, partition)
-        return out
 
-    def _read(self, consumer: Consumer, fresh: dict[int, dict[str, Any]],
+    def _read(self, consumer: Consumer, fresh: dict[int, Table],
               ends: dict[int, int], deadline: float) -> None:
         """Consume until every partition's position reached its end offset. Under
         read_committed the position also moves past transaction markers and aborted
@@ -281,13 +326,8 @@ class StateStore:
                     if err.code() != err._PARTITION_EOF:
                         raise KafkaException(err)
                     continue
-                data = fresh[cast(int, msg.partition())]
-                key = cast(bytes, msg.key()).decode()
-                value = msg.value()
-                if value is None:
-                    data.pop(key, None)
-                else:
-                    data[key] = json.loads(value)
+                fresh[cast(int, msg.partition())].load(cast(bytes, msg.key()).decode(),
+                                                        msg.value())
             positions = consumer.position(
                 [TopicPartition(self.changelog_topic, p) for p in waiting])
             for tp in positions:
@@ -320,10 +360,3 @@ class Renames:
             value = {names.get(k, k): v for k, v in value.items()}
         return key, value
 
-
-def _encode(value: Any) -> bytes:
-    """Compact UTF-8 JSON (non-ASCII kept as is: escaping would double CJK text); a model as
-    it is written to Kafka."""
-    if isinstance(value, BaseModel):
-        return value.__pydantic_serializer__.to_json(value)
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

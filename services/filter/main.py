@@ -27,7 +27,7 @@ def build_stage(settings: FilterSettings, latest: LatestPromoted | None = None) 
     return FilterStage(
         policy, digest, accepted_topic=settings.topic("filtered"),
         rejected_topic=settings.topic("rejected"),
-        state=state_store(settings.topic("filter.state")),
+        state=state_store(settings.topic("filter.state"), settings),
         latest_version=(latest or LatestPromoted()).get,
     )
 

@@ -30,10 +30,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from schemas import FilterDecision, ScoredTrajectory
+from services.common.config import ServiceSettings
 from services.common.event_time import EventClock
 from services.common.metrics import labelled
 from services.common.stage import Output
-from services.common.state import PartitionState, Renames, StateStore, as_model
+from services.common.state import PartitionState, Renames, StateStore, as_model, disk_for
 from services.common.text import repetition_ratio
 from services.filter import metrics as m
 from services.filter.dedup import Fingerprint, Memory, fingerprint
@@ -60,9 +61,10 @@ UPGRADE = Renames({"g/": GROUP, "m/": MEMBER, "x/": DECIDED, "d/": SEEN},
 ``t n have e``)."""
 
 
-def state_store(changelog_topic: str) -> StateStore:
-    """The filter's state, reading older formats too."""
-    return StateStore(changelog_topic, upgrade=UPGRADE)
+def state_store(changelog_topic: str, settings: ServiceSettings | None = None) -> StateStore:
+    """The filter's state, reading older formats too; on disk when ``settings`` say so."""
+    disk = disk_for(settings, changelog_topic) if settings is not None else None
+    return StateStore(changelog_topic, upgrade=UPGRADE, disk=disk)
 
 
 class FilterStage:

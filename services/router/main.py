@@ -25,7 +25,7 @@ def build_stage(settings: RouterSettings) -> RouterStage:
     policy, digest = load_policy(RoutingPolicy, settings.policy_file)
     topics = {s: settings.topic(f"accepted.{s}") for s in ("cpt", "sft", "rl")}
     return RouterStage(policy, digest, topics=topics,
-                       state=state_store(settings.topic("router.state")))
+                       state=state_store(settings.topic("router.state"), settings))
 
 
 def run(settings: RouterSettings, *, input_topic: str | None = None) -> int:

@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from schemas import FilterDecision, RoutedSample, TrainingStage
+from services.common.config import ServiceSettings
 from services.common.event_time import EventClock
 from services.common.metrics import labelled
 from services.common.stage import Output
-from services.common.state import PartitionState, Renames, StateStore, as_model
+from services.common.state import PartitionState, Renames, StateStore, as_model, disk_for
 from services.router import metrics as m
 from services.router.policy import RoutingPolicy, SampleRoute
 
@@ -44,9 +45,10 @@ UPGRADE = Renames({"r/": GROUP, "rm/": MEMBER, "rx/": DECIDED, "c": MIX},
 ``t n have``)."""
 
 
-def state_store(changelog_topic: str) -> StateStore:
-    """The router's state, reading older formats too."""
-    return StateStore(changelog_topic, upgrade=UPGRADE)
+def state_store(changelog_topic: str, settings: ServiceSettings | None = None) -> StateStore:
+    """The router's state, reading older formats too; on disk when ``settings`` say so."""
+    disk = disk_for(settings, changelog_topic) if settings is not None else None
+    return StateStore(changelog_topic, upgrade=UPGRADE, disk=disk)
 
 
 class RouterStage:

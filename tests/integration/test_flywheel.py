@@ -11,7 +11,12 @@ It is watched as an operator would: ``flywheel up`` runs a real Prometheus with 
 configuration and alert rules. A record planted on ``scored`` is dead-lettered and the dead-letter
 alert fires in the live view; then every Grafana panel query and every alert expression is
 evaluated through Prometheus's HTTP API (each must parse; every panel must return data), and
-``promtool check metrics`` passes on every service's /metrics."""
+``promtool check metrics`` passes on every service's /metrics.
+
+It runs as production clusters are set up: the broker enforces SASL (SCRAM-SHA-512) and ACLs,
+``flywheel up`` connects as an administrator whose password is only in the environment, and each
+service as its own principal with only the ACLs ``flywheel acls apply`` grants it. No password
+appears in a log, in ``up.json``, on /metrics or in ``flywheel status``."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import io
 import json
 import math
 import subprocess
+import sys
 import time
 import urllib.request
 from collections import defaultdict
@@ -30,14 +36,15 @@ from rich.console import Console
 
 from schemas import CheckpointEvent
 from services.bootstrap import BootstrapSettings
+from services.common import access
 from services.common.broker import free_port, free_ports
 from services.common.config import DEPLOY_DIR
 from services.envs.heldout import suite, suite_tasks
 from services.up.monitor import Prometheus, PrometheusProfile
-from services.up.profile import Profile
+from services.up.profile import Profile, ServiceCredentials
 from services.up.stack import Stack
 from services.up.view import Snapshot
-from tests.kafka import Broker
+from tests.conftest import SecureCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -106,6 +113,9 @@ class Watched:
         self.panels: dict[str, list[int]] = {}
         self.rules: dict[str, int] = {}
         self.metrics: dict[str, subprocess.CompletedProcess[str]] = {}
+        self.exposed: dict[str, str] = {}
+        """What an operator sees, to be searched for secrets: /metrics, up.json, status."""
+        self.home: Path | None = None
 
     def __call__(self, snapshot: Snapshot) -> bool:
         if not self.served(snapshot):
@@ -128,8 +138,15 @@ class Watched:
         for name, port in self.ports.items():
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
                 text = r.read().decode()
+            self.exposed[f"{name} /metrics"] = text
             self.metrics[name] = subprocess.run([self.promtool, "check", "metrics"],
                                                 input=text, capture_output=True, text=True)
+        assert self.home is not None
+        self.exposed["up.json"] = (self.home / "up.json").read_text(encoding="utf-8")
+        status = subprocess.run([sys.executable, "-m", "services", "status", "--home",
+                                 str(self.home)], capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stderr
+        self.exposed["flywheel status"] = status.stdout + status.stderr
         return True
 
     def _series(self, expr: str) -> int:
@@ -141,10 +158,21 @@ class Watched:
 
 @pytest.mark.timeout(BUDGET_SECONDS + 600)  # and the seed model, and stopping
 def test_the_pass_rate_rises_across_promoted_versions_served_by_every_generator(
-        kafka: Broker, uid: str, tmp_path: Path, prometheus: str, promtool: str) -> None:
+        secure_kafka: SecureCluster, uid: str, tmp_path: Path, prometheus: str, promtool: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     prefix = f"fw{uid}."
+    kafka = secure_kafka.broker
+    access.apply(kafka.admin(), access.all_grants(prefix))
+    admin = secure_kafka.kafka(topic_prefix=prefix)
+    # up's own password only in the environment, as the services' are.
+    monkeypatch.setenv("FLYWHEEL_KAFKA__SASL_PASSWORD", admin.pop("sasl_password"))
+    credentials = {}
+    for name, password in secure_kafka.passwords.items():
+        monkeypatch.setenv(f"FLYWHEEL_TEST_{name.upper()}_PASSWORD", password)
+        credentials[name] = ServiceCredentials(username=name,
+                                               password_env=f"FLYWHEEL_TEST_{name.upper()}_PASSWORD")
     profile = Profile(
-        kafka={"bootstrap_servers": kafka.bootstrap, "topic_prefix": prefix},
+        kafka=admin, credentials=credentials,
         home=tmp_path / "home", checkpoint_url=str(tmp_path / "store"),
         generators=len(GENERATORS), bootstrap=SEED,
         prometheus=PrometheusProfile(enabled=True, binary=prometheus, port=free_port(),
@@ -157,6 +185,7 @@ def test_the_pass_rate_rises_across_promoted_versions_served_by_every_generator(
 
     until = ServedNewest()
     watched = Watched(until, stack.prometheus, promtool, stack.ports)
+    watched.home = profile.home
     started = time.monotonic()
     final = stack.run(seconds=BUDGET_SECONDS, until=watched, supervisor_options={"grace": 60.0})
     took = time.monotonic() - started
@@ -219,3 +248,13 @@ def test_the_pass_rate_rises_across_promoted_versions_served_by_every_generator(
     print("alert expressions (series now):", watched.rules)
     for name, check in watched.metrics.items():
         assert check.returncode == 0, (name, check.stdout, check.stderr)
+
+    # No secret where an operator looks: every service's log, up.json, /metrics, the status.
+    logs = {f"log {p.name}": p.read_text(errors="replace")
+            for p in (profile.home / "logs").glob("*.log")}
+    assert len(logs) >= len(GENERATORS) + 6 and watched.exposed
+    seen = logs | watched.exposed
+    assert all("SASL_PLAINTEXT" in seen[f"log {n}.log"] for n in ("scorer", "trainer"))
+    for secret in [secure_kafka.admin[1], *secure_kafka.passwords.values()]:
+        leaked = [where for where, text in seen.items() if secret in text]
+        assert not leaked, f"a password appears in {leaked}"

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from schemas import Task
+from services.common.config import StateSettings
 from services.common.runtime import StreamRuntime
 from services.common.stage import Output
 from services.common.state import PartitionState, StateStore
+from services.common.tables import DiskDatabase
 from tests import factories
 from tests.integration.runners import InThread, settings
 from tests.kafka import Broker, wait_until
@@ -28,8 +32,8 @@ class Tally:
     input_type = Task
     tick_seconds = 0.2
 
-    def __init__(self, changelog: str, output: str) -> None:
-        self.state = StateStore(changelog)
+    def __init__(self, changelog: str, output: str, disk: Path | None = None) -> None:
+        self.state = StateStore(changelog, disk=DiskDatabase(disk, 16) if disk else None)
         self.output = output
         self.ticks = 0  # timer runs, one per partition per tick
 
@@ -61,11 +65,12 @@ def _topics(kafka: Broker, uid: str) -> tuple[str, str, str, str]:
     return names
 
 
-def _runtime(kafka: Broker, uid: str, names: tuple[str, str, str, str]) -> StreamRuntime:
+def _runtime(kafka: Broker, uid: str, names: tuple[str, str, str, str],
+             disk: Path | None = None) -> StreamRuntime:
     src, out, dlq, changelog = names
     s = settings(kafka.bootstrap, "tally", prefix=f"st{uid}.", max_record_bytes=LIMIT,
                  batch_max_records=7)
-    return StreamRuntime(s, Tally(changelog, out), [src], dlq_topic=dlq)
+    return StreamRuntime(s, Tally(changelog, out, disk), [src], dlq_topic=dlq)
 
 
 def _numbers(kafka: Broker, topic: str) -> dict[int, list[int]]:
@@ -77,17 +82,20 @@ def _numbers(kafka: Broker, topic: str) -> dict[int, list[int]]:
     return seen
 
 
-def test_state_is_restored_from_the_changelog_after_a_restart(kafka: Broker, uid: str) -> None:
+@pytest.mark.parametrize("backend", ["memory", "rocksdb"])
+def test_state_is_restored_from_the_changelog_after_a_restart(
+        kafka: Broker, uid: str, backend: str, tmp_path: Path) -> None:
     names = _topics(kafka, uid)
     src, out = names[0], names[1]
+    disks = iter([tmp_path / "1", tmp_path / "2"] if backend == "rocksdb" else [None, None])
     kafka.produce(src, ((f"k{i}".encode(), factories.task(i).to_bytes()) for i in range(40)))
-    with InThread(_runtime(kafka, uid, names)) as r:
+    with InThread(_runtime(kafka, uid, names, next(disks))) as r:
         wait_until(lambda: sum(map(len, _numbers(kafka, out).values())) >= 40 or r.error, 60,
                    "the first 40 numbered")
     assert r.error is None
     kafka.produce(src, ((f"k{i}".encode(), factories.task(i).to_bytes())
                         for i in range(40, 90)))
-    with InThread(_runtime(kafka, uid, names)) as r:  # a new process would do the same
+    with InThread(_runtime(kafka, uid, names, next(disks))) as r:  # as a new process would
         wait_until(lambda: sum(map(len, _numbers(kafka, out).values())) >= 90 or r.error, 60,
                    "all 90 numbered")
     assert r.error is None
@@ -122,7 +130,9 @@ def test_oversized_state_and_timer_outputs_are_dead_lettered_once(
     assert sorted(numbers) == list(range(1, 10))  # the big one left no trace in the count
 
 
-def test_filter_state_in_the_old_format_is_read_and_rewritten(kafka: Broker, uid: str) -> None:
+@pytest.mark.parametrize("backend", ["memory", "rocksdb"])
+def test_filter_state_in_the_old_format_is_read_and_rewritten(
+        kafka: Broker, uid: str, backend: Literal["memory", "rocksdb"], tmp_path: Path) -> None:
     """State written before the filter's keys had names (``g/ m/ x/ d/``; ``t n have e``) is
     read at restore: a group half assembled in it completes with its next member. The
     changelog is then rewritten, so no old key is left to bring a finished group back at the
@@ -149,8 +159,9 @@ def test_filter_state_in_the_old_format_is_read_and_rewritten(kafka: Broker, uid
     kafka.produce(changelog, [(k.encode(), json.dumps(v).encode()) for k, v in old.items()])
 
     s = settings(kafka.bootstrap, "filter", prefix=f"fs{uid}.")
+    s.state = StateSettings(backend=backend, dir=tmp_path)
     stage = FilterStage(planted.filter_policy(), "f" * 64, accepted_topic=out,
-                        rejected_topic=out, state=state_store(changelog),
+                        rejected_topic=out, state=state_store(changelog, s),
                         latest_version=lambda _m: planted.LATEST_VERSION)
     with InThread(StreamRuntime(s, stage, [src], dlq_topic=dlq)) as running:
         kafka.produce(src, [(task.encode(), records[3].to_bytes())])
@@ -169,7 +180,8 @@ def test_filter_state_in_the_old_format_is_read_and_rewritten(kafka: Broker, uid
     assert not any(k.startswith(("g/", "m/", "x/", "d/")) for k in live), live
     assert {f"decided/{group}", "decided/decided-long-ago"} <= live
     assert not any(k.startswith(("group/", "member/")) for k in live), live
-    restored = state_store(changelog)
+    s.instance_id += "-again"  # a second store beside the first, as another instance's
+    restored = state_store(changelog, s)
     restored.restore(s.kafka.client_config(), [0], 60)
     state = restored.partition(0)
     assert state.keys("group/") == [] and state.keys("member/") == []

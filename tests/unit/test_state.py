@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
 from schemas import Task
 from services.common.stage import Output, apply_process
 from services.common.state import StateStore
+from services.common.tables import DiskDatabase
 from tests import factories
 
+NewStore = Callable[[str], StateStore]
 
-def test_changes_are_the_last_value_of_each_touched_key_or_a_delete() -> None:
-    store = StateStore("t.state")
+
+@pytest.fixture(params=["memory", "rocksdb"])
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NewStore]:
+    """Stores on each backend: every contract here holds for both."""
+    made: list[StateStore] = []
+
+    def make(topic: str) -> StateStore:
+        disk = DiskDatabase(tmp_path / f"{topic}-{len(made)}", 16) \
+            if request.param == "rocksdb" else None
+        made.append(StateStore(topic, disk=disk))
+        return made[-1]
+
+    yield make
+    for store in made:
+        store.close()
+
+
+def test_changes_are_the_last_value_of_each_touched_key_or_a_delete(
+        new_store: NewStore) -> None:
+    store = new_store("t.state")
     store.adopt(0, {"kept": 1, "gone": 2})
     store.adopt(3)
     store.begin()
@@ -26,8 +48,9 @@ def test_changes_are_the_last_value_of_each_touched_key_or_a_delete() -> None:
     assert store.changes() == []  # drained
 
 
-def test_undo_restores_values_deletes_and_absences() -> None:
-    store = StateStore("t.state")
+def test_undo_restores_values_deletes_and_absences(
+        new_store: NewStore) -> None:
+    store = new_store("t.state")
     store.adopt(0, {"k": 1, "d": 5})
     store.begin()
     state = store.partition(0)
@@ -58,8 +81,9 @@ class Counting:
         return [Output("out", t) for t in batch]
 
 
-def test_a_record_that_raises_leaves_no_trace_and_the_others_count_once() -> None:
-    store = StateStore("t.state")
+def test_a_record_that_raises_leaves_no_trace_and_the_others_count_once(
+        new_store: NewStore) -> None:
+    store = new_store("t.state")
     store.adopt(0)
     store.begin()
     stage = Counting(store)
@@ -72,15 +96,17 @@ def test_a_record_that_raises_leaves_no_trace_and_the_others_count_once() -> Non
     assert len(result.outputs) == 3
 
 
-def test_a_partition_not_owned_is_an_error() -> None:
+def test_a_partition_not_owned_is_an_error(
+        new_store: NewStore) -> None:
     with pytest.raises(KeyError, match="not owned"):
-        StateStore("t.state").partition(2)
+        new_store("t.state").partition(2)
 
 
-def test_the_event_clock_times_out_in_stream_time_and_forgets_old_entries() -> None:
+def test_the_event_clock_times_out_in_stream_time_and_forgets_old_entries(
+        new_store: NewStore) -> None:
     from services.common.event_time import EventClock
 
-    store = StateStore("t.state")
+    store = new_store("t.state")
     store.adopt(0)
     store.begin()
     state = store.partition(0)
@@ -100,7 +126,8 @@ def test_the_event_clock_times_out_in_stream_time_and_forgets_old_entries() -> N
     assert "x/later" not in state
 
 
-def test_a_model_value_is_encoded_only_in_the_changelog_and_comes_back_equal() -> None:
+def test_a_model_value_is_encoded_only_in_the_changelog_and_comes_back_equal(
+        new_store: NewStore) -> None:
     """A pydantic model put as a value stays the object in memory; the changelog holds its
     wire JSON, which as_model turns back into an equal model. Put and deleted within one
     batch, it is written as a delete only."""
@@ -109,7 +136,7 @@ def test_a_model_value_is_encoded_only_in_the_changelog_and_comes_back_equal() -
     from schemas import ScoredTrajectory
     from services.common.state import as_model
 
-    store = StateStore("changelog")
+    store = new_store("changelog")
     store.adopt(0)
     store.begin()
     state = store.partition(0)
@@ -135,3 +162,33 @@ def test_renames_read_an_older_format_and_leave_the_current_one_alone() -> None:
     assert upgrade("group/a", {"first_at": 1.0}) is None
     assert upgrade("clock", 5.0) is None  # an exact old key is not a prefix
     assert upgrade("mix", {}) is None
+
+
+def test_a_disk_store_settles_each_batch_and_reads_back_what_it_wrote(tmp_path: Path) -> None:
+    """On disk, a batch's changes are kept as objects until the changelog has their
+    encoding, then written; what is read back afterwards is the JSON, sorted by key; a
+    revoked partition leaves nothing behind; a store reopened on the folder starts empty."""
+    store = StateStore("t.state", disk=DiskDatabase(tmp_path / "db", 16))
+    store.adopt(1, {"b": 1, "a": {"x": [1, 2]}})
+    store.adopt(2, {"a": "other partition"})
+    store.begin()
+    state = store.partition(1)
+    model = factories.scored(1)
+    state.put("m", model)
+    state.put("c", 3)
+    state.delete("b")
+    assert state.get("m") is model and state.keys() == ["a", "c", "m"]
+    changes = store.changes()
+    assert sorted(k for _, k, _ in changes) == ["b", "c", "m"]
+    assert state.get("m") == json.loads(model.to_bytes()) and state.get("b") is None
+    assert (state.keys(), len(state)) == (["a", "c", "m"], 3)
+    assert store.partition(2).keys() == ["a"]
+    store.drop([1])
+    store.adopt(1)
+    assert store.partition(1).keys() == [] and store.partition(2).get("a") == "other partition"
+    store.close()
+    assert not (tmp_path / "db").exists()
+    again = StateStore("t.state", disk=DiskDatabase(tmp_path / "db", 16))
+    again.adopt(2)
+    assert again.partition(2).keys() == []
+    again.close()

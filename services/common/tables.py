@@ -1,0 +1,203 @@
+"""Where a stage's state lives between batches: in memory, or on disk in RocksDB.
+
+:class:`services.common.state.StateStore` keeps one *table* per owned input partition. A table
+is a mapping of string keys to JSON values with the few operations a store needs
+(``get``, ``in``, set, ``pop``, ``keys_with(prefix)``), plus ``load`` for a restore that feeds
+it changelog records as they are read.
+
+- :class:`MemoryTable`: a dict. State grows with what a stage remembers.
+- :class:`DiskTable`: the partition's entries in one RocksDB per store (through rocksdict),
+  keyed by a 4-byte partition number and the key. Changes made during a batch stay in memory,
+  as objects, until the store has encoded them for the changelog; then they are written in one
+  write batch (:meth:`DiskTable.settle`). RocksDB's own memory is bounded by
+  ``StateSettings.memory_mb``: one write-buffer manager and one block cache for the whole
+  database. The changelog stays the source of truth: the database is wiped when the store
+  opens and whenever a partition is restored, so it is only ever a copy of what the changelog
+  holds (a restart restores from the changelog, as before).
+
+Keys of a disk table come back sorted (``keys_with``), those of a memory table in insertion
+order; no stage depends on either order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from rocksdict import (
+    BlockBasedOptions,
+    Cache,
+    Options,
+    Rdict,
+    WriteBatch,
+    WriteBufferManager,
+)
+
+_MISSING = object()
+_GONE = object()
+
+
+def encode(value: Any) -> bytes:
+    """Compact UTF-8 JSON (non-ASCII kept as is: escaping would double CJK text); a model as
+    it is written to Kafka."""
+    if isinstance(value, BaseModel):
+        return value.__pydantic_serializer__.to_json(value)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class MemoryTable(dict[str, Any]):
+    """A partition's state as a dict."""
+
+    def keys_with(self, prefix: str) -> list[str]:
+        return [k for k in self if k.startswith(prefix)]
+
+    def load(self, key: str, raw: bytes | None) -> None:
+        if raw is None:
+            self.pop(key, None)
+        else:
+            self[key] = json.loads(raw)
+
+    def settle(self, encoded: dict[str, bytes | None]) -> None:
+        """Nothing to write: the dict is the state."""
+
+    def clear_all(self) -> None:
+        self.clear()
+
+
+class DiskDatabase:
+    """One RocksDB for every partition of one store, in a folder of its own that is wiped
+    when opened (its content is always rebuilt from the changelog)."""
+
+    def __init__(self, path: Path, memory_mb: int) -> None:
+        self.path = path
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        budget = memory_mb * 2**20
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        # One budget: the block cache, with the memtables charged against it (they are
+        # flushed to disk beyond half of it).
+        cache = Cache(budget)
+        opts.set_write_buffer_manager(
+            WriteBufferManager.new_write_buffer_manager_with_cache(budget // 2, False, cache))
+        opts.set_write_buffer_size(max(budget // 8, 2**20))
+        opts.set_max_write_buffer_number(2)
+        opts.set_max_open_files(256)
+        table = BlockBasedOptions()
+        table.set_block_cache(cache)
+        table.set_cache_index_and_filter_blocks(True)
+        opts.set_block_based_table_factory(table)
+        self.db = Rdict(str(path), opts)
+
+    def table(self, partition: int) -> DiskTable:
+        return DiskTable(self.db, partition)
+
+    def close(self) -> None:
+        self.db.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class DiskTable:
+    """A partition's entries in a :class:`DiskDatabase`, with the current batch's changes
+    in memory until they are settled."""
+
+    __slots__ = ("_db", "_dirty", "_prefix")
+
+    def __init__(self, db: Rdict, partition: int) -> None:
+        self._db = db
+        self._prefix = struct.pack(">I", partition)
+        self._dirty: dict[str, Any] = {}
+
+    def _key(self, key: str) -> bytes:
+        return self._prefix + key.encode()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._dirty.get(key, _MISSING)
+        if value is _MISSING:
+            raw = self._db.get(self._key(key))
+            return default if raw is None else json.loads(raw)
+        return default if value is _GONE else value
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key, _MISSING) is not _MISSING
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._dirty[key] = value
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        self._dirty[key] = _GONE
+        return value
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __len__(self) -> int:
+        return len(self.keys_with(""))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_with(""))
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        for key in self.keys_with(""):
+            yield key, self.get(key)
+
+    def _stored(self, prefix: bytes) -> Iterator[bytes]:
+        start = self._prefix + prefix
+        for raw in self._db.keys(from_key=start):
+            assert isinstance(raw, bytes)  # raw mode
+            if not raw.startswith(start):
+                return
+            yield raw
+
+    def keys_with(self, prefix: str) -> list[str]:
+        """Keys starting with ``prefix``, sorted (a copy: safe to change while iterating)."""
+        cut = len(self._prefix)
+        keys = {raw[cut:].decode() for raw in self._stored(prefix.encode())}
+        for key, value in self._dirty.items():
+            if key.startswith(prefix):
+                if value is _GONE:
+                    keys.discard(key)
+                else:
+                    keys.add(key)
+        return sorted(keys)
+
+    def load(self, key: str, raw: bytes | None) -> None:
+        """A changelog record, as a restore reads it: written through."""
+        if raw is None:
+            self._db.delete(self._key(key))
+        else:
+            self._db.put(self._key(key), raw)
+
+    def settle(self, encoded: dict[str, bytes | None]) -> None:
+        """Write the batch's changes: ``encoded`` holds the changelog's encoding of those it
+        has (None: deleted); any other change (one undone to its old value) is encoded here."""
+        if not self._dirty:
+            return
+        batch = WriteBatch(raw_mode=True)
+        for key, value in self._dirty.items():
+            raw = encoded[key] if key in encoded else (None if value is _GONE
+                                                       else encode(value))
+            if raw is None:
+                batch.delete(self._key(key))
+            else:
+                batch.put(self._key(key), raw)
+        self._db.write(batch)
+        self._dirty = {}
+
+    def clear_all(self) -> None:
+        """Forget the partition (revoked, or about to be restored)."""
+        self._dirty = {}
+        end = struct.pack(">I", struct.unpack(">I", self._prefix)[0] + 1)
+        self._db.delete_range(self._prefix, end)
