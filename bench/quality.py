@@ -54,11 +54,13 @@ ROUNDS = int(os.environ.get("BENCH_QUALITY_ROUNDS", "3"))
 GROUP = 4
 
 
-def _trajectories(n: int) -> list[Trajectory]:
-    rng = random.Random(0)
+def _trajectories(n: int, rng: random.Random | None = None,
+                  seen: set[str] | None = None) -> list[Trajectory]:
+    """``n`` trajectories; pass the same ``rng`` and ``seen`` to draw more, none repeated."""
+    rng = rng or random.Random(0)
     env = envs.get("arithmetic")
     out: list[Trajectory] = []
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     while len(out) < n:
         task = env.tasks(1, rng=rng, difficulty=3)[0]
         if task.task_id in seen:

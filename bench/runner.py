@@ -20,7 +20,7 @@ from typing import Any
 
 from services.common.logs import setup_logging
 
-BENCHMARKS = ("runtime", "generator", "quality", "trainer", "flywheel", "replay")
+BENCHMARKS = ("runtime", "generator", "quality", "trainer", "flywheel", "replay", "state")
 """Registered benchmarks; later issues add theirs."""
 
 

@@ -92,6 +92,10 @@ class DiskDatabase:
         table = BlockBasedOptions()
         table.set_block_cache(cache)
         table.set_cache_index_and_filter_blocks(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+        # Most lookups are of keys that are not there (a group not seen yet): a Bloom filter
+        # answers those without reading a block.
+        table.set_bloom_filter(10, False)
         opts.set_block_based_table_factory(table)
         self.db = Rdict(str(path), opts)
 
