@@ -60,7 +60,6 @@ class EventClock:
             return
         self._next_sweep[key] = now + self.SWEEP_SECONDS
         horizon = self.stream_time(state) - keep_seconds
-        for entry in state.keys(prefix):
-            value = state.get(entry)
+        for entry, value in state.scan(prefix):  # a day of decided groups: never a list
             if (value["at"] if isinstance(value, dict) else value) < horizon:
                 state.delete(entry)

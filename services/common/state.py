@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -98,9 +98,14 @@ class PartitionState:
             self._store._journal.append((self.partition, key, self._data.pop(key)))
 
     def keys(self, prefix: str = "") -> list[str]:
-        """Keys starting with ``prefix``, in insertion order (a copy: safe to mutate while
-        iterating)."""
+        """Keys starting with ``prefix`` (a copy: safe to mutate while iterating); for few
+        entries (groups assembling): :meth:`scan` for many."""
         return self._data.keys_with(prefix)
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, Any]]:
+        """(key, value) of every entry under ``prefix``, read as it goes: on disk the entries
+        are never all in memory. Safe to put and delete meanwhile."""
+        return self._data.scan(prefix)
 
 
 def disk_for(settings: ServiceSettings, changelog_topic: str) -> DiskDatabase | None:
@@ -290,7 +295,7 @@ class StateStore:
         to be made worse), the current one wins."""
         assert self._upgrade is not None
         old: list[tuple[str, str, Any]] = []
-        for key, value in list(data.items()):
+        for key, value in data.scan(""):  # only the old entries are collected
             new = self._upgrade(key, value)
             if new is not None:
                 old.append((key, *new))

@@ -56,6 +56,10 @@ class MemoryTable(dict[str, Any]):
     def keys_with(self, prefix: str) -> list[str]:
         return [k for k in self if k.startswith(prefix)]
 
+    def scan(self, prefix: str) -> Iterator[tuple[str, Any]]:
+        """(key, value) under ``prefix``; safe to change the table meanwhile."""
+        return iter([(k, v) for k, v in self.items() if k.startswith(prefix)])
+
     def load(self, key: str, raw: bytes | None) -> None:
         if raw is None:
             self.pop(key, None)
@@ -148,14 +152,33 @@ class DiskTable:
         return value
 
     def __len__(self) -> int:
+        if not self._dirty:  # counted as it is read: the keys are never all in memory
+            return sum(1 for _ in self._stored(b""))
         return len(self.keys_with(""))
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys_with(""))
-
     def items(self) -> Iterator[tuple[str, Any]]:
-        for key in self.keys_with(""):
-            yield key, self.get(key)
+        return self.scan("")
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, Any]]:
+        """(key, value) under ``prefix``, read from the database as it goes (so the keys are
+        never all in memory), the batch's changes applied; safe to change the table
+        meanwhile (changes go to the batch, not to the database being read)."""
+        changed = {k: v for k, v in self._dirty.items() if k.startswith(prefix)}
+        cut = len(self._prefix)
+        start = self._prefix + prefix.encode()
+        for raw_key, raw in self._db.items(from_key=start):
+            assert isinstance(raw_key, bytes) and isinstance(raw, bytes)  # raw mode
+            if not raw_key.startswith(start):
+                break
+            key = raw_key[cut:].decode()
+            value = changed.pop(key, _MISSING)
+            if value is _MISSING:
+                yield key, json.loads(raw)
+            elif value is not _GONE:
+                yield key, value
+        for key, value in changed.items():  # new in this batch
+            if value is not _GONE:
+                yield key, value
 
     def _stored(self, prefix: bytes) -> Iterator[bytes]:
         start = self._prefix + prefix

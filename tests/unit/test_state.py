@@ -192,3 +192,23 @@ def test_a_disk_store_settles_each_batch_and_reads_back_what_it_wrote(tmp_path: 
     again.adopt(2)
     assert again.partition(2).keys() == []
     again.close()
+
+
+def test_a_scan_reads_as_it_goes_and_sees_the_batch(new_store: NewStore) -> None:
+    """``scan`` is what a sweep over many entries uses (the decided groups of a day): it
+    gives each entry once, with this batch's changes, and may delete as it goes."""
+    store = new_store("t.state")
+    store.adopt(0, {f"d/{i:03}": i for i in range(50)} | {"other": 1})
+    store.begin()
+    state = store.partition(0)
+    state.put("d/new", 99)
+    state.put("d/007", 70)
+    state.delete("d/008")
+    seen = {}
+    for key, value in state.scan("d/"):
+        seen[key] = value
+        if value % 2:
+            state.delete(key)
+    assert len(seen) == 50 and seen["d/007"] == 70 and seen["d/new"] == 99
+    assert "d/008" not in seen and "other" not in seen
+    assert sorted(state.keys("d/")) == sorted(k for k, v in seen.items() if v % 2 == 0)
