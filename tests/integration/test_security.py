@@ -118,3 +118,41 @@ def test_a_service_without_its_access_stops_at_once_and_says_why(
     assert "flywheel acls apply" in done.stderr
     assert password not in done.stdout + done.stderr
     assert access.apply(secure_kafka.broker.admin(), wanted) == [gone]
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    return subprocess.run([sys.executable, "-m", "services", *args], env=base | env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_an_operator_adds_a_principal_and_grants_it_from_the_command_line(
+        secure_kafka: SecureCluster, uid: str) -> None:
+    prefix = f"cli{uid}."
+    admin = secure_kafka.broker.admin()
+    topic_ops.apply(admin, topic_ops.load(prefix=prefix))
+    user, password = f"scorer-{uid}", f"pw-{uid}-secret"
+    env = {"FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": secure_kafka.broker.bootstrap,
+           "FLYWHEEL_KAFKA__TOPIC_PREFIX": prefix,
+           "FLYWHEEL_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+           "FLYWHEEL_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+           "FLYWHEEL_KAFKA__SASL_USERNAME": secure_kafka.admin[0],
+           "FLYWHEEL_KAFKA__SASL_PASSWORD": secure_kafka.admin[1]}
+    done = _cli("acls", "user", user, env=env | {"FLYWHEEL_NEW_USER_PASSWORD": password})
+    assert done.returncode == 0, done.stderr
+    mapping = ("--user", f"scorer={user}")
+    done = _cli("acls", "list", *mapping, env=env)
+    assert done.returncode == 0 and "missing" in done.stdout, done.stdout + done.stderr
+    done = _cli("acls", "apply", *mapping, env=env)
+    assert done.returncode == 0, done.stderr
+    scorer = [g for g in access.all_grants(prefix, {"scorer": user})
+              if g.principal == f"User:{user}"]
+    assert "ACLs created" in done.stderr, done.stderr
+    assert {g.binding() for g in scorer} <= access.existing(admin)
+    done = _cli("acls", "list", *mapping, env=env)
+    assert done.returncode == 0 and "missing" not in done.stdout, done.stdout
+    as_user = KafkaSettings(**secure_kafka.kafka(topic_prefix=prefix) | {
+        "sasl_username": user, "sasl_password": password})
+    access.preflight(as_user, registry.SERVICES["scorer"], prefix + "scorer")
+    for out in (done.stdout, done.stderr):
+        assert password not in out and secure_kafka.admin[1] not in out
