@@ -32,7 +32,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.runtime import bare_pass_through, broker
-from schemas import Message, Trajectory, Turn
+from schemas import Message, Task, Trajectory, Turn
 from services import envs
 from services.common import topics as topic_ops
 from services.common.config import KafkaSettings, ServiceSettings
@@ -54,32 +54,35 @@ ROUNDS = int(os.environ.get("BENCH_QUALITY_ROUNDS", "3"))
 GROUP = 4
 
 
-def _trajectories(n: int, rng: random.Random | None = None,
-                  seen: set[str] | None = None) -> list[Trajectory]:
-    """``n`` trajectories; pass the same ``rng`` and ``seen`` to draw more, none repeated."""
-    rng = rng or random.Random(0)
+def _trajectories(n: int) -> list[Trajectory]:
+    rng = random.Random(0)
     env = envs.get("arithmetic")
     out: list[Trajectory] = []
-    seen = set() if seen is None else seen
+    seen: set[str] = set()
     while len(out) < n:
         task = env.tasks(1, rng=rng, difficulty=3)[0]
         if task.task_id in seen:
             continue  # a repeated task would be a duplicate: every record must reach the router
         seen.add(task.task_id)
-        g = len(seen)
-        right = task.verifier.answer if task.verifier else "0"
-        gid = f"bench-{g}"
-        for i in range(GROUP):
-            answer = right if i % 2 == 0 else str(int(right or 0) + 1 + i)
-            text = f"{answer}"
-            out.append(Trajectory(
-                task=task, group_id=gid, sample_index=i, group_size=GROUP,
-                turns=[Turn(role="user", content=task.prompt),
-                       Turn(role="assistant", content=text,
-                            token_ids=list(range(len(text))), logprobs=[-0.1] * len(text))],
-                completion=text, completion_token_ids=list(range(len(text))),
-                completion_logprobs=[-0.1] * len(text), finish_reason="stop",
-                policy_version=0, model="tiny"))
+        out.extend(group_of(task, len(seen)))
+    return out[:n]
+
+
+def group_of(task: Task, g: int) -> list[Trajectory]:
+    """The GROUP trajectories of group ``g`` on ``task``: half right, half wrong."""
+    right = task.verifier.answer if task.verifier else "0"
+    out = []
+    for i in range(GROUP):
+        answer = right if i % 2 == 0 else str(int(right or 0) + 1 + i)
+        text = f"{answer}"
+        out.append(Trajectory(
+            task=task, group_id=f"bench-{g}", sample_index=i, group_size=GROUP,
+            turns=[Turn(role="user", content=task.prompt),
+                   Turn(role="assistant", content=text,
+                        token_ids=list(range(len(text))), logprobs=[-0.1] * len(text))],
+            completion=text, completion_token_ids=list(range(len(text))),
+            completion_logprobs=[-0.1] * len(text), finish_reason="stop",
+            policy_version=0, model="tiny"))
     return out
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -48,8 +47,9 @@ def _one(backend: str, records: int, folder: str, out: Any) -> None:
     """In a fresh process: the filter over ``records`` scored trajectories on ``backend``."""
     import gc
 
-    from bench.quality import _trajectories
+    from bench.quality import GROUP, group_of
     from services.common.service import tune_gc
+    from services.envs.arithmetic import Arithmetic
     from services.filter.main import FilterSettings, build_stage
     from services.scorer.stage import ScorerStage, ScoringConfig
 
@@ -64,9 +64,12 @@ def _one(backend: str, records: int, folder: str, out: Any) -> None:
     tune_gc()
     warm = records // 2
     seconds, done, rss_warm = 0.0, 0, 0
-    rng, seen = random.Random(0), set[str]()
+    env = Arithmetic()
     for start in range(0, records, BATCH * 10):
-        chunk = _trajectories(min(BATCH * 10, records - start), rng, seen)
+        # Distinct 3-digit sums by construction: no set of drawn tasks grows in the
+        # measured process.
+        chunk = [t for g in range(start // GROUP, (start + BATCH * 10) // GROUP)
+                 for t in group_of(env.task(100 + g // 900, "+", 100 + g % 900), g)]
         scored = [o.value for o in scorer.process(chunk)]
         for i in range(0, len(scored), BATCH):
             batch = scored[i:i + BATCH]
