@@ -49,15 +49,14 @@ class Stack:
     supervisor: Supervisor | None = None
     credentials: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
     """Per service with its own principal: (username, password)."""
+    secrets: dict[str, Any] = field(default_factory=dict, repr=False)
+    """The cluster secrets (the kafka section's password): this process's clients only."""
     _owner: control.Owner = field(init=False, repr=False)
     """The running services' supervisor, while run() runs (its children's pids)."""
 
     @property
     def home(self) -> Path:
         return self.profile.home
-
-    secrets: dict[str, Any] = field(default_factory=dict, repr=False)
-    """The cluster secrets (the kafka section's password): this process's clients only."""
 
     @property
     def kafka_settings(self) -> KafkaSettings:
