@@ -11,6 +11,11 @@ task as generators write them) are seeded once. Then, per round, on fresh topics
   group assembly, state changelog), exactly once;
 - ``router``: the router over what the filter accepted (default policy), exactly once.
 
+- ``scorer_hostile``: the scorer over the same records with one hostile record after every
+  ``HOSTILE_EVERY`` (not JSON, cut short, nested 5,000 deep, a 300 KB string, a future schema
+  version), each dead-lettered by the runtime; timed until the N-th valid record, so its
+  rate in valid records per second against ``scorer``'s is what hostile input costs.
+
 Each stage runs alone over the full backlog; the clock starts at its first batch and stops
 when the batch holding its N-th input record is committed. Running the three stages as
 separate processes, as deployed, the pipeline goes as fast as its slowest stage
@@ -51,6 +56,7 @@ log = logging.getLogger(__name__)
 
 RECORDS = int(os.environ.get("BENCH_QUALITY_RECORDS", "20000"))
 ROUNDS = int(os.environ.get("BENCH_QUALITY_ROUNDS", "3"))
+HOSTILE_EVERY = 20
 GROUP = 4
 
 
@@ -86,12 +92,36 @@ def group_of(task: Task, g: int) -> list[Trajectory]:
     return out
 
 
-def _seed(bootstrap: str, topic: str, records: Sequence[Message]) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
-    for r in records:
-        produce_when_room(producer, topic, r.to_bytes(), r.partition_key())
+def _hostile(i: int, good: bytes) -> bytes:
+    """The i-th hostile record, one of five kinds, made from a valid one."""
+    kind = i % 5
+    if kind == 0:
+        return b"\xff\xfe not json"
+    if kind == 1:
+        return good[: len(good) // 2]
+    if kind == 2:
+        return b"[" * 5000 + b"]" * 5000
+    if kind == 3:
+        return good.replace(b'"completion":"', b'"completion":"' + b"x" * 300_000, 1)
+    return good.replace(b'"schema_version":1', b'"schema_version":99', 1)
+
+
+def _seed(bootstrap: str, topic: str, records: Sequence[Message],
+          hostile_every: int = 0) -> int:
+    """Produce ``records`` (with a hostile one after every ``hostile_every``); returns how
+    many hostile ones."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
+                         "message.max.bytes": 2**21})
+    bad = 0
+    for i, r in enumerate(records):
+        value = r.to_bytes()
+        produce_when_room(producer, topic, value, r.partition_key())
+        if hostile_every and i % hostile_every == hostile_every - 1:
+            produce_when_room(producer, topic, _hostile(bad, value), r.partition_key())
+            bad += 1
     if producer.flush(120):
         raise RuntimeError("seeding did not finish")
+    return bad
 
 
 class _Clock:
@@ -145,13 +175,14 @@ def _settings(cls: type, bootstrap: str, prefix: str, **extra: Any) -> Any:
                metrics={"enabled": False}, runtime={"static_membership": False}, **extra)
 
 
-def _round(bootstrap: str, src: str, records: int) -> dict[str, float]:
+def _round(bootstrap: str, src: str, records: int, hostile_src: str) -> dict[str, float]:
     prefix = f"bq{uuid.uuid4().hex[:8]}."
     kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=prefix)
     topic_ops.apply(topic_ops.admin_client(kafka), topic_ops.load(prefix=prefix))
     admin = AdminClient({"bootstrap.servers": bootstrap})
     copy = f"{prefix}bare"
-    for fut in admin.create_topics([NewTopic(copy, 6, 1)]).values():
+    for fut in admin.create_topics([NewTopic(copy, 6, 1),
+                                    NewTopic(f"{prefix}scored.hostile", 6, 1)]).values():
         fut.result()
     seconds = {"bare": bare_pass_through(bootstrap, src, copy, records)}
     ss = _settings(ServiceSettings, bootstrap, prefix, service="scorer")
@@ -161,7 +192,11 @@ def _round(bootstrap: str, src: str, records: int) -> dict[str, float]:
     seconds["filter"] = _timed(fs, build_filter(fs), fs.topic("scored"), records)
     rs = _settings(RouterSettings, bootstrap, prefix)
     seconds["router"] = _timed(rs, build_router(rs), rs.topic("filtered"), records)
-    for fut in admin.delete_topics([copy, *(s.name for s in topic_ops.load(prefix=prefix))]
+    hs = _settings(ServiceSettings, bootstrap, prefix, service="scorer-hostile")
+    seconds["scorer_hostile"] = _timed(
+        hs, ScorerStage(ScoringConfig(), f"{prefix}scored.hostile"), hostile_src, records)
+    for fut in admin.delete_topics([copy, f"{prefix}scored.hostile",
+                                    *(s.name for s in topic_ops.load(prefix=prefix))]
                                    ).values():
         fut.result()
     return seconds
@@ -176,17 +211,22 @@ def run() -> dict[str, Any]:
         for fut in admin.create_topics([NewTopic(src, 6, 1)]).values():
             fut.result()
         _seed(bootstrap, src, trajectories)
+        hostile_src = f"{src}-hostile"
+        for fut in admin.create_topics([NewTopic(hostile_src, 6, 1, config={
+                "max.message.bytes": str(2**21)})]).values():
+            fut.result()
+        hostile = _seed(bootstrap, hostile_src, trajectories, HOSTILE_EVERY)
         tune_gc()
         # The default filter policy accepts every sample here (no task repeats, lengths in
         # bounds), so the router reads all of them.
         runs = []
         for r in range(-1, ROUNDS):  # round -1 warms the broker's JVM up, untimed
-            seconds = _round(bootstrap, src, n)
+            seconds = _round(bootstrap, src, n, hostile_src)
             log.info("%s: %s", "warm-up" if r < 0 else f"round {r}",
                      {k: f"{n / v:.0f}/s" for k, v in seconds.items()})
             if r >= 0:
                 runs.append(seconds)
-        for fut in admin.delete_topics([src]).values():
+        for fut in admin.delete_topics([src, hostile_src]).values():
             fut.result()
     rates = {k: [n / s[k] for s in runs] for k in runs[0]}
     median = {k: statistics.median(v) for k, v in rates.items()}
@@ -206,5 +246,8 @@ def run() -> dict[str, Any]:
             "router_rps": round(median["router"]),
             "pipeline_rps": round(pipeline),
             "pipeline_ratio_to_bare": round(pipeline / median["bare"], 3),
+            "hostile_records": hostile,
+            "scorer_hostile_rps": round(median["scorer_hostile"]),
+            "hostile_ratio": round(median["scorer_hostile"] / median["scorer"], 3),
         },
     }
