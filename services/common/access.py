@@ -43,6 +43,7 @@ from confluent_kafka.admin import (
 from services import registry
 from services.common.config import KafkaSettings
 from services.common.errors import AccessDenied, ConfigError
+from services.common.offsets import COORDINATOR_MOVING
 
 log = logging.getLogger(__name__)
 
@@ -220,10 +221,6 @@ def preflight(kafka: KafkaSettings, service: registry.Service, group: str,
             f"ACLs: `flywheel acls apply` (principal {who} for {service.name}).")
 
 
-_COORDINATOR_MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-                       KafkaError.COORDINATOR_NOT_AVAILABLE}
-
-
 def _group_readable(admin: AdminClient, group: str, timeout: float) -> bool:
     """Whether this client may read ``group``; True when that cannot be known in ``timeout``
     (a coordinator still loading on a cluster just started: the consumer will tell)."""
@@ -240,7 +237,7 @@ def _group_readable(admin: AdminClient, group: str, timeout: float) -> bool:
             code = exc.args[0].code()
             if code == KafkaError.GROUP_AUTHORIZATION_FAILED:
                 return False
-            if code not in _COORDINATOR_MOVING | {KafkaError._TIMED_OUT}:
+            if code not in COORDINATOR_MOVING | {KafkaError._TIMED_OUT}:
                 raise
             if time.monotonic() > deadline:
                 log.warning("access to group %s not checked: %s", group, exc.args[0])

@@ -217,6 +217,12 @@ class ServiceSettings(BaseSettings):
         data = self.model_dump(mode="json")
         props = data["kafka"]["client_properties"]
         for key in props:
-            if any(word in key for word in ("password", "secret", "token", "jaas")):
+            if names_a_secret(key):
                 props[key] = "**********"
         return data
+
+
+def names_a_secret(key: str) -> bool:
+    """Whether a pass-through client property (``ssl.keystore.password``,
+    ``sasl.oauthbearer.client.secret``, a JAAS line) holds a secret."""
+    return any(word in key for word in ("password", "secret", "token", "jaas"))

@@ -10,6 +10,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from services.common.errors import FatalRuntimeError
 
+COORDINATOR_MOVING = frozenset({KafkaError.NOT_COORDINATOR,
+                                KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                                KafkaError.COORDINATOR_NOT_AVAILABLE})
+"""A group coordinator not (yet) where the client asked: retry, as clients do."""
+
 
 def high_watermarks(client_config: dict[str, Any], topic: str, partitions: list[int],
                     timeout: float = 30.0) -> dict[int, tuple[int, int]]:

@@ -10,6 +10,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from schemas import ProducerInfo, Task
 from services.common.config import KafkaSettings
 from services.common.errors import BrokerUnreachable, FatalRuntimeError
+from services.common.offsets import COORDINATOR_MOVING
 from services.common.produce import produce_when_room
 
 
@@ -44,9 +45,8 @@ class TaskPublisher:
         return n
 
 
-_MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-           KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
-           KafkaError.LEADER_NOT_AVAILABLE}
+_MOVING = COORDINATOR_MOVING | {KafkaError.NOT_LEADER_FOR_PARTITION,
+                                KafkaError.LEADER_NOT_AVAILABLE}
 _AWAY = {KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN,
          KafkaError._UNKNOWN_PARTITION}  # no metadata for the partition: the broker is away
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from services import registry
 from services.bootstrap import BootstrapSettings
-from services.common.config import KafkaSettings
+from services.common.config import KafkaSettings, names_a_secret
 from services.common.errors import ConfigError
 from services.up.monitor import PrometheusProfile
 
@@ -86,8 +86,7 @@ def public(kafka: KafkaSettings) -> dict[str, Any]:
     """``kafka`` as plain data without its secrets (and client properties naming one)."""
     data = kafka.model_dump(mode="json", exclude=set(SECRETS))
     data["client_properties"] = {k: v for k, v in data["client_properties"].items()
-                                 if not any(w in k for w in ("password", "secret", "token",
-                                                             "jaas"))}
+                                 if not names_a_secret(k)}
     return data
 
 
