@@ -54,9 +54,13 @@ class Batch:
     advantages: torch.Tensor
     temperatures: torch.Tensor
     """[B]: sampling temperature of each row (1.0 when not sampled, e.g. SFT)."""
+    denominator: float | None = None
+    """What the weighted mean over samples divides by; None: these samples' total weight.
+    Across ranks, the whole micro-batch's weight over the world size (``parallel``)."""
 
 
-def collate(samples: Sequence[Sample], pad_id: int, device: str | torch.device = "cpu") -> Batch:
+def collate(samples: Sequence[Sample], pad_id: int, device: str | torch.device = "cpu",
+            denominator: float | None = None) -> Batch:
     """Right-padded tensors for ``samples``."""
     if not samples:
         raise ValueError("an empty batch")
@@ -88,6 +92,7 @@ def collate(samples: Sequence[Sample], pad_id: int, device: str | torch.device =
                                 device=device),
         temperatures=torch.tensor([s.temperature for s in samples], dtype=torch.float32,
                                   device=device),
+        denominator=denominator,
     )
 
 
@@ -107,14 +112,16 @@ def _sample_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def _weighted(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return (per_sample * weights).sum() / weights.sum().clamp(min=1e-8)
+def _weighted(per_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
+    if batch.denominator is not None:
+        return (per_sample * batch.weights).sum() / max(batch.denominator, 1e-8)
+    return (per_sample * batch.weights).sum() / batch.weights.sum().clamp(min=1e-8)
 
 
 def lm_loss(model: Any, batch: Batch) -> torch.Tensor:
     """Negative log-likelihood of the target tokens (CPT: the whole text; SFT: completions)."""
     nll = -token_logprobs(model, batch)
-    return _weighted(_sample_mean(nll, batch.target_mask), batch.weights)
+    return _weighted(_sample_mean(nll, batch.target_mask), batch)
 
 
 def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]:
@@ -155,7 +162,7 @@ def grpo_loss(model: Any, batch: Batch, *, clip: float = 0.2, kl_coef: float = 0
         kl = torch.exp(diff) - diff - 1
         per_token = per_token + kl_coef * kl
         kl_value = _sample_mean(kl, mask).mean()
-    loss = _weighted(_sample_mean(per_token, mask), batch.weights)
+    loss = _weighted(_sample_mean(per_token, mask), batch)
     with torch.no_grad():
         clipped = ((ratio - 1).abs() > clip).float() * mask
         stats = RLStats(

@@ -2,7 +2,8 @@
 
 Micro-batches of one stage each (an objective per batch), interleaved across stages in a
 seeded order so no stage is trained last every time; gradients accumulate over
-``grad_accumulation`` micro-batches; the gradient norm is clipped before each step.
+``grad_accumulation`` micro-batches; the gradient norm is clipped before each step. Across
+ranks (``parallel``) every rank runs the same micro-batches and trains on its part of each.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.trainer.objectives import Sample, collate, grpo_loss, lm_loss
+
+if TYPE_CHECKING:
+    from services.trainer.parallel import Parallel
 
 
 class OptimSettings(BaseModel):
@@ -61,8 +65,11 @@ class RoundStats:
 
 def train_round(model: Any, optimizer: torch.optim.Optimizer,
                 samples: Mapping[str, Sequence[Sample]], s: OptimSettings, pad_id: int, *,
-                seed: int = 0, reference: Any = None) -> RoundStats:
-    """Train on every stage's samples; returns per-stage mean loss, samples and tokens."""
+                seed: int = 0, reference: Any = None, parallel: Parallel | None = None
+                ) -> RoundStats:
+    """Train on every stage's samples; returns per-stage mean loss, samples and tokens.
+    With ``parallel``, every rank must be given the same samples and seed; the losses
+    returned are the whole micro-batches', the same on every rank."""
     rng = random.Random(seed)
     batches: list[tuple[str, list[Sample]]] = []
     stats = RoundStats()
@@ -78,13 +85,17 @@ def train_round(model: Any, optimizer: torch.optim.Optimizer,
                         for i in range(0, len(order), s.micro_batch)]
     rng.shuffle(batches)
     model.train()
-    losses: dict[str, list[float]] = {}
+    losses: list[float] = []
     clipped: list[float] = []
     optimizer.zero_grad(set_to_none=True)
     autocast = torch.autocast(device_type=torch.device(s.device).type, dtype=torch.bfloat16,
                               enabled=s.dtype == "bfloat16")
     for i, (stage, chunk) in enumerate(batches, start=1):
-        batch = collate(chunk, pad_id, s.device)
+        if parallel is None:
+            batch = collate(chunk, pad_id, s.device)
+        else:
+            mine, denominator = parallel.split(chunk)
+            batch = collate(mine, pad_id, s.device, denominator)
         with autocast:
             if stage == "rl":
                 loss, rl = grpo_loss(model, batch, clip=s.clip, kl_coef=s.kl_coef,
@@ -93,13 +104,18 @@ def train_round(model: Any, optimizer: torch.optim.Optimizer,
             else:
                 loss = lm_loss(model, batch)
         (loss / s.grad_accumulation).backward()
-        losses.setdefault(stage, []).append(float(loss.detach()))
+        losses.append(float(loss.detach()))
         if i % s.grad_accumulation == 0 or i == len(batches):
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             stats.steps += 1
     model.eval()
-    stats.loss = {k: sum(v) / len(v) for k, v in losses.items()}
+    if parallel is not None:  # a rank's loss is its share of the micro-batch's
+        losses, clipped = parallel.mean(losses), parallel.mean(clipped)
+    by_stage: dict[str, list[float]] = {}
+    for (stage, _), value in zip(batches, losses, strict=True):
+        by_stage.setdefault(stage, []).append(value)
+    stats.loss = {k: sum(v) / len(v) for k, v in by_stage.items()}
     stats.clip_fraction = sum(clipped) / len(clipped) if clipped else 0.0
     return stats

@@ -1,0 +1,104 @@
+"""Training rounds across ranks on torch.distributed: DDP (replicated) and FSDP2 (sharded).
+
+Launched by ``torchrun``: every rank runs the same round on the same samples in the same
+order (``train.train_round`` shuffles with the round's seed), and each micro-batch is split
+across the ranks. A rank's loss is divided by the micro-batch's global weight over the world
+size, not by its own part's weight: after DDP or FSDP average the gradients, the step is
+exactly the one-process step on the whole micro-batch, even when the parts are uneven. A
+rank with no sample in a micro-batch (fewer samples than ranks) trains on a zero-weight copy
+of one, so it still joins the collectives of the forward and backward passes.
+
+Which process consumes Kafka is the caller's choice; this module only needs every rank to
+hold the same samples (:meth:`Parallel.broadcast` sends rank 0's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import torch
+import torch.distributed as dist
+
+from services.trainer.objectives import Sample
+
+Strategy = Literal["ddp", "fsdp"]
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place in the job: its rank, the world size and the strategy."""
+
+    strategy: Strategy
+    rank: int
+    world: int
+
+    @classmethod
+    def launch(cls, strategy: Strategy) -> Parallel:
+        """Join the process group ``torchrun`` describes in the environment (gloo on the
+        CPU, NCCL on GPUs)."""
+        if "WORLD_SIZE" not in os.environ:
+            raise RuntimeError("not launched by torchrun: WORLD_SIZE is not set")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(strategy, dist.get_rank(), dist.get_world_size())
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: Any) -> Any:
+        """DDP: the model replicated, gradients all-reduced. FSDP2: every transformer block
+        (the model's ``_no_split_modules``) and then the root sharded across the ranks. Build
+        the optimizer after this: FSDP replaces the parameters."""
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            return DistributedDataParallel(model)
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = set(getattr(model, "_no_split_modules", None) or ())
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module)
+        fully_shard(model)
+        return model
+
+    def split(self, chunk: Sequence[Sample]) -> tuple[list[Sample], float]:
+        """This rank's contiguous part of a micro-batch, and the denominator of its weighted
+        loss: the micro-batch's total weight over the world size."""
+        total = sum(s.weight for s in chunk)
+        size, extra = divmod(len(chunk), self.world)
+        start = self.rank * size + min(self.rank, extra)
+        mine = list(chunk[start:start + size + (self.rank < extra)])
+        if not mine:
+            mine = [dataclasses.replace(chunk[0], weight=0.0)]
+        return mine, total / self.world
+
+    def mean(self, values: Sequence[float]) -> list[float]:
+        """Each value averaged over the ranks (one all-reduce)."""
+        t = torch.tensor(list(values), dtype=torch.float64)
+        dist.all_reduce(t)
+        return [float(x) / self.world for x in t]
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        box = [obj if self.leader else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def full_state_dict(self, model: Any) -> dict[str, torch.Tensor]:
+        """The whole model's weights on the CPU, on rank 0 (empty on the others); every rank
+        must call it (FSDP gathers the shards)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        inner = model.module if self.strategy == "ddp" else model
+        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+        return cast(dict[str, torch.Tensor], state) if self.leader else {}
