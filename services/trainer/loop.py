@@ -298,6 +298,7 @@ class Trainer:
                             log.warning("consumer error: %s", err)
                         continue
                     self._buffer(msg)
+                self._release_held()
                 self._pause_full()
                 if self._due():
                     self._maybe_roll_back()
@@ -377,6 +378,22 @@ class Trainer:
             if high > 0 and (position.offset < 0 or position.offset < high):
                 return True
         return False
+
+    def _release_held(self) -> None:
+        """A partition held past its share rejoins the round once no other partition of its
+        topic has records waiting: shares spread a round over the partitions that have data,
+        and never leave it short while data waits (held, the round ran only after
+        ``max_wait_seconds``, with fewer samples than its quota)."""
+        if not self._held or not self._round.shared:
+            return
+        assert self._consumer is not None
+        ready = [tp for tp in sorted(self._held) if tp in self._members.owned
+                 and self._round.counts[self.topics[tp[0]]]
+                 < self.s.quotas.get(self.topics[tp[0]], 0)
+                 and not self._others_waiting(tp)]
+        if ready:
+            self._consumer.resume([TopicPartition(*tp) for tp in ready])
+            self._held.difference_update(ready)
 
     def _reject(self, msg: Any, kind: str, error_class: str, message: str) -> None:
         letter = dead_letter(msg, kind, error_class, message)

@@ -183,3 +183,52 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
     # consume() fetches hundreds of records): at most one record over, a group of 4 for RL.
     assert all(c.stage_mix.get("sft", 0) <= 100 and c.stage_mix.get("rl", 0) < 40 + 4
                for c in candidates), [c.stage_mix for c in candidates]
+
+
+def test_a_round_takes_its_quota_from_skewed_partitions_without_waiting(
+        kafka: Broker, uid: str, tmp_path: Path) -> None:
+    """A stage's quota is shared over its partitions, and a partition past its share is held
+    while another has records waiting; once the others are drained it rejoins the round. So
+    a quota's worth of samples spread unevenly (one partition under its share, the others
+    over it) makes one round at once, not a short round after ``max_wait_seconds`` (here
+    600 s: a held partition that never rejoined would time this out; the rollback test did,
+    once)."""
+    from confluent_kafka import Producer
+    from transformers import AutoTokenizer
+
+    from services.models.tiny import tiny_model
+
+    prefix = f"k{uid}."
+    settings = KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)
+    topic_ops.apply(topic_ops.admin_client(settings), topic_ops.load(prefix=prefix))
+    topic = f"{prefix}accepted.sft"
+    partitions = sorted(kafka.end_offsets(topic))
+    assert len(partitions) > 2
+    base = tiny_model(tmp_path / "base")
+    counts = {p: (4 if p == partitions[0] else 100) for p in partitions}
+    sft, _ = _routed(AutoTokenizer.from_pretrained(base), sum(counts.values()), 0)
+    producer = Producer(kafka.conf())
+    records = iter(sft)
+    for p, n in counts.items():
+        for r in itertools.islice(records, n):
+            producer.produce(topic, r.to_bytes(), r.partition_key().encode(), partition=p)
+    assert producer.flush(30) == 0
+    quota = sum(counts.values())
+    env = {"FLYWHEEL_BASE_MODEL_PATH": str(base), "FLYWHEEL_CHECKPOINT_URL": str(tmp_path / "s"),
+           "FLYWHEEL_MODEL_NAME": "tiny",
+           "FLYWHEEL_QUOTAS": json.dumps({"sft": quota, "rl": 0, "cpt": 0}),
+           "FLYWHEEL_MAX_WAIT_SECONDS": "600"}
+    log = tmp_path / "trainer.log"
+    proc = spawn_service(kafka.bootstrap, ["trainer"], prefix=prefix, instance="trainer-0",
+                         log=log, env=env)
+    try:
+        wait_until(lambda: _candidates(kafka, prefix) or proc.poll() is not None, 180,
+                   "a round of the whole quota")
+        assert proc.poll() is None, log.read_text()[-3000:]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    first = _candidates(kafka, prefix)[0]
+    assert first.stage_mix.get("sft") == quota, first.stage_mix
+    assert {(r.partition, r.start, r.end) for r in first.trained_on} == \
+        {(p, 0, n) for p, n in counts.items()}
