@@ -12,6 +12,7 @@ from services.common.state import StateStore
 from services.envs.heldout import Suite, suite
 from services.gate.evaluate import evaluate_suite
 from services.gate.stage import GateStage
+from services.models.fetch import CheckpointSource, CheckpointSourceSettings
 
 
 class GateRuntimeSettings(RuntimeSettings):
@@ -29,6 +30,9 @@ class GateSettings(ServiceSettings):
     base_version: int = Field(default=0, ge=0)
     checkpoint_root: Path = Field(default=Path(".flywheel/checkpoints"),
                                   description="Candidates are loaded only from inside it.")
+    checkpoint_source: CheckpointSourceSettings = Field(
+        default_factory=CheckpointSourceSettings, description="A host that does not mount "
+        "the store fetches versions from its URL into a local cache.")
     held_out: Suite = Field(default_factory=lambda: suite(None), description="The held-out "
                             "suite: one set, or a list of named sets (per environment, "
                             "difficulty or task file).")
@@ -58,6 +62,7 @@ def build_stage(settings: GateSettings) -> GateStage:
     return GateStage(
         state=StateStore(settings.topic("gate.state")), output_topic=settings.topic("checkpoints"),
         root=settings.checkpoint_root,
+        source=CheckpointSource(settings.checkpoint_root, settings.checkpoint_source),
         evaluate=lambda folder: evaluate_suite(folder, sets, tasks),
         base={settings.model_name: (settings.base_version, settings.base_model_path)},
         sets=sets, headline=settings.headline, tracked=settings.tracked,

@@ -31,7 +31,8 @@ from services.envs.heldout import HeldOut
 from services.gate import metrics as m
 from services.gate import rule
 from services.gate.evaluate import SetResult
-from services.models.manifest import CheckpointRefused, verify
+from services.models.fetch import CheckpointSource
+from services.models.manifest import CheckpointRefused
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,12 @@ class GateStage:
                  evaluate: Evaluate, base: dict[str, tuple[int, Path]],
                  sets: Sequence[HeldOut] = (HeldOut(),), headline: str | None = None,
                  tracked: Sequence[str] = ("pass_rate",), tolerance: float = 0.02,
-                 alpha: float = 0.05, service: str = "gate") -> None:
+                 alpha: float = 0.05, service: str = "gate",
+                 source: CheckpointSource | None = None) -> None:
         self.state = state
         self.output_topic = output_topic
-        self.root = root
+        self.source = source or CheckpointSource(root)
+        """Candidates in place inside ``root``, or fetched from the store's URL."""
         self.evaluate = evaluate
         self.base = base
         """Per model: the base version and its folder, the reference before any promotion."""
@@ -122,8 +125,10 @@ class GateStage:
         # checkpoint), not a dependency's: it is dead-lettered with the reason, and the gate
         # keeps its reference.
         try:
-            folder = verify(event, self.root)
+            folder = self.source.resolve(event)
             results = self._results(folder)
+        except DependencyError:  # the store did not answer: decided after a restart
+            raise
         except CheckpointRefused as exc:
             raise ValueError(f"{event.model} v{event.version} was promoted elsewhere but is "
                              f"refused here: {exc}") from exc
@@ -144,7 +149,7 @@ class GateStage:
             return self._out(cand, "rejected", cand.metrics, f"not newer than the promoted "
                              f"v{current['version']}", "invalid")
         try:
-            folder = verify(cand, self.root)
+            folder = self.source.resolve(cand)
         except CheckpointRefused as exc:
             return self._out(cand, "rejected", cand.metrics, f"refused: {exc}", "invalid")
         try:

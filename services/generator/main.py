@@ -19,6 +19,7 @@ from services.generator.reload import Reloader
 from services.generator.stage import GeneratorStage
 from services.models.engines import Engine, TransformersEngine, VLLMDtype, VLLMEngine
 from services.models.episodes import ModelVersion
+from services.models.fetch import CheckpointSource, CheckpointSourceSettings
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class GeneratorSettings(ServiceSettings):
         default=Path(".flywheel/checkpoints"),
         description="Checkpoints are loaded only from inside this folder.",
     )
+    checkpoint_source: CheckpointSourceSettings = Field(
+        default_factory=CheckpointSourceSettings, description="A host that does not mount "
+        "the store fetches versions from its URL into a local cache.")
     backend: Literal["vllm", "transformers"] = "vllm"
     samples_per_task: int = Field(default=4, ge=1, description="Group size n; RL needs n > 1.")
     max_turns: int = Field(default=8, ge=1)
@@ -84,7 +88,8 @@ def run(settings: GeneratorSettings) -> int:
     engine, tokenizer = build_engine(settings)
     reloader = Reloader(engine, settings.checkpoint_root,
                         ModelVersion(settings.model_name, settings.base_version),
-                        settings.model_path)
+                        settings.model_path,
+                        CheckpointSource(settings.checkpoint_root, settings.checkpoint_source))
     follower = CheckpointFollower(
         settings.kafka, settings.topic("checkpoints"), reloader,
         on_invalid=RELOAD_REFUSALS.labels("invalid_event").inc)

@@ -26,7 +26,8 @@ from services.generator.metrics import (
 )
 from services.models.engines import Engine
 from services.models.episodes import ModelVersion
-from services.models.manifest import CheckpointRefused, verify
+from services.models.fetch import CheckpointSource, CheckpointUnavailable
+from services.models.manifest import CheckpointRefused
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,11 @@ ARCHITECTURE_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_l
 class Reloader:
     """What the generator serves, and the next verified checkpoint waiting to be loaded."""
 
-    def __init__(self, engine: Engine, root: Path, serving: ModelVersion, served: Path) -> None:
-        self.engine, self.root = engine, root
+    def __init__(self, engine: Engine, root: Path, serving: ModelVersion, served: Path,
+                 source: CheckpointSource | None = None) -> None:
+        self.engine = engine
+        self.source = source or CheckpointSource(root)
+        """Versions in place inside ``root``, or fetched from the store's URL."""
         self.serving = serving
         self.served = served
         self._architecture = _architecture(served)
@@ -57,7 +61,7 @@ class Reloader:
         if event.version <= newest:
             return
         try:
-            folder = verify(event, self.root)
+            folder = self.source.resolve(event)
             if _architecture(folder) != self._architecture:
                 raise CheckpointRefused("incompatible", "its config differs from the served "
                                                         "model's architecture")
@@ -65,6 +69,11 @@ class Reloader:
             RELOAD_REFUSALS.labels(exc.reason).inc()
             log.error("refused %s v%d (%s); still serving v%d", event.model, event.version, exc,
                       self.serving.version)
+            return
+        except CheckpointUnavailable as exc:  # the next promotion tries again
+            RELOAD_REFUSALS.labels("unavailable").inc()
+            log.error("could not fetch %s v%d (%s); still serving v%d", event.model,
+                      event.version, exc, self.serving.version)
             return
         with self._lock:
             if self._pending is None or event.version > self._pending[0]:

@@ -216,3 +216,31 @@ def ready(port: int) -> bool:
             return r.status == 200
     except OSError:
         return False
+
+
+@contextmanager
+def http_server(folder: Path) -> Iterator[tuple[str, list[str]]]:
+    """``folder`` served read-only over HTTP on localhost (the standard library's file
+    server): its base URL, and the paths requested so far."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    requested: list[str] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 functools.partial(Handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()

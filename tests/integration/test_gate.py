@@ -1,5 +1,7 @@
 """The gate on a real broker: a good candidate is promoted and generators reload it; a
-degraded one is rejected and generators keep the promoted version."""
+degraded one is rejected and generators keep the promoted version. Gate and generator run as
+on a host that does not mount the trainer's store: they fetch each version over HTTP from a
+real server on localhost (the mounted path runs in the flywheel and rollback tests)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from services.common.config import KafkaSettings
 from services.common.runtime import StreamRuntime
 from services.envs.heldout import HeldOut
 from services.gate.main import GateSettings, build_stage
-from tests.integration.runners import InThread
+from tests.integration.runners import InThread, http_server
 from tests.kafka import Broker, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -26,9 +28,7 @@ def test_the_gate_promotes_a_better_candidate_and_rejects_a_degraded_one(
         kafka: Broker, uid: str, tmp_path: Path) -> None:
     import torch
 
-    from services.generator.reload import Reloader
     from services.models.engines import TransformersEngine
-    from services.models.episodes import ModelVersion
     from services.models.tiny import tiny_model
     from services.trainer.store import CheckpointStore
     from services.trainer.train import OptimSettings, make_optimizer
@@ -60,11 +60,28 @@ def test_the_gate_promotes_a_better_candidate_and_rejects_a_degraded_one(
                         manifest=manifest2, status="candidate"),
     ]
     kafka.produce(f"{prefix}checkpoints", ((b"tiny", c.to_bytes()) for c in candidates))
+    with http_server(root) as (url, requested):
+        _gate_and_generator(kafka, tmp_path, prefix, base, url, candidates)
+    assert {p.split("/")[1] for p in requested} == {"v000001", "v000002"}  # all over HTTP
 
+
+def _gate_and_generator(kafka: Broker, tmp_path: Path, prefix: str, base: Path, url: str,
+                        candidates: list[CheckpointEvent]) -> None:
+    import torch
+
+    from services.generator.reload import Reloader
+    from services.models.engines import TransformersEngine
+    from services.models.episodes import ModelVersion
+    from services.models.fetch import CheckpointSource, CheckpointSourceSettings
+
+    settings = KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)
+    unmounted = tmp_path / "not-mounted"  # where this host would mount the store
+    unmounted.mkdir()
     gs = GateSettings(
         instance_id="g0", kafka={"bootstrap_servers": kafka.bootstrap, "topic_prefix": prefix},
         runtime={"lag_interval_seconds": 0.5}, metrics={"enabled": False}, model_name="tiny",
-        base_model_path=base, checkpoint_root=root,
+        base_model_path=base, checkpoint_root=unmounted,
+        checkpoint_source={"url": url, "cache_dir": tmp_path / "gate-cache"},
         held_out=HeldOut(env="arithmetic", difficulty=1, count=60, max_tokens=4))
 
     def decisions() -> dict[int, CheckpointEvent]:
@@ -88,7 +105,8 @@ def test_the_gate_promotes_a_better_candidate_and_rejects_a_degraded_one(
     served = tmp_path / "served"
     shutil.copytree(base, served)
     engine = TransformersEngine(served)
-    reloader = Reloader(engine, root, ModelVersion("tiny", 0), served)
+    reloader = Reloader(engine, unmounted, ModelVersion("tiny", 0), served, CheckpointSource(
+        unmounted, CheckpointSourceSettings(url=url, cache_dir=tmp_path / "generator-cache")))
     follower = CheckpointFollower(settings, f"{prefix}checkpoints", reloader)
     try:
         follower.catch_up()
@@ -96,7 +114,8 @@ def test_the_gate_promotes_a_better_candidate_and_rejects_a_degraded_one(
     finally:
         follower.stop()
     assert reloader.serving.version == 1
-    promoted = TransformersEngine(Path(uri1))
+    assert reloader.served.is_relative_to(tmp_path / "generator-cache")
+    promoted = TransformersEngine(Path(candidates[0].uri))
     for a, b in zip(engine.model.parameters(), promoted.model.parameters(), strict=True):
         assert torch.equal(a, b)
 

@@ -221,3 +221,22 @@ def test_repeated_regressions_from_one_source_raise_its_streak(tmp_path: Path) -
     [promoted] = _run(gate, _candidate(tmp_path, 4).model_copy(update={"provenance": mix["ok"]}))
     assert promoted.status == "promoted"
     assert streak("p-ok") == 0 and streak("p-bad") == 2
+
+
+def test_a_store_that_does_not_answer_stops_the_gate_instead_of_rejecting(
+        tmp_path: Path) -> None:
+    """A candidate the gate cannot fetch (the store's URL refuses connections) is not the
+    candidate's fault: DependencyError (the runtime stops the service, and the candidate is
+    decided after the restart), not a rejection; the same for an outside promotion."""
+    from services.common.broker import free_port
+    from services.common.errors import DependencyError
+    from services.models.fetch import CheckpointSource, CheckpointSourceSettings
+
+    source = CheckpointSource(tmp_path, CheckpointSourceSettings(
+        url=f"http://127.0.0.1:{free_port()}", cache_dir=tmp_path / "cache", attempts=1))
+    gate = _gate(tmp_path, _one(base="1" * 10, v000001="1" * 10), source=source)
+    for status in ("candidate", "promoted"):
+        event = _candidate(tmp_path, 1, status).model_copy(
+            update={"uri": str(tmp_path / "v000001")})
+        with pytest.raises(DependencyError, match="could not fetch"):
+            _run(gate, event)
