@@ -102,3 +102,46 @@ class Parallel:
         state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True,
                                                                      cpu_offload=True))
         return cast(dict[str, torch.Tensor], state) if self.leader else {}
+
+    def optimizer_state(self, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's whole state in the one-process form (``Optimizer.state_dict()``:
+        keyed by the index of each parameter in ``model.parameters()``), on rank 0 (empty on
+        the others), so it resumes on any number of ranks; every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        full = cast(dict[str, Any], get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+        if not self.leader:
+            return {}
+        index = {name: i for i, name in enumerate(self._names(model))}
+        return {"state": {index[name]: value for name, value in full["state"].items()},
+                "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                 for g in full["param_groups"]]}
+
+    def load_optimizer_state(self, model: Any, optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any] | None) -> None:
+        """Load a one-process optimizer state (``state`` read on rank 0; None on the others)
+        into this job's optimizer: rank 0's copy is broadcast and each rank keeps its part."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        full: dict[str, Any] = {}
+        if self.leader:
+            if state is None:
+                raise ValueError("rank 0 needs the optimizer state to load")
+            names = self._names(model)
+            full = {"state": {names[int(i)]: value for i, value in state["state"].items()},
+                    "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
+                                     for g in state["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=full, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
+
+    def _names(self, model: Any) -> list[str]:
+        """Parameter names in ``parameters()`` order, as the state-dict helpers write them."""
+        inner = model.module if self.strategy == "ddp" else model
+        return [name for name, _ in inner.named_parameters()]

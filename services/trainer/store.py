@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,13 @@ class CheckpointStore:
         return f"{self.url}/{folder_name(version)}"
 
     def write(self, version: int, model: Any, tokenizer: Any,
-              optimizer: torch.optim.Optimizer | None, record: dict[str, Any] | None = None
-              ) -> tuple[str, list[FileDigest]]:
+              optimizer: torch.optim.Optimizer | Mapping[str, Any] | None,
+              record: dict[str, Any] | None = None) -> tuple[str, list[FileDigest]]:
         """Write checkpoint ``version``; returns its URI and manifest (every file with its
         sha256 and size). ``record`` (metrics, parent, offset ranges...) is written beside
-        the files as ``MANIFEST_FILE`` together with that manifest."""
+        the files as ``MANIFEST_FILE`` together with that manifest. ``optimizer``: the
+        optimizer, or its state in ``Optimizer.state_dict()`` form (``Parallel.
+        optimizer_state`` gathers it from several ranks)."""
         final = folder_name(version)
         staging = f".{final}.tmp-{uuid.uuid4().hex[:8]}"
         if self.local:
@@ -144,12 +147,14 @@ class CheckpointStore:
         return int(self.fs.du(self.root, total=True))
 
 
-def _fill(folder: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer | None,
+def _fill(folder: Path, model: Any, tokenizer: Any,
+          optimizer: torch.optim.Optimizer | Mapping[str, Any] | None,
           record: dict[str, Any] | None) -> list[FileDigest]:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     if optimizer is not None:
-        tensors, meta = _optimizer_state(optimizer)
+        tensors, meta = _optimizer_state(optimizer if isinstance(optimizer, Mapping)
+                                         else optimizer.state_dict())
         (folder / OPTIMIZER_TENSORS).parent.mkdir(exist_ok=True)
         save_file(tensors, str(folder / OPTIMIZER_TENSORS))
         (folder / OPTIMIZER_META).write_text(json.dumps(meta), encoding="utf-8")
@@ -159,9 +164,8 @@ def _fill(folder: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optim
     return manifest
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor],
-                                                                 dict[str, Any]]:
-    state = optimizer.state_dict()
+def _optimizer_state(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
+                                                       dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in state["state"].items():
@@ -175,9 +179,19 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
 
 def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> bool:
     """Restore optimizer state saved by :meth:`CheckpointStore.write`; False if absent."""
+    state = read_optimizer(folder)
+    if state is None:
+        return False
+    optimizer.load_state_dict(state)
+    return True
+
+
+def read_optimizer(folder: Path) -> dict[str, Any] | None:
+    """Optimizer state saved by :meth:`CheckpointStore.write`, in ``Optimizer.state_dict()``
+    form (for a job on several ranks: ``Parallel.load_optimizer_state``); None if absent."""
     tensors_file, meta_file = folder / OPTIMIZER_TENSORS, folder / OPTIMIZER_META
     if not tensors_file.exists() or not meta_file.exists():
-        return False
+        return None
     tensors = load_file(str(tensors_file))
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
     state: dict[int, dict[str, Any]] = {}
@@ -188,5 +202,4 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> bool:
         state.setdefault(int(index), {}).update(values)
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()}  # JSON made a list
               for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    return True
+    return {"state": state, "param_groups": groups}

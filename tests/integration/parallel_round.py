@@ -1,14 +1,22 @@
-"""Two training rounds of SFT and RL samples, in one process or under ``torchrun`` (DDP or
-FSDP2): the final weights to a safetensors file, the rounds' losses to a JSON file beside it.
-Run by ``test_parallel.py``: ``parallel_round.py MODEL OUT single|ddp|fsdp [ORDER_SEED]``."""
+"""Training rounds of SFT and RL samples in one process or under ``torchrun`` (DDP or FSDP2),
+for ``test_parallel.py``. The final weights go to a safetensors file, the rounds' losses to a
+JSON file beside it.
+
+    parallel_round.py MODEL OUT single|ddp|fsdp [--rounds 0,1] [--store DIR]
+
+``--store``: before the first round, resume from version 1 of that checkpoint store if it has
+one (weights and optimizer state); after it, write version 1 there if it has none. So one job
+can train round 0 and another, on another number of ranks, resume for round 1.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import random
-import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -17,6 +25,7 @@ from services.bootstrap import BootstrapSettings, seed_tasks, sft_samples
 from services.models.engines import TransformersEngine
 from services.trainer.objectives import Sample
 from services.trainer.parallel import Parallel
+from services.trainer.store import CheckpointStore, read_optimizer
 from services.trainer.train import OptimSettings, make_optimizer, train_round
 
 OPTIM = OptimSettings(lr=1e-3, micro_batch=5)
@@ -41,24 +50,47 @@ def rounds(tokenizer: object) -> list[dict[str, list[Sample]]]:
     return out
 
 
-def main(folder: str, out: str, strategy: str, order_seed: int = 0) -> None:
+def main() -> None:
+    args = argparse.ArgumentParser()
+    args.add_argument("model", type=Path)
+    args.add_argument("out", type=Path)
+    args.add_argument("strategy", choices=["single", "ddp", "fsdp"])
+    args.add_argument("--rounds", default="0,1")
+    args.add_argument("--store", type=Path)
+    a = args.parse_args()
     torch.set_num_threads(1)
-    engine = TransformersEngine(Path(folder))
-    parallel = None if strategy == "single" else Parallel.launch(strategy)  # type: ignore[arg-type]
+    store = CheckpointStore(str(a.store)) if a.store else None
+    resume = store is not None and 1 in store.versions()
+    engine = TransformersEngine(Path(store.uri(1)) if store and resume else a.model)
+    parallel = None if a.strategy == "single" else Parallel.launch(a.strategy)
     model = engine.model if parallel is None else parallel.wrap(engine.model)
     optimizer = make_optimizer(model, OPTIM)
+    if store is not None and resume:
+        state = read_optimizer(Path(store.uri(1)))
+        if parallel is None:
+            assert state is not None
+            optimizer.load_state_dict(state)
+        else:
+            parallel.load_optimizer_state(model, optimizer, state if parallel.leader else None)
     losses = []
-    for seed, samples in enumerate(rounds(engine.tokenizer)):
-        stats = train_round(model, optimizer, samples, OPTIM, engine.pad,
-                            seed=seed + order_seed, parallel=parallel)
+    samples = rounds(engine.tokenizer)
+    for r in (int(x) for x in a.rounds.split(",")):
+        stats = train_round(model, optimizer, samples[r], OPTIM, engine.pad, seed=r,
+                            parallel=parallel)
         losses.append(stats.loss)
-    state = model.state_dict() if parallel is None else parallel.full_state_dict(model)
+    weights = model.state_dict() if parallel is None else parallel.full_state_dict(model)
+    optim: dict[str, Any] = optimizer.state_dict() if parallel is None \
+        else parallel.optimizer_state(model, optimizer)
     if parallel is None or parallel.leader:
-        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, out)
-        Path(out).with_suffix(".json").write_text(json.dumps(losses))
+        save_file({k: v.detach().clone().contiguous() for k, v in weights.items()}, a.out)
+        a.out.with_suffix(".json").write_text(json.dumps(losses))
+        if store is not None and not resume:
+            plain = TransformersEngine(a.model)  # one process's model, to save whole
+            plain.model.load_state_dict(weights)
+            store.write(1, plain.model, plain.tokenizer, optim)
     if parallel is not None:
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], *(int(x) for x in sys.argv[4:]))
+    main()
