@@ -48,9 +48,10 @@ ROUND = 256
 HEALTHY = 4 * ROUND
 POISON_TRIES = 4
 """Poisoned rounds, at most, until one candidate is rejected as regressed."""
-RECOVERY_BUDGET = 12 * ROUND
+RECOVERY_BUDGET = 6 * ROUND
 """Healthy samples after the poison over which the first promotion is looked for (by the
-gate's rule, one that beats the pre-poison best); how many it took is printed."""
+gate's rule, one that beats the pre-poison best); how many it took is printed, not
+asserted (see the end of the test), so the budget is kept short for CI's time."""
 
 
 def _sft(tokenizer: Any, tasks: list[Task], *, poisoned: bool, tag: str) -> list[RoutedSample]:
