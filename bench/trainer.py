@@ -7,7 +7,8 @@ the same run: the plain Hugging Face way to do SFT on the same samples (``model(
 labels=...)`` with prompt tokens masked, AdamW), so ``sft_ratio_to_hf`` shows what the
 trainer's own loss code costs. Then the checkpoint path: ``CheckpointStore.write`` (HF folder,
 optimizer state, manifest hashes, rename) and the announce (a candidate event and offsets in
-one Kafka transaction on a local broker), 3 times each; medians.
+one Kafka transaction on a local broker), 3 times each; medians. Last, SFT on the small model
+across ranks (``bench.ranks``): one process, and 2 ranks under ``torchrun`` with DDP and FSDP2.
 """
 
 from __future__ import annotations
@@ -148,14 +149,18 @@ def run() -> dict[str, Any]:
     import torch
 
     torch.manual_seed(0)
+    from bench.ranks import measure
+
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp, broker() as bootstrap:
         sizes = {name: _size(name, dims, Path(tmp), bootstrap) for name, dims in SIZES.items()}
+        ranks = measure(Path(tmp) / "small")
     return {
         "samples_per_stage": SAMPLES, "rounds": ROUNDS, "micro_batch": 32,
-        "threads": torch.get_num_threads(), "sizes": sizes,
+        "threads": torch.get_num_threads(), "sizes": sizes, "ranks_small_sft": ranks,
         "summary": {f"{n}_{k}": (v[k]["samples_per_second"] if isinstance(v.get(k), dict)
                                  else v[k])
                     for n, v in sizes.items()
                     for k in ("sft", "cpt", "rl", "sft_ratio_to_hf",
-                              "checkpoint_write_seconds", "announce_seconds")},
+                              "checkpoint_write_seconds", "announce_seconds")}
+        | {f"small_sft_{k}_ratio": v for k, v in ranks["ratios_to_one_process"].items()},
     }

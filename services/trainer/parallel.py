@@ -43,6 +43,8 @@ class Parallel:
         if "WORLD_SIZE" not in os.environ:
             raise RuntimeError("not launched by torchrun: WORLD_SIZE is not set")
         if not dist.is_initialized():
+            if torch.cuda.is_available():  # one GPU per rank on each node
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return cls(strategy, dist.get_rank(), dist.get_world_size())
 

@@ -1,0 +1,88 @@
+"""Training throughput on 1 and 2 ranks, for ``bench trainer``: the same model, samples and
+micro-batches in one process and under ``torchrun`` with DDP and FSDP2 (gloo on the CPU).
+
+``measure(model)`` runs each as its own job and returns samples per second (median of timed
+rounds after a warm-up). On a 2-core CPU two ranks cannot be faster than one process using both
+cores; the figures show what the collectives and the sharding cost.
+
+Run under ``torchrun`` by ``measure``: ``python -m bench.ranks MODEL STRATEGY THREADS OUT``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SAMPLES = 256
+ROUNDS = 3
+MICRO_BATCH = 32
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(model: Path) -> dict[str, Any]:
+    """Samples per second of SFT rounds: one process with 2 threads and with 1, and 2 ranks
+    of 1 thread each with DDP and with FSDP2."""
+    jobs = {"one_process_2_threads": ("single", 2, 1), "one_process_1_thread": ("single", 1, 1),
+            "ddp_2_ranks": ("ddp", 1, 2), "fsdp_2_ranks": ("fsdp", 1, 2)}
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-ranks-") as tmp:
+        for name, (strategy, threads, ranks) in jobs.items():
+            result = Path(tmp) / f"{name}.json"
+            launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                              f"--nproc-per-node={ranks}"]
+            subprocess.run([sys.executable, *launcher, "-m", "bench.ranks", str(model),
+                            strategy, str(threads), str(result)], check=True,
+                           capture_output=True, timeout=1800, cwd=ROOT)
+            out[name] = json.loads(result.read_text())["samples_per_second"]
+    base = out["one_process_2_threads"]
+    out["ratios_to_one_process"] = {k: round(v / base, 3) for k, v in out.items()
+                                    if k != "one_process_2_threads"}
+    return out
+
+
+def main(model: str, strategy: str, threads: str, out: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.trainer.objectives import Sample
+    from services.trainer.parallel import Parallel
+    from services.trainer.train import OptimSettings, make_optimizer, train_round
+
+    torch.set_num_threads(int(threads))
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    parallel = None if strategy == "single" else Parallel.launch(strategy)  # type: ignore[arg-type]
+    net = AutoModelForCausalLM.from_pretrained(model)
+    net = net if parallel is None else parallel.wrap(net)
+    s = OptimSettings(lr=1e-4, micro_batch=MICRO_BATCH)
+    optimizer = make_optimizer(net, s)
+    rng = random.Random(0)
+    samples = []
+    for _ in range(SAMPLES):
+        a, b = rng.randrange(10, 100), rng.randrange(10, 100)
+        prompt = list(tokenizer(f"{a}+{b}=", add_special_tokens=False)["input_ids"])
+        samples.append(Sample(prompt, [*tokenizer(str(a + b), add_special_tokens=False)
+                                       ["input_ids"], tokenizer.eos_token_id]))
+    pad = tokenizer.pad_token_id
+    train_round(net, optimizer, {"sft": samples}, s, pad, parallel=parallel)  # warm-up
+    times = []
+    for r in range(ROUNDS):
+        started = time.perf_counter()
+        train_round(net, optimizer, {"sft": samples}, s, pad, seed=r, parallel=parallel)
+        times.append(time.perf_counter() - started)
+    if parallel is None or parallel.leader:
+        Path(out).write_text(json.dumps(
+            {"samples_per_second": round(SAMPLES / statistics.median(times), 1)}))
+    if parallel is not None:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
