@@ -153,15 +153,23 @@ class CheckpointSource:
             log.info("evicted %s from the checkpoint cache", old)
 
 
+GONE = frozenset({404, 410})
+"""HTTP statuses that say the file is not there; any other failed answer (5xx, 429, 403...)
+is the store's trouble, not the checkpoint's."""
+
+
 def _transient(exc: BaseException) -> bool:
-    """Whether the store failed rather than the file: anything but a refusal and a
-    FileNotFoundError, and a FileNotFoundError caused by a connection failure (fsspec's HTTP
-    reports an unreachable server as a missing file; a 404 is caused by the response)."""
+    """Whether the store failed rather than the file. fsspec's HTTP reports every failed
+    request as a FileNotFoundError (an unreachable server, a 503 and a 404 alike); its cause
+    tells them apart: a response with a status other than 404 or 410, or a connection error."""
     if isinstance(exc, CheckpointRefused):
         return False
     if not isinstance(exc, FileNotFoundError):
         return True
     cause = exc.__cause__
+    status = getattr(cause, "status", None)
+    if isinstance(status, int):
+        return status not in GONE
     return isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError)
 
 

@@ -219,9 +219,11 @@ def ready(port: int) -> bool:
 
 
 @contextmanager
-def http_server(folder: Path) -> Iterator[tuple[str, list[str]]]:
+def http_server(folder: Path, failing: set[str] | None = None
+                ) -> Iterator[tuple[str, list[str]]]:
     """``folder`` served read-only over HTTP on localhost (the standard library's file
-    server): its base URL, and the paths requested so far."""
+    server): its base URL, and the paths requested so far. A path in ``failing`` (which the
+    caller may change while it runs) is answered 503."""
     import functools
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -230,6 +232,9 @@ def http_server(folder: Path) -> Iterator[tuple[str, list[str]]]:
     class Handler(SimpleHTTPRequestHandler):
         def do_GET(self) -> None:
             requested.append(self.path)
+            if self.path in (failing or ()):
+                self.send_error(503, "unavailable")
+                return
             super().do_GET()
 
         def log_message(self, format: str, *args: Any) -> None:

@@ -112,6 +112,14 @@ def test_a_tampered_oversized_escaping_or_unreachable_version_is_refused(
             assert refused.value.reason == "outside_root"
             assert not (tmp_path / "outside.json").exists()
             assert source.resolve(event).name == "v000004"  # the intact copy passes
+        failing = {f"/{Path(events[2].uri).name}/{weights.path}"}
+        with http_server(root, failing) as (url, requested):  # answers 503: not refused
+            flaky = _source(tmp_path / "flaky", url, attempts=2)
+            with pytest.raises(CheckpointUnavailable, match="503"):
+                flaky.resolve(events[2])
+            assert requested.count(next(iter(failing))) >= 2  # retried
+            failing.clear()  # the store recovers: the same version is fetched
+            assert flaky.resolve(events[2]).name == "v000003"
         down = _source(tmp_path / "other", url, attempts=2)  # the server is gone
         with pytest.raises(CheckpointUnavailable):
             down.resolve(events[0])
