@@ -141,8 +141,9 @@ class CheckpointSource:
             raise
         except Exception as exc:
             if _transient(exc):
+                why = exc.__cause__ or exc  # fsspec's FileNotFoundError hides the status
                 raise CheckpointUnavailable(f"could not fetch {source}: "
-                                            f"{type(exc).__name__}: {exc}") from exc
+                                            f"{type(why).__name__}: {why}") from exc
             raise CheckpointRefused("missing", f"{entry.path} is not in the store") from exc
 
     def _evict(self, home: Path, fetched: Path) -> None:

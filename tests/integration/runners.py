@@ -237,6 +237,12 @@ def http_server(folder: Path, failing: set[str] | None = None
                 return
             super().do_GET()
 
+        def do_HEAD(self) -> None:
+            if self.path in (failing or ()):
+                self.send_error(503, "unavailable")
+                return
+            super().do_HEAD()
+
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
