@@ -62,7 +62,8 @@ def build_stage(settings: GateSettings) -> GateStage:
     return GateStage(
         state=StateStore(settings.topic("gate.state")), output_topic=settings.topic("checkpoints"),
         root=settings.checkpoint_root,
-        source=CheckpointSource(settings.checkpoint_root, settings.checkpoint_source),
+        source=CheckpointSource(settings.checkpoint_root, settings.checkpoint_source,
+                         settings.instance_id),
         evaluate=lambda folder: evaluate_suite(folder, sets, tasks),
         base={settings.model_name: (settings.base_version, settings.base_model_path)},
         sets=sets, headline=settings.headline, tracked=settings.tracked,

@@ -89,7 +89,8 @@ def run(settings: GeneratorSettings) -> int:
     reloader = Reloader(engine, settings.checkpoint_root,
                         ModelVersion(settings.model_name, settings.base_version),
                         settings.model_path,
-                        CheckpointSource(settings.checkpoint_root, settings.checkpoint_source))
+                        CheckpointSource(settings.checkpoint_root, settings.checkpoint_source,
+                         settings.instance_id))
     follower = CheckpointFollower(
         settings.kafka, settings.topic("checkpoints"), reloader,
         on_invalid=RELOAD_REFUSALS.labels("invalid_event").inc)

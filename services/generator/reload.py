@@ -49,6 +49,7 @@ class Reloader:
         self.served = served
         self._architecture = _architecture(served)
         self._pending: tuple[int, Path] | None = None
+        self._loading: Path | None = None
         self._lock = threading.Lock()
         POLICY_VERSION.set(serving.version)
 
@@ -58,10 +59,13 @@ class Reloader:
             return
         with self._lock:
             newest = self._pending[0] if self._pending else self.serving.version
+            # What a fetch must not evict: served, waiting, or being loaded.
+            waiting = self._pending[1] if self._pending else None
+            in_use = [f for f in (self.served, self._loading, waiting) if f is not None]
         if event.version <= newest:
             return
         try:
-            folder = self.source.resolve(event)
+            folder = self.source.resolve(event, in_use=in_use)
             if _architecture(folder) != self._architecture:
                 raise CheckpointRefused("incompatible", "its config differs from the served "
                                                         "model's architecture")
@@ -87,6 +91,7 @@ class Reloader:
         """Load the newest verified checkpoint, if any; call only between batches."""
         with self._lock:
             pending, self._pending = self._pending, None
+            self._loading = pending[1] if pending else None
         if pending is None:
             return False
         version, folder = pending
@@ -96,13 +101,16 @@ class Reloader:
         except Exception as exc:
             # A partial load must not keep serving: put the previous weights back.
             self.engine.reload(self.served)
+            self._loading = None
             RELOAD_REFUSALS.labels("load_failed").inc()
             log.error("loading v%d failed (%s: %s); restored v%d", version, type(exc).__name__,
                       exc, self.serving.version)
             return False
         seconds = time.perf_counter() - started
         RELOAD_SECONDS.observe(seconds)
-        self.serving, self.served = ModelVersion(self.serving.model, version), folder
+        with self._lock:
+            self.serving, self.served = ModelVersion(self.serving.model, version), folder
+            self._loading = None
         POLICY_VERSION.set(version)
         log.info("now serving %s v%d (reload %.1f ms)", self.serving.model, version, 1e3 * seconds)
         return True

@@ -21,6 +21,7 @@ import logging
 import re
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import fsspec
@@ -57,19 +58,24 @@ class CheckpointSourceSettings(BaseModel):
 class CheckpointSource:
     """Resolves a checkpoint event to a verified local folder: in place, or fetched."""
 
-    def __init__(self, root: Path, settings: CheckpointSourceSettings | None = None) -> None:
+    def __init__(self, root: Path, settings: CheckpointSourceSettings | None = None,
+                 owner: str = "") -> None:
+        """``owner`` (the instance id) gets a cache of its own under ``cache_dir``: processes
+        on one host never clean up or evict each other's folders."""
         self.root = root
         self.s = settings or CheckpointSourceSettings()
-        for stale in self.s.cache_dir.glob("*/.v*.tmp-*"):  # a fetch that died
+        self.cache = (self.s.cache_dir / _safe(owner) if owner else self.s.cache_dir).resolve()
+        for stale in self.cache.glob("*/.v*.tmp-*"):  # a fetch of this owner that died
             shutil.rmtree(stale, ignore_errors=True)
 
-    def resolve(self, event: CheckpointEvent) -> Path:
+    def resolve(self, event: CheckpointEvent, in_use: Iterable[Path] = ()) -> Path:
         """The verified folder of ``event``; raises CheckpointRefused (the checkpoint is
-        bad) or CheckpointUnavailable (the store did not answer)."""
+        bad) or CheckpointUnavailable (the store did not answer). Folders ``in_use`` (the
+        caller's served version) are never evicted."""
         remote = self._remote(event)
         if remote is None:
             return verify(event, self.root)
-        return self._fetch(event, remote)
+        return self._fetch(event, remote, {p.resolve() for p in in_use})
 
     def _remote(self, event: CheckpointEvent) -> str | None:
         uri = event.uri.rstrip("/")
@@ -79,11 +85,11 @@ class CheckpointSource:
             return uri
         return None
 
-    def _fetch(self, event: CheckpointEvent, remote: str) -> Path:
+    def _fetch(self, event: CheckpointEvent, remote: str, in_use: set[Path]) -> Path:
         name = remote.rsplit("/", 1)[-1]
         if not _FOLDER.match(name):
             raise CheckpointRefused("outside_root", f"{remote!r} is not a version folder")
-        models = self.s.cache_dir.resolve()
+        models = self.cache
         home = models / _safe(event.model)
         dest = home / name
         if dest.is_dir():
@@ -112,7 +118,7 @@ class CheckpointSource:
             shutil.rmtree(dest, ignore_errors=True)
             raise
         log.info("fetched %s v%d from %s", event.model, event.version, remote)
-        self._evict(home, dest)
+        self._evict(home, {dest, *in_use})
         return folder
 
     def _file(self, fs: fsspec.AbstractFileSystem, source: str, staging: Path,
@@ -146,10 +152,12 @@ class CheckpointSource:
                                             f"{type(why).__name__}: {why}") from exc
             raise CheckpointRefused("missing", f"{entry.path} is not in the store") from exc
 
-    def _evict(self, home: Path, fetched: Path) -> None:
-        versions = sorted((p for p in home.iterdir() if p.is_dir() and _FOLDER.match(p.name)),
-                          key=lambda p: int(p.name[1:]), reverse=True)
-        for old in [p for p in versions if p != fetched][self.s.keep - 1:]:
+    def _evict(self, home: Path, kept: set[Path]) -> None:
+        """Keep the newest ``keep`` versions, counting ``kept`` (the fetched one, those in
+        use) first; delete the others."""
+        versions = sorted((p for p in home.iterdir() if p.is_dir() and _FOLDER.match(p.name)
+                           and p not in kept), key=lambda p: int(p.name[1:]), reverse=True)
+        for old in versions[max(0, self.s.keep - len(kept)):]:
             shutil.rmtree(old, ignore_errors=True)
             log.info("evicted %s from the checkpoint cache", old)
 

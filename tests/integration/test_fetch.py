@@ -42,11 +42,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Checkpoi
     return root, events
 
 
-def _source(tmp_path: Path, url: str, **kw: object) -> CheckpointSource:
+def _source(tmp_path: Path, url: str, owner: str = "", **kw: object) -> CheckpointSource:
     empty = tmp_path / "not-mounted"  # this host's checkpoint_root: nothing in it
     empty.mkdir(parents=True, exist_ok=True)
     return CheckpointSource(empty, CheckpointSourceSettings(
-        url=url, cache_dir=tmp_path / "cache", **kw))  # type: ignore[arg-type]
+        url=url, cache_dir=tmp_path / "cache", **kw), owner)  # type: ignore[arg-type]
 
 
 def test_a_version_is_fetched_verified_served_from_the_cache_and_evicted(
@@ -74,8 +74,15 @@ def test_a_version_is_fetched_verified_served_from_the_cache_and_evicted(
         assert source.resolve(events[0]) == folder and len(requested) == count  # cached
         for event in events[1:3]:
             source.resolve(event)
-    cached = sorted(p.name for p in (tmp_path / "cache" / "policy").iterdir())
-    assert cached == ["v000002", "v000003"]  # keep=2: the oldest evicted
+        cached = sorted(p.name for p in (tmp_path / "cache" / "policy").iterdir())
+        assert cached == ["v000002", "v000003"]  # keep=2: the oldest evicted
+        served = source.resolve(events[1])  # cached; say it is the version being served
+        source.resolve(events[3], in_use=[served])
+        cached = sorted(p.name for p in (tmp_path / "cache" / "policy").iterdir())
+        assert cached == ["v000002", "v000004"]  # the one in use stays, though older
+        other = _source(tmp_path, url, owner="generator-1")  # another process on the host
+        assert other.resolve(events[0]).is_relative_to(tmp_path / "cache" / "generator-1")
+        assert served.is_dir()
 
 
 def test_a_tampered_oversized_escaping_or_unreachable_version_is_refused(
