@@ -12,9 +12,10 @@ task as generators write them) are seeded once. Then, per round, on fresh topics
 - ``router``: the router over what the filter accepted (default policy), exactly once.
 
 - ``scorer_hostile``: the scorer over the same records with one hostile record after every
-  ``HOSTILE_EVERY`` (not JSON, cut short, nested 5,000 deep, a 300 KB string, a future schema
-  version), each dead-lettered by the runtime; timed until the N-th valid record, so its
-  rate in valid records per second against ``scorer``'s is what hostile input costs.
+  ``HOSTILE_EVERY``: invalid ones (not JSON, cut short, nested 5,000 deep, a future schema
+  version), each dead-lettered by the runtime, and valid ones with a 300 KB completion, which
+  are scored; timed until N decoded records were handed to the scorer, so its rate against
+  ``scorer``'s is what hostile input costs.
 
 Each stage runs alone over the full backlog; the clock starts at its first batch and stops
 when the batch holding its N-th input record is committed. Running the three stages as
@@ -93,7 +94,8 @@ def group_of(task: Task, g: int) -> list[Trajectory]:
 
 
 def _hostile(i: int, good: bytes) -> bytes:
-    """The i-th hostile record, one of five kinds, made from a valid one."""
+    """The i-th hostile record, one of five kinds, made from a valid one: four invalid, and
+    one valid but huge (kind 3)."""
     kind = i % 5
     if kind == 0:
         return b"\xff\xfe not json"
