@@ -154,6 +154,8 @@ class GateStage:
             return self._out(cand, "rejected", cand.metrics, f"refused: {exc}", "invalid")
         try:
             results = self._results(folder)
+        except DependencyError:  # e.g. a sandbox pool down: decided after a restart
+            raise
         except Exception as exc:  # the candidate does not load or run: it is not promotable
             return self._out(cand, "rejected", cand.metrics, f"evaluation failed: {exc}",
                              "invalid")

@@ -240,3 +240,23 @@ def test_a_store_that_does_not_answer_stops_the_gate_instead_of_rejecting(
             update={"uri": str(tmp_path / "v000001")})
         with pytest.raises(DependencyError, match="could not fetch"):
             _run(gate, event)
+
+
+def test_an_evaluation_whose_dependency_is_down_stops_the_gate_instead_of_rejecting(
+        tmp_path: Path) -> None:
+    """A DependencyError raised while evaluating (a sandbox pool or reward model down) is not
+    the candidate's fault either: it propagates instead of becoming an "evaluation failed"
+    rejection."""
+    from services.common.errors import DependencyError
+
+    gate = _gate(tmp_path, _one(base="1" * 10, v1="1" * 10))
+    base = gate.evaluate
+
+    def evaluate(folder: Path) -> dict[str, SetResult]:
+        if folder.name == "v1":
+            raise DependencyError("the sandbox pool is down")
+        return base(folder)
+
+    gate.evaluate = evaluate
+    with pytest.raises(DependencyError, match="sandbox pool"):
+        _run(gate, _candidate(tmp_path, 1))
