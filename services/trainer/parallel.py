@@ -9,7 +9,8 @@ rank with no sample in a micro-batch (fewer samples than ranks) trains on a zero
 of one, so it still joins the collectives of the forward and backward passes.
 
 Which process consumes Kafka is the caller's choice; this module only needs every rank to
-hold the same samples (:meth:`Parallel.broadcast` sends rank 0's).
+hold the same samples. Tested on the CPU (gloo); the GPU path (NCCL for CUDA tensors, gloo for
+CPU ones, one device per rank) is written but has not run here: this machine has no GPU.
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ class Parallel:
         if "WORLD_SIZE" not in os.environ:
             raise RuntimeError("not launched by torchrun: WORLD_SIZE is not set")
         if not dist.is_initialized():
-            if torch.cuda.is_available():  # one GPU per rank on each node
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            if torch.cuda.is_available():  # one GPU per rank on each node; gloo for the
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # CPU tensors
+                dist.init_process_group("cpu:gloo,cuda:nccl")
+            else:
+                dist.init_process_group("gloo")
         return cls(strategy, dist.get_rank(), dist.get_world_size())
 
     @property
@@ -55,7 +58,10 @@ class Parallel:
     def wrap(self, model: Any) -> Any:
         """DDP: the model replicated, gradients all-reduced. FSDP2: every transformer block
         (the model's ``_no_split_modules``) and then the root sharded across the ranks. Build
-        the optimizer after this: FSDP replaces the parameters."""
+        the optimizer after this: FSDP replaces the parameters. On GPUs the model moves to this
+        rank's device first."""
+        if torch.cuda.is_available():
+            model = model.to(torch.device("cuda", torch.cuda.current_device()))
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -86,12 +92,6 @@ class Parallel:
         dist.all_reduce(t)
         return [float(x) / self.world for x in t]
 
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        box = [obj if self.leader else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def full_state_dict(self, model: Any) -> dict[str, torch.Tensor]:
         """The whole model's weights on the CPU, on rank 0 (empty on the others); every rank
         must call it (FSDP gathers the shards)."""
@@ -100,9 +100,8 @@ class Parallel:
             get_model_state_dict,
         )
 
-        inner = model.module if self.strategy == "ddp" else model
-        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True,
-                                                                     cpu_offload=True))
+        state = get_model_state_dict(self._inner(model), options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
         return cast(dict[str, torch.Tensor], state) if self.leader else {}
 
     def optimizer_state(self, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -145,5 +144,8 @@ class Parallel:
 
     def _names(self, model: Any) -> list[str]:
         """Parameter names in ``parameters()`` order, as the state-dict helpers write them."""
-        inner = model.module if self.strategy == "ddp" else model
-        return [name for name, _ in inner.named_parameters()]
+        return [name for name, _ in self._inner(model).named_parameters()]
+
+    def _inner(self, model: Any) -> Any:
+        """The model under its wrapper (DDP wraps; FSDP2 changes the model in place)."""
+        return model.module if self.strategy == "ddp" else model

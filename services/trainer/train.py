@@ -111,7 +111,8 @@ def train_round(model: Any, optimizer: torch.optim.Optimizer,
             optimizer.zero_grad(set_to_none=True)
             stats.steps += 1
     model.eval()
-    if parallel is not None:  # a rank's loss is its share of the micro-batch's
+    if parallel is not None:  # a rank's loss is its share of the micro-batch's; the RL clip
+        # fraction is the ranks' mean (a metric: not weighted by each rank's tokens)
         losses, clipped = parallel.mean(losses), parallel.mean(clipped)
     by_stage: dict[str, list[float]] = {}
     for (stage, _), value in zip(batches, losses, strict=True):

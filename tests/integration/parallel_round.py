@@ -25,7 +25,7 @@ from services.bootstrap import BootstrapSettings, seed_tasks, sft_samples
 from services.models.engines import TransformersEngine
 from services.trainer.objectives import Sample
 from services.trainer.parallel import Parallel
-from services.trainer.store import CheckpointStore, read_optimizer
+from services.trainer.store import CheckpointStore, load_optimizer, read_optimizer
 from services.trainer.train import OptimSettings, make_optimizer, train_round
 
 OPTIM = OptimSettings(lr=1e-3, micro_batch=5)
@@ -66,12 +66,12 @@ def main() -> None:
     model = engine.model if parallel is None else parallel.wrap(engine.model)
     optimizer = make_optimizer(model, OPTIM)
     if store is not None and resume:
-        state = read_optimizer(Path(store.uri(1)))
+        folder = Path(store.uri(1))
         if parallel is None:
-            assert state is not None
-            optimizer.load_state_dict(state)
+            assert load_optimizer(optimizer, folder)
         else:
-            parallel.load_optimizer_state(model, optimizer, state if parallel.leader else None)
+            parallel.load_optimizer_state(
+                model, optimizer, read_optimizer(folder) if parallel.leader else None)
     losses = []
     samples = rounds(engine.tokenizer)
     for r in (int(x) for x in a.rounds.split(",")):
