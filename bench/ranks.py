@@ -20,9 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-SAMPLES = 256
-ROUNDS = 3
-MICRO_BATCH = 32
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,7 +48,7 @@ def main(model: str, strategy: str, threads: str, out: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.trainer.objectives import Sample
+    from bench.trainer import MICRO_BATCH, ROUNDS, SAMPLES, _samples
     from services.trainer.parallel import Parallel
     from services.trainer.train import OptimSettings, make_optimizer, train_round
 
@@ -63,13 +60,7 @@ def main(model: str, strategy: str, threads: str, out: str) -> None:
     net = net if parallel is None else parallel.wrap(net)
     s = OptimSettings(lr=1e-4, micro_batch=MICRO_BATCH)
     optimizer = make_optimizer(net, s)
-    rng = random.Random(0)
-    samples = []
-    for _ in range(SAMPLES):
-        a, b = rng.randrange(10, 100), rng.randrange(10, 100)
-        prompt = list(tokenizer(f"{a}+{b}=", add_special_tokens=False)["input_ids"])
-        samples.append(Sample(prompt, [*tokenizer(str(a + b), add_special_tokens=False)
-                                       ["input_ids"], tokenizer.eos_token_id]))
+    samples = _samples(tokenizer, None, "sft", random.Random(0))  # as bench trainer's
     pad = tokenizer.pad_token_id
     train_round(net, optimizer, {"sft": samples}, s, pad, parallel=parallel)  # warm-up
     times = []

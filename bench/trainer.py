@@ -25,6 +25,7 @@ from bench.runtime import broker
 
 ROUNDS = 3
 SAMPLES = 256
+MICRO_BATCH = 32
 SIZES = {"tiny": {"hidden": 128, "layers": 2}, "small": {"hidden": 256, "layers": 4}}
 
 
@@ -59,8 +60,8 @@ def _hf_sft(model: Any, samples: list[Any], pad: int) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
     started = time.perf_counter()
-    for i in range(0, len(samples), 32):
-        chunk = samples[i:i + 32]
+    for i in range(0, len(samples), MICRO_BATCH):
+        chunk = samples[i:i + MICRO_BATCH]
         width = max(len(s.prompt) + len(s.target) for s in chunk)
         ids = torch.full((len(chunk), width), pad)
         labels = torch.full((len(chunk), width), -100)
@@ -93,7 +94,7 @@ def _size(name: str, dims: dict[str, int], folder: Path, bootstrap: str) -> dict
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     params = sum(p.numel() for p in model.parameters())
-    s = OptimSettings(lr=1e-4, micro_batch=32)
+    s = OptimSettings(lr=1e-4, micro_batch=MICRO_BATCH)
     optimizer = make_optimizer(model, s)
     rng = random.Random(0)
     pad = tokenizer.pad_token_id
@@ -151,11 +152,13 @@ def run() -> dict[str, Any]:
     torch.manual_seed(0)
     from bench.ranks import measure
 
-    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp, broker() as bootstrap:
-        sizes = {name: _size(name, dims, Path(tmp), bootstrap) for name, dims in SIZES.items()}
-        ranks = measure(Path(tmp) / "small")
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        with broker() as bootstrap:
+            sizes = {name: _size(name, dims, Path(tmp), bootstrap)
+                     for name, dims in SIZES.items()}
+        ranks = measure(Path(tmp) / "small")  # the broker stopped: it would take a core
     return {
-        "samples_per_stage": SAMPLES, "rounds": ROUNDS, "micro_batch": 32,
+        "samples_per_stage": SAMPLES, "rounds": ROUNDS, "micro_batch": MICRO_BATCH,
         "threads": torch.get_num_threads(), "sizes": sizes, "ranks_small_sft": ranks,
         "summary": {f"{n}_{k}": (v[k]["samples_per_second"] if isinstance(v.get(k), dict)
                                  else v[k])
