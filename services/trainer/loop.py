@@ -386,14 +386,10 @@ class Trainer:
         ``max_wait_seconds``, with fewer samples than its quota)."""
         if not self._held or not self._round.shared:
             return
-        assert self._consumer is not None
-        ready = [tp for tp in sorted(self._held) if tp in self._members.owned
-                 and self._round.counts[self.topics[tp[0]]]
-                 < self.s.quotas.get(self.topics[tp[0]], 0)
-                 and not self._others_waiting(tp)]
-        if ready:
-            self._consumer.resume([TopicPartition(*tp) for tp in ready])
-            self._held.difference_update(ready)
+        self._resume_held([tp for tp in self._held
+                           if self._round.counts[self.topics[tp[0]]]
+                           < self.s.quotas.get(self.topics[tp[0]], 0)
+                           and not self._others_waiting(tp)])
 
     def _reject(self, msg: Any, kind: str, error_class: str, message: str) -> None:
         letter = dead_letter(msg, kind, error_class, message)
@@ -538,12 +534,14 @@ class Trainer:
         self._paused.clear()
         self._resume_held()
 
-    def _resume_held(self) -> None:
+    def _resume_held(self, only: list[tuple[str, int]] | None = None) -> None:
+        """Resume the held partitions (``only`` those) that are still owned."""
         assert self._consumer is not None
-        held = [TopicPartition(*tp) for tp in sorted(self._held) if tp in self._members.owned]
+        chosen = set(self._held if only is None else only)
+        held = [TopicPartition(*tp) for tp in sorted(chosen) if tp in self._members.owned]
         if held:
             self._consumer.resume(held)
-        self._held.clear()
+        self._held -= chosen
 
     # -- rebalance hooks (inside consume(), on this thread) -----------------------------------
 
