@@ -66,9 +66,10 @@ def _one(backend: str, records: int, folder: str, out: Any) -> None:
     seconds, done, rss_warm = 0.0, 0, 0
     env = Arithmetic()
     for start in range(0, records, BATCH * 10):
-        # Distinct 3-digit sums by construction: no set of drawn tasks grows in the
-        # measured process.
-        chunk = [t for g in range(start // GROUP, (start + BATCH * 10) // GROUP)
+        # Distinct 3-digit expressions by construction: no set of drawn tasks grows in the
+        # measured process. The last chunk stops at ``records``.
+        end = min(start + BATCH * 10, records)
+        chunk = [t for g in range(start // GROUP, end // GROUP)
                  for t in group_of(env.task(100 + g // 900, "+", 100 + g % 900), g)]
         scored = [o.value for o in scorer.process(chunk)]
         for i in range(0, len(scored), BATCH):
