@@ -72,7 +72,7 @@ def main(model: str, strategy: str, threads: str, out: str) -> None:
         Path(out).write_text(json.dumps(
             {"samples_per_second": round(SAMPLES / statistics.median(times), 1)}))
     if parallel is not None:
-        torch.distributed.destroy_process_group()
+        parallel.close()
 
 
 if __name__ == "__main__":

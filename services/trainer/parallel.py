@@ -55,6 +55,13 @@ class Parallel:
     def leader(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Leave the process group once every rank is done: a rank tearing down while
+        another still writes its results left the other hanging in gloo's teardown (seen
+        once in ``bench trainer``)."""
+        dist.barrier()
+        dist.destroy_process_group()
+
     def wrap(self, model: Any) -> Any:
         """DDP: the model replicated, gradients all-reduced. FSDP2: every transformer block
         (the model's ``_no_split_modules``) and then the root sharded across the ranks. Build

@@ -89,7 +89,7 @@ def main() -> None:
             plain.model.load_state_dict(weights)
             store.write(1, plain.model, plain.tokenizer, optim)
     if parallel is not None:
-        torch.distributed.destroy_process_group()
+        parallel.close()
 
 
 if __name__ == "__main__":
