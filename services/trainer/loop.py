@@ -61,8 +61,9 @@ from services.trainer import metrics as m
 from services.trainer.data import to_samples
 from services.trainer.lineage import Decisions, Rollback
 from services.trainer.objectives import Sample
+from services.trainer.ranks import Leader
 from services.trainer.settings import TrainerSettings
-from services.trainer.store import CheckpointStore, load_optimizer
+from services.trainer.store import CheckpointStore, load_optimizer, read_optimizer
 from services.trainer.train import make_optimizer, train_round
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,13 @@ class _Round:
 
 
 class Trainer:
-    def __init__(self, settings: TrainerSettings) -> None:
+    """The loop of one process, or of rank 0 of a job on several (``ranks``: it announces
+    every load and round to the other ranks, which train their part of it; see
+    :mod:`services.trainer.ranks`)."""
+
+    def __init__(self, settings: TrainerSettings, ranks: Leader | None = None) -> None:
         self.s = settings
+        self.ranks = ranks
         self.topics = {settings.topic(f"accepted.{st}"): st for st in STAGES}
         self.store = CheckpointStore(settings.checkpoint_url)
         self._stop = threading.Event()
@@ -178,7 +184,11 @@ class Trainer:
 
             reference: Any = AutoModelForCausalLM.from_pretrained(
                 self.s.base_model_path, dtype=self._dtype, use_safetensors=True)
-            self.reference = reference.to(o.device).eval()
+            if self.ranks is None:
+                self.reference = reference.to(o.device).eval()
+            else:
+                self.ranks.load_reference(reference)
+                self.reference = self.ranks.reference
         m.CANDIDATE_VERSION.set(self.version)
         for stage in get_args(TrainingStage):  # every stage's series from the start, at 0
             m.SAMPLES.labels(stage)
@@ -207,15 +217,25 @@ class Trainer:
         folder = self._folder(version)
         loaded: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=self._dtype,
                                                            use_safetensors=True)
+        lr_factor = self.s.rollback.lr_factor if rolled_back else 1.0
+        if self.ranks is not None:  # every rank loads it, the optimizer state from rank 0's
+            state = read_optimizer(Path(folder)) if restore_optimizer else None
+            self.ranks.load(loaded, state, restore_optimizer, lr_factor)
+            self.model, self.optimizer = self.ranks.model, self.ranks.optimizer
+            log.info("v%d loaded on %d ranks (%s); %s", version, self.ranks.parallel.world,
+                     self.ranks.parallel.strategy, "optimizer state restored"
+                     if state is not None else "a fresh optimizer")
+            self.head = version
+            return folder
         self.model = loaded.to(self.s.optim.device)
         self.optimizer = make_optimizer(self.model, self.s.optim)
         if restore_optimizer and load_optimizer(self.optimizer, Path(folder)):
             log.info("optimizer state restored from %s", folder)
         elif restore_optimizer:
             log.info("no optimizer state kept for v%d: a fresh optimizer", version)
-        if rolled_back and self.s.rollback.lr_factor != 1.0:
+        if lr_factor != 1.0:
             for group in self.optimizer.param_groups:
-                group["lr"] *= self.s.rollback.lr_factor
+                group["lr"] *= lr_factor
             log.info("learning rate after the rollback: %g",
                      self.optimizer.param_groups[0]["lr"])
         self.head = version
@@ -298,6 +318,8 @@ class Trainer:
                             log.warning("consumer error: %s", err)
                         continue
                     self._buffer(msg)
+                if self.ranks is not None:
+                    self.ranks.idle()
                 self._release_held()
                 self._pause_full()
                 if self._due():
@@ -446,8 +468,14 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id
-        stats = train_round(self.model, self.optimizer, samples, o, pad, seed=self.version,
-                            reference=self.reference)
+        weights: dict[str, Any] | None = None
+        optimizer: Any = self.optimizer
+        if self.ranks is None:
+            stats = train_round(self.model, self.optimizer, samples, o, pad, seed=self.version,
+                                reference=self.reference)
+        else:  # every rank trains its part; the whole weights and optimizer state come back
+            gathered = self.ranks.train(samples, pad, seed=self.version)
+            stats, weights, optimizer = gathered.stats, gathered.weights, gathered.optimizer
         train_seconds = time.perf_counter() - started
         self.step += stats.steps
         version = self.version + 1
@@ -457,8 +485,8 @@ class Trainer:
         metrics = {**stats.metrics(), "train_seconds": round(train_seconds, 3)}
         stage_mix = {st: len(v) for st, v in samples.items() if v}
         uri, manifest = self.store.write(
-            version, self.model, self.tokenizer, self.optimizer,
-            record={"model": self.s.model_name, "version": version,
+            version, self.model if self.ranks is None else self.ranks.plain, self.tokenizer,
+            optimizer, state_dict=weights, record={"model": self.s.model_name, "version": version,
                     "parent_version": self.head, "step": self.step,
                     "metrics": metrics, "stage_mix": stage_mix,
                     "trained_on": [x.model_dump() for x in trained_on]})

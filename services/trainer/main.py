@@ -1,9 +1,15 @@
-"""``flywheel run trainer``."""
+"""``flywheel run trainer``: one process, or a job of several ranks (``ranks``, or under a
+``torchrun`` started by the user: rank 0 runs the loop, the others train their part of each
+round; :mod:`services.trainer.ranks`)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
+import signal
+import sys
 
 from services.common.logs import setup_logging
 from services.common.service import Reconnecting, serve_loop
@@ -15,5 +21,49 @@ log = logging.getLogger(__name__)
 
 def run(settings: TrainerSettings) -> int:
     setup_logging(settings.log_level)
+    if "WORLD_SIZE" not in os.environ and settings.ranks > 1:
+        _exec_torchrun(settings.ranks)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _run_ranks(settings)
     log.info("config: %s", json.dumps(settings.redacted(), sort_keys=True))
     return serve_loop(settings, Reconnecting(settings, lambda: Trainer(settings)))
+
+
+def _exec_torchrun(ranks: int) -> None:
+    """Become ``torchrun`` (same pid: a supervisor's signals reach it) running this command
+    on ``ranks`` processes of this host; it stops them all when one fails or on SIGTERM."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={ranks}", "-m", "services", *sys.argv[1:]]
+    log.info("starting %d ranks: %s", ranks, " ".join(argv[1:]))
+    logging.shutdown()
+    os.execv(sys.executable, argv)
+
+
+def _run_ranks(settings: TrainerSettings) -> int:
+    from services.trainer.parallel import Parallel
+    from services.trainer.ranks import Leader, follow
+
+    _die_with_parent()
+    parallel = Parallel.launch(settings.strategy)
+    if not parallel.leader:
+        return follow(settings.optim, parallel)
+    log.info("config: %s", json.dumps(settings.redacted(), sort_keys=True))
+    log.info("rank 0 of %d (%s): consuming, and leading the rounds", parallel.world,
+             parallel.strategy)
+    leader = Leader(parallel, settings.optim)
+    try:
+        return serve_loop(settings, Reconnecting(settings, lambda: Trainer(settings, leader)))
+    finally:
+        leader.stop()
+
+
+def _die_with_parent() -> None:
+    """A rank gets SIGTERM when its torchrun dies (SIGKILLed by a supervisor after its grace
+    period): torchrun starts each rank in a session of its own, out of reach of a signal to
+    its process group, and rank 0 would otherwise go on consuming alone. Linux only."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the call
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -65,13 +65,14 @@ class Parallel:
     def wrap(self, model: Any) -> Any:
         """DDP: the model replicated, gradients all-reduced. FSDP2: every transformer block
         (the model's ``_no_split_modules``) and then the root sharded across the ranks. Build
-        the optimizer after this: FSDP replaces the parameters. On GPUs the model moves to this
-        rank's device first."""
-        if torch.cuda.is_available():
-            model = model.to(torch.device("cuda", torch.cuda.current_device()))
+        the optimizer after this: FSDP replaces the parameters. On GPUs DDP's replica moves to
+        this rank's device; FSDP2 shards the model where it is (the CPU) and moves each rank's
+        shards to its device, so no GPU ever holds the whole model."""
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
+            if torch.cuda.is_available():
+                model = model.to(torch.device("cuda", torch.cuda.current_device()))
             return DistributedDataParallel(model)
         from torch.distributed.fsdp import fully_shard
 

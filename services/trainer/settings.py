@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,6 +63,14 @@ class TrainerSettings(ServiceSettings):
     max_round_seconds: float = Field(default=600.0, gt=0, description="Expected bound on a "
                                      "round; the consumer's poll interval allows for it.")
     optim: OptimSettings = Field(default_factory=OptimSettings)
+    ranks: int = Field(default=1, ge=1, description="Processes (one per GPU) that train "
+                       "each round: above 1, `flywheel run trainer` starts itself under "
+                       "torchrun on this host. For several hosts, run torchrun yourself "
+                       "(its world size is then the job's).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="Under torchrun (several ranks): ddp replicates the model "
+        "on every rank; fsdp (FSDP2) shards it, one transformer block at a time. Ignored in "
+        "one process.")
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     rollback: RollbackSettings = Field(default_factory=RollbackSettings)
     runtime: TrainerRuntimeSettings = Field(default_factory=TrainerRuntimeSettings)

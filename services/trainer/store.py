@@ -62,26 +62,30 @@ class CheckpointStore:
 
     def write(self, version: int, model: Any, tokenizer: Any,
               optimizer: torch.optim.Optimizer | Mapping[str, Any] | None,
-              record: dict[str, Any] | None = None) -> tuple[str, list[FileDigest]]:
+              record: dict[str, Any] | None = None, *,
+              state_dict: Mapping[str, torch.Tensor] | None = None
+              ) -> tuple[str, list[FileDigest]]:
         """Write checkpoint ``version``; returns its URI and manifest (every file with its
         sha256 and size). ``record`` (metrics, parent, offset ranges...) is written beside
         the files as ``MANIFEST_FILE`` together with that manifest. ``optimizer``: the
         optimizer, or its state in ``Optimizer.state_dict()`` form (``Parallel.
-        optimizer_state`` gathers it from several ranks)."""
+        optimizer_state`` gathers it from several ranks). ``state_dict``: the weights to save
+        instead of ``model``'s own (gathered from the ranks of a sharded model)."""
         final = folder_name(version)
         staging = f".{final}.tmp-{uuid.uuid4().hex[:8]}"
         if self.local:
             work = Path(self.root) / staging
             work.mkdir()
             try:
-                manifest = _fill(work, model, tokenizer, optimizer, record)
+                manifest = _fill(work, model, tokenizer, optimizer, record, state_dict)
                 work.rename(Path(self.root) / final)
             except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
                 raise
             return self.uri(version), manifest
         with tempfile.TemporaryDirectory(prefix="flywheel-ckpt-") as tmp:
-            manifest = _fill(Path(tmp), model, tokenizer, optimizer, record)
+            manifest = _fill(Path(tmp), model, tokenizer, optimizer, record,
+                             state_dict)
             remote, target = f"{self.root}/{staging}", f"{self.root}/{final}"
             if self.fs.exists(target):
                 raise FileExistsError(f"checkpoint {target} exists already")
@@ -149,8 +153,10 @@ class CheckpointStore:
 
 def _fill(folder: Path, model: Any, tokenizer: Any,
           optimizer: torch.optim.Optimizer | Mapping[str, Any] | None,
-          record: dict[str, Any] | None) -> list[FileDigest]:
-    model.save_pretrained(folder, safe_serialization=True)
+          record: dict[str, Any] | None,
+          state_dict: Mapping[str, torch.Tensor] | None = None) -> list[FileDigest]:
+    model.save_pretrained(folder, safe_serialization=True,
+                          state_dict=dict(state_dict) if state_dict is not None else None)
     tokenizer.save_pretrained(folder)
     if optimizer is not None:
         tensors, meta = _optimizer_state(optimizer if isinstance(optimizer, Mapping)

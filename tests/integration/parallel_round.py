@@ -1,6 +1,8 @@
 """Training rounds of SFT and RL samples in one process or under ``torchrun`` (DDP or FSDP2),
 for ``test_parallel.py``. The final weights go to a safetensors file, the rounds' losses to a
-JSON file beside it.
+JSON file beside it. Across ranks the rounds go the trainer service's way
+(:mod:`services.trainer.ranks`): rank 0 loads the model and sends it, the optimizer state and
+each round's samples to the others, which start from a model built from its config alone.
 
     parallel_round.py MODEL OUT single|ddp|fsdp [--rounds 0,1] [--store DIR]
 
@@ -25,6 +27,7 @@ from services.bootstrap import BootstrapSettings, seed_tasks, sft_samples
 from services.models.engines import TransformersEngine
 from services.trainer.objectives import Sample
 from services.trainer.parallel import Parallel
+from services.trainer.ranks import Leader, follow
 from services.trainer.store import CheckpointStore, load_optimizer, read_optimizer
 from services.trainer.train import OptimSettings, make_optimizer, train_round
 
@@ -61,35 +64,41 @@ def main() -> None:
     torch.set_num_threads(1)
     store = CheckpointStore(str(a.store)) if a.store else None
     resume = store is not None and 1 in store.versions()
-    engine = TransformersEngine(Path(store.uri(1)) if store and resume else a.model)
+    folder = Path(store.uri(1)) if store is not None and resume else a.model
     parallel = None if a.strategy == "single" else Parallel.launch(a.strategy)
-    model = engine.model if parallel is None else parallel.wrap(engine.model)
-    optimizer = make_optimizer(model, OPTIM)
-    if store is not None and resume:
-        folder = Path(store.uri(1))
-        if parallel is None:
-            assert load_optimizer(optimizer, folder)
-        else:
-            parallel.load_optimizer_state(
-                model, optimizer, read_optimizer(folder) if parallel.leader else None)
-    losses = []
+    if parallel is not None and not parallel.leader:
+        raise SystemExit(follow(OPTIM, parallel))
+    engine = TransformersEngine(folder)
     samples = rounds(engine.tokenizer)
-    for r in (int(x) for x in a.rounds.split(",")):
-        stats = train_round(model, optimizer, samples[r], OPTIM, engine.pad, seed=r,
-                            parallel=parallel)
-        losses.append(stats.loss)
-    weights = model.state_dict() if parallel is None else parallel.full_state_dict(model)
-    optim: dict[str, Any] = optimizer.state_dict() if parallel is None \
-        else parallel.optimizer_state(model, optimizer)
-    if parallel is None or parallel.leader:
-        save_file({k: v.detach().clone().contiguous() for k, v in weights.items()}, a.out)
-        a.out.with_suffix(".json").write_text(json.dumps(losses))
-        if store is not None and not resume:
-            plain = TransformersEngine(a.model)  # one process's model, to save whole
-            plain.model.load_state_dict(weights)
-            store.write(1, plain.model, plain.tokenizer, optim)
-    if parallel is not None:
-        parallel.close()
+    numbers = [int(x) for x in a.rounds.split(",")]
+    losses = []
+    if parallel is None:
+        model = engine.model
+        optimizer = make_optimizer(model, OPTIM)
+        if resume:
+            assert load_optimizer(optimizer, folder)
+        for r in numbers:
+            losses.append(train_round(model, optimizer, samples[r], OPTIM, engine.pad,
+                                      seed=r).loss)
+        weights: dict[str, torch.Tensor] = model.state_dict()
+        optim: dict[str, Any] = optimizer.state_dict()
+    else:
+        leader = Leader(parallel, OPTIM)
+        state = read_optimizer(folder) if resume else None
+        assert state is not None or not resume
+        leader.load(engine.model, state, resume, 1.0)
+        for r in numbers:
+            gathered = leader.train(samples[r], engine.pad, r)
+            losses.append(gathered.stats.loss)
+        weights, optim = gathered.weights, gathered.optimizer
+        if store is not None and not resume:  # as the trainer writes it: the gathered
+            # weights, through the wrapped (DDP) or sharded (FSDP2) model
+            store.write(1, leader.plain, engine.tokenizer, optim, state_dict=weights)
+        leader.stop()
+    save_file({k: v.detach().clone().contiguous() for k, v in weights.items()}, a.out)
+    a.out.with_suffix(".json").write_text(json.dumps(losses))
+    if parallel is None and store is not None and not resume:
+        store.write(1, model, engine.tokenizer, optim)
 
 
 if __name__ == "__main__":

@@ -77,10 +77,12 @@ def spawn_relay(
 def spawn_service(
     bootstrap: str, command: list[str], *, prefix: str, instance: str, log: Path,
     env: dict[str, str] | None = None, verb: str = "run", group: bool = False,
+    launcher: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m services <verb> <command...>`` as its own process; with ``group``,
     leading a process group of its own, so that :func:`stopped` and :func:`kill_group` reach
-    the processes it starts (a replay's workers) too."""
+    the processes it starts (a replay's workers) too. ``launcher``: options of ``python -m
+    torch.distributed.run`` (torchrun), which then starts the service's ranks."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     full |= {
         "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
@@ -92,7 +94,8 @@ def spawn_service(
     }
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "services", verb, *command], cwd=REPO, env=full,
+            [sys.executable, *(["-m", "torch.distributed.run", *launcher] if launcher
+                               else []), "-m", "services", verb, *command], cwd=REPO, env=full,
             stdout=out, stderr=subprocess.STDOUT, start_new_session=group,
         )
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 import random
 import re
+import signal
 import subprocess
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,7 +22,7 @@ from services import envs
 from services.common import topics as topic_ops
 from services.common.broker import free_port
 from services.common.config import KafkaSettings
-from tests.integration.runners import spawn_service, stopped
+from tests.integration.runners import spawn_service
 from tests.kafka import Broker, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -80,12 +83,27 @@ def _covered(kafka: Broker, prefix: str) -> dict[tuple[str, int], list[tuple[int
     return spans
 
 
+def _ranks(proc: subprocess.Popen[bytes]) -> dict[int, int]:
+    """The pids of torchrun's workers by rank (RANK in their environment, from /proc)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != proc.pid:
+                continue
+            env = dict(kv.split("=", 1) for kv in (stat.parent / "environ").read_bytes()
+                       .decode(errors="replace").split("\0") if "=" in kv)
+            if "RANK" in env:
+                out[int(env["RANK"])] = int(stat.parent.name)
+    return out
+
+
 def _kill_mid_round(proc: subprocess.Popen[bytes], kafka: Broker, prefix: str,
-                    log: Path) -> int:
-    """SIGKILL the trainer inside a round after its first: once the log says the round for
-    version N began, the process is frozen (SIGSTOP) and killed if N is not committed yet
-    (observed on ``checkpoints``, twice), else resumed until the next round begins. Returns the
-    committed versions at the kill."""
+                    log: Path, ranks: int) -> int:
+    """SIGKILL the trainer (with ``ranks`` > 1: rank 1) inside a round after its first: once
+    the log says the round for version N began, the trainer (rank 0) is frozen (SIGSTOP) and
+    killed (rank 1 killed, rank 0 resumed) if N is not committed yet (observed on
+    ``checkpoints``, twice), else resumed until the next round begins. Returns the committed
+    versions at the kill."""
     def began(version: int) -> Callable[[], bool]:
         return lambda: (f"training round for v{version}:" in log.read_text()
                         or proc.poll() is not None)
@@ -93,19 +111,29 @@ def _kill_mid_round(proc: subprocess.Popen[bytes], kafka: Broker, prefix: str,
     for version in itertools.count(2):
         wait_until(began(version), 180, f"the round for v{version} to start")
         assert proc.poll() is None, log.read_text()[-3000:]
-        with stopped(proc):
+        pids = _ranks(proc) if ranks > 1 else {}
+        leader = pids.get(0, proc.pid)
+        os.kill(leader, signal.SIGSTOP)
+        try:
             # Twice, half a second apart (a read): a commit it sent just before it stopped
             # would show as a difference.
             committed = len(_candidates(kafka, prefix))
             if committed == version - 1 == len(_candidates(kafka, prefix)):
-                proc.kill()  # inside the round for `version`
-                proc.wait(10)
+                # inside the round for `version`
+                os.kill(pids[1] if ranks > 1 else proc.pid, signal.SIGKILL)
                 return committed
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(leader, signal.SIGCONT)
     raise AssertionError("unreachable")
 
 
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one-process", "two-ranks"])
 def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
-        kafka: Broker, uid: str, tmp_path: Path) -> None:
+        kafka: Broker, uid: str, tmp_path: Path, ranks: int) -> None:
+    """One process SIGKILLed and started again; or a job of 2 ranks (torchrun, gloo, FSDP2)
+    whose rank 1 is SIGKILLed: the job ends (torchrun stops rank 0) and is launched again, as
+    a supervisor would."""
     from transformers import AutoTokenizer
 
     from services.models.tiny import tiny_model
@@ -129,13 +157,18 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
            "FLYWHEEL_MAX_WAIT_SECONDS": "2", "FLYWHEEL_OPTIM__EPOCHS": "3",
            "FLYWHEEL_OPTIM__LR": "0.001", "FLYWHEEL_METRICS__PORT": str(free_port())}
 
+    launcher = ["--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else None
+
     def start() -> subprocess.Popen[bytes]:
         return spawn_service(kafka.bootstrap, ["trainer"], prefix=prefix, instance="trainer-0",
-                             log=log, env=env)
+                             log=log, launcher=launcher,
+                             env=env | ({"OMP_NUM_THREADS": "1", "FLYWHEEL_STRATEGY": "fsdp"}
+                                        if ranks > 1 else {}))
 
     proc = start()
     try:
-        killed_at = _kill_mid_round(proc, kafka, prefix, log)
+        killed_at = _kill_mid_round(proc, kafka, prefix, log, ranks)
+        assert proc.wait(120) != 0  # the job ends with its rank
         proc = start()
         # The view's trainer row after the restart: the version it resumed at and every
         # stage's sample count (0 until its first round), not "samples" with nothing after.
@@ -165,6 +198,16 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
     text = log.read_text()
     assert killed_at >= 1 and f"resuming tiny at version {killed_at}" in text
     assert "optimizer state restored" in text
+    if ranks > 1:  # the job, launched again, resumed on its 2 ranks
+        assert text.count("rank 0 of 2 (fsdp)") == 2 and "a rank left the job" in text, \
+            text[-3000:]
+    # The optimizer state went on from the committed one: AdamW's step count in the last
+    # candidate's is every step since the base (a fresh optimizer at the resume: fewer).
+    from services.trainer.store import read_optimizer
+
+    state = read_optimizer(store / f"v{versions[-1]:06d}")
+    assert state is not None and candidates[-1].step == int(state["state"][0]["step"]) \
+        == sum(int(c.metrics["steps"]) for c in candidates)
     for tp, spans in _covered(kafka, prefix).items():
         spans.sort()
         assert spans[0][0] == 0, (tp, spans)

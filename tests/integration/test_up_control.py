@@ -1,6 +1,7 @@
 """``flywheel up`` SIGKILLed: its children and its broker outlive it; ``flywheel down`` still
 finds and stops every one of them (process groups recorded in the state file, the home's lock
-telling a dead ``up`` from a live one), and a new ``up`` refuses to start beside them."""
+telling a dead ``up`` from a live one), and a new ``up`` refuses to start beside them. The
+trainer runs on 2 ranks: its torchrun starts them in sessions of their own, and they go too."""
 
 from __future__ import annotations
 
@@ -31,6 +32,27 @@ def _alive(pgid: int) -> bool:
                for group, state in (line.split() for line in listing.splitlines()))
 
 
+def _ranks(pid: int) -> list[int]:
+    """The processes ``pid`` started that are torchrun ranks (RANK in their environment)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid and \
+                    b"\0RANK=" in b"\0" + (stat.parent / "environ").read_bytes():
+                found.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] \
+            .startswith("Z")
+    except OSError:
+        return False
+
+
 def _flywheel(*args: str, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     with log.open("ab") as out:
@@ -43,6 +65,7 @@ def test_down_stops_the_children_and_broker_a_killed_up_left(tmp_path: Path) -> 
     profile = Profile(model_path=tiny_model(tmp_path / "model"), home=home,
                       checkpoint_url=str(tmp_path / "store"), broker_port=free_port(),
                       prometheus={"enabled": False})  # type: ignore[arg-type]
+    profile.trainer = {**profile.trainer, "ranks": 2}
     profile.metrics_port = free_ports(profile.processes)
     path = tmp_path / "profile.yaml"
     path.write_text(yaml.safe_dump(json.loads(profile.model_dump_json())))
@@ -61,6 +84,9 @@ def test_down_stops_the_children_and_broker_a_killed_up_left(tmp_path: Path) -> 
                    300, "every service started")
         assert up.poll() is None, log.read_text()[-3000:]
         groups = children()
+        wait_until(lambda: len(_ranks(groups["trainer"])) == 2 or up.poll() is not None, 120,
+                   "the trainer's 2 ranks started by its torchrun")
+        ranks = _ranks(groups["trainer"])
         broker = json.loads((home / "kafka" / "broker.json").read_text())["pid"]
         up.send_signal(signal.SIGKILL)
         up.wait(30)
@@ -69,6 +95,7 @@ def test_down_stops_the_children_and_broker_a_killed_up_left(tmp_path: Path) -> 
             up.kill()
     # What a killed up leaves: every child and the broker, still running.
     assert all(_alive(g) for g in groups.values()), groups
+    assert all(_running(r) for r in ranks)
     assert _alive(broker)
 
     again = _flywheel("up", "--profile", str(path), "--no-view", log=tmp_path / "again.log")
@@ -79,5 +106,6 @@ def test_down_stops_the_children_and_broker_a_killed_up_left(tmp_path: Path) -> 
                           capture_output=True, text=True, timeout=300)
     assert down.returncode == 0 and "stopped" in down.stderr, down.stderr
     assert not [n for n, g in groups.items() if _alive(g)]
+    assert not [r for r in ranks if _running(r)]
     assert not _alive(broker)
     assert not state_file.exists()

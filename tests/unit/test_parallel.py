@@ -29,3 +29,19 @@ def test_the_parts_tile_the_micro_batch_and_their_weights_make_its_mean(
     share = sum(sum(s.weight for s in kept) / d for (_, d), kept in zip(parts, real,
                                                                        strict=True)) / world
     assert share == pytest.approx(1.0)
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@given(st.builds(Sample, prompt=st.lists(st.integers(0, 2**31 - 1), max_size=8),
+                 target=st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=8),
+                 weight=finite, behaviour_logprobs=st.none() | st.lists(finite, max_size=8),
+                 advantage=finite, temperature=finite))
+def test_a_sample_reaches_the_other_ranks_exactly(sample: Sample) -> None:
+    """Rank 0 sends a round's samples as JSON (``ranks.Leader.train``): every float comes back
+    bit for bit, or the ranks would train on different data."""
+    import dataclasses
+    import json
+
+    assert Sample(**json.loads(json.dumps(dataclasses.asdict(sample)))) == sample
