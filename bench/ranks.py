@@ -2,8 +2,11 @@
 micro-batches in one process and under ``torchrun`` with DDP and FSDP2 (gloo on the CPU).
 
 ``measure(model)`` runs each as its own job and returns samples per second (median of timed
-rounds after a warm-up). On a 2-core CPU two ranks cannot be faster than one process using both
-cores; the figures show what the collectives and the sharding cost.
+rounds after a warm-up). On 2 ranks a round is the trainer service's (``services.trainer.
+ranks``): rank 0 sends the samples, every rank trains its part, and the whole weights and
+optimizer state are gathered on rank 0, as before each checkpoint. On a 2-core CPU two ranks
+cannot be faster than one process using both cores; the figures show what the collectives and
+the sharding cost.
 
 Run under ``torchrun`` by ``measure``: ``python -m bench.ranks MODEL STRATEGY THREADS OUT``.
 """
@@ -50,29 +53,40 @@ def main(model: str, strategy: str, threads: str, out: str) -> None:
 
     from bench.trainer import MICRO_BATCH, ROUNDS, SAMPLES, _samples
     from services.trainer.parallel import Parallel
+    from services.trainer.ranks import Leader, follow
     from services.trainer.train import OptimSettings, make_optimizer, train_round
 
     torch.set_num_threads(int(threads))
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    parallel = None if strategy == "single" else Parallel.launch(strategy)  # type: ignore[arg-type]
-    net = AutoModelForCausalLM.from_pretrained(model)
-    net = net if parallel is None else parallel.wrap(net)
     s = OptimSettings(lr=1e-4, micro_batch=MICRO_BATCH)
-    optimizer = make_optimizer(net, s)
-    samples = _samples(tokenizer, None, "sft", random.Random(0))  # as bench trainer's
+    parallel = None if strategy == "single" else Parallel.launch(strategy)  # type: ignore[arg-type]
+    if parallel is not None and not parallel.leader:  # as the trainer service's ranks
+        raise SystemExit(follow(s, parallel))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForCausalLM.from_pretrained(model)
+    samples = {"sft": _samples(tokenizer, None, "sft", random.Random(0))}  # as bench trainer's
     pad = tokenizer.pad_token_id
-    train_round(net, optimizer, {"sft": samples}, s, pad, parallel=parallel)  # warm-up
+    if parallel is None:
+        optimizer = make_optimizer(net, s)
+
+        def round_(seed: int) -> None:
+            train_round(net, optimizer, samples, s, pad, seed=seed)
+    else:  # the service's round: the samples sent, trained, weights and optimizer gathered
+        leader = Leader(parallel, s)
+        leader.load(net, None, False, 1.0)
+
+        def round_(seed: int) -> None:
+            leader.train(samples, pad, seed)
+    round_(0)  # warm-up
     times = []
     for r in range(ROUNDS):
         started = time.perf_counter()
-        train_round(net, optimizer, {"sft": samples}, s, pad, seed=r, parallel=parallel)
+        round_(r)
         times.append(time.perf_counter() - started)
-    if parallel is None or parallel.leader:
-        Path(out).write_text(json.dumps(
-            {"samples_per_second": round(SAMPLES / statistics.median(times), 1)}))
+    Path(out).write_text(json.dumps(
+        {"samples_per_second": round(SAMPLES / statistics.median(times), 1)}))
     if parallel is not None:
-        parallel.close()
+        leader.stop()
 
 
 if __name__ == "__main__":

@@ -4,9 +4,8 @@ A bootstrapped seed model; the trainer (its own process) trains on labelled sums
 ``accepted.sft``, and the gate (the embedded suite: a set per digit count) decides every
 candidate. Then a poisoned stretch: every answer wrong, as a routing policy sending
 incorrect samples to SFT would. With rollback on, the trainer leaves the regressed lineage
-for the last promoted version, also across a SIGKILL taken while the rollback is pending, and
-how many healthy rounds until a promoted version beats the pre-poison best is printed. With it
-off, the trainer keeps building on the rejected lineage. Either way the candidates'
+for the last promoted version, also across a SIGKILL taken while the rollback is pending.
+With it off, the trainer keeps building on the rejected lineage. Either way the candidates'
 ``trained_on`` ranges tile the input: no gap, no overlap.
 """
 
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,17 @@ ROUND = 256
 HEALTHY = 4 * ROUND
 POISON_TRIES = 4
 """Poisoned rounds, at most, until one candidate is rejected as regressed."""
-RECOVERY_BUDGET = 6 * ROUND
-"""Healthy samples after the poison over which the first promotion is looked for (by the
-gate's rule, one that beats the pre-poison best); how many it took is printed, not
-asserted (see the end of the test), so the budget is kept short for CI's time."""
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory: pytest.TempPathFactory
+         ) -> tuple[Path, list[Any], dict[str, float]]:
+    """The bootstrapped seed model (version 0 of a store) and its manifest, made once: each
+    case copies it into its own store."""
+    store = tmp_path_factory.mktemp("seed")
+    uri, manifest, metrics = bootstrap(BootstrapSettings(samples=60_000), str(store), "policy",
+                                       excluded=gate_task_ids(Profile().gate))
+    return Path(uri), manifest, metrics
 
 
 def _sft(tokenizer: Any, tasks: list[Task], *, poisoned: bool, tag: str) -> list[RoutedSample]:
@@ -89,8 +96,9 @@ def _events(kafka: Broker, prefix: str) -> list[CheckpointEvent]:
 
 
 @pytest.mark.parametrize("rollback", [True, False], ids=["rollback", "no_rollback"])
-def test_the_trainer_rolls_back_from_a_poisoned_lineage_and_recovers(
-        kafka: Broker, uid: str, tmp_path: Path, rollback: bool) -> None:
+def test_the_trainer_rolls_back_from_a_poisoned_lineage(
+        kafka: Broker, uid: str, tmp_path: Path, rollback: bool,
+        seed: tuple[Path, list[Any], dict[str, float]]) -> None:
     from transformers import AutoTokenizer
 
     from bench.flywheel import training_tasks
@@ -100,13 +108,12 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage_and_recovers(
     topic_ops.apply(topic_ops.admin_client(settings), topic_ops.load(prefix=prefix))
     profile = Profile()
     store = tmp_path / "store"
-    uri, manifest, metrics = bootstrap(BootstrapSettings(samples=60_000), str(store), "policy",
-                                       excluded=gate_task_ids(profile.gate))
+    folder, manifest, metrics = seed
+    uri = str(shutil.copytree(folder, store / folder.name))
     publish_promoted(settings, settings.topic("checkpoints"), "policy", uri, manifest, metrics)
     tokenizer = AutoTokenizer.from_pretrained(uri)
-    # Healthy rounds, two poisoned stretches and the healthy round between them, recovery.
-    tasks = iter(training_tasks(profile, HEALTHY + (2 * POISON_TRIES + 1) * ROUND
-                                + RECOVERY_BUDGET, seed=3))
+    # Healthy rounds, two poisoned stretches and the healthy round between them.
+    tasks = iter(training_tasks(profile, HEALTHY + (2 * POISON_TRIES + 1) * ROUND, seed=3))
 
     def plant(n: int, *, poisoned: bool, tag: str) -> None:
         records = _sft(tokenizer, list(itertools.islice(tasks, n)), poisoned=poisoned, tag=tag)
@@ -190,13 +197,6 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage_and_recovers(
                            or proc.poll() is not None, 120, "the trainer to resume")
                 assert f"resuming policy at version {count} (step" in log.read_text()
                 assert f"from v{target} in" in log.read_text(), log.read_text()[-2000:]
-            last = count
-
-            recovered: CheckpointEvent | None = None
-            for _ in range(RECOVERY_BUDGET // ROUND):
-                if (d := round_of(poisoned=False)).status == "promoted":
-                    recovered = d
-                    break
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -205,12 +205,10 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage_and_recovers(
     candidates = {e.version: e for e in _events(kafka, prefix) if e.status == "candidate"}
     print(f"rollback={rollback}: pre-poison best v{best}; regressed {regressed}; first "
           f"healthy candidate after the poison v{healthy.version} from "
-          f"v{healthy.parent_version}; recovered "
-          + (f"v{recovered.version} ({recovered.reason}) after "
-             f"{(recovered.version - last) * ROUND} healthy samples" if recovered else "no"))
-    # How soon a version beats the pre-poison best is measured (printed), not asserted: on
-    # this toy it took 2 to 7 healthy rounds in runs that recovered, and one fresh-clone run
-    # did not within 12, so it depends on the seed model's luck, not on the mechanism.
+          f"v{healthy.parent_version}")
+    # How soon a version then beats the pre-poison best is not looked at: on this toy it took
+    # 2 to 7 healthy rounds in runs that recovered, and one fresh-clone run did not within 12;
+    # it depends on the seed model's luck, not on the mechanism, and cost CI minutes.
     if rollback:
         assert "rollback: the gate rejected" in log.read_text()
     # The poisoned candidates' provenance names the poisoned policy, and `flywheel
