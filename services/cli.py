@@ -9,6 +9,7 @@ file. Each command only parses its options and calls into a service or tool modu
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -307,7 +308,8 @@ def _run_command(service: registry.Service) -> Callable[..., None]:
         cls = service.settings_class()
         settings = cls.with_overrides(**{service.policy_field: policy}) \
             if service.policy_field else cls()
-        preflight(settings.kafka, service, settings.group_id)
+        if os.environ.get("RANK", "0") == "0":  # a trainer's other ranks use no Kafka
+            preflight(settings.kafka, service, settings.group_id)
         raise typer.Exit(service.run(settings))
 
     if service.policy_field is None:
