@@ -308,7 +308,8 @@ def _run_command(service: registry.Service) -> Callable[..., None]:
         cls = service.settings_class()
         settings = cls.with_overrides(**{service.policy_field: policy}) \
             if service.policy_field else cls()
-        if os.environ.get("RANK", "0") == "0":  # a trainer's other ranks use no Kafka
+        if service.name != "trainer" or os.environ.get("RANK", "0") == "0":  # a trainer's
+            # other ranks (torchrun's RANK) use no Kafka
             preflight(settings.kafka, service, settings.group_id)
         raise typer.Exit(service.run(settings))
 

@@ -190,6 +190,7 @@ class Trainer:
                 self.ranks.load_reference(reference)
                 self.reference = self.ranks.reference
         m.CANDIDATE_VERSION.set(self.version)
+        m.RANKS.set(self.ranks.parallel.world if self.ranks is not None else 1)
         for stage in get_args(TrainingStage):  # every stage's series from the start, at 0
             m.SAMPLES.labels(stage)
             m.TOKENS.labels(stage)
@@ -219,6 +220,7 @@ class Trainer:
                                                            use_safetensors=True)
         lr_factor = self.s.rollback.lr_factor if rolled_back else 1.0
         if self.ranks is not None:  # every rank loads it, the optimizer state from rank 0's
+            self.model = self.optimizer = None  # the old ones go first
             state = read_optimizer(Path(folder)) if restore_optimizer else None
             self.ranks.load(loaded, state, restore_optimizer, lr_factor)
             self.model, self.optimizer = self.ranks.model, self.ranks.optimizer

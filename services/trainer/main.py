@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 
+from services.common.errors import FatalRuntimeError
 from services.common.logs import setup_logging
 from services.common.service import Reconnecting, serve_loop
 from services.trainer.loop import Trainer
@@ -22,19 +23,22 @@ log = logging.getLogger(__name__)
 def run(settings: TrainerSettings) -> int:
     setup_logging(settings.log_level)
     if "WORLD_SIZE" not in os.environ and settings.ranks > 1:
-        _exec_torchrun(settings.ranks)
+        _exec_torchrun(settings)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _run_ranks(settings)
     log.info("config: %s", json.dumps(settings.redacted(), sort_keys=True))
     return serve_loop(settings, Reconnecting(settings, lambda: Trainer(settings)))
 
 
-def _exec_torchrun(ranks: int) -> None:
+def _exec_torchrun(settings: TrainerSettings) -> None:
     """Become ``torchrun`` (same pid: a supervisor's signals reach it) running this command
-    on ``ranks`` processes of this host; it stops them all when one fails or on SIGTERM."""
+    on ``ranks`` processes of this host; it stops them all when one fails or on SIGTERM, and
+    gives a stop a round's time (``max_round_seconds``) before it kills them."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={ranks}", "-m", "services", *sys.argv[1:]]
-    log.info("starting %d ranks: %s", ranks, " ".join(argv[1:]))
+            f"--nproc-per-node={settings.ranks}",
+            f"--shutdown-timeout={int(settings.max_round_seconds) + 60}",
+            "-m", "services", *sys.argv[1:]]
+    log.info("starting %d ranks: %s", settings.ranks, " ".join(argv[1:]))
     logging.shutdown()
     os.execv(sys.executable, argv)
 
@@ -44,15 +48,21 @@ def _run_ranks(settings: TrainerSettings) -> int:
     from services.trainer.ranks import Leader, follow
 
     _die_with_parent()
-    parallel = Parallel.launch(settings.strategy)
+    parallel = Parallel.launch(settings.strategy, settings.ranks_timeout_seconds)
     if not parallel.leader:
         return follow(settings.optim, parallel)
     log.info("config: %s", json.dumps(settings.redacted(), sort_keys=True))
     log.info("rank 0 of %d (%s): consuming, and leading the rounds", parallel.world,
              parallel.strategy)
     leader = Leader(parallel, settings.optim)
+
+    def trainer() -> Trainer:  # after a broker outage, a new loop over the same ranks
+        if leader.broken is not None:
+            raise FatalRuntimeError(f"the ranks are out of step: {leader.broken}")
+        return Trainer(settings, leader)
+
     try:
-        return serve_loop(settings, Reconnecting(settings, lambda: Trainer(settings, leader)))
+        return serve_loop(settings, Reconnecting(settings, trainer))
     finally:
         leader.stop()
 

@@ -22,3 +22,5 @@ ROLLBACKS = Counter("flywheel_trainer_rollbacks_total", "Rollbacks to the promot
                     "after the gate rejected the trainer's lineage.")
 DISCARDED = Counter("flywheel_trainer_discarded_versions_total", "Candidates left behind by a "
                     "rollback (their lineage is not built on).")
+RANKS = Gauge("flywheel_trainer_ranks", "Processes that train each round (torchrun's world "
+              "size; 1 in one process).")

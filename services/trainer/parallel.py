@@ -19,6 +19,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal, cast
 
 import torch
@@ -38,17 +39,19 @@ class Parallel:
     world: int
 
     @classmethod
-    def launch(cls, strategy: Strategy) -> Parallel:
+    def launch(cls, strategy: Strategy, timeout: float | None = None) -> Parallel:
         """Join the process group ``torchrun`` describes in the environment (gloo on the
-        CPU, NCCL on GPUs)."""
+        CPU, NCCL on GPUs). ``timeout``: how long a collective waits for the other ranks
+        (torch's default, 30 minutes for gloo, when None)."""
         if "WORLD_SIZE" not in os.environ:
             raise RuntimeError("not launched by torchrun: WORLD_SIZE is not set")
         if not dist.is_initialized():
+            wait = timedelta(seconds=timeout) if timeout is not None else None
             if torch.cuda.is_available():  # one GPU per rank on each node; gloo for the
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # CPU tensors
-                dist.init_process_group("cpu:gloo,cuda:nccl")
+                dist.init_process_group("cpu:gloo,cuda:nccl", timeout=wait)
             else:
-                dist.init_process_group("gloo")
+                dist.init_process_group("gloo", timeout=wait)
         return cls(strategy, dist.get_rank(), dist.get_world_size())
 
     @property

@@ -8,23 +8,30 @@ consumer the lineage stays what it is on one process, and a round is tiny next t
 (a few hundred samples of token ids). Rank 0 therefore:
 
 1. consumes ``accepted.*`` and forms the round exactly as the one-process trainer does;
-2. sends every rank the round's samples, seed and pad id (one broadcast; JSON, not pickle);
+2. sends every rank the round's samples, seed and pad id (one broadcast, JSON);
 3. trains its part of every micro-batch, like every other rank (``train.train_round``);
 4. gathers the whole weights and optimizer state (every rank takes part, so when it returns
    every rank has finished the round), writes the checkpoint and only then commits the
    candidate and the consumed offsets in one transaction.
 
 A rank that dies fails the round on every other rank (its collectives raise), and ``torchrun``
-ends the job; nothing of the round is committed, so the relaunched job (``--max-restarts`` or
-the supervisor) resumes from the last committed candidate and trains the round's samples
-again. The followers need no Kafka, no store and no model files: the model's config, weights
-and optimizer state come from rank 0 over the process group. They ignore SIGTERM and SIGINT:
-rank 0 finishes the round in flight on a stop and then tells them to leave.
+ends the job; nothing of the round is committed, so the job launched again (by its
+supervisor) resumes from the last committed candidate and trains the round's samples again.
+A step that fails on rank 0 alone ends the job the same way (:class:`Leader`). The followers
+need no Kafka, no store and no model files: the model's config, the optimizer settings, the
+weights and the optimizer state come from rank 0 over the process group. They ignore SIGTERM
+and SIGINT: on a stop, rank 0 finishes the round in flight (within torchrun's shutdown
+timeout and its supervisor's grace period) and then tells them to leave.
 
-Commands (rank 0 to all): ``load`` (weights, then the optimizer state if kept), ``reference``
-(the KL reference's weights), ``round``, ``idle`` (sent every ``IDLE_SECONDS`` while rank 0
-waits for samples, so a rank's death is seen while idle too and no collective waits out the
-process group's timeout), ``stop``.
+Commands (rank 0 to all, JSON): ``load`` (weights, then the optimizer state if kept; torch's
+own broadcast of that state pickles its non-tensor part between the ranks, in memory),
+``reference`` (the KL reference's weights), ``round``, ``idle`` (sent every ``IDLE_SECONDS``
+while rank 0 waits for samples, so a rank's death is seen while idle too), ``stop``. While
+rank 0 works alone (at start, on a rollback, writing a checkpoint) the others wait in a
+broadcast for up to the process group's timeout (``ranks_timeout_seconds``).
+
+Memory: every rank builds the whole model in host memory before FSDP2 shards it, and the KL
+reference (``kl_coef`` > 0) is whole on every rank.
 """
 
 from __future__ import annotations
@@ -67,7 +74,6 @@ class Replica:
     def __init__(self, parallel: Parallel, optim: OptimSettings) -> None:
         self.parallel = parallel
         self.optim = optim
-        self.dtype = torch.bfloat16 if optim.dtype == "bfloat16" else torch.float32
         self.model: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.reference: Any = None
@@ -77,7 +83,8 @@ class Replica:
         """``plain`` (its weights broadcast from rank 0) becomes the wrapped model, with a new
         optimizer; with ``restore``, rank 0's ``optimizer_state`` is loaded into it."""
         self.model = self.optimizer = None
-        _broadcast_weights(plain)
+        if self.parallel.strategy != "ddp":  # DDP's constructor broadcasts rank 0's itself
+            _broadcast_weights(plain)
         self.model = self.parallel.wrap(plain)
         self.optimizer = make_optimizer(self.model, self.optim)
         if restore:
@@ -100,66 +107,84 @@ class Replica:
         return Gathered(stats, weights, optimizer)
 
     @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.optim.dtype == "bfloat16" else torch.float32
+
+    @property
     def plain(self) -> Any:
         """The model as Hugging Face saves it (under DDP's wrapper; FSDP2 keeps the class)."""
         return self.parallel._inner(self.model)
 
 
 class Leader(Replica):
-    """Rank 0's side: each step is announced to the followers before it is taken."""
+    """Rank 0's side: each step is announced to the followers before it is taken.
+
+    A step that fails on rank 0 (a rank gone, or an error of its own: an out-of-memory, a
+    state that does not load) leaves the ranks out of step, the others possibly still inside
+    its collectives. The leader is then ``broken``: no further step or stop message is sent
+    (it could pair with a collective the others are still in), and the job ends; the other
+    ranks see rank 0's connections close and leave too.
+    """
 
     def __init__(self, parallel: Parallel, optim: OptimSettings) -> None:
         super().__init__(parallel, optim)
         self._sent_at = time.monotonic()
+        self.broken: str | None = None
+        """Why the ranks are out of step, once a step failed."""
 
     def load(self, plain: Any, optimizer_state: Mapping[str, Any] | None, restore: bool,
              lr_factor: float) -> None:
         restore = restore and optimizer_state is not None
-        self._send({"op": "load", "config": plain.config.to_json_string(),
-                    "restore": restore, "lr_factor": lr_factor})
-        with _collective("load"):
+        with self._step("load", {"config": plain.config.to_json_string(), "restore": restore,
+                                 "lr_factor": lr_factor, "strategy": self.parallel.strategy,
+                                 "optim": self.optim.model_dump(mode="json")}):
             super().load(plain, optimizer_state, restore, lr_factor)
 
     def load_reference(self, plain: Any) -> None:
-        self._send({"op": "reference", "config": plain.config.to_json_string()})
-        with _collective("reference"):
+        with self._step("reference", {"config": plain.config.to_json_string()}):
             super().load_reference(plain)
 
     def train(self, samples: Mapping[str, Sequence[Sample]], pad: int, seed: int) -> Gathered:
-        self._send({"op": "round", "pad": pad, "seed": seed,
-                    "samples": {st: [dataclasses.asdict(s) for s in items]
-                                for st, items in samples.items()}})
-        with _collective("round"):
+        with self._step("round", {"pad": pad, "seed": seed,
+                                  "samples": {st: [dataclasses.asdict(s) for s in items]
+                                              for st, items in samples.items()}}):
             return super().train(samples, pad, seed)
 
     def idle(self) -> None:
         """Between rounds, at most every ``IDLE_SECONDS``: a rank that died is seen here."""
         if time.monotonic() - self._sent_at >= IDLE_SECONDS:
-            self._send({"op": "idle"})
+            with self._step("idle", {}):
+                pass
 
     def stop(self) -> None:
-        """The followers leave (best effort: after a failure they may be gone already)."""
+        """The followers leave; after a failed step, nothing is sent (see the class)."""
+        if self.broken is not None:
+            log.error("not stopping the other ranks in step: %s; they leave when this "
+                      "process ends", self.broken)
+            return
         try:
-            self._send({"op": "stop"})
-            self.parallel.close()
-        except (RuntimeError, FatalRuntimeError) as exc:
+            with self._step("stop", {}):
+                self.parallel.close()
+        except FatalRuntimeError as exc:
             log.warning("the other ranks were not told to stop: %s", exc)
 
-    def _send(self, command: dict[str, Any]) -> None:
-        with _collective(command["op"]):
-            _broadcast_json(command)
-        self._sent_at = time.monotonic()
-
-
-@contextmanager
-def _collective(op: str) -> Iterator[None]:
-    """A failed collective (gloo or NCCL raise RuntimeError when a peer's connection
-    closes) ends rank 0's loop as a fatal error: nothing of the step is committed."""
-    try:
-        yield
-    except RuntimeError as exc:
-        raise FatalRuntimeError(f"the ranks' {op!r} step failed (a rank left the job?): "
-                                f"{exc}") from exc
+    @contextmanager
+    def _step(self, op: str, command: dict[str, Any]) -> Iterator[None]:
+        """``command`` sent to every rank, then the block, which every rank runs with it. A
+        failure of either breaks the leader; a failed collective (gloo and NCCL raise
+        RuntimeError when a peer's connection closes) is a fatal error."""
+        if self.broken is not None:
+            raise FatalRuntimeError(f"the ranks are out of step: {self.broken}")
+        try:
+            _broadcast_json({"op": op, **command})
+            self._sent_at = time.monotonic()
+            yield
+        except BaseException as exc:
+            self.broken = f"the {op!r} step failed on rank 0: {type(exc).__name__}: {exc}"
+            if isinstance(exc, RuntimeError):
+                raise FatalRuntimeError(f"the ranks' {op!r} step failed (a rank that left "
+                                        f"the job, or rank 0's own error): {exc}") from exc
+            raise
 
 
 def follow(optim: OptimSettings, parallel: Parallel) -> int:
@@ -174,6 +199,10 @@ def follow(optim: OptimSettings, parallel: Parallel) -> int:
             command = _broadcast_json(None)
             op = command["op"]
             if op == "load":
+                if command["strategy"] != parallel.strategy:
+                    raise ValueError(f"rank 0 runs {command['strategy']}, this rank "
+                                     f"{parallel.strategy}: give every rank the same settings")
+                replica.optim = OptimSettings.model_validate(command["optim"])  # rank 0's
                 replica.load(_empty_model(command["config"], replica.dtype), None,
                              command["restore"], command["lr_factor"])
             elif op == "reference":

@@ -67,6 +67,10 @@ class TrainerSettings(ServiceSettings):
                        "each round: above 1, `flywheel run trainer` starts itself under "
                        "torchrun on this host. For several hosts, run torchrun yourself "
                        "(its world size is then the job's).")
+    ranks_timeout_seconds: float = Field(
+        default=3600.0, gt=0, description="How long a rank waits for the others in one step. "
+        "The other ranks wait while rank 0 works alone: at start (reading checkpoints, "
+        "fetching and loading a version), on a rollback, and writing each checkpoint.")
     strategy: Literal["ddp", "fsdp"] = Field(
         default="ddp", description="Under torchrun (several ranks): ddp replicates the model "
         "on every rank; fsdp (FSDP2) shards it, one transformer block at a time. Ignored in "

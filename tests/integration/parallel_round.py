@@ -60,6 +60,8 @@ def main() -> None:
     args.add_argument("strategy", choices=["single", "ddp", "fsdp"])
     args.add_argument("--rounds", default="0,1")
     args.add_argument("--store", type=Path)
+    args.add_argument("--corrupt-optimizer", action="store_true",
+                      help="rank 0 resumes from a state naming a parameter the model lacks")
     a = args.parse_args()
     torch.set_num_threads(1)
     store = CheckpointStore(str(a.store)) if a.store else None
@@ -86,15 +88,19 @@ def main() -> None:
         leader = Leader(parallel, OPTIM)
         state = read_optimizer(folder) if resume else None
         assert state is not None or not resume
-        leader.load(engine.model, state, resume, 1.0)
-        for r in numbers:
-            gathered = leader.train(samples[r], engine.pad, r)
-            losses.append(gathered.stats.loss)
-        weights, optim = gathered.weights, gathered.optimizer
-        if store is not None and not resume:  # as the trainer writes it: the gathered
-            # weights, through the wrapped (DDP) or sharded (FSDP2) model
-            store.write(1, leader.plain, engine.tokenizer, optim, state_dict=weights)
-        leader.stop()
+        if state is not None and a.corrupt_optimizer:
+            state["state"][10**6] = state["state"][0]
+        try:  # as the trainer service's main: stop() sends nothing after a failed step
+            leader.load(engine.model, state, resume, 1.0)
+            for r in numbers:
+                gathered = leader.train(samples[r], engine.pad, r)
+                losses.append(gathered.stats.loss)
+            weights, optim = gathered.weights, gathered.optimizer
+            if store is not None and not resume:  # as the trainer writes it: the gathered
+                # weights, through the wrapped (DDP) or sharded (FSDP2) model
+                store.write(1, leader.plain, engine.tokenizer, optim, state_dict=weights)
+        finally:
+            leader.stop()
     save_file({k: v.detach().clone().contiguous() for k, v in weights.items()}, a.out)
     a.out.with_suffix(".json").write_text(json.dumps(losses))
     if parallel is None and store is not None and not resume:

@@ -81,6 +81,19 @@ def test_rounds_on_two_ranks_equal_the_one_process_rounds_across_rank_counts(
     up, second = _run(model, tmp_path / "f1.safetensors", "fsdp", "--rounds", "1", "--store",
                       str(tmp_path / "from-1"), ranks=2)
     assert _distance(up, single) < TOLERANCE and _same_losses(losses[:1] + second, losses)
+
+    # A step that fails on rank 0 alone (here a state naming a parameter the model lacks,
+    # while rank 1 waits in the state's broadcast): the job ends, rank 0 sending nothing more;
+    # rank 1 sees its connections close. Not a hang until the process group's timeout.
+    failed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(SCRIPT), str(model), str(tmp_path / "x.safetensors"), "fsdp", "--rounds", "1",
+         "--store", str(tmp_path / "from-1"), "--corrupt-optimizer"], cwd=ROOT,
+        capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert failed.returncode != 0
+    assert "not stopping the other ranks in step" in failed.stderr, failed.stderr[-3000:]
+    assert "IndexError" in failed.stderr, failed.stderr[-3000:]
     print(f"from one process: ddp {_distance(ddp, single):.1e}, fsdp then one process "
           f"{_distance(down, single):.1e}, one process then fsdp {_distance(up, single):.1e} "
           f"(training moved {moved:.1e})")
