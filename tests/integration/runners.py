@@ -258,3 +258,18 @@ def http_server(folder: Path, failing: set[str] | None = None
     finally:
         server.shutdown()
         server.server_close()
+
+
+def torchrun_ranks(pid: int) -> dict[int, int]:
+    """The pids of the ranks torchrun ``pid`` started, by rank (RANK in their environment,
+    read from /proc: not through the code under test)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            env = dict(kv.split("=", 1) for kv in (stat.parent / "environ").read_bytes()
+                       .decode(errors="replace").split("\0") if "=" in kv)
+            if "RANK" in env:
+                found[int(env["RANK"])] = int(stat.parent.name)
+    return found

@@ -22,7 +22,7 @@ from services import envs
 from services.common import topics as topic_ops
 from services.common.broker import free_port
 from services.common.config import KafkaSettings
-from tests.integration.runners import spawn_service
+from tests.integration.runners import spawn_service, torchrun_ranks
 from tests.kafka import Broker, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -83,20 +83,6 @@ def _covered(kafka: Broker, prefix: str) -> dict[tuple[str, int], list[tuple[int
     return spans
 
 
-def _ranks(proc: subprocess.Popen[bytes]) -> dict[int, int]:
-    """The pids of torchrun's workers by rank (RANK in their environment, from /proc)."""
-    out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != proc.pid:
-                continue
-            env = dict(kv.split("=", 1) for kv in (stat.parent / "environ").read_bytes()
-                       .decode(errors="replace").split("\0") if "=" in kv)
-            if "RANK" in env:
-                out[int(env["RANK"])] = int(stat.parent.name)
-    return out
-
-
 def _kill_mid_round(proc: subprocess.Popen[bytes], kafka: Broker, prefix: str,
                     log: Path, ranks: int, store: Path) -> int:
     """SIGKILL the trainer (with ``ranks`` > 1: rank 1) inside a round after its first: once
@@ -112,7 +98,7 @@ def _kill_mid_round(proc: subprocess.Popen[bytes], kafka: Broker, prefix: str,
     for version in itertools.count(max(2, len(_candidates(kafka, prefix)) + 1)):
         wait_until(began(version), 180, f"the round for v{version} to start")
         assert proc.poll() is None, log.read_text()[-3000:]
-        pids = _ranks(proc) if ranks > 1 else {0: proc.pid}
+        pids = torchrun_ranks(proc.pid) if ranks > 1 else {0: proc.pid}
         frozen = [pids[r] for r in sorted(pids, reverse=True)]
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)

@@ -18,6 +18,7 @@ import yaml
 from services.common.broker import free_port, free_ports
 from services.models.tiny import tiny_model
 from services.up.profile import Profile
+from tests.integration.runners import torchrun_ranks
 from tests.kafka import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -30,19 +31,6 @@ def _alive(pgid: int) -> bool:
                              text=True, check=True).stdout
     return any(int(group) == pgid and not state.startswith("Z")
                for group, state in (line.split() for line in listing.splitlines()))
-
-
-def _ranks(pid: int) -> list[int]:
-    """The processes ``pid`` started that are torchrun ranks (RANK in their environment)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid and \
-                    b"\0RANK=" in b"\0" + (stat.parent / "environ").read_bytes():
-                found.append(int(stat.parent.name))
-        except OSError:
-            continue
-    return found
 
 
 def _running(pid: int) -> bool:
@@ -84,9 +72,9 @@ def test_down_stops_the_children_and_broker_a_killed_up_left(tmp_path: Path) -> 
                    300, "every service started")
         assert up.poll() is None, log.read_text()[-3000:]
         groups = children()
-        wait_until(lambda: len(_ranks(groups["trainer"])) == 2 or up.poll() is not None, 120,
-                   "the trainer's 2 ranks started by its torchrun")
-        ranks = _ranks(groups["trainer"])
+        wait_until(lambda: len(torchrun_ranks(groups["trainer"])) == 2
+                   or up.poll() is not None, 120, "the trainer's 2 ranks started by torchrun")
+        ranks = list(torchrun_ranks(groups["trainer"]).values())
         broker = json.loads((home / "kafka" / "broker.json").read_text())["pid"]
         up.send_signal(signal.SIGKILL)
         up.wait(30)
