@@ -64,7 +64,7 @@ from services.trainer.objectives import Sample
 from services.trainer.ranks import Leader
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import CheckpointStore, load_optimizer, read_optimizer
-from services.trainer.train import make_optimizer, train_round
+from services.trainer.train import make_optimizer, scale_lr, train_round
 
 log = logging.getLogger(__name__)
 
@@ -224,20 +224,19 @@ class Trainer:
             state = read_optimizer(Path(folder)) if restore_optimizer else None
             self.ranks.load(loaded, state, restore_optimizer, lr_factor)
             self.model, self.optimizer = self.ranks.model, self.ranks.optimizer
-            log.info("v%d loaded on %d ranks (%s); %s", version, self.ranks.parallel.world,
-                     self.ranks.parallel.strategy, "optimizer state restored"
-                     if state is not None else "a fresh optimizer")
-            self.head = version
-            return folder
-        self.model = loaded.to(self.s.optim.device)
-        self.optimizer = make_optimizer(self.model, self.s.optim)
-        if restore_optimizer and load_optimizer(self.optimizer, Path(folder)):
+            restored = state is not None
+            log.info("v%d loaded on %d ranks (%s)", version, self.ranks.parallel.world,
+                     self.ranks.parallel.strategy)
+        else:
+            self.model = loaded.to(self.s.optim.device)
+            self.optimizer = make_optimizer(self.model, self.s.optim)
+            restored = restore_optimizer and load_optimizer(self.optimizer, Path(folder))
+            scale_lr(self.optimizer, lr_factor)
+        if restored:
             log.info("optimizer state restored from %s", folder)
         elif restore_optimizer:
             log.info("no optimizer state kept for v%d: a fresh optimizer", version)
         if lr_factor != 1.0:
-            for group in self.optimizer.param_groups:
-                group["lr"] *= lr_factor
             log.info("learning rate after the rollback: %g",
                      self.optimizer.param_groups[0]["lr"])
         self.head = version

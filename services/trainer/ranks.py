@@ -52,7 +52,13 @@ import torch.distributed as dist
 from services.common.errors import FatalRuntimeError
 from services.trainer.objectives import Sample
 from services.trainer.parallel import Parallel
-from services.trainer.train import OptimSettings, RoundStats, make_optimizer, train_round
+from services.trainer.train import (
+    OptimSettings,
+    RoundStats,
+    make_optimizer,
+    scale_lr,
+    train_round,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +94,10 @@ class Replica:
         self.model = self.parallel.wrap(plain)
         self.optimizer = make_optimizer(self.model, self.optim)
         if restore:
-            self.parallel.load_optimizer_state(self.model, self.optimizer,
-                                               dict(optimizer_state or {}) or None)
-        if lr_factor != 1.0:
-            for group in self.optimizer.param_groups:
-                group["lr"] *= lr_factor
+            self.parallel.load_optimizer_state(
+                self.model, self.optimizer,
+                dict(optimizer_state) if optimizer_state is not None else None)
+        scale_lr(self.optimizer, lr_factor)
 
     def load_reference(self, plain: Any) -> None:
         _broadcast_weights(plain)

@@ -44,6 +44,12 @@ def make_optimizer(model: Any, s: OptimSettings) -> torch.optim.Optimizer:
                              weight_decay=s.weight_decay)
 
 
+def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every parameter group's learning rate times ``factor`` (after a rollback)."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+
+
 @dataclass
 class RoundStats:
     loss: dict[str, float] = field(default_factory=dict)
