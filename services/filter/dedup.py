@@ -15,6 +15,7 @@ import hashlib
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from datasketch import MinHash
@@ -65,24 +66,30 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass(slots=True)
 class Memory:
-    """The entries of one task: [exact, signature (base64), group id], oldest first."""
+    """The entries of one task: [exact, signature (base64), group id, event time (s)], oldest
+    first. Entries written before times were kept have three fields: their time is unknown,
+    so every horizon holds them."""
 
-    entries: list[list[str]]
+    entries: list[list[Any]]
 
-    def match(self, fp: Fingerprint, *, exact: bool, near: bool, threshold: float
-              ) -> tuple[str, float] | None:
-        """('duplicate', 1.0) or ('near_duplicate', similarity) or None."""
-        if exact and any(e[0] == fp.exact for e in self.entries):
+    def match(self, fp: Fingerprint, *, exact: bool, near: bool, threshold: float,
+              at: float = 0.0, horizon: float | None = None) -> tuple[str, float] | None:
+        """('duplicate', 1.0) or ('near_duplicate', similarity) or None, against the entries
+        of less than ``horizon`` seconds before ``at`` (all with no horizon; entries after
+        ``at`` always hold, so a late sample never repeats a newer one)."""
+        entries = self.entries if horizon is None else [
+            e for e in self.entries if len(e) < 4 or at - float(e[3]) < horizon]
+        if exact and any(e[0] == fp.exact for e in entries):
             return "duplicate", 1.0
         if near:
             best = 0.0
-            for _, sig, _ in self.entries:
-                best = max(best, jaccard(fp.signature, decode_signature(sig)))
+            for e in entries:
+                best = max(best, jaccard(fp.signature, decode_signature(e[1])))
             if best >= threshold:
                 return "near_duplicate", best
         return None
 
-    def add(self, fp: Fingerprint, group_id: str, cap: int) -> None:
-        self.entries.append([fp.exact, fp.encoded(), group_id])
+    def add(self, fp: Fingerprint, group_id: str, at: float, cap: int) -> None:
+        self.entries.append([fp.exact, fp.encoded(), group_id, at])
         if len(self.entries) > cap:
             del self.entries[: len(self.entries) - cap]

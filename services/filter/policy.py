@@ -38,6 +38,11 @@ class DedupRule(_Strict):
     shingle: int = Field(default=5, ge=1, description="Character shingle length.")
     memory_per_task: int = Field(default=64, ge=1, description="Accepted samples remembered "
                                  "per task; the oldest are forgotten first.")
+    horizon_seconds: float | None = Field(
+        default=None, gt=0, description="A sample is a duplicate only of samples of its task "
+        "accepted less than this long before it (event time: the samples' `created_at`); "
+        "none: of any remembered sample. With a horizon a task keeps being learned from, one "
+        "copy per horizon at most, so a model that can forget it keeps rehearsing it.")
 
 
 class GroupRule(_Strict):

@@ -53,7 +53,8 @@ DECIDED = "decided/"
 at, the sample indexes decided since: a repeat of one is a duplicate by identity). Written
 before that by a bare stream time, still read (no indexes known)."""
 SEEN = "seen/"
-"""``seen/<task id>``: the task's duplicate memory, ``{entries}`` (accepted fingerprints)."""
+"""``seen/<task id>``: the task's duplicate memory, ``{entries}`` (accepted fingerprints, each
+with its event time; entries written before times were kept have none)."""
 UPGRADE = Renames({"g/": GROUP, "m/": MEMBER, "x/": DECIDED, "d/": SEEN},
                   {GROUP: {"t": "first_at", "n": "size", "have": "indexes"},
                    SEEN: {"e": "entries"}})
@@ -168,9 +169,10 @@ class FilterStage:
                 flags[i].append("duplicate_in_group")
             seen.add(fp.exact)
         accepted = [i for i, r in enumerate(reasons) if not r]
-        remembered = [fp for i in accepted if (fp := fps[i]) is not None]
-        for fp in remembered:
-            memory.add(fp, group_id, p.dedup.memory_per_task)
+        remembered = [(fp, members[i].created_at.timestamp()) for i in accepted
+                      if (fp := fps[i]) is not None]
+        for fp, at in remembered:
+            memory.add(fp, group_id, at, p.dedup.memory_per_task)
         if remembered:
             state.put(mkey, {"entries": memory.entries})
         rewards = [members[i].reward for i in accepted]
@@ -198,7 +200,8 @@ class FilterStage:
             if hit is not None:
                 reasons.append(hit)
             elif fp is not None:
-                memory.add(fp, s.trajectory.group_id, self.policy.dedup.memory_per_task)
+                memory.add(fp, s.trajectory.group_id, s.created_at.timestamp(),
+                           self.policy.dedup.memory_per_task)
                 state.put(mkey, {"entries": memory.entries})
         return [self._decision(s, reasons, ["late_member"], None)]
 
@@ -209,7 +212,8 @@ class FilterStage:
         if not (d.exact or d.near):
             return None, None
         fp = fingerprint(s.trajectory.completion, num_perm=d.num_perm, shingle=d.shingle)
-        hit = memory.match(fp, exact=d.exact, near=d.near, threshold=d.threshold)
+        hit = memory.match(fp, exact=d.exact, near=d.near, threshold=d.threshold,
+                           at=s.created_at.timestamp(), horizon=d.horizon_seconds)
         if hit is None:
             return fp, None
         labelled(m.DUPLICATE_HITS, hit[0]).inc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,46 @@ def test_the_duplicate_memory_per_task_is_bounded() -> None:
     newest = [fingerprint(a.scored.trajectory.completion, num_perm=d.num_perm,
                           shingle=d.shingle).exact for a in accepted][-3:]
     assert [e[0] for e in memory] == newest  # the oldest one went
+
+
+def _resampled(records: list[ScoredTrajectory], later: float, group: str
+               ) -> list[ScoredTrajectory]:
+    """The same completions of the same task, sampled again as a new group ``later`` s on."""
+    out = []
+    for r in records:
+        t = r.trajectory.model_copy(update={"group_id": group,
+                                            "event_id": f"{group}-{r.trajectory.sample_index}"})
+        out.append(r.model_copy(update={"trajectory": t, "event_id": f"s-{t.event_id}",
+                                        "created_at": r.created_at + timedelta(seconds=later)}))
+    return out
+
+
+@pytest.mark.parametrize("horizon", [None, 30.0])
+def test_a_dedup_horizon_lets_a_task_be_learned_from_again_after_it(horizon: float | None
+                                                                     ) -> None:
+    stage = make_filter(planted.filter_policy().model_copy(
+        update={"dedup": DedupRule(horizon_seconds=horizon)}))
+    records, _ = planted.planted_mix(1)
+    assert len(values(run(stage, records), "filtered")) == 4
+    soon = [o.value for o in run(stage, _resampled(records, 29, "soon"))]
+    assert [d.reasons for d in soon] == [["duplicate"]] * 4  # inside the horizon
+    after = [o.value for o in run(stage, _resampled(records, 31, "after"))]
+    assert [d.accepted for d in after] == [horizon is not None] * 4
+    late = [o.value for o in run(stage, _resampled(records, -5, "late"))]
+    assert [d.reasons for d in late] == [["duplicate"]] * 4  # older than what it repeats
+
+
+def test_memory_entries_without_a_time_hold_for_every_horizon() -> None:
+    """Entries written before times were remembered (three fields) are still duplicates."""
+    stage = make_filter(planted.filter_policy().model_copy(
+        update={"dedup": DedupRule(horizon_seconds=30)}))
+    records, _ = planted.planted_mix(1)
+    run(stage, records)
+    state = stage.state.partition(0)
+    key = f"seen/{records[0].trajectory.task.task_id}"
+    state.put(key, {"entries": [e[:3] for e in state.get(key)["entries"]]})
+    again = _resampled(records, 3600, "again")
+    assert [o.value.reasons for o in run(stage, again)] == [["duplicate"]] * 4
 
 
 def _accepted(records: list[ScoredTrajectory]) -> list[FilterDecision]:
