@@ -72,8 +72,8 @@ class Memory:
 
     entries: list[list[Any]]
 
-    def match(self, fp: Fingerprint, *, exact: bool, near: bool, threshold: float,
-              at: float = 0.0, horizon: float | None = None) -> tuple[str, float] | None:
+    def match(self, fp: Fingerprint, *, exact: bool, near: bool, threshold: float, at: float,
+              horizon: float | None) -> tuple[str, float] | None:
         """('duplicate', 1.0) or ('near_duplicate', similarity) or None, against the entries
         of less than ``horizon`` seconds before ``at`` (all with no horizon; entries after
         ``at`` always hold, so a late sample never repeats a newer one)."""
