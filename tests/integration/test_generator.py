@@ -98,6 +98,8 @@ def test_generator_serves_tasks_and_hot_reloads_promoted_checkpoints(
                    "trajectories for the first tasks")
         first = trajectories()
         assert {t.policy_version for t in first} == {0}
+        # On a CPU build of vLLM the generator runs the engine in its own process (the default).
+        assert b"vLLM engine in this process" in log.read_bytes(), log.read_text()[-2000:]
         assert all(t.completion_token_ids and t.completion_logprobs for t in first)
         multi = [t for t in first if t.task.env == "guess"]
         assert multi and all(sum(x.role == "assistant" for x in t.turns) >= 2 for t in multi)
