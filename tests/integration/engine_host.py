@@ -9,6 +9,7 @@ pipe as JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import traceback
@@ -42,14 +43,15 @@ def _serve(conn: Connection, model: str, options: dict[str, Any]) -> None:
                 continue
             out = engine.generate(call["prompts"], SamplingParams(**call["sampling"]),
                                   call["seeds"])
-            conn.send_bytes(json.dumps({"ok": [c.__dict__ for c in out]}).encode())
+            conn.send_bytes(json.dumps({"ok": [dataclasses.asdict(c) for c in out]}).encode())
     except BaseException:
         conn.send_bytes(json.dumps({"error": traceback.format_exc()}).encode())
 
 
 class EngineHost:
     """``VLLMEngine``'s interface (generate, reload, close, tokenizer) over a spawned process
-    that holds the engine."""
+    that holds the engine. The tokenizer is loaded here from the same folder, as vLLM loads
+    its own (``get_tokenizer``), so prompts are rendered without a round trip."""
 
     name = "vllm"
 
