@@ -1,5 +1,6 @@
 """Everything ``flywheel up`` does before the first service starts: the policy files, a check
-of every service's settings, Prometheus, the topics and the seed model.
+of every service's settings, Prometheus, the topics and the seed model (trained while the
+local broker starts, then published).
 
 A profile that is wrong fails here, with the section named, before anything runs.
 """
@@ -111,38 +112,56 @@ def apply_topics(settings: KafkaSettings, say: Say) -> None:
     say(f"topics: {len(report.changes)} changes under {settings.topic_prefix!r}")
 
 
-def seed_model(profile: Profile, settings: KafkaSettings, say: Say) -> Path:
-    """Version 0 of the model, promoted on ``checkpoints``: bootstrapped (a tiny model
-    trained on easy data) unless the store has it already."""
-    from services.bootstrap import bootstrap, publish_promoted
+Seed = tuple[str, list[Any], dict[str, float]]
+"""A seed model just written to the store: its URI, manifest and held-out metrics."""
+
+
+def train_seed(profile: Profile, say: Say) -> Seed | None:
+    """Version 0 of a profile without a model folder, bootstrapped (a tiny model trained on
+    easy data) into the store; None when the store has it already. Needs no broker, so
+    ``flywheel up`` starts its local one meanwhile."""
+    from services.bootstrap import bootstrap
     from services.envs.heldout import gate_headline, gate_task_ids
     from services.gate.evaluate import evaluate
-    from services.trainer.store import MANIFEST_FILE, CheckpointStore
+    from services.trainer.store import CheckpointStore
 
     p = profile
     store = CheckpointStore(p.checkpoint_url)
     if not store.local:
         raise ConfigError("bootstrapping needs a local checkpoint store; give the profile "
                           "a model_path for a remote one")
-    folder = Path(store.uri(0))
-    versions = read_checkpoints(settings, p.model_name)
     if 0 in store.versions():
-        say(f"seed model: {folder} (exists)")
-        if any(e.version == 0 for e in versions.decided()):
+        say(f"seed model: {store.uri(0)} (exists)")
+        return None
+    held = gate_headline(p.gate)
+    say(f"seed model: training a tiny model on {p.bootstrap.samples:,} samples of easy "
+        f"{p.bootstrap.env} data ...")
+    seed = bootstrap(p.bootstrap, p.checkpoint_url, p.model_name,
+                     evaluate=lambda f: evaluate(f, held), excluded=gate_task_ids(p.gate))
+    say(f"seed model: held-out pass rate {seed[2].get('pass_rate', 0):.3f}")
+    return seed
+
+
+def publish_seed(profile: Profile, settings: KafkaSettings, say: Say,
+                 trained: Seed | None) -> Path:
+    """Version 0 promoted on ``checkpoints``, so the gate, the generators and the trainer all
+    start from it: the seed just ``trained``, or the store's when the topic has no decision
+    on version 0 yet."""
+    from services.bootstrap import publish_promoted
+    from services.trainer.store import MANIFEST_FILE, CheckpointStore
+
+    p = profile
+    folder = Path(CheckpointStore(p.checkpoint_url).uri(0))
+    if trained is not None:
+        uri, manifest, metrics = trained
+    else:
+        if any(e.version == 0 for e in read_checkpoints(settings, p.model_name).decided()):
             return folder
         document = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
         from schemas import FileDigest
         manifest = [FileDigest(**f) for f in document["files"]]
         metrics = document.get("metrics", {})
         uri = str(folder)
-    else:
-        held = gate_headline(p.gate)
-        say(f"seed model: training a tiny model on {p.bootstrap.samples:,} samples of easy "
-            f"{p.bootstrap.env} data ...")
-        uri, manifest, metrics = bootstrap(p.bootstrap, p.checkpoint_url, p.model_name,
-                                           evaluate=lambda f: evaluate(f, held),
-                                           excluded=gate_task_ids(p.gate))
-        say(f"seed model: held-out pass rate {metrics.get('pass_rate', 0):.3f}")
     publish_promoted(settings, settings.topic("checkpoints"), p.model_name, uri, manifest,
                      metrics)
     say("seed model: published as promoted version 0")

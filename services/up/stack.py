@@ -12,6 +12,7 @@ and its ``/metrics`` on its own port. The live view is :mod:`services.up.view`;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,7 @@ class Stack:
                               f"{self.home} ({', '.join(sorted(left))}): `flywheel down` first")
         self._owner = control.Owner(self.home)  # until run() ends; a second up fails here
         self.write_state()  # this process's from now on, not a dead up's
+        starting: Future[tuple[local_kafka.LocalBroker, bool]] | None = None
         try:
             resolved = kafka_from_env(p.kafka)
             self.kafka = public(resolved)
@@ -85,16 +88,30 @@ class Stack:
             prepare.validate(p, self.kafka | self.secrets, self.policy_files)
             self.prometheus = prepare.start_monitor(p, say)
             if p.local_broker:
+                # Started beside the seed model's training, which needs no broker: the
+                # broker's start (about 5 s, mostly waiting on its JVM) costs no time then.
                 local_kafka.install()
-                broker, self.started_broker = local_kafka.start(
-                    self.home / "kafka", p.broker_port, sasl=self._local_admin(resolved))
+                pool = ThreadPoolExecutor(1, thread_name_prefix="broker-start")
+                starting = pool.submit(local_kafka.start, self.home / "kafka", p.broker_port,
+                                       sasl=self._local_admin(resolved))
+                pool.shutdown(wait=False)  # its one task runs on
+            else:  # a cluster's settings fail now, not after the seed model's training
+                prepare.apply_topics(self.kafka_settings, say)
+            seed = None if p.model_path else prepare.train_seed(p, say)
+            if starting is not None:
+                broker, self.started_broker = starting.result()
+                starting = None
                 self.kafka["bootstrap_servers"] = broker.bootstrap
                 self.write_state()  # from here on `down` can stop the broker, whatever happens
                 say(f"broker: {broker.bootstrap} "
                     f"({'started' if self.started_broker else 'running'})")
-            prepare.apply_topics(self.kafka_settings, say)
-            self.base_path = p.model_path or prepare.seed_model(p, self.kafka_settings, say)
+                prepare.apply_topics(self.kafka_settings, say)
+            self.base_path = p.model_path or prepare.publish_seed(p, self.kafka_settings, say,
+                                                                  seed)
         except BaseException:
+            if starting is not None:  # a broker still starting is stopped too, once up
+                with contextlib.suppress(Exception):
+                    self.started_broker = starting.result()[1]
             if self.started_broker:  # leave nothing behind that this call started
                 local_kafka.stop(self.home / "kafka")
             control.clear_state(self.home)

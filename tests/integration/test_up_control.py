@@ -16,8 +16,11 @@ import pytest
 import yaml
 
 from services.common.broker import free_port, free_ports
+from services.common.errors import ConfigError
 from services.models.tiny import tiny_model
+from services.up.control import Owner
 from services.up.profile import Profile
+from services.up.stack import Stack
 from tests.integration.runners import torchrun_ranks
 from tests.kafka import wait_until
 
@@ -97,3 +100,18 @@ def test_down_stops_the_children_and_broker_a_killed_up_left(tmp_path: Path) -> 
     assert not [r for r in ranks if _running(r)]
     assert not _alive(broker)
     assert not state_file.exists()
+
+
+def test_a_seed_model_failing_while_the_broker_starts_leaves_no_broker(tmp_path: Path) -> None:
+    """The local broker starts on a thread beside the seed model's training: when the
+    training fails, ``up`` waits for that start to end and stops the broker it started."""
+    home = tmp_path / "home"
+    profile = Profile(home=home, checkpoint_url=str(tmp_path / "store"),
+                      broker_port=free_port(), prometheus={"enabled": False},  # type: ignore[arg-type]
+                      bootstrap={"env": "word_problems"})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="arithmetic environment"):
+        Stack(profile).prepare(say=lambda _line: None)
+    started = json.loads((home / "kafka" / "broker.json").read_text())["pid"]
+    assert not _running(started)
+    assert not (home / "up.json").exists()
+    Owner(home).release()  # the home's lock was released too: a new up may take it
