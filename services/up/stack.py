@@ -100,7 +100,6 @@ class Stack:
             seed = None if p.model_path else prepare.train_seed(p, say)
             if starting is not None:
                 broker, self.started_broker = starting.result()
-                starting = None
                 self.kafka["bootstrap_servers"] = broker.bootstrap
                 self.write_state()  # from here on `down` can stop the broker, whatever happens
                 say(f"broker: {broker.bootstrap} "
@@ -109,8 +108,8 @@ class Stack:
             self.base_path = p.model_path or prepare.publish_seed(p, self.kafka_settings, say,
                                                                   seed)
         except BaseException:
-            if starting is not None:  # a broker still starting is stopped too, once up
-                with contextlib.suppress(Exception):
+            if starting is not None:  # a broker still starting is stopped too, once it is up
+                with contextlib.suppress(Exception):  # (a start that failed started nothing)
                     self.started_broker = starting.result()[1]
             if self.started_broker:  # leave nothing behind that this call started
                 local_kafka.stop(self.home / "kafka")
