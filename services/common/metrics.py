@@ -129,11 +129,16 @@ class HealthServer:
                     self._send(404, b"not found\n")
 
             def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    # A scraper that timed out while a busy service (a gate evaluating, a
+                    # trainer training) held the interpreter: nothing to answer, no traceback.
+                    log.debug("http: the client left before the answer to %s", self.path)
 
             def log_message(self, format: str, *args: object) -> None:
                 log.debug("http: " + format, *args)
