@@ -15,6 +15,7 @@ from typing import Any
 from schemas import SamplingParams, Task
 from services import envs
 from services.envs.heldout import HeldOut
+from services.models.engines import HFDtype
 
 
 @dataclass
@@ -25,19 +26,20 @@ class SetResult:
     outcomes: list[int] = field(default_factory=list)
 
 
-def evaluate(folder: Path, held_out: HeldOut, tasks: list[Task] | None = None
-             ) -> dict[str, float]:
+def evaluate(folder: Path, held_out: HeldOut, tasks: list[Task] | None = None, *,
+             dtype: HFDtype = "float32") -> dict[str, float]:
     """``pass_rate`` and ``mean_score`` of the checkpoint in ``folder`` on one set."""
-    return evaluate_suite(folder, [held_out], None if tasks is None else [tasks])[
-        held_out.name].metrics
+    return evaluate_suite(folder, [held_out], None if tasks is None else [tasks],
+                          dtype=dtype)[held_out.name].metrics
 
 
-def evaluate_suite(folder: Path, sets: list[HeldOut], tasks: list[list[Task]] | None = None
-                   ) -> dict[str, SetResult]:
-    """Every set of the suite, by name, with one load of the checkpoint."""
+def evaluate_suite(folder: Path, sets: list[HeldOut], tasks: list[list[Task]] | None = None,
+                   *, dtype: HFDtype = "float32") -> dict[str, SetResult]:
+    """Every set of the suite, by name, with one load of the checkpoint (weights in
+    ``dtype``)."""
     from services.models.engines import TransformersEngine
 
-    engine = TransformersEngine(folder)
+    engine = TransformersEngine(folder, dtype=dtype)
     try:
         return {s.name: _run(engine, s, tasks[i] if tasks is not None else s.tasks())
                 for i, s in enumerate(sets)}

@@ -17,7 +17,13 @@ from services.common.service import serve
 from services.generator.metrics import RELOAD_REFUSALS
 from services.generator.reload import Reloader
 from services.generator.stage import GeneratorStage
-from services.models.engines import Engine, TransformersEngine, VLLMDtype, VLLMEngine
+from services.models.engines import (
+    Engine,
+    HFDtype,
+    TransformersEngine,
+    VLLMDtype,
+    VLLMEngine,
+)
 from services.models.episodes import ModelVersion
 from services.models.fetch import CheckpointSource, CheckpointSourceSettings
 
@@ -43,6 +49,11 @@ class VLLMSettings(BaseModel):
         "in two of its own (see VLLMEngine). None: in-process on a CPU build of vLLM, where it "
         "starts about a minute sooner on 2 cores at the same throughput; vLLM's own "
         "multiprocess engine on GPUs, where it overlaps scheduling with the model.")
+
+
+class TransformersSettings(BaseModel):
+    dtype: HFDtype = Field(default="float32", description="The weights' dtype: bfloat16 "
+                           "generates twice as fast on a CPU with AVX-512 BF16.")
 
 
 class GeneratorRuntimeSettings(RuntimeSettings):
@@ -73,6 +84,7 @@ class GeneratorSettings(ServiceSettings):
     max_turns: int = Field(default=8, ge=1)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     vllm: VLLMSettings = Field(default_factory=VLLMSettings)
+    transformers: TransformersSettings = Field(default_factory=TransformersSettings)
     runtime: GeneratorRuntimeSettings = Field(default_factory=GeneratorRuntimeSettings)
 
 
@@ -89,7 +101,7 @@ def build_engine(settings: GeneratorSettings) -> tuple[Engine, object]:
                             kv_cache_gib=v.kv_cache_gib, in_process=in_process)
         log.info("vLLM engine %s", "in this process" if in_process else "in processes of its own")
         return engine, engine.tokenizer
-    hf = TransformersEngine(settings.model_path)
+    hf = TransformersEngine(settings.model_path, dtype=settings.transformers.dtype)
     return hf, hf.tokenizer
 
 

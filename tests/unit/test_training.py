@@ -77,9 +77,11 @@ def _sft_round(engine: Any, rng: random.Random, optimizer: Any, s: OptimSettings
     train_round(engine.model, optimizer, {"sft": samples}, s, engine.pad, seed=seed)
 
 
-def test_sft_on_accepted_samples_raises_the_pass_rate_on_unseen_sums(engine: Any) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16-mixed"])
+def test_sft_on_accepted_samples_raises_the_pass_rate_on_unseen_sums(engine: Any, dtype: Any
+                                                                      ) -> None:
     before = _pass_rate(engine, HELD_OUT)
-    s = OptimSettings(lr=3e-3, micro_batch=32)
+    s = OptimSettings(lr=3e-3, micro_batch=32, dtype=dtype)
     optimizer = make_optimizer(engine.model, s)
     rng = random.Random(1)
     for r in range(60):
@@ -88,6 +90,11 @@ def test_sft_on_accepted_samples_raises_the_pass_rate_on_unseen_sums(engine: Any
     # Untrained: 0 of the 20 unseen sums. Trained, over seeds 1-3 here: 0.30-0.45 at 60
     # rounds; the margin leaves room for other CPUs' float rounding.
     assert before <= 0.05 and after >= before + 0.2, (before, after)
+    # Mixed precision computes in bfloat16 but keeps float32 weights and optimizer state,
+    # where updates of lr-sized steps are not rounded away.
+    assert {p.dtype for p in engine.model.parameters()} == {torch.float32}
+    assert {v.dtype for state in optimizer.state.values() for v in state.values()
+            if v.dim() > 0} == {torch.float32}
 
 
 def test_grpo_on_groups_with_reward_variance_raises_the_mean_reward(engine: Any) -> None:
