@@ -30,7 +30,7 @@ Role = Literal["system", "user", "assistant", "tool"]
 Verdict = Literal["correct", "incorrect", "unverified"]
 TrainingStage = Literal["cpt", "sft", "rl"]
 CheckpointStatus = Literal["candidate", "promoted", "rejected"]
-Rejection = Literal["regressed", "not_better", "invalid"]
+Rejection = Literal["regressed", "not_better", "invalid", "superseded"]
 
 
 class VerifierSpec(WireModel):
@@ -266,7 +266,9 @@ class CheckpointEvent(Message):
         default=None, description="Kind of a rejection: 'regressed' (a held-out set fell "
         "beyond tolerance; the trainer rolls back), 'not_better' (no regression, no "
         "improvement beyond noise: the trainer builds on it), 'invalid' (refused or failed "
-        "to load or run). None on a rejection written before the kinds: read as regressed.")
+        "to load or run), 'superseded' (not evaluated: a newer candidate of the model came "
+        "in the same batch, the gate being behind; the trainer builds on it). None on a "
+        "rejection written before the kinds: read as regressed.")
     provenance: dict[str, dict[str, int]] = Field(
         default_factory=dict, description="Where the round's samples came from, as counts: "
         "'env', 'router_policy', 'filter_policy', 'scorer' (name@version), 'replay' (samples "

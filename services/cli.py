@@ -473,7 +473,8 @@ def quarantine_command(
     from services.quarantine import quarantined, write_records
 
     settings = ServiceSettings(service="cli")
-    kinds = ("regressed", "invalid", "not_better") if all_rejected else ("regressed", "invalid")
+    kinds = ("regressed", "invalid", "not_better", "superseded") if all_rejected \
+        else ("regressed", "invalid")
     entries = quarantined(settings.kafka, settings.topic("checkpoints"), model=model,
                           kinds=kinds)
     if as_json:

@@ -12,12 +12,15 @@ from services.common.state import StateStore
 from services.envs.heldout import Suite, suite
 from services.gate.evaluate import evaluate_suite
 from services.gate.stage import GateStage
+from services.models.engines import HFDtype
 from services.models.fetch import CheckpointSource, CheckpointSourceSettings
 
 
 class GateRuntimeSettings(RuntimeSettings):
-    # One candidate per transaction, and evaluating one may take minutes on a real model.
-    batch_max_records: int = Field(default=1, ge=1, le=100_000)
+    # Evaluating a candidate may take minutes on a real model: of the candidates waiting in a
+    # batch, only the newest of each model is evaluated (the others are superseded). 1: each
+    # candidate is evaluated, in a transaction of its own.
+    batch_max_records: int = Field(default=64, ge=1, le=100_000)
     transaction_timeout_ms: int = Field(default=900_000, ge=1_000, le=900_000)
     max_poll_interval_ms: int = Field(default=1_800_000, ge=10_000)
 
@@ -46,6 +49,9 @@ class GateSettings(ServiceSettings):
     alpha: float = Field(default=0.05, gt=0, le=1, description="Improvement beyond noise: the "
                          "one-sided paired sign test's level, Bonferroni-split over the sets "
                          "and the pooled suite.")
+    dtype: HFDtype = Field(default="float32", description="The evaluation engine's weights: "
+                           "bfloat16 evaluates twice as fast on a CPU with AVX-512 BF16; "
+                           "every version, the base included, is evaluated alike.")
     runtime: GateRuntimeSettings = Field(default_factory=GateRuntimeSettings)
 
     @model_validator(mode="after")
@@ -64,7 +70,7 @@ def build_stage(settings: GateSettings) -> GateStage:
         root=settings.checkpoint_root,
         source=CheckpointSource(settings.checkpoint_root, settings.checkpoint_source,
                          settings.instance_id),
-        evaluate=lambda folder: evaluate_suite(folder, sets, tasks),
+        evaluate=lambda folder: evaluate_suite(folder, sets, tasks, dtype=settings.dtype),
         base={settings.model_name: (settings.base_version, settings.base_model_path)},
         sets=sets, headline=settings.headline, tracked=settings.tracked,
         tolerance=settings.tolerance, alpha=settings.alpha, service=settings.service)

@@ -11,7 +11,8 @@ GATE_PROMOTED_SCORE = Gauge("flywheel_gate_promoted_score", "Held-out evaluation
                             "promoted version (the base before any promotion), by held-out "
                             "set and metric.", ["set", "metric"])
 GATE_DECISIONS = Counter("flywheel_gate_decisions_total", "Gate decisions by outcome: "
-                         "promoted, regressed, not_better, invalid.", ["outcome"])
+                         "promoted, regressed, not_better, invalid, superseded.",
+                         ["outcome"])
 GATE_REGRESSIONS = Counter("flywheel_gate_regressions_total", "Regressed candidates by a "
                            "source of their data (kind: env, router_policy, filter_policy, "
                            "scorer).", ["kind", "value"])

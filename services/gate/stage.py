@@ -6,9 +6,22 @@ transactions), keeping in its state (changelog ``gate.state``) the promoted vers
 model with its metrics per set and per-task outcomes. A candidate is promoted only if it
 passes verification (manifest, safetensors, inside the checkpoint root) and the rule of
 ``services.gate.rule`` holds: no set regresses beyond its tolerance, and one improves beyond
-noise. Rejections carry their kind (``regressed``, ``not_better``, ``invalid``), which the
-trainer's rollback reads. Events the gate wrote itself are skipped; a ``promoted`` event from
-elsewhere (the bootstrap publishing version 0) becomes the reference, evaluated once.
+noise. Rejections carry their kind (``regressed``, ``not_better``, ``invalid``,
+``superseded``), which the trainer's rollback reads. Events the gate wrote itself are
+skipped; a ``promoted`` event from elsewhere (the bootstrap publishing version 0) becomes the
+reference, evaluated once.
+
+A gate slower than the trainer (minutes per evaluation of a real model on a CPU) finds several
+candidates waiting when it polls: it evaluates the newest of each model in the batch and
+rejects the older ones unevaluated as ``superseded`` (the trainer builds on them, as on
+``not_better``), so promotions follow the trainer's newest weights instead of an ever longer
+queue. ``runtime.batch_max_records: 1`` evaluates every candidate instead.
+
+A base model not yet evaluated (its partition's state holds no reference) is evaluated as soon
+as the partition is restored, on a thread of its own, while the trainer prepares its first
+candidate: on a real model on a CPU that evaluation takes minutes, and the first decision
+would otherwise wait for it. It becomes the reference in the transaction of the first event
+that needs it.
 
 Repeated regressions from the same data are counted by where the candidates' samples came
 from (``provenance``: environment, router and filter policy hashes, scorer versions), so an
@@ -18,8 +31,10 @@ alert can name the source.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +79,26 @@ class GateStage:
         self.tolerance, self.alpha = tolerance, alpha
         self.service = service
         self._streaks: dict[tuple[str, str], int] = {}
+        self._early: dict[str, Future[dict[str, SetResult]]] = {}
+        """Per model: the base's evaluation, started when its partition was restored."""
 
     def process_partition(self, state: PartitionState, batch: Sequence[CheckpointEvent]
                           ) -> list[Output]:
         outputs: list[Output] = []
-        for event in batch:
-            if event.producer is not None and event.producer.service == self.service:
-                continue  # our own decision, read back
+        events = [e for e in batch  # not our own decisions, read back
+                  if e.producer is None or e.producer.service != self.service]
+        newest: dict[str, int] = {}
+        for e in events:
+            if e.status == "candidate":
+                newest[e.model] = max(newest.get(e.model, e.version), e.version)
+        for event in events:
             if event.status == "promoted":
                 self._external_promotion(state, event)
+            elif event.status == "candidate" and event.version < newest[event.model]:
+                outputs.append(self._out(
+                    event, "rejected", event.metrics, f"superseded by v{newest[event.model]}, "
+                    "a newer candidate that came in the same batch: the gate evaluates the "
+                    "newest when it falls behind the trainer", "superseded"))
             elif event.status == "candidate":
                 outputs.append(self._decide(state, event))
         return outputs
@@ -85,6 +111,23 @@ class GateStage:
         until the next decision."""
         for key in state.keys("promoted/"):
             self._show(state.get(key))
+        for model, (_, folder) in self.base.items():
+            if state.get(f"promoted/{model}") is None and model not in self._early:
+                self._early[model] = self._evaluate_early(folder)
+
+    def _evaluate_early(self, folder: Path) -> Future[dict[str, SetResult]]:
+        """``folder``'s evaluation on a daemon thread (a stopping gate does not wait for it)."""
+        future: Future[dict[str, SetResult]] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self._results(folder))
+            except BaseException as exc:  # raised where the result is used
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="gate-base-evaluation", daemon=True).start()
+        log.info("evaluating the base model %s meanwhile", folder)
+        return future
 
     @staticmethod
     def _show(ref: dict[str, Any]) -> None:
@@ -106,8 +149,9 @@ class GateStage:
         current = state.get(key)
         if current is None and model in self.base:
             version, folder = self.base[model]
+            early = self._early.pop(model, None)
             try:
-                results = self._results(folder)
+                results = early.result() if early is not None else self._results(folder)
             except Exception as exc:  # not the candidate's fault: stop, visibly
                 raise DependencyError(f"cannot evaluate the base model {folder}: {exc}") from exc
             current = rule.reference(results, self.headline, version, base=True,

@@ -5,8 +5,8 @@ A rollback is due when the lineage the trainer holds (its weights' version, then
 to the first promoted ancestor) contains at least ``after`` regressed candidates. Its target is
 the latest promoted version. The same rule runs live (before each round) and at start, so a
 trainer restarted during a rollback resumes from the promoted version, not the rejected one.
-A ``not_better`` rejection does not count: such a candidate did not regress, and its successors
-are tested again.
+A ``not_better`` or ``superseded`` rejection does not count: such a candidate did not regress
+(or was not evaluated), and its successors are tested again.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ runs in tests/integration/test_gate.py)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,12 @@ def _candidate(tmp_path: Path, version: int, status: str = "candidate") -> Check
 
 
 def _run(gate: GateStage, *events: CheckpointEvent) -> list[CheckpointEvent]:
+    """Each event in a batch of its own (a gate keeping up with the trainer)."""
+    return [d for e in events for d in _batch(gate, e)]
+
+
+def _batch(gate: GateStage, *events: CheckpointEvent) -> list[CheckpointEvent]:
+    """The events in one batch (what piled up while the gate evaluated)."""
     gate.state.begin()
     out = gate.process_partition(gate.state.partition(0), list(events))
     return [o.value for o in out]  # type: ignore[misc]
@@ -260,3 +267,63 @@ def test_an_evaluation_whose_dependency_is_down_stops_the_gate_instead_of_reject
     gate.evaluate = evaluate
     with pytest.raises(DependencyError, match="sandbox pool"):
         _run(gate, _candidate(tmp_path, 1))
+
+
+def test_the_base_is_evaluated_as_soon_as_its_partition_is_restored(tmp_path: Path) -> None:
+    """While the trainer prepares its first candidate, not after it arrives; a state that
+    holds the reference already evaluates nothing; a failed early evaluation stops the gate
+    at the first event, as a failed evaluation then would."""
+    from services.common.errors import DependencyError
+
+    gate = _gate(tmp_path, _one(base=_outcomes(30), v1=_outcomes(50)))
+    table = gate.evaluate
+    calls: list[tuple[str, str]] = []
+    base_done = threading.Event()
+
+    def evaluate(folder: Path) -> dict[str, SetResult]:
+        calls.append((folder.name, threading.current_thread().name))
+        if folder.name == "base":
+            base_done.set()
+        return table(folder)
+
+    gate.evaluate = evaluate
+    gate.restored(gate.state.partition(0))
+    assert base_done.wait(10), "the base was not evaluated at restore"
+    decided = _run(gate, _candidate(tmp_path, 1))
+    assert [(d.version, d.status) for d in decided] == [(1, "promoted")]
+    assert calls == [("base", "gate-base-evaluation"), ("v1", threading.current_thread().name)]
+    gate.restored(gate.state.partition(0))  # the reference is kept: nothing to evaluate
+    assert len(calls) == 2
+
+    (tmp_path / "broken").mkdir()
+    broken = _gate(tmp_path / "broken", _one(base=_outcomes(30), v1=_outcomes(50)))
+
+    def fails(folder: Path) -> dict[str, SetResult]:
+        raise OSError("no such model")
+
+    broken.evaluate = fails
+    broken.restored(broken.state.partition(0))
+    with pytest.raises(DependencyError, match=r"cannot evaluate the base model.*no such model"):
+        _run(broken, _candidate(tmp_path / "broken", 1))
+
+
+def test_a_gate_behind_the_trainer_evaluates_the_newest_candidate_of_a_batch(
+        tmp_path: Path) -> None:
+    """Candidates that piled up while the gate evaluated: the newest is evaluated, the older
+    ones are rejected unevaluated as superseded (no rollback counts them); one at a time,
+    each is evaluated."""
+    table = _one(base=_outcomes(30), v1=_outcomes(20), v2=_outcomes(31), v3=_outcomes(50))
+    gate = _gate(tmp_path, table)
+    evaluated: list[str] = []
+    inner = gate.evaluate
+    gate.evaluate = lambda folder: evaluated.append(folder.name) or inner(folder)
+    decided = _batch(gate, *(_candidate(tmp_path, v) for v in (1, 2, 3)))
+    assert [(d.version, d.status, d.rejection) for d in decided] == [
+        (1, "rejected", "superseded"), (2, "rejected", "superseded"), (3, "promoted", None)]
+    assert "superseded by v3" in (decided[0].reason or "")
+    assert evaluated == ["base", "v3"]
+
+    one_by_one = _gate(tmp_path, table)
+    decided = _run(one_by_one, *(_candidate(tmp_path, v) for v in (1, 2, 3)))
+    assert [(d.version, d.rejection) for d in decided] == [
+        (1, "regressed"), (2, "not_better"), (3, None)]
