@@ -79,7 +79,10 @@ def _gate_and_generator(kafka: Broker, tmp_path: Path, prefix: str, base: Path, 
     unmounted.mkdir()
     gs = GateSettings(
         instance_id="g0", kafka={"bootstrap_servers": kafka.bootstrap, "topic_prefix": prefix},
-        runtime={"lag_interval_seconds": 0.5}, metrics={"enabled": False}, model_name="tiny",
+        # Both candidates wait before the gate starts: one at a time, each is evaluated (in
+        # one batch the older would be superseded, tests/unit/test_gate.py).
+        runtime={"lag_interval_seconds": 0.5, "batch_max_records": 1},
+        metrics={"enabled": False}, model_name="tiny",
         base_model_path=base, checkpoint_root=unmounted,
         checkpoint_source={"url": url, "cache_dir": tmp_path / "gate-cache"},
         held_out=HeldOut(env="arithmetic", difficulty=1, count=60, max_tokens=4))
