@@ -64,7 +64,7 @@ from services.trainer.objectives import Sample
 from services.trainer.ranks import Leader
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import CheckpointStore, load_optimizer, read_optimizer
-from services.trainer.train import make_optimizer, scale_lr, train_round
+from services.trainer.train import RoundInterrupted, make_optimizer, scale_lr, train_round
 
 log = logging.getLogger(__name__)
 
@@ -472,8 +472,16 @@ class Trainer:
         weights: dict[str, Any] | None = None
         optimizer: Any = self.optimizer
         if self.ranks is None:
-            stats = train_round(self.model, self.optimizer, samples, o, pad, seed=self.version,
-                                reference=self.reference)
+            try:
+                stats = train_round(self.model, self.optimizer, samples, o, pad,
+                                    seed=self.version, reference=self.reference,
+                                    stopping=self._stop.is_set)
+            except RoundInterrupted as exc:  # nothing written, nothing committed: the round's
+                # samples are read again after the restart, and trained then
+                log.info("stopping mid-round (%s): v%d is not written; its %d samples stay "
+                         "uncommitted", exc, self.version + 1,
+                         sum(len(v) for v in samples.values()))
+                return
         else:  # every rank trains its part; the whole weights and optimizer state come back
             gathered = self.ranks.train(samples, pad, seed=self.version)
             stats, weights, optimizer = gathered.stats, gathered.weights, gathered.optimizer

@@ -9,7 +9,7 @@ ranks (``parallel``) every rank runs the same micro-batches and trains on its pa
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -54,6 +54,11 @@ def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] *= factor
 
 
+class RoundInterrupted(Exception):
+    """``train_round`` stopped between micro-batches because its caller is stopping: the
+    weights are part-way through the round and must not be written."""
+
+
 @dataclass
 class RoundStats:
     loss: dict[str, float] = field(default_factory=dict)
@@ -75,11 +80,13 @@ class RoundStats:
 
 def train_round(model: Any, optimizer: torch.optim.Optimizer,
                 samples: Mapping[str, Sequence[Sample]], s: OptimSettings, pad_id: int, *,
-                seed: int = 0, reference: Any = None, parallel: Parallel | None = None
-                ) -> RoundStats:
+                seed: int = 0, reference: Any = None, parallel: Parallel | None = None,
+                stopping: Callable[[], bool] | None = None) -> RoundStats:
     """Train on every stage's samples; returns per-stage mean loss, samples and tokens.
     With ``parallel``, every rank must be given the same samples and seed; the losses
-    returned are the whole micro-batches', the same on every rank."""
+    returned are the whole micro-batches', the same on every rank. ``stopping`` is asked
+    before each micro-batch (a round of a real model on a CPU takes minutes, longer than a
+    supervisor waits for a stop); when it answers true, RoundInterrupted is raised."""
     rng = random.Random(seed)
     batches: list[tuple[str, list[Sample]]] = []
     stats = RoundStats()
@@ -101,6 +108,9 @@ def train_round(model: Any, optimizer: torch.optim.Optimizer,
     autocast = torch.autocast(device_type=torch.device(s.device).type, dtype=torch.bfloat16,
                               enabled=s.dtype != "float32")
     for i, (stage, chunk) in enumerate(batches, start=1):
+        if stopping is not None and stopping():
+            model.eval()
+            raise RoundInterrupted(f"stopped before micro-batch {i} of {len(batches)}")
         if parallel is None:
             batch = collate(chunk, pad_id, s.device)
         else:

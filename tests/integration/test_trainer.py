@@ -272,3 +272,55 @@ def test_a_round_takes_its_quota_from_skewed_partitions_without_waiting(
     assert first.stage_mix.get("sft") == quota, first.stage_mix
     assert {(r.partition, r.start, r.end) for r in first.trained_on} == \
         {(p, 0, n) for p, n in counts.items()}
+
+
+def test_a_trainer_stopped_mid_round_stops_at_once_and_trains_the_round_after_a_restart(
+        kafka: Broker, uid: str, tmp_path: Path) -> None:
+    """SIGTERM inside a round (a real model's round takes minutes on a CPU, longer than a
+    supervisor's grace): the trainer stops before its next micro-batch, writes and commits
+    nothing, and exits cleanly; started again, it trains the same records into v1."""
+    from transformers import AutoTokenizer
+
+    from services.models.tiny import tiny_model
+
+    prefix = f"m{uid}."
+    settings = KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)
+    topic_ops.apply(topic_ops.admin_client(settings), topic_ops.load(prefix=prefix))
+    base = tiny_model(tmp_path / "base")
+    sft, _ = _routed(AutoTokenizer.from_pretrained(base), 64, 0)
+    topic = f"{prefix}accepted.sft"
+    kafka.produce(topic, ((r.partition_key().encode(), r.to_bytes()) for r in sft))
+    ends = {p: e for p, e in kafka.end_offsets(topic).items() if e > 0}
+    store, log = tmp_path / "store", tmp_path / "trainer.log"
+    env = {"FLYWHEEL_BASE_MODEL_PATH": str(base), "FLYWHEEL_CHECKPOINT_URL": str(store),
+           "FLYWHEEL_MODEL_NAME": "tiny",
+           "FLYWHEEL_QUOTAS": json.dumps({"sft": 64, "rl": 0, "cpt": 0}),
+           "FLYWHEEL_MAX_WAIT_SECONDS": "2", "FLYWHEEL_OPTIM__MICRO_BATCH": "4"}
+    # 16 micro-batches an epoch; 1,000 epochs: a round far longer than the stop takes
+    proc = spawn_service(kafka.bootstrap, ["trainer"], prefix=prefix, instance="trainer-0",
+                         log=log, env=env | {"FLYWHEEL_OPTIM__EPOCHS": "1000"})
+    try:
+        wait_until(lambda: "training round for v1:" in log.read_text()
+                   or proc.poll() is not None, 180, "the first round to start")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "stopping mid-round (stopped before micro-batch" in text, text[-3000:]
+    assert not _candidates(kafka, prefix) and not (store.exists() and any(store.iterdir()))
+
+    proc = spawn_service(kafka.bootstrap, ["trainer"], prefix=prefix, instance="trainer-0",
+                         log=log, env=env)
+    try:
+        wait_until(lambda: _candidates(kafka, prefix) or proc.poll() is not None, 180,
+                   "the round trained after the restart")
+        assert proc.poll() is None, log.read_text()[-3000:]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    first = _candidates(kafka, prefix)[0]
+    assert (first.version, first.parent_version, first.stage_mix) == (1, 0, {"sft": 64})
+    assert {(r.partition, r.start, r.end) for r in first.trained_on} == \
+        {(p, 0, e) for p, e in ends.items()}

@@ -214,3 +214,29 @@ def test_grpo_ratios_are_one_on_policy_at_any_sampling_temperature(engine: Any) 
             with torch.no_grad():
                 _, off = grpo_loss(engine.model, untempered)
             assert off.clip_fraction > 0, temperature
+
+
+def test_a_round_asked_to_stop_ends_before_its_next_micro_batch(engine: Any) -> None:
+    from services.trainer.train import RoundInterrupted
+
+    s = OptimSettings(lr=1e-3, micro_batch=8)
+    optimizer = make_optimizer(engine.model, s)
+    eos = engine.tokenizer.eos_token_id
+    routed = []
+    for i, (a, b) in enumerate(TRAIN[:32]):
+        ids = [*engine.tokenizer(str(a + b), add_special_tokens=False)["input_ids"], eos]
+        routed.append(RoutedSample(
+            stage="sft", group_id=f"g{i}", reason="verified_correct", policy_name="t",
+            policy_hash="0" * 64,
+            samples=[_scored(engine, a, b, ids, [0.0] * len(ids), f"g{i}", 0, 1)]))
+    samples = to_samples(routed, engine.tokenizer, s.max_tokens)
+    asked = []
+
+    def stopping() -> bool:
+        asked.append(True)
+        return len(asked) > 2  # two micro-batches trained, then the stop
+
+    with pytest.raises(RoundInterrupted, match="before micro-batch 3 of 4"):
+        train_round(engine.model, optimizer, {"sft": samples}, s, engine.pad, stopping=stopping)
+    steps = {int(state["step"]) for state in optimizer.state.values()}
+    assert steps == {2} and not engine.model.training
