@@ -122,7 +122,7 @@ def supervised_bound(profile: Profile, start: Path, samples: int, points: int,
     import torch
 
     from services import envs
-    from services.envs.heldout import gate_headline
+    from services.envs.heldout import gate_dtype, gate_headline
     from services.gate.evaluate import evaluate
     from services.models.engines import TransformersEngine, render
     from services.trainer.objectives import Sample
@@ -152,7 +152,7 @@ def supervised_bound(profile: Profile, start: Path, samples: int, points: int,
             train_round(engine.model, optimizer, {"sft": chunk}, optim, engine.pad, seed=done)
             done += len(chunk)
             uri, _ = store.write(done, engine.model, tok, None)
-            scores = evaluate(Path(uri), held, held_tasks, dtype=gate_dtype(profile))
+            scores = evaluate(Path(uri), held, held_tasks, dtype=gate_dtype(profile.gate))
             store.prune(set(), set())
             curve.append({"samples": done, "pass_rate": scores["pass_rate"]})
             print(f"bound: {done} samples -> {scores['pass_rate']:.3f}", flush=True)
@@ -164,7 +164,7 @@ def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str
     import torch
 
     from services.bootstrap import train_on_seed
-    from services.envs.heldout import gate_headline, gate_task_ids
+    from services.envs.heldout import gate_dtype, gate_headline, gate_task_ids
     from services.gate.evaluate import evaluate
     from services.models.engines import TransformersEngine
     from services.trainer.train import OptimSettings
@@ -178,13 +178,9 @@ def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str
                                   excluded=gate_task_ids(profile.gate))
     with tempfile.TemporaryDirectory(prefix="flywheel-baseline-") as tmp:
         uri, _ = CheckpointStore(tmp).write(1, engine.model, engine.tokenizer, None)
-        scores = evaluate(Path(uri), gate_headline(profile.gate), dtype=gate_dtype(profile))
+        scores = evaluate(Path(uri), gate_headline(profile.gate),
+                          dtype=gate_dtype(profile.gate))
     return {"samples": done, "seconds": round(seconds, 2), "lr": optim.lr, **scores}
-
-
-def gate_dtype(profile: Profile) -> Any:
-    """The dtype the gate evaluates in: the bench's own evaluations use it too."""
-    return profile.gate.get("dtype", "float32")
 
 
 def first_reaching(curve: list[dict[str, Any]], key: str, rate: float) -> Any:
@@ -256,12 +252,12 @@ def run(profile_path: Path | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
             private = _private(profile, Path(tmp), seed=i)
             if private.model_path is not None and start_rate is None:
-                from services.envs.heldout import gate_headline
+                from services.envs.heldout import gate_dtype, gate_headline
                 from services.gate.evaluate import evaluate
 
                 started = time.perf_counter()
                 start_rate = evaluate(private.model_path, gate_headline(private.gate),
-                                      dtype=gate_dtype(private))["pass_rate"]
+                                      dtype=gate_dtype(private.gate))["pass_rate"]
                 print(f"starting model: held-out pass rate {start_rate:.3f} "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
             result = flywheel(private, seconds, stop_at=TARGET if embedded else None)

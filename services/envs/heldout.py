@@ -94,6 +94,12 @@ def gate_headline(gate: dict[str, Any]) -> HeldOut:
     return headline(suite(gate.get("held_out")), gate.get("headline"))
 
 
+def gate_dtype(gate: dict[str, Any]) -> Any:
+    """The dtype a profile's ``gate`` evaluates in (``GateSettings.dtype``): every other
+    evaluation of that suite (the bootstrap's, the bench's) uses it too."""
+    return gate.get("dtype", "float32")
+
+
 def gate_task_ids(gate: dict[str, Any]) -> frozenset[str]:
     """The task ids of a profile's ``gate`` suite: what no training data may hold."""
     return frozenset(t.task_id for t in suite_tasks(suite(gate.get("held_out"))))

@@ -121,7 +121,7 @@ def train_seed(profile: Profile, say: Say) -> Seed | None:
     easy data) into the store; None when the store has it already. Needs no broker, so
     ``flywheel up`` starts its local one meanwhile."""
     from services.bootstrap import bootstrap
-    from services.envs.heldout import gate_headline, gate_task_ids
+    from services.envs.heldout import gate_dtype, gate_headline, gate_task_ids
     from services.gate.evaluate import evaluate
     from services.trainer.store import CheckpointStore
 
@@ -137,7 +137,7 @@ def train_seed(profile: Profile, say: Say) -> Seed | None:
     say(f"seed model: training a tiny model on {p.bootstrap.samples:,} samples of easy "
         f"{p.bootstrap.env} data ...")
     seed = bootstrap(p.bootstrap, p.checkpoint_url, p.model_name,
-                     evaluate=lambda f: evaluate(f, held, dtype=p.gate.get("dtype", "float32")),
+                     evaluate=lambda f: evaluate(f, held, dtype=gate_dtype(p.gate)),
                      excluded=gate_task_ids(p.gate))
     say(f"seed model: held-out pass rate {seed[2].get('pass_rate', 0):.3f}")
     return seed

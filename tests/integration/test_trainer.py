@@ -83,6 +83,20 @@ def _covered(kafka: Broker, prefix: str) -> dict[tuple[str, int], list[tuple[int
     return spans
 
 
+def _first_candidate(kafka: Broker, prefix: str, log: Path, env: dict[str, str],
+                     what: str) -> CheckpointEvent:
+    """A trainer started with ``env``, run until its first candidate is committed, stopped."""
+    proc = spawn_service(kafka.bootstrap, ["trainer"], prefix=prefix, instance="trainer-0",
+                         log=log, env=env)
+    try:
+        wait_until(lambda: _candidates(kafka, prefix) or proc.poll() is not None, 180, what)
+        assert proc.poll() is None, log.read_text()[-3000:]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return _candidates(kafka, prefix)[0]
+
+
 def _kill_mid_round(proc: subprocess.Popen[bytes], kafka: Broker, prefix: str,
                     log: Path, ranks: int, store: Path) -> int:
     """SIGKILL the trainer (with ``ranks`` > 1: rank 1) inside a round after its first: once
@@ -258,17 +272,8 @@ def test_a_round_takes_its_quota_from_skewed_partitions_without_waiting(
            "FLYWHEEL_MODEL_NAME": "tiny",
            "FLYWHEEL_QUOTAS": json.dumps({"sft": quota, "rl": 0, "cpt": 0}),
            "FLYWHEEL_MAX_WAIT_SECONDS": "600"}
-    log = tmp_path / "trainer.log"
-    proc = spawn_service(kafka.bootstrap, ["trainer"], prefix=prefix, instance="trainer-0",
-                         log=log, env=env)
-    try:
-        wait_until(lambda: _candidates(kafka, prefix) or proc.poll() is not None, 180,
-                   "a round of the whole quota")
-        assert proc.poll() is None, log.read_text()[-3000:]
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    first = _candidates(kafka, prefix)[0]
+    first = _first_candidate(kafka, prefix, tmp_path / "trainer.log", env,
+                             "a round of the whole quota")
     assert first.stage_mix.get("sft") == quota, first.stage_mix
     assert {(r.partition, r.start, r.end) for r in first.trained_on} == \
         {(p, 0, n) for p, n in counts.items()}
@@ -311,16 +316,7 @@ def test_a_trainer_stopped_mid_round_stops_at_once_and_trains_the_round_after_a_
     assert "stopping mid-round (stopped before micro-batch" in text, text[-3000:]
     assert not _candidates(kafka, prefix) and not (store.exists() and any(store.iterdir()))
 
-    proc = spawn_service(kafka.bootstrap, ["trainer"], prefix=prefix, instance="trainer-0",
-                         log=log, env=env)
-    try:
-        wait_until(lambda: _candidates(kafka, prefix) or proc.poll() is not None, 180,
-                   "the round trained after the restart")
-        assert proc.poll() is None, log.read_text()[-3000:]
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    first = _candidates(kafka, prefix)[0]
+    first = _first_candidate(kafka, prefix, log, env, "the round trained after the restart")
     assert (first.version, first.parent_version, first.stage_mix) == (1, 0, {"sft": 64})
     assert {(r.partition, r.start, r.end) for r in first.trained_on} == \
         {(p, 0, e) for p, e in ends.items()}
