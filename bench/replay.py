@@ -7,24 +7,32 @@ the scorer writes them; version 0 is promoted. Then, per round:
 
 - ``bare``: a plain confluent-kafka consumer (read_committed, the runtime's tuning) reads the
   N records and does nothing else: the floor of any replay;
+- ``parse`` and ``decode``: the same read, each value then parsed by the standard ``json``
+  module, or decoded and validated as a ``ScoredTrajectory`` (what every stage does to each
+  input record before it can decide anything). Not replays: the floors any replay that looks
+  into its records stands on, so the ratio's distance from the target can be read against
+  them;
 - ``replay``: ``flywheel replay --from scored --stages filter,router`` as the command runs it
   (``services.replay.replay``, default policies): manifest and bounds, both stages one after
   the other, exactly once, into topics of its own. Its clock covers the whole command;
 - ``replay_workers``: the same with ``--workers`` = the machine's CPU count (``BENCH_REPLAY_
   WORKERS``), each stage in that many processes.
 
-Reported: records per second of each and the ratio of the faster replay to the bare read
-(target: at least 0.5x). The broker is ``FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS`` if set, else a
-local one, on this machine: the workers share its cores with the broker.
+Reported: records per second of each, the ratio of the faster replay to the bare read
+(target: at least 0.5x), and the ratios of the two floors to the bare read. The broker is
+``FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS`` if set, else a local one, on this machine: the workers
+share its cores with the broker.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
@@ -73,7 +81,10 @@ def _seed(bootstrap: str, prefix: str, records: list[ScoredTrajectory]) -> None:
     producer.commit_transaction(30)
 
 
-def _bare_read(bootstrap: str, topic: str, records: int) -> float:
+def _bare_read(bootstrap: str, topic: str, records: int,
+               look: Callable[[bytes], object] | None = None) -> float:
+    """Seconds to read ``records`` committed records of ``topic``, each value handed to
+    ``look`` when given."""
     consumer = Consumer(CONSUMER_TUNING | {
         "bootstrap.servers": bootstrap, "group.id": f"bench-read-{uuid.uuid4().hex}",
         "auto.offset.reset": "earliest", "isolation.level": "read_committed",
@@ -85,6 +96,8 @@ def _bare_read(bootstrap: str, topic: str, records: int) -> float:
             for msg in consumer.consume(1000, 0.5):
                 if msg.error() is None:
                     seen += 1
+                    if look is not None:
+                        look(msg.value())  # type: ignore[arg-type]
     finally:
         consumer.close()
     return time.perf_counter() - started
@@ -104,7 +117,10 @@ def run() -> dict[str, Any]:
         tune_gc()
         runs: list[dict[str, float]] = []
         for r in range(-1, ROUNDS):  # round -1 warms the broker's JVM up, untimed
-            seconds = {"bare": _bare_read(bootstrap, f"{prefix}scored", n)}
+            source = f"{prefix}scored"
+            seconds = {"bare": _bare_read(bootstrap, source, n),
+                       "parse": _bare_read(bootstrap, source, n, json.loads),
+                       "decode": _bare_read(bootstrap, source, n, ScoredTrajectory.from_bytes)}
             for label, workers in (("replay", 1), ("replay_workers", WORKERS)):
                 started = time.perf_counter()
                 code = replay(f"bench{r + 1}-{workers}", "scored", ["filter", "router"], {},
@@ -127,9 +143,12 @@ def run() -> dict[str, Any]:
         "records_per_second": {k: [round(x) for x in v] for k, v in rates.items()},
         "median_records_per_second": {k: round(v) for k, v in median.items()},
         "ratio_to_bare_read": round(ratio, 4),
+        "floors_to_bare_read": {k: round(median[k] / median["bare"], 4)
+                                for k in ("parse", "decode")},
         "target": TARGET,
         "summary": {"replay_rps": round(median["replay"]),
                     "replay_workers_rps": round(median["replay_workers"]), "bare_read_rps":
                     round(median["bare"]), "ratio": round(ratio, 4), "target": TARGET,
+                    "decode_floor_ratio": round(median["decode"] / median["bare"], 4),
                     "met": ratio >= TARGET},
     }
