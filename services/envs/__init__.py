@@ -10,13 +10,14 @@ from services.envs.base import Environment, StepResult, Verification, get, names
 __all__ = ["Environment", "StepResult", "Verification", "get", "names", "register"]
 
 # The built-in environments.
-from services.envs.arithmetic import Addition, Arithmetic
+from services.envs.arithmetic import Addition, Arithmetic, PaddedAddition
 from services.envs.guess import NumberGuess
 from services.envs.reference import Reference
 from services.envs.words import WordProblems
 
 register(Arithmetic)
 register(Addition)
+register(PaddedAddition)
 register(NumberGuess)
 register(Reference)
 register(WordProblems)

@@ -25,6 +25,9 @@ class Arithmetic(Environment):
     reverse = False
     """Numbers written least-significant digit first (operands and answer)."""
 
+    width: int | None = None
+    """Operands zero-padded to this many digits, answers to one more; none: no padding."""
+
     def __init__(self, operators: str = "+", min_digits: int = 1, max_digits: int = 3) -> None:
         unknown = set(operators) - set(OPERATORS)
         if unknown or not operators:
@@ -39,8 +42,10 @@ class Arithmetic(Environment):
     def levels(self) -> list[float]:
         return [float(d) for d in range(self.min_digits, self.max_digits + 1)]
 
-    def write(self, n: int) -> str:
-        return str(n)[::-1] if self.reverse else str(n)
+    def write(self, n: int, digits: int | None = None) -> str:
+        """``n`` as the task writes it, zero-padded to ``digits`` first when given."""
+        text = str(n).zfill(digits) if digits else str(n)
+        return text[::-1] if self.reverse else text
 
     def operand(self, digits: int, rng: random.Random) -> int:
         """A number of exactly ``digits`` digits (0-9 for one digit)."""
@@ -58,13 +63,18 @@ class Arithmetic(Environment):
 
     def task(self, a: int, op: str, b: int) -> Task:
         """The task ``a op b``; its difficulty is the longer operand's number of digits."""
-        expression = f"{self.write(a)}{op}{self.write(b)}"
         digits = max(len(str(a)), len(str(b)))
+        if self.width is not None and digits > self.width:
+            raise ValueError(f"{self.name} writes numbers of up to {self.width} digits, not "
+                             f"{digits}")
+        w = self.width
+        expression = f"{self.write(a, w)}{op}{self.write(b, w)}"
         return Task(
             task_id=f"{self.name}:{expression}",  # the same question always has the same id
             env=self.name,
             prompt=f"{expression}=",
-            verifier=VerifierSpec(kind="env", answer=self.write(OPERATORS[op](a, b))),
+            verifier=VerifierSpec(kind="env", answer=self.write(OPERATORS[op](a, b),
+                                                                w + 1 if w else None)),
             difficulty=digits,
             metadata={"digits": digits, "operator": op},
         )
@@ -94,3 +104,21 @@ class Addition(Arithmetic):
 
     name = "addition"
     reverse = True
+
+
+class PaddedAddition(Addition):
+    """``addition_padded``: ``addition`` with every operand zero-padded to four digits and
+    every answer to five, so sums of one to four digits all use the same positions
+    (``321+854=`` becomes ``3210+8540=``, answer ``18500``). A model trained on sums of up to
+    three digits has then seen every position a 4-digit sum uses, only never a digit other
+    than 0 in the fourth: it samples some 4-digit sums right, which the flywheel can learn
+    from. Unpadded, the tiny seed model sampled none right in 1,600 tries, so the
+    ``four-levels`` profile uses this one."""
+
+    name = "addition_padded"
+    width = 4
+
+    def __init__(self, operators: str = "+", min_digits: int = 1, max_digits: int = 4) -> None:
+        if max_digits > self.width:
+            raise ValueError(f"{self.name} has at most {self.width} digits")
+        super().__init__(operators, min_digits, max_digits)

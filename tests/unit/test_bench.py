@@ -9,11 +9,12 @@ from bench.flywheel import first_reaching, training_tasks
 from services.envs.heldout import suite, suite_tasks
 from services.up.profile import Profile, load_profile
 
-REAL = Path(__file__).parents[2] / "deploy" / "profiles" / "real.yaml"
+PROFILES = Path(__file__).parents[2] / "deploy" / "profiles"
+REAL, FOUR_LEVELS = PROFILES / "real.yaml", PROFILES / "four-levels.yaml"
 
 
 def test_training_tasks_follow_the_feeder_and_exclude_the_held_out() -> None:
-    for profile in (Profile(), load_profile(REAL)):
+    for profile in (Profile(), load_profile(REAL), load_profile(FOUR_LEVELS)):
         held = {t.task_id for t in suite_tasks(suite(profile.gate["held_out"]))}
         tasks = training_tasks(profile, 3000, seed=1)
         assert len(tasks) == 3000 and not held & {t.task_id for t in tasks}

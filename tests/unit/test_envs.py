@@ -70,6 +70,21 @@ def test_addition_writes_every_number_least_significant_digit_first() -> None:
         type(env)(operators="+*")
 
 
+def test_padded_addition_gives_every_sum_up_to_four_digits_the_same_positions() -> None:
+    env = envs.get("addition_padded")
+    task = env.task(123, "+", 458)  # 581
+    assert task.prompt == "3210+8540=" and task.task_id == "addition_padded:3210+8540"
+    assert task.verifier is not None and task.verifier.answer == "18500"
+    assert env.verify(task, _episode(env, task, ["18500"])).passed
+    assert not env.verify(task, _episode(env, task, ["185"])).passed  # unpadded: wrong
+    top = env.task(9999, "+", 9999)  # 19998: the fifth digit is the carry
+    assert top.prompt == "9999+9999=" and top.verifier.answer == "89991"  # type: ignore[union-attr]
+    assert len({len(t.prompt) for t in env.tasks(40, rng=random.Random(0))}) == 1
+    assert env.levels == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(ValueError, match="up to 4 digits"):
+        env.task(10_000, "+", 1)
+
+
 def test_guessing_is_multi_turn_with_feedback() -> None:
     env = envs.get("guess")
     [task] = env.tasks(1, rng=random.Random(3), difficulty=4)
