@@ -20,7 +20,8 @@ from typing import Any
 
 from services.common.logs import setup_logging
 
-BENCHMARKS = ("runtime", "generator", "quality", "trainer", "flywheel", "replay", "state")
+BENCHMARKS = ("runtime", "generator", "quality", "trainer", "flywheel", "replay", "state",
+              "rollback")
 """Registered benchmarks; later issues add theirs."""
 
 

@@ -20,16 +20,8 @@ from typing import Any
 
 import pytest
 
-from schemas import (
-    CheckpointEvent,
-    RoutedSample,
-    Score,
-    ScoredTrajectory,
-    Task,
-    Trajectory,
-    Turn,
-)
-from services import envs
+from bench.rollback import planted_sft
+from schemas import CheckpointEvent
 from services.bootstrap import BootstrapSettings, bootstrap, publish_promoted
 from services.common import topics as topic_ops
 from services.common.config import KafkaSettings
@@ -61,36 +53,6 @@ def seed(tmp_path_factory: pytest.TempPathFactory
     return Path(uri), manifest, metrics
 
 
-def _sft(tokenizer: Any, tasks: list[Task], *, poisoned: bool, tag: str) -> list[RoutedSample]:
-    """SFT records as the router writes them: the verified answer, or (poisoned) a wrong
-    one passed off as correct."""
-    from services.models.engines import render
-
-    env = envs.get("addition")
-    out = []
-    for i, task in enumerate(tasks):
-        assert task.verifier is not None and task.verifier.answer is not None
-        answer = task.verifier.answer
-        if poisoned:  # the sum plus one, written the env's way (least significant first)
-            answer = env.write(int(answer[::-1]) + 1)  # type: ignore[attr-defined]
-        turns = env.initial_turns(task)
-        ids = [*tokenizer(answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-        traj = Trajectory(task=task, group_id=f"{tag}{i}", sample_index=0, group_size=1,
-                          turns=[*turns, Turn(role="assistant", content=answer)],
-                          completion=answer, prompt_token_ids=render(tokenizer, turns),
-                          completion_token_ids=ids, completion_logprobs=[-1.0] * len(ids),
-                          policy_version=0, model="policy")
-        scored = ScoredTrajectory(trajectory=traj, reward=1.0, verdict="correct",
-                                  scores=[Score(scorer="verifier", version="poison" if poisoned
-                                                else "v1", value=1.0, passed=True)],
-                                  reward_rule="t")
-        out.append(RoutedSample(stage="sft", group_id=f"{tag}{i}", samples=[scored],
-                                reason="verified_correct", policy_name="poison" if poisoned
-                                else "healthy", policy_hash=("b" if poisoned else "a") * 64,
-                                filter_policy_hash="f" * 64))
-    return out
-
-
 def _events(kafka: Broker, prefix: str) -> list[CheckpointEvent]:
     return [CheckpointEvent.from_bytes(m.value()) for m in kafka.read_all(f"{prefix}checkpoints")]
 
@@ -116,7 +78,8 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage(
     tasks = iter(training_tasks(profile, HEALTHY + (2 * POISON_TRIES + 1) * ROUND, seed=3))
 
     def plant(n: int, *, poisoned: bool, tag: str) -> None:
-        records = _sft(tokenizer, list(itertools.islice(tasks, n)), poisoned=poisoned, tag=tag)
+        records = planted_sft(tokenizer, list(itertools.islice(tasks, n)), poisoned=poisoned,
+                              tag=tag)
         kafka.produce(f"{prefix}accepted.sft",
                       ((r.partition_key().encode(), r.to_bytes()) for r in records))
 

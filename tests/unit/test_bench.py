@@ -38,3 +38,26 @@ def test_a_run_that_never_reached_the_target_counts_as_infinite_in_the_median() 
     assert _median([242.4, 360.4, None]) == 360.4
     assert _median([100.0, None, None]) is None
     assert _median([]) is None
+
+
+def test_rollback_summary_counts_rounds_from_the_first_healthy_round_after_the_poison() -> None:
+    from bench.rollback import HEALTHY, POISON, summarize
+
+    def case(after: list[tuple[str, float]], recovered: int | None, parent: int
+             ) -> dict[str, object]:
+        rounds = ([{"status": "promoted", "pass_rate": 0.9}] * HEALTHY
+                  + [{"status": "rejected", "pass_rate": 0.95}] * POISON  # above the best
+                  + [{"status": s, "pass_rate": p} for s, p in after])
+        return {"pre_poison_best": 0.9, "rounds": rounds,
+                "recovered": recovered and {"healthy_rounds": recovered, "seconds": 1.0},
+                "first_healthy_after_poison": {"parent_promoted": parent == 7}}
+
+    runs = [case([("rejected", 0.5), ("rejected", 0.9), ("promoted", 0.95)], 3, 7),
+            case([("rejected", 0.1), ("rejected", 0.2)], None, 11),
+            case([("promoted", 0.91)], 1, 7)]
+    summary = summarize({"default": runs})["default"]
+    assert summary["healthy_rounds_to_recover"] == [3, None, 1]
+    assert summary["median_healthy_rounds"] == 3
+    assert summary["healthy_rounds_back_at_best"] == [2, None, 1]
+    assert summary["median_rounds_back_at_best"] == 2
+    assert summary["first_healthy_parent_promoted"] == [True, False, True]
