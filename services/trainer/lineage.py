@@ -2,11 +2,22 @@
 each candidate's parent, and when to roll back.
 
 A rollback is due when the lineage the trainer holds (its weights' version, then parents, back
-to the first promoted ancestor) contains at least ``after`` regressed candidates. Its target is
-the latest promoted version. The same rule runs live (before each round) and at start, so a
-trainer restarted during a rollback resumes from the promoted version, not the rejected one.
+to the first promoted ancestor) contains at least ``after`` candidates that regressed and also
+lost ground overall: rejected as ``regressed`` with no more tasks won than lost against the
+promoted version in the gate's paired comparison of the whole suite (``suite/wins`` and
+``suite/losses``, or the sum over the sets for a suite of one), or rejected as ``invalid``. Its
+target is the latest promoted version. The same rule runs live (before each round) and at
+start, so a trainer restarted during a rollback resumes from the promoted version, not the
+rejected one.
+
 A ``not_better`` or ``superseded`` rejection does not count: such a candidate did not regress
-(or was not evaluated), and its successors are tested again.
+(or was not evaluated), and its successors are tested again. Nor does a regression with more
+tasks won than lost overall: a lineage that trades a set for gains elsewhere (a mastered level
+drifting while the frontier rises) is a better start than the promoted version, and the gate
+promotes none of it until the set is back within its tolerance. On the embedded benchmark,
+such drift on the 20 one-digit sums, rolled back every time, kept a seed from ever reaching
+0.8, which the same seed reached without rollback (see ``RollbackSettings.after``); a
+poisoned lineage loses overall and is rolled back.
 """
 
 from __future__ import annotations
@@ -15,6 +26,18 @@ import threading
 from dataclasses import dataclass
 
 from schemas import CheckpointEvent
+
+
+def overall(metrics: dict[str, float]) -> int | None:
+    """Tasks won minus tasks lost against the reference, over the whole suite, from a
+    decision's metrics; None when it carries no paired comparison."""
+    if "suite/wins" in metrics and "suite/losses" in metrics:
+        return int(metrics["suite/wins"] - metrics["suite/losses"])
+    wins = [v for k, v in metrics.items() if k.endswith("/wins")]
+    losses = [v for k, v in metrics.items() if k.endswith("/losses")]
+    if not wins or len(wins) != len(losses):
+        return None
+    return int(sum(wins) - sum(losses))
 
 
 @dataclass(frozen=True)
@@ -34,6 +57,9 @@ class Decisions:
         self.promoted: dict[int, CheckpointEvent] = {}
         self.rejected: dict[int, str] = {}
         """Version -> rejection kind (``regressed`` for decisions written before kinds)."""
+        self.net: dict[int, int] = {}
+        """Version -> tasks won minus tasks lost against the promoted version, over the
+        suite, for decisions that carry the paired comparison."""
         self.parents: dict[int, int | None] = {}
         self.latest: CheckpointEvent | None = None
         """The newest candidate."""
@@ -56,6 +82,9 @@ class Decisions:
                 self.promoted[event.version] = event
             else:
                 self.rejected[event.version] = event.rejection or "regressed"
+                net = overall(event.metrics)
+                if net is not None:
+                    self.net[event.version] = net
 
     def keep(self, versions: list[int], base: int, latest: int, newest: int) -> set[int]:
         """Of the store's ``versions``: the base, the latest, the promoted, the undecided
@@ -80,6 +109,11 @@ class Decisions:
         with self._lock:
             return max(self.promoted, default=base)
 
+    def _counts(self, version: int) -> bool:
+        """Whether a rejection counts towards a rollback (the rule above)."""
+        kind = self.rejected.get(version)
+        return kind == "invalid" or (kind == "regressed" and self.net.get(version, 0) <= 0)
+
     def rollback(self, head: int, base: int, after: int) -> Rollback | None:
         """The rollback due for a trainer holding version ``head``, if any."""
         with self._lock:
@@ -89,7 +123,7 @@ class Decisions:
             while v is not None and v not in self.promoted and v != base \
                     and v not in discarded:
                 discarded.append(v)
-                if self.rejected.get(v) in ("regressed", "invalid"):
+                if self._counts(v):
                     regressed.append(v)
                 v = self.parents.get(v)
             if len(regressed) < after:

@@ -34,11 +34,10 @@ class RollbackSettings(BaseModel):
 
     enabled: bool = Field(default=True, description="Off: keep building on rejected "
                           "versions (the gate still protects what generators serve).")
-    after: int = Field(default=3, ge=1, description="Regressed candidates in the lineage "
-                       "since its last promoted version that trigger a rollback. 3 by "
-                       "measurement: on the embedded benchmark 1 cost 93 s to 0.8 on a seed "
-                       "whose lower levels drift as it learns (360 s against 267 s without "
-                       "rollback), 3 did not (233 s).")
+    after: int = Field(default=1, ge=1, description="Regressed candidates in the lineage "
+                       "since its last promoted version, each also no better than that version "
+                       "over the whole suite, that trigger a rollback (services/trainer/"
+                       "lineage.py). 1 by measurement: see README, the gate and rollback.")
     lr_factor: float = Field(default=1.0, gt=0, le=1, description="Multiplies the learning "
                              "rate of the promoted version's optimizer state after a "
                              "rollback.")

@@ -67,3 +67,42 @@ def test_a_decision_about_no_candidate_is_never_a_rollback_target() -> None:
     assert due is not None and due.target == 0
     d.offer(_event(1, "promoted"))
     assert d.latest_promoted(0) == 1
+
+
+def _judged(version: int, rates: dict[str, tuple[int, int]]) -> CheckpointEvent:
+    """The gate's real decision on a candidate against a promoted v1, per set (tasks, passed
+    by v1 -> passed by the candidate, the first ones of each set)."""
+    from services.envs.heldout import HeldOut
+    from services.gate.evaluate import SetResult
+    from services.gate.rule import judge, reference
+
+    def result(n: int, passed: int) -> SetResult:
+        return SetResult({"pass_rate": passed / n}, [1] * passed + [0] * (n - passed))
+
+    sizes = {"digits1": 20, "digits3": 200}
+    ref = reference({s: result(sizes[s], old) for s, (old, _) in rates.items()}, "digits3", 1,
+                    base=False)
+    j = judge({s: result(sizes[s], new) for s, (_, new) in rates.items()}, ref,
+              [HeldOut(name="digits1", tolerance=0.3), HeldOut(name="digits3")],
+              tracked=["pass_rate"], tolerance=0.05, alpha=0.05, headline="digits3")
+    return CheckpointEvent(model="m", version=version, parent_version=version - 1, uri="x",
+                           manifest=[], status="rejected", rejection=j.rejection,  # type: ignore[arg-type]
+                           metrics=j.metrics)
+
+
+def test_a_regression_that_gains_overall_does_not_roll_back_one_that_loses_does() -> None:
+    # A mastered level drifting (1-digit sums 20 -> 10 of 20) while the frontier rises
+    # (3-digit sums 110 -> 130 of 200): regressed, but the lineage is ahead of v1 overall.
+    drift = _judged(2, {"digits1": (20, 10), "digits3": (110, 130)})
+    assert drift.rejection == "regressed" and drift.metrics["suite/wins"] == 20
+    # Poisoned: worse everywhere.
+    poison = _judged(3, {"digits1": (20, 10), "digits3": (110, 40)})
+    assert poison.rejection == "regressed"
+    d = _decisions(_event(1, "candidate", 0), _event(1, "promoted"), _event(2, "candidate", 1),
+                   _event(3, "candidate", 2), drift)
+    assert d.rollback(2, base=0, after=1) is None
+    d.offer(poison)
+    due = d.rollback(3, base=0, after=1)
+    assert due is not None and due.target == 1 and due.regressed == [3]
+    assert due.discarded == [3, 2]
+    assert d.rollback(3, base=0, after=2) is None  # only one of the two counts
