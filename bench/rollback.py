@@ -1,5 +1,5 @@
 """``bench rollback``: how soon the flywheel recovers from a stretch of poisoned data, with the
-trainer's rollback at its default, after every regression, and off, side by side in one run.
+trainer's rollback at its default, after three regressions, and off, side by side in one run.
 
 Per seed model (``BENCH_ROLLBACK_SEEDS``, default 0,1,2: the embedded bootstrap at
 ``BENCH_ROLLBACK_SEED_SAMPLES``, 150,000 as the embedded profile's) and per case, a copy of it
@@ -50,7 +50,7 @@ SEEDS = [int(x) for x in os.environ.get("BENCH_ROLLBACK_SEEDS", "0,1,2").split("
 SEED_SAMPLES = int(os.environ.get("BENCH_ROLLBACK_SEED_SAMPLES", "150000"))
 CASES: dict[str, dict[str, Any]] = {
     "default": {},  # the trainer's own rollback settings
-    "after_1": {"enabled": True, "after": 1},
+    "after_3": {"enabled": True, "after": 3},
     "off": {"enabled": False},
 }
 REPO = Path(__file__).resolve().parents[1]
