@@ -20,6 +20,10 @@ from services.envs.base import get
 from services.envs.reference import load_task_file
 from services.envs.tasksets import TaskSetSpec, load
 
+POOLED = "suite"
+"""Name under which a decision carries the whole suite's pooled figures (``suite/wins``,
+``suite/losses``, ``suite/p``): the gate writes them, the trainer's rollback reads them."""
+
 
 class HeldOut(BaseModel):
     """One named set of the suite."""

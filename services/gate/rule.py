@@ -26,11 +26,8 @@ from dataclasses import dataclass
 from math import comb
 from typing import Any
 
-from services.envs.heldout import HeldOut
+from services.envs.heldout import POOLED, HeldOut
 from services.gate.evaluate import SetResult
-
-POOLED = "suite"
-"""Name of the pooled test over all sets' tasks."""
 
 
 def sign_test(wins: int, losses: int) -> float:

@@ -4,11 +4,10 @@ each candidate's parent, and when to roll back.
 A rollback is due when the lineage the trainer holds (its weights' version, then parents, back
 to the first promoted ancestor) contains at least ``after`` candidates that regressed and also
 lost ground overall: rejected as ``regressed`` with no more tasks won than lost against the
-promoted version in the gate's paired comparison of the whole suite (``suite/wins`` and
-``suite/losses``, or the sum over the sets for a suite of one), or rejected as ``invalid``. Its
-target is the latest promoted version. The same rule runs live (before each round) and at
-start, so a trainer restarted during a rollback resumes from the promoted version, not the
-rejected one.
+promoted version in the gate's paired comparison, summed over the suite's sets (the pooled
+test's count), or rejected as ``invalid``. Its target is the latest promoted version. The
+same rule runs live (before each round) and at start, so a trainer restarted during a rollback
+resumes from the promoted version, not the rejected one.
 
 A ``not_better`` or ``superseded`` rejection does not count: such a candidate did not regress
 (or was not evaluated), and its successors are tested again. Nor does a regression with more
@@ -26,18 +25,17 @@ import threading
 from dataclasses import dataclass
 
 from schemas import CheckpointEvent
+from services.envs.heldout import POOLED
 
 
 def overall(metrics: dict[str, float]) -> int | None:
-    """Tasks won minus tasks lost against the reference, over the whole suite, from a
-    decision's metrics; None when it carries no paired comparison."""
-    if "suite/wins" in metrics and "suite/losses" in metrics:
-        return int(metrics["suite/wins"] - metrics["suite/losses"])
-    wins = [v for k, v in metrics.items() if k.endswith("/wins")]
-    losses = [v for k, v in metrics.items() if k.endswith("/losses")]
-    if not wins or len(wins) != len(losses):
+    """Tasks won minus tasks lost against the reference over the suite's sets (what the
+    pooled test counts), from a decision's metrics; None when it carries no paired
+    comparison."""
+    sets = {k.rpartition("/")[0] for k in metrics if k.endswith("/wins")} - {POOLED}
+    if not sets:
         return None
-    return int(sum(wins) - sum(losses))
+    return int(sum(metrics[f"{s}/wins"] - metrics.get(f"{s}/losses", 0.0) for s in sets))
 
 
 @dataclass(frozen=True)
