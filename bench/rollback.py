@@ -4,8 +4,9 @@ trainer's rollback at its default, after three regressions, and off, side by sid
 Per seed model (``BENCH_ROLLBACK_SEEDS``, default 0,1,2: the embedded bootstrap at
 ``BENCH_ROLLBACK_SEED_SAMPLES``, 150,000 as the embedded profile's) and per case, a copy of it
 in a store of its own, topics of its own on one local broker, the trainer as its own process
-(``flywheel run trainer``, rounds of exactly ``ROUND`` SFT samples) and the gate with the
-embedded profile's held-out suite. Every case gets the same planted records, in the same order:
+(``flywheel run trainer``, rounds of exactly ``ROUND`` SFT samples) and the gate as its own
+process too, with the embedded profile's held-out suite. Every case gets the same planted
+records, in the same order:
 
 1. ``HEALTHY`` rounds of labelled sums, as the router writes verified answers;
 2. ``POISON`` rounds whose every answer is the sum plus one, passed off as correct (an SFT
@@ -32,7 +33,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -95,8 +95,6 @@ def _case(bootstrap: str, seed: tuple[Path, list[Any], dict[str, float]], rollba
     from services.bootstrap import publish_promoted
     from services.common import topics as topic_ops
     from services.common.config import KafkaSettings
-    from services.common.runtime import StreamRuntime
-    from services.gate.main import GateSettings, build_stage
     from services.up.profile import Profile
     from services.up.view import read_checkpoints
 
@@ -108,32 +106,23 @@ def _case(bootstrap: str, seed: tuple[Path, list[Any], dict[str, float]], rollba
     uri = str(shutil.copytree(folder, store / folder.name))
     publish_promoted(kafka, kafka.topic("checkpoints"), "policy", uri, manifest, metrics)
     tokenizer = AutoTokenizer.from_pretrained(uri)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")} | {
+    common = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")} | {
         "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "FLYWHEEL_KAFKA__TOPIC_PREFIX": prefix,
-        "FLYWHEEL_INSTANCE_ID": "trainer-0", "FLYWHEEL_METRICS__ENABLED": "false",
-        "FLYWHEEL_BASE_MODEL_PATH": uri, "FLYWHEEL_CHECKPOINT_URL": str(store),
+        "FLYWHEEL_METRICS__ENABLED": "false", "FLYWHEEL_BASE_MODEL_PATH": uri}
+    trainer_env = common | {
+        "FLYWHEEL_INSTANCE_ID": "trainer-0", "FLYWHEEL_CHECKPOINT_URL": str(store),
         "FLYWHEEL_QUOTAS": json.dumps({"sft": ROUND, "rl": 0, "cpt": 0}),
         "FLYWHEEL_MAX_WAIT_SECONDS": "600",  # rounds of exactly ROUND samples
         "FLYWHEEL_OPTIM__LR": "0.0002", "FLYWHEEL_OPTIM__MICRO_BATCH": "64",
         **{f"FLYWHEEL_ROLLBACK__{k.upper()}": str(v).lower() for k, v in rollback.items()}}
-    log = work / "trainer.log"
-    with log.open("ab") as out:
-        trainer = subprocess.Popen([sys.executable, "-m", "services", "run", "trainer"],
-                                   cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    gs = GateSettings(instance_id="g0", kafka=kafka, metrics={"enabled": False},
-                      model_name="policy", base_model_path=Path(uri), checkpoint_root=store,
-                      **Profile().gate)
-    gate = StreamRuntime(gs, build_stage(gs), [gs.topic("checkpoints")])
-    failed: list[BaseException] = []
-
-    def run_gate() -> None:
-        try:
-            gate.run()
-        except BaseException as exc:  # reported by the next wait
-            failed.append(exc)
-
-    thread = threading.Thread(target=run_gate, daemon=True, name="gate")
-    thread.start()
+    gate_env = common | {"FLYWHEEL_INSTANCE_ID": "gate-0", "FLYWHEEL_CHECKPOINT_ROOT": str(store),
+                         **{f"FLYWHEEL_{k.upper()}": json.dumps(v) if isinstance(v, list | dict)
+                            else str(v) for k, v in Profile().gate.items()}}
+    log = work / "services.log"
+    with log.open("ab") as out:  # the two services as `flywheel up` runs them
+        procs = {name: subprocess.Popen([sys.executable, "-m", "services", "run", name],
+                                        cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+                 for name, env in (("trainer", trainer_env), ("gate", gate_env))}
     producer = Producer(kafka.client_config() | {"enable.idempotence": True})
     source = iter(tasks)
     rounds: list[dict[str, Any]] = []
@@ -148,10 +137,9 @@ def _case(bootstrap: str, seed: tuple[Path, list[Any], dict[str, float]], rollba
             raise RuntimeError("planted records not acknowledged within 60 s")
         version, deadline = len(rounds) + 1, time.monotonic() + 900
         while True:
-            if failed:
-                raise RuntimeError("the gate failed") from failed[0]
-            if trainer.poll() is not None:
-                raise RuntimeError(f"the trainer exited: {log.read_text()[-2000:]}")
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the {name} exited: {log.read_text()[-2000:]}")
             versions = read_checkpoints(kafka, "policy")
             decision = versions.events.get(version)
             if decision is not None and decision.status != "candidate":
@@ -183,15 +171,19 @@ def _case(bootstrap: str, seed: tuple[Path, list[Any], dict[str, float]], rollba
                              "seconds": round(time.monotonic() - started, 1)}
                 break
     finally:
-        trainer.terminate()
-        trainer.wait(60)
-        gate.stop()
-        thread.join(60)
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         producer.flush(10)
     after = rounds[HEALTHY + POISON]
     return {"rollback": rollback or "trainer default", "pre_poison_best": best,
             "poisoned": [{k: r[k] for k in ("version", "parent", "status", "rejection",
-                                            "pass_rate")} for r in rounds[HEALTHY:][:POISON]],
+                                            "pass_rate")}
+                         for r in rounds[HEALTHY:HEALTHY + POISON]],
             "first_healthy_after_poison": {
                 "version": after["version"], "parent": after["parent"],
                 "parent_promoted": after["parent"] == 0 or any(
