@@ -58,7 +58,7 @@ def main(model: str, strategy: str, threads: str, out: str) -> None:
 
     torch.set_num_threads(int(threads))
     torch.manual_seed(0)
-    s = OptimSettings(lr=1e-4, micro_batch=MICRO_BATCH)
+    s = OptimSettings(lr=1e-4, micro_batch=MICRO_BATCH, dtype="float32")
     parallel = None if strategy == "single" else Parallel.launch(strategy)  # type: ignore[arg-type]
     if parallel is not None and not parallel.leader:  # as the trainer service's ranks
         raise SystemExit(follow(s, parallel))

@@ -94,7 +94,7 @@ def _size(name: str, dims: dict[str, int], folder: Path, bootstrap: str) -> dict
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     params = sum(p.numel() for p in model.parameters())
-    s = OptimSettings(lr=1e-4, micro_batch=MICRO_BATCH)
+    s = OptimSettings(lr=1e-4, micro_batch=MICRO_BATCH, dtype="float32")
     optimizer = make_optimizer(model, s)
     rng = random.Random(0)
     pad = tokenizer.pad_token_id

@@ -106,7 +106,8 @@ def train_on_seed(model: Any, tokenizer: Any, pad: int, s: BootstrapSettings, *,
     from services.trainer.train import OptimSettings, make_optimizer, train_round
 
     data = sft_samples(tokenizer, seed_tasks(s, excluded))
-    optim = OptimSettings(lr=lr or s.lr, micro_batch=s.micro_batch)
+    # float32 on every machine: the seed model is the same on every CPU family.
+    optim = OptimSettings(lr=lr or s.lr, micro_batch=s.micro_batch, dtype="float32")
     optimizer = optimizer or make_optimizer(model, optim)
     rng = random.Random(s.seed + 1)
     budget = s.samples if samples is None else samples

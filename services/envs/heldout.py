@@ -101,7 +101,7 @@ def gate_headline(gate: dict[str, Any]) -> HeldOut:
 def gate_dtype(gate: dict[str, Any]) -> Any:
     """The dtype a profile's ``gate`` evaluates in (``GateSettings.dtype``): every other
     evaluation of that suite (the bootstrap's, the bench's) uses it too."""
-    return gate.get("dtype", "float32")
+    return gate.get("dtype", "auto")
 
 
 def gate_task_ids(gate: dict[str, Any]) -> frozenset[str]:

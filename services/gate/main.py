@@ -12,6 +12,7 @@ from services.common.state import StateStore
 from services.envs.heldout import Suite, suite
 from services.gate.evaluate import evaluate_suite
 from services.gate.stage import GateStage
+from services.models import precision
 from services.models.engines import HFDtype
 from services.models.fetch import CheckpointSource, CheckpointSourceSettings
 
@@ -49,9 +50,10 @@ class GateSettings(ServiceSettings):
     alpha: float = Field(default=0.05, gt=0, le=1, description="Improvement beyond noise: the "
                          "one-sided paired sign test's level, Bonferroni-split over the sets "
                          "and the pooled suite.")
-    dtype: HFDtype = Field(default="float32", description="The evaluation engine's weights: "
-                           "bfloat16 evaluates twice as fast on a CPU with AVX-512 BF16; "
-                           "every version, the base included, is evaluated alike.")
+    dtype: HFDtype = Field(default="auto", description="The evaluation engine's weights. "
+                           "auto: bfloat16 where the CPU runs it natively (twice float32's "
+                           "speed with AVX-512 BF16), float32 elsewhere. Every version, the "
+                           "base included, is evaluated alike.")
     runtime: GateRuntimeSettings = Field(default_factory=GateRuntimeSettings)
 
     @model_validator(mode="after")
@@ -65,12 +67,14 @@ class GateSettings(ServiceSettings):
 def build_stage(settings: GateSettings) -> GateStage:
     sets = settings.held_out
     tasks = [s.tasks() for s in sets]
+    dtype = precision.choose(settings.dtype, "cpu", role="gate's evaluations").dtype
+    precision.export(dtype)
     return GateStage(
         state=StateStore(settings.topic("gate.state")), output_topic=settings.topic("checkpoints"),
         root=settings.checkpoint_root,
         source=CheckpointSource(settings.checkpoint_root, settings.checkpoint_source,
                          settings.instance_id),
-        evaluate=lambda folder: evaluate_suite(folder, sets, tasks, dtype=settings.dtype),
+        evaluate=lambda folder: evaluate_suite(folder, sets, tasks, dtype=dtype),
         base={settings.model_name: (settings.base_version, settings.base_model_path)},
         sets=sets, headline=settings.headline, tracked=settings.tracked,
         tolerance=settings.tolerance, alpha=settings.alpha, service=settings.service)

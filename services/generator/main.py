@@ -17,6 +17,7 @@ from services.common.service import serve
 from services.generator.metrics import RELOAD_REFUSALS
 from services.generator.reload import Reloader
 from services.generator.stage import GeneratorStage
+from services.models import precision
 from services.models.engines import (
     Engine,
     HFDtype,
@@ -38,7 +39,9 @@ class SamplingSettings(BaseModel):
 
 
 class VLLMSettings(BaseModel):
-    dtype: VLLMDtype = "auto"
+    dtype: VLLMDtype = Field(default="auto", description="auto: on a CPU, bfloat16 where it "
+                             "runs natively and float32 elsewhere; on a GPU, vLLM's own choice "
+                             "(the model's dtype, float16 where bfloat16 is not supported).")
     max_model_len: int | None = Field(default=None, ge=16)
     gpu_memory_utilization: float = Field(
         default=0.9, gt=0, le=1, description="On CPU: the fraction of host memory."
@@ -52,8 +55,10 @@ class VLLMSettings(BaseModel):
 
 
 class TransformersSettings(BaseModel):
-    dtype: HFDtype = Field(default="float32", description="The weights' dtype: bfloat16 "
-                           "generates twice as fast on a CPU with AVX-512 BF16.")
+    dtype: HFDtype = Field(default="auto", description="The weights' dtype. auto: bfloat16 "
+                           "where the CPU runs it natively (AVX-512 BF16, AMX; twice float32's "
+                           "speed), float32 elsewhere (bfloat16 is emulated there, many times "
+                           "slower).")
 
 
 class GeneratorRuntimeSettings(RuntimeSettings):
@@ -90,18 +95,24 @@ class GeneratorSettings(ServiceSettings):
 
 def build_engine(settings: GeneratorSettings) -> tuple[Engine, object]:
     if settings.backend == "vllm":
+        from vllm.platforms import current_platform
+
         v = settings.vllm
         in_process = v.in_process
         if in_process is None:
-            from vllm.platforms import current_platform
-
             in_process = current_platform.is_cpu()
-        engine = VLLMEngine(settings.model_path, dtype=v.dtype, max_model_len=v.max_model_len,
+        dtype = v.dtype
+        if dtype == "auto" and current_platform.is_cpu():
+            dtype = precision.choose("auto", "cpu", role="generator's weights (vLLM)").dtype
+        precision.export(dtype)
+        engine = VLLMEngine(settings.model_path, dtype=dtype, max_model_len=v.max_model_len,
                             gpu_memory_utilization=v.gpu_memory_utilization,
                             kv_cache_gib=v.kv_cache_gib, in_process=in_process)
         log.info("vLLM engine %s", "in this process" if in_process else "in processes of its own")
         return engine, engine.tokenizer
-    hf = TransformersEngine(settings.model_path, dtype=settings.transformers.dtype)
+    choice = precision.choose(settings.transformers.dtype, "cpu", role="generator's weights")
+    precision.export(choice.dtype)
+    hf = TransformersEngine(settings.model_path, dtype=choice.dtype)
     return hf, hf.tokenizer
 
 

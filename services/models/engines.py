@@ -24,7 +24,9 @@ from schemas import SamplingParams, Turn
 log = logging.getLogger(__name__)
 
 VLLMDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
-HFDtype = Literal["float32", "bfloat16"]
+HFDtype = Literal["auto", "float32", "bfloat16"]
+"""transformers weights: ``auto`` is bfloat16 where the device runs it natively, else float32
+(:mod:`services.models.precision`)."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,8 @@ class VLLMEngine:
 
 class TransformersEngine:
     """transformers ``generate``: the reference and fallback backend; CPU or CUDA. Weights
-    in ``dtype``: bfloat16 generates twice as fast as float32 on a CPU with AVX-512 BF16."""
+    in ``dtype``: bfloat16 generates twice as fast as float32 on a CPU with AVX-512 BF16, and
+    several times slower on one without (``auto`` chooses by the device)."""
 
     name = "transformers"
 
@@ -156,11 +159,14 @@ class TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from services.models.precision import choose
+
         self.torch = torch
         self.device = device
+        self.dtype = choose(dtype, device).dtype
         self.tokenizer = AutoTokenizer.from_pretrained(str(model))
         loaded: Any = AutoModelForCausalLM.from_pretrained(
-            str(model), dtype=getattr(torch, dtype), use_safetensors=True
+            str(model), dtype=getattr(torch, self.dtype), use_safetensors=True
         )
         self.model = loaded.to(device).eval()
         self.pad = self.tokenizer.pad_token_id

@@ -16,12 +16,14 @@ from services.common.logs import setup_logging
 from services.common.service import Reconnecting, serve_loop
 from services.trainer.loop import Trainer
 from services.trainer.settings import TrainerSettings
+from services.trainer.train import resolve_dtype
 
 log = logging.getLogger(__name__)
 
 
 def run(settings: TrainerSettings) -> int:
     setup_logging(settings.log_level)
+    settings.optim = resolve_dtype(settings.optim, role="trainer's compute")
     if "WORLD_SIZE" not in os.environ and settings.ranks > 1:
         _exec_torchrun(settings)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -35,12 +35,30 @@ class OptimSettings(BaseModel):
     max_tokens: int = Field(default=512, ge=8, description="Longer sequences keep their end.")
     clip: float = Field(default=0.2, gt=0, description="RL: PPO clip range.")
     kl_coef: float = Field(default=0.0, ge=0, description="RL: KL to the reference model.")
-    dtype: Literal["float32", "bfloat16", "bfloat16-mixed"] = Field(
-        default="float32", description="bfloat16: weights and optimizer state in bfloat16 "
-        "(a GPU's choice at small learning rates is the mixed one); bfloat16-mixed: float32 "
-        "weights and optimizer state, forward and backward under bfloat16 autocast (2.1x "
-        "faster training steps than float32 on a CPU with AVX-512 BF16, measured here).")
+    dtype: Literal["auto", "float32", "bfloat16", "bfloat16-mixed"] = Field(
+        default="auto", description="auto: bfloat16-mixed where the device computes bfloat16 "
+        "natively (a CPU with AVX-512 BF16 or AMX, a recent GPU), float32 elsewhere. "
+        "bfloat16: weights and optimizer state in bfloat16 (at small learning rates the "
+        "steps round away: prefer the mixed one); bfloat16-mixed: float32 weights and "
+        "optimizer state, forward and backward under bfloat16 autocast (2.1x faster training "
+        "steps than float32 on a CPU with AVX-512 BF16, many times slower on one without).")
     device: str = "cpu"
+
+
+def resolve_dtype(s: OptimSettings, *, role: str | None = None) -> OptimSettings:
+    """``s`` with ``dtype: auto`` resolved for its device (:mod:`services.models.precision`):
+    bfloat16-mixed where bfloat16 runs natively, float32 elsewhere. With ``role``, the choice
+    is logged and exported."""
+    from services.models import precision
+
+    choice = precision.choose("float32" if s.dtype == "float32" else
+                              "auto" if s.dtype == "auto" else "bfloat16", s.device, role=role)
+    if role is not None:
+        precision.export(choice.dtype)
+    if s.dtype != "auto":
+        return s
+    return s.model_copy(update={
+        "dtype": "bfloat16-mixed" if choice.dtype == "bfloat16" else "float32"})
 
 
 def make_optimizer(model: Any, s: OptimSettings) -> torch.optim.Optimizer:
@@ -87,6 +105,7 @@ def train_round(model: Any, optimizer: torch.optim.Optimizer,
     returned are the whole micro-batches', the same on every rank. ``stopping`` is asked
     before each micro-batch (a round of a real model on a CPU takes minutes, longer than a
     supervisor waits for a stop); when it answers true, RoundInterrupted is raised."""
+    s = resolve_dtype(s)
     rng = random.Random(seed)
     batches: list[tuple[str, list[Sample]]] = []
     stats = RoundStats()

@@ -44,8 +44,10 @@ def write_policies(profile: Profile) -> dict[str, Path]:
     return out
 
 
-def validate(profile: Profile, kafka: dict[str, Any], policy_files: dict[str, Path]) -> None:
-    """Every service's settings and policy, checked before anything starts."""
+def validate(profile: Profile, kafka: dict[str, Any], policy_files: dict[str, Path]
+             ) -> dict[str, Any]:
+    """Every service's settings and policy, checked before anything starts; the settings by
+    service."""
     from services.common.policy import load_policy
     from services.filter.policy import FilterPolicy
     from services.router.policy import RoutingPolicy
@@ -73,6 +75,33 @@ def validate(profile: Profile, kafka: dict[str, Any], policy_files: dict[str, Pa
     for spec in checked["feeder"].tasksets:
         load(spec)
     suite_tasks(checked["gate"].held_out)
+    return checked
+
+
+def say_precision(checked: dict[str, Any], say: Say) -> None:
+    """The dtype each model service will compute in on this machine, and why: ``auto``
+    chooses by the device (:mod:`services.models.precision`)."""
+    from services.models.precision import choose, detect
+    from services.trainer.train import resolve_dtype
+
+    generator, gate, optim = checked["generator"], checked["gate"], checked["trainer"].optim
+    parts = []
+    if generator.backend == "vllm" and generator.vllm.dtype == "auto":
+        parts.append("generator auto (vLLM's own on a GPU, else as below)")
+    else:
+        dtype = generator.vllm.dtype if generator.backend == "vllm" \
+            else generator.transformers.dtype
+        parts.append(f"generator {_chosen(choose(dtype, 'cpu').dtype, dtype)}")
+    parts.append(f"gate {_chosen(choose(gate.dtype, 'cpu').dtype, gate.dtype)}")
+    parts.append(f"trainer {_chosen(resolve_dtype(optim).dtype, optim.dtype)}")
+    machine = detect("cpu")
+    why = ("computes bfloat16 natively" if machine.native_bfloat16 else
+           "has no native bfloat16 (no avx512_bf16, amx_bf16 or bf16 flag): auto is float32")
+    say(f"precision: {', '.join(parts)}; {machine.describe()} {why}")
+
+
+def _chosen(dtype: str, asked: str) -> str:
+    return f"{dtype} (auto)" if asked == "auto" else f"{dtype} (set)"
 
 
 def section(profile: Profile, service: str) -> dict[str, Any]:

@@ -131,8 +131,11 @@ class Profile(BaseModel):
     feeder: dict[str, Any] = _embedded(
         env="addition", target_backlog=128, interval_seconds=0.5,
         curriculum={"enabled": True, "levels": [1, 2, 3], "frontier_share": 0.85})
+    # The tiny model computes in float32 on every machine (generator, trainer, gate), where
+    # the services' default (auto) would choose bfloat16 on a CPU with AVX-512 BF16: the
+    # embedded figures and the tests built on them stay the same on every CPU family.
     generator: dict[str, Any] = _embedded(
-        backend="transformers", samples_per_task=8,
+        backend="transformers", samples_per_task=8, transformers={"dtype": "float32"},
         sampling={"temperature": 1.0, "max_tokens": 8}, runtime={"batch_max_records": 64})
     scorer: dict[str, Any] = Field(default_factory=dict)
     filter: dict[str, Any] = Field(default_factory=dict)
@@ -146,7 +149,8 @@ class Profile(BaseModel):
     # and none (the router's rl off, above) fewer still: sft 512 alone, 1.33x on 3 seeds.
     trainer: dict[str, Any] = _embedded(
         quotas={"sft": 512, "rl": 0, "cpt": 0}, max_wait_seconds=10,
-        optim={"lr": 2e-4, "micro_batch": 64, "max_tokens": 64, "epochs": 3})
+        optim={"lr": 2e-4, "micro_batch": 64, "max_tokens": 64, "epochs": 3,
+               "dtype": "float32"})
     # A set per curriculum level, 3 digits the headline. Tolerances of about two standard
     # errors of each set's pass rate, since the reference is the best promoted value (picked
     # upwards by noise). 1-digit sums are only 100 tasks; the 20 held out here are never
@@ -159,7 +163,7 @@ class Profile(BaseModel):
                    "max_tokens": 8, "tolerance": 0.08},
                   {"name": "digits3", "env": "addition", "difficulty": 3, "count": 200,
                    "max_tokens": 8}],
-        headline="digits3", tolerance=0.05)
+        headline="digits3", tolerance=0.05, dtype="float32")
 
     @field_validator("credentials")
     @classmethod

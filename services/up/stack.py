@@ -85,7 +85,8 @@ class Stack:
                                 for name, c in p.credentials.items()}
             self.policy_files = prepare.write_policies(p)
             # before anything starts
-            prepare.validate(p, self.kafka | self.secrets, self.policy_files)
+            checked = prepare.validate(p, self.kafka | self.secrets, self.policy_files)
+            prepare.say_precision(checked, say)
             self.prometheus = prepare.start_monitor(p, say)
             if p.local_broker:
                 # Started beside the seed model's training, which needs no broker: the

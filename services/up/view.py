@@ -165,17 +165,24 @@ def _detail(service: str, m: dict[str, float]) -> str:
         return (f"backlog {m.get('flywheel_feeder_backlog_tasks', 0):.0f}, "
                 f"frontier {m.get('flywheel_curriculum_frontier', 0):g}")
     if service == "generator":
-        return f"serving v{m.get('flywheel_generator_policy_version', 0):.0f}"
+        return f"serving v{m.get('flywheel_generator_policy_version', 0):.0f}{_precision(m)}"
     if service == "filter":
         return f"accept ratio {m.get('flywheel_filter_accept_ratio', 0):.2f}"
     if service == "router":
         return _per_stage(m, "flywheel_router_routed_samples_total")
     if service == "trainer":
-        return (f"candidate v{m.get('flywheel_trainer_candidate_version', 0):.0f}; samples "
-                + _per_stage(m, "flywheel_trainer_samples_total"))
+        return (f"candidate v{m.get('flywheel_trainer_candidate_version', 0):.0f}"
+                f"{_precision(m)}; samples " + _per_stage(m, "flywheel_trainer_samples_total"))
     if service == "gate":
-        return f"promoted v{m.get('flywheel_gate_promoted_version', 0):.0f}"
+        return f"promoted v{m.get('flywheel_gate_promoted_version', 0):.0f}{_precision(m)}"
     return ""
+
+
+def _precision(m: dict[str, float]) -> str:
+    """``, bfloat16``: the dtype a model service computes in (``flywheel_model_precision``)."""
+    chosen = [k.split('dtype=')[1].rstrip("}") for k, v in m.items()
+              if k.startswith("flywheel_model_precision{") and v == 1]
+    return f", {chosen[0]}" if chosen else ""
 
 
 def _per_stage(m: dict[str, float], metric: str) -> str:

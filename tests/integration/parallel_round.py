@@ -31,7 +31,7 @@ from services.trainer.ranks import Leader, follow
 from services.trainer.store import CheckpointStore, load_optimizer, read_optimizer
 from services.trainer.train import OptimSettings, make_optimizer, train_round
 
-OPTIM = OptimSettings(lr=1e-3, micro_batch=5)
+OPTIM = OptimSettings(lr=1e-3, micro_batch=5, dtype="float32")
 """Micro-batches of 5 over 11 SFT and 7 RL samples: parts of 3 and 2 on two ranks, and
 micro-batches of 1 and 2 (one rank's part empty, or of one sample)."""
 

@@ -42,7 +42,7 @@ def test_the_gate_promotes_a_better_candidate_and_rejects_a_degraded_one(
     store = CheckpointStore(str(root))
 
     trainer = TransformersEngine(base)  # its model is trained in place
-    s = OptimSettings(lr=3e-3, micro_batch=32)
+    s = OptimSettings(lr=3e-3, micro_batch=32, dtype="float32")
     optimizer = make_optimizer(trainer.model, s)
     rng = random.Random(5)
     for r in range(60):

@@ -154,30 +154,38 @@ def test_both_backends_serve_train_reload_and_evaluate(imported: Path, served: V
     assert set(scores) == {"pass_rate", "mean_score"} and 0 <= scores["pass_rate"] <= 1
 
 
-def test_the_cpu_fast_path_serves_trains_and_evaluates_in_bfloat16(imported: Path,
-                                                                     tmp_path: Path) -> None:
-    """The real profile's settings on a CPU with AVX-512 BF16: generators and the gate in
-    bfloat16 weights, the trainer in mixed precision (float32 weights, bfloat16 compute)."""
+def test_the_real_profile_serves_trains_and_evaluates_in_the_precision_auto_chooses(
+        imported: Path, tmp_path: Path) -> None:
+    """The real profile's settings (every dtype auto) on this machine: on a CPU with AVX-512
+    BF16 or AMX, generators and the gate in bfloat16 weights and the trainer in mixed
+    precision (float32 weights, bfloat16 compute); elsewhere all in float32, since emulated
+    bfloat16 is many times slower (a run of this test in bfloat16 on an AVX2 CPU: 586 s).
+    Both branches of the choice run on every machine in tests/unit/test_precision.py, and
+    the bfloat16 path on the tiny model in test_engines.py and test_training.py."""
+    from services.models.precision import choose
     from services.trainer.objectives import Sample
+    from services.trainer.train import resolve_dtype
 
+    weights = choose("auto").dtype
     env = envs.get("word_problems")
     tasks = env.tasks(16, rng=random.Random(5), difficulty=1)
-    served = TransformersEngine(imported, dtype="bfloat16")
+    served = TransformersEngine(imported, dtype=weights)
     prompts = [render(served.tokenizer, env.initial_turns(t)) for t in tasks]
     greedy = SamplingParams(temperature=0.0, max_tokens=48)
     out = served.generate(prompts[:4], greedy, [None] * 4)
     assert any(c.finish_reason == "stop" and c.token_ids[-1] == served.tokenizer.eos_token_id
-               for c in out), "no bfloat16 answer ended its turn within 48 tokens"
+               for c in out), f"no {weights} answer ended its turn within 48 tokens"
 
     trainer = TransformersEngine(imported)
     tok = trainer.tokenizer
     data = [Sample(p, [*tok(env.reference_answer(t), add_special_tokens=False)["input_ids"],
                        tok.eos_token_id], 1.0) for p, t in zip(prompts, tasks, strict=True)]
-    optim = OptimSettings(lr=1e-4, micro_batch=8, dtype="bfloat16-mixed")
+    optim = resolve_dtype(OptimSettings(lr=1e-4, micro_batch=8))
+    assert optim.dtype == ("bfloat16-mixed" if weights == "bfloat16" else "float32")
     optimizer = make_optimizer(trainer.model, optim)
     losses = [train_round(trainer.model, optimizer, {"sft": data}, optim, trainer.pad,
                           seed=r).loss["sft"] for r in range(3)]
-    assert losses[-1] < losses[0], f"mixed precision did not learn the answers: {losses}"
+    assert losses[-1] < losses[0], f"{optim.dtype} did not learn the answers: {losses}"
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
 
     store = CheckpointStore(str(tmp_path / "store"))
@@ -185,9 +193,9 @@ def test_the_cpu_fast_path_serves_trains_and_evaluates_in_bfloat16(imported: Pat
     folder = verify(CheckpointEvent(model="smol", version=1, uri=uri, manifest=manifest,
                                     status="candidate"), tmp_path / "store")
     served.reload(folder)
-    fresh = TransformersEngine(folder, dtype="bfloat16")
+    fresh = TransformersEngine(folder, dtype=weights)
     assert [c.token_ids for c in served.generate(prompts[:4], greedy, [None] * 4)] == \
         [c.token_ids for c in fresh.generate(prompts[:4], greedy, [None] * 4)]
     scores = evaluate(folder, HeldOut(env="word_problems", difficulty=1, count=8,
-                                      max_tokens=48), dtype="bfloat16")
+                                      max_tokens=48), dtype=weights)
     assert set(scores) == {"pass_rate", "mean_score"} and 0 <= scores["pass_rate"] <= 1

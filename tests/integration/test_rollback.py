@@ -88,6 +88,7 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage(
            "FLYWHEEL_QUOTAS": json.dumps({"sft": ROUND, "rl": 0, "cpt": 0}),
            "FLYWHEEL_MAX_WAIT_SECONDS": "600",  # rounds of exactly ROUND samples
            "FLYWHEEL_OPTIM__LR": "0.0002", "FLYWHEEL_OPTIM__MICRO_BATCH": "64",
+           "FLYWHEEL_OPTIM__DTYPE": "float32",  # the same learning on every CPU family
            "FLYWHEEL_ROLLBACK__ENABLED": str(rollback).lower(), "FLYWHEEL_ROLLBACK__AFTER": "1"}
 
     def start() -> subprocess.Popen[bytes]:

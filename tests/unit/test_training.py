@@ -98,7 +98,7 @@ def test_sft_on_accepted_samples_raises_the_pass_rate_on_unseen_sums(engine: Any
 
 
 def test_grpo_on_groups_with_reward_variance_raises_the_mean_reward(engine: Any) -> None:
-    s = OptimSettings(lr=3e-3, micro_batch=32)
+    s = OptimSettings(lr=3e-3, micro_batch=32, dtype="float32")
     optimizer = make_optimizer(engine.model, s)
     rng = random.Random(2)
     for r in range(12):  # a weak start: right on some sums, wrong on others
@@ -119,7 +119,7 @@ def test_grpo_on_groups_with_reward_variance_raises_the_mean_reward(engine: Any)
         return sum(x.reward for x in drawn) / len(drawn)
 
     before = mean_reward(1000)
-    rl = OptimSettings(lr=1e-3, micro_batch=64)
+    rl = OptimSettings(lr=1e-3, micro_batch=64, dtype="float32")
     rl_optimizer = make_optimizer(engine.model, rl)
     for r in range(8):
         drawn = draw(r)
@@ -219,7 +219,7 @@ def test_grpo_ratios_are_one_on_policy_at_any_sampling_temperature(engine: Any) 
 def test_a_round_asked_to_stop_ends_before_its_next_micro_batch(engine: Any) -> None:
     from services.trainer.train import RoundInterrupted
 
-    s = OptimSettings(lr=1e-3, micro_batch=8)
+    s = OptimSettings(lr=1e-3, micro_batch=8, dtype="float32")
     optimizer = make_optimizer(engine.model, s)
     eos = engine.tokenizer.eos_token_id
     routed = []
