@@ -51,20 +51,21 @@ def main(model: str, strategy: str, threads: str, out: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench.trainer import MICRO_BATCH, ROUNDS, SAMPLES, _samples
+    from bench import workload
     from services.trainer.parallel import Parallel
     from services.trainer.ranks import Leader, follow
     from services.trainer.train import OptimSettings, make_optimizer, train_round
 
     torch.set_num_threads(int(threads))
     torch.manual_seed(0)
-    s = OptimSettings(lr=1e-4, micro_batch=MICRO_BATCH, dtype="float32")
+    s = OptimSettings(lr=1e-4, micro_batch=workload.MICRO_BATCH, dtype="float32")
     parallel = None if strategy == "single" else Parallel.launch(strategy)  # type: ignore[arg-type]
     if parallel is not None and not parallel.leader:  # as the trainer service's ranks
         raise SystemExit(follow(s, parallel))
     tokenizer = AutoTokenizer.from_pretrained(model)
     net = AutoModelForCausalLM.from_pretrained(model)
-    samples = {"sft": _samples(tokenizer, None, "sft", random.Random(0))}  # as bench trainer's
+    # the same samples as bench trainer's
+    samples = {"sft": workload.samples(tokenizer, None, "sft", random.Random(0))}
     pad = tokenizer.pad_token_id
     if parallel is None:
         optimizer = make_optimizer(net, s)
@@ -79,12 +80,12 @@ def main(model: str, strategy: str, threads: str, out: str) -> None:
             leader.train(samples, pad, seed)
     round_(0)  # warm-up
     times = []
-    for r in range(ROUNDS):
+    for r in range(workload.ROUNDS):
         started = time.perf_counter()
         round_(r)
         times.append(time.perf_counter() - started)
     Path(out).write_text(json.dumps(
-        {"samples_per_second": round(SAMPLES / statistics.median(times), 1)}))
+        {"samples_per_second": round(workload.SAMPLES / statistics.median(times), 1)}))
     if parallel is not None:
         leader.stop()
 

@@ -21,36 +21,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench import workload
 from bench.runtime import broker
 
-ROUNDS = 3
-SAMPLES = 256
-MICRO_BATCH = 32
 SIZES = {"tiny": {"hidden": 128, "layers": 2}, "small": {"hidden": 256, "layers": 4}}
-
-
-def _samples(tokenizer: Any, model: Any, stage: str, rng: random.Random) -> list[Any]:
-    import torch
-
-    from services.trainer.objectives import Sample, collate, token_logprobs
-
-    eos = tokenizer.eos_token_id
-    out = []
-    for _ in range(SAMPLES):
-        a, b = rng.randrange(10, 100), rng.randrange(10, 100)
-        prompt = list(tokenizer(f"{a}+{b}=", add_special_tokens=False)["input_ids"])
-        answer = [*tokenizer(str(a + b), add_special_tokens=False)["input_ids"], eos]
-        if stage == "cpt":
-            out.append(Sample([], prompt + answer))
-        elif stage == "sft":
-            out.append(Sample(prompt, answer))
-        else:
-            with torch.no_grad():
-                lp = token_logprobs(model, collate([Sample(prompt, answer)], 0))[0]
-            start = len(prompt) - 1
-            out.append(Sample(prompt, answer, behaviour_logprobs=lp[start:start + len(answer)]
-                              .tolist(), advantage=rng.choice([-1.0, 1.0])))
-    return out
 
 
 def _hf_sft(model: Any, samples: list[Any], pad: int) -> float:
@@ -60,8 +34,8 @@ def _hf_sft(model: Any, samples: list[Any], pad: int) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
     started = time.perf_counter()
-    for i in range(0, len(samples), MICRO_BATCH):
-        chunk = samples[i:i + MICRO_BATCH]
+    for i in range(0, len(samples), workload.MICRO_BATCH):
+        chunk = samples[i:i + workload.MICRO_BATCH]
         width = max(len(s.prompt) + len(s.target) for s in chunk)
         ids = torch.full((len(chunk), width), pad)
         labels = torch.full((len(chunk), width), -100)
@@ -94,26 +68,26 @@ def _size(name: str, dims: dict[str, int], folder: Path, bootstrap: str) -> dict
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     params = sum(p.numel() for p in model.parameters())
-    s = OptimSettings(lr=1e-4, micro_batch=MICRO_BATCH, dtype="float32")
+    s = OptimSettings(lr=1e-4, micro_batch=workload.MICRO_BATCH, dtype="float32")
     optimizer = make_optimizer(model, s)
     rng = random.Random(0)
     pad = tokenizer.pad_token_id
     result: dict[str, Any] = {"parameters": params}
     for stage in ("sft", "cpt", "rl"):
-        samples = _samples(tokenizer, model, stage, rng)
+        samples = workload.samples(tokenizer, model, stage, rng)
         tokens = sum(len(x.target) for x in samples)
         train_round(model, optimizer, {stage: samples}, s, pad)  # warm-up
         times = []
-        for r in range(ROUNDS):
+        for r in range(workload.ROUNDS):
             started = time.perf_counter()
             train_round(model, optimizer, {stage: samples}, s, pad, seed=r)
             times.append(time.perf_counter() - started)
         med = statistics.median(times)
         result[stage] = {"samples_per_second": round(len(samples) / med, 1),
                          "tokens_per_second": round(tokens / med, 1)}
-    sft = _samples(tokenizer, model, "sft", rng)
+    sft = workload.samples(tokenizer, model, "sft", rng)
     _hf_sft(model, sft, pad)
-    hf = statistics.median(_hf_sft(model, sft, pad) for _ in range(ROUNDS))
+    hf = statistics.median(_hf_sft(model, sft, pad) for _ in range(workload.ROUNDS))
     result["hf_sft_samples_per_second"] = round(len(sft) / hf, 1)
     result["sft_ratio_to_hf"] = round(result["sft"]["samples_per_second"] / (len(sft) / hf), 3)
 
@@ -126,7 +100,7 @@ def _size(name: str, dims: dict[str, int], folder: Path, bootstrap: str) -> dict
                          "transactional.id": f"bench-{uuid.uuid4().hex[:8]}"})
     producer.init_transactions(30)
     writes, announces, sizes = [], [], []
-    for v in range(1, ROUNDS + 1):
+    for v in range(1, workload.ROUNDS + 1):
         started = time.perf_counter()
         uri, manifest = store.write(v, model, tokenizer, optimizer)
         writes.append(time.perf_counter() - started)
@@ -158,7 +132,8 @@ def run() -> dict[str, Any]:
                      for name, dims in SIZES.items()}
         ranks = measure(Path(tmp) / "small")  # the broker stopped: it would take a core
     return {
-        "samples_per_stage": SAMPLES, "rounds": ROUNDS, "micro_batch": MICRO_BATCH,
+        "samples_per_stage": workload.SAMPLES, "rounds": workload.ROUNDS,
+        "micro_batch": workload.MICRO_BATCH,
         "threads": torch.get_num_threads(), "sizes": sizes, "ranks_small_sft": ranks,
         "summary": {f"{n}_{k}": (v[k]["samples_per_second"] if isinstance(v.get(k), dict)
                                  else v[k])

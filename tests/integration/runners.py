@@ -36,7 +36,8 @@ def settings(
 
 
 class InThread:
-    """Runs ``runtime.run()`` in a thread; ``error`` holds what it raised, if anything."""
+    """Runs ``runtime.run()`` in a thread; ``error`` holds what it raised, if anything, and
+    leaving the ``with`` block raises it (unless the block itself raised)."""
 
     def __init__(self, runtime: StreamRuntime) -> None:
         self.runtime = runtime
@@ -53,10 +54,12 @@ class InThread:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         self.runtime.stop()
         self.thread.join(30)
         assert not self.thread.is_alive(), "runtime did not stop within 30 s"
+        if kind is None and self.error is not None:
+            raise AssertionError(f"the runtime raised: {self.error!r}") from self.error
 
 
 def spawn_relay(
