@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.common import broker as local_kafka
+from services.cluster import local_broker as local_kafka
 from services.trainer.store import CheckpointStore
 from services.up.profile import Profile, load_profile
 from services.up.stack import Stack
@@ -84,7 +84,7 @@ def flywheel(profile: Profile, seconds: float, stop_at: float | None) -> dict[st
               "sets": {k.removesuffix("/pass_rate"): v for k, v in e.metrics.items()
                        if k.endswith("/pass_rate")}} for e in versions.decided()]
     train_seconds = sum(e.metrics.get("train_seconds", 0.0) for e in candidates)
-    return {"stack": stack, "curve": curve, "bootstrap_seconds": round(boot_seconds, 1),
+    return {"stack": stack, "curve": curve, "seed_model_seconds": round(boot_seconds, 1),
             "trained_samples": total, "train_seconds": round(train_seconds, 2),
             "store_bytes": CheckpointStore(profile.checkpoint_url).size_bytes()}
 
@@ -163,16 +163,16 @@ def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str
     """One-shot SFT on the seed data only, from the seed model, for ``samples`` samples."""
     import torch
 
-    from services.bootstrap import train_on_seed
     from services.envs.heldout import gate_dtype, gate_headline, gate_task_ids
     from services.gate.evaluate import evaluate
     from services.models.engines import TransformersEngine
+    from services.seed_model import train_on_seed
     from services.trainer.train import OptimSettings
 
     torch.set_num_threads(2)
     engine = TransformersEngine(seed_folder)
     optim = OptimSettings(**profile.trainer.get("optim", {}))
-    boot = profile.bootstrap.model_copy(update={"micro_batch": optim.micro_batch})
+    boot = profile.seed_model.model_copy(update={"micro_batch": optim.micro_batch})
     done, seconds = train_on_seed(engine.model, engine.tokenizer, engine.pad, boot,
                                   samples=samples, lr=optim.lr,
                                   excluded=gate_task_ids(profile.gate))
@@ -232,7 +232,7 @@ def _private(profile: Profile, tmp: Path, seed: int) -> Profile:
     update: dict[str, Any] = {"home": tmp / "home", "checkpoint_url": str(tmp / "store"),
                               "kafka": {}, "broker_port": local_kafka.free_port()}
     if profile.model_path is None:
-        update["bootstrap"] = profile.bootstrap.model_copy(update={"seed": seed})
+        update["seed_model"] = profile.seed_model.model_copy(update={"seed": seed})
     update["feeder"] = {**profile.feeder, "seed": seed}
     private = profile.model_copy(update=update)
     private.metrics_port = local_kafka.free_ports(private.processes)
@@ -276,8 +276,8 @@ def run(profile_path: Path | None = None) -> dict[str, Any]:
             result["start_pass_rate"] = seed_rate
             result["samples_to_target"] = to_target
             reached = first_reaching(curve, "seconds", TARGET)
-            result["seconds_to_target_with_bootstrap"] = (
-                None if reached is None else round(reached + result["bootstrap_seconds"], 1))
+            result["seconds_to_target_with_seed_model"] = (
+                None if reached is None else round(reached + result["seed_model_seconds"], 1))
             result["bound_samples_to_target"] = first_reaching(result["bound"], "samples",
                                                                TARGET)
             runs.append(result)
@@ -323,8 +323,8 @@ def summarize(runs: list[dict[str, Any]], embedded: bool) -> dict[str, Any]:
         samples = _median([r["samples_to_target"] for r in runs])
         bound = _median([r["bound_samples_to_target"] for r in runs])
         summary |= {
-            "median_seconds_to_0.8_with_bootstrap": _median(
-                [r["seconds_to_target_with_bootstrap"] for r in runs]),
+            "median_seconds_to_0.8_with_seed_model": _median(
+                [r["seconds_to_target_with_seed_model"] for r in runs]),
             "median_samples_to_0.8": samples, "median_bound_samples_to_0.8": bound,
             "samples_ratio_to_bound": None if not samples or not bound
             else round(samples / bound, 2),

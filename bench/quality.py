@@ -40,7 +40,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from bench.runtime import bare_pass_through, broker
 from schemas import Message, Task, Trajectory, Turn
 from services import envs
-from services.common import topics as topic_ops
+from services.cluster import topics as topic_ops
 from services.common.config import KafkaSettings, ServiceSettings
 from services.common.produce import produce_when_room
 from services.common.runtime import StreamRuntime

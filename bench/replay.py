@@ -13,7 +13,7 @@ the scorer writes them; version 0 is promoted. Then, per round:
   into its records stands on, so the ratio's distance from the target can be read against
   them;
 - ``replay``: ``flywheel replay --from scored --stages filter,router`` as the command runs it
-  (``services.replay.replay``, default policies): manifest and bounds, both stages one after
+  (``services.replay.run.replay``, default policies): manifest and bounds, both stages one after
   the other, exactly once, into topics of its own. Its clock covers the whole command;
 - ``replay_workers``: the same with ``--workers`` = the machine's CPU count (``BENCH_REPLAY_
   WORKERS``), each stage in that many processes.
@@ -40,12 +40,12 @@ from confluent_kafka import Consumer, Producer
 from bench.quality import _trajectories
 from bench.runtime import broker
 from schemas import CheckpointEvent, ScoredTrajectory
-from services.common import topics as topic_ops
+from services.cluster import topics as topic_ops
 from services.common.clients import CONSUMER_TUNING
 from services.common.config import KafkaSettings
 from services.common.produce import produce_when_room
 from services.common.service import tune_gc
-from services.replay import replay
+from services.replay.run import replay
 from services.scorer.stage import ScorerStage, ScoringConfig
 
 log = logging.getLogger(__name__)

@@ -92,9 +92,9 @@ def _case(bootstrap: str, seed: tuple[Path, list[Any], dict[str, float]], rollba
     from confluent_kafka import Producer
     from transformers import AutoTokenizer
 
-    from services.bootstrap import publish_promoted
-    from services.common import topics as topic_ops
+    from services.cluster import topics as topic_ops
     from services.common.config import KafkaSettings
+    from services.seed_model import publish_promoted
     from services.up.profile import Profile
     from services.up.view import read_checkpoints
 
@@ -196,9 +196,9 @@ def _case(bootstrap: str, seed: tuple[Path, list[Any], dict[str, float]], rollba
 def run() -> dict[str, Any]:
     from bench.flywheel import training_tasks
     from bench.runtime import broker
-    from services.bootstrap import BootstrapSettings, bootstrap
     from services.envs.heldout import gate_dtype, gate_headline, gate_task_ids
     from services.gate.evaluate import evaluate
+    from services.seed_model import SeedModelSettings, make_seed_model
     from services.up.profile import Profile
 
     profile = Profile()
@@ -208,8 +208,8 @@ def run() -> dict[str, Any]:
             broker() as bootstrap_servers:
         for seed in SEEDS:
             work = Path(tmp) / f"seed{seed}"
-            uri, manifest, metrics = bootstrap(
-                BootstrapSettings(samples=SEED_SAMPLES, seed=seed), str(work / "seed"),
+            uri, manifest, metrics = make_seed_model(
+                SeedModelSettings(samples=SEED_SAMPLES, seed=seed), str(work / "seed"),
                 "policy", evaluate=lambda f: evaluate(f, gate_headline(profile.gate),
                                                       dtype=gate_dtype(profile.gate)),
                 excluded=gate_task_ids(profile.gate))

@@ -35,7 +35,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from schemas import Task
-from services.common import broker as local_kafka
+from services.cluster import local_broker as local_kafka
 from services.common.clients import CONSUMER_TUNING, PRODUCER_TUNING
 from services.common.config import ServiceSettings
 from services.common.runtime import StreamRuntime

@@ -2,9 +2,11 @@
 
 Every command reads the same settings as the services (``FLYWHEEL_...`` environment variables),
 so pointing ``FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS`` at a real cluster moves all of them there.
+Help is Markdown (typer's ``rich_markup_mode``): command docstrings use single backticks.
 
 Over 300 lines: the whole command tree in one place, so ``flywheel --help`` reads like this
-file. Each command only parses its options and calls into a service or tool module.
+file. Each command only parses its options and calls into a service or tool module, which
+also renders what it prints (tables live beside their data).
 """
 
 from __future__ import annotations
@@ -18,26 +20,35 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from services import registry
-from services.common import broker as local_kafka
-from services.common import topics as topic_ops
+from services.cluster import local_broker as local_kafka
+from services.cluster import topics as topic_ops
 from services.common.config import ServiceSettings
 from services.common.errors import ConfigError, FlywheelError
 from services.common.logs import setup_logging, to_file
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+HELP = """Data Flywheel: a model trained on its own verified, filtered output, over Kafka.
+
+`flywheel up` runs the whole loop on this machine (a local broker, a seed model, every
+service, a live view); `flywheel status` and `flywheel down` from another shell. Every
+command reads the services' settings: `FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS` and the other
+`FLYWHEEL_*` variables point all of them at a cluster. `flywheel COMMAND --help` for more."""
+
+RUN, DATA, SETUP, MEASURE = "Run the flywheel", "Its data", "Set up", "Measure"
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=HELP,
+                  rich_markup_mode="markdown")
 kafka_app = typer.Typer(no_args_is_help=True, help="A local single-node Kafka broker (KRaft).")
 topics_app = typer.Typer(no_args_is_help=True, help="Topics as code (deploy/topics.yaml).")
-run_app = typer.Typer(no_args_is_help=True, help="Run one service in the foreground.")
+run_app = typer.Typer(no_args_is_help=True, help="Run one service in the foreground (what "
+                      "`flywheel up` supervises; one container or pod per service).")
 tasks_app = typer.Typer(no_args_is_help=True, help="Publish tasks; split task files.")
 model_app = typer.Typer(no_args_is_help=True, help="Bring a pretrained model.")
-app.add_typer(kafka_app, name="kafka")
-app.add_typer(tasks_app, name="tasks")
-app.add_typer(model_app, name="model")
-app.add_typer(topics_app, name="topics")
-app.add_typer(run_app, name="run")
+app.add_typer(run_app, name="run", rich_help_panel=RUN)
+app.add_typer(tasks_app, name="tasks", rich_help_panel=DATA)
+app.add_typer(kafka_app, name="kafka", rich_help_panel=SETUP)
+app.add_typer(topics_app, name="topics", rich_help_panel=SETUP)
+app.add_typer(model_app, name="model", rich_help_panel=SETUP)
 
 err = Console(stderr=True)
 DataDir = Annotated[
@@ -117,22 +128,13 @@ def topics_list(file: TopicsFile = topic_ops.DEFAULT_TOPICS_FILE) -> None:
     settings = ServiceSettings(service="cli")
     specs = topic_ops.load(file, settings.kafka.topic_prefix)
     states = topic_ops.describe(topic_ops.admin_client(settings.kafka), specs)
-    table = Table(title=f"topics on {settings.kafka.bootstrap_servers}", show_lines=True)
-    for col in ("topic", "partitions", "configs", "end offsets", "records"):
-        table.add_column(col, justify="right" if col in ("partitions", "records") else "left")
-    for st in states:
-        if not st.exists:
-            table.add_row(st.name, "-", "[red]missing[/]", "-", "-")
-            continue
-        configs = "\n".join(f"{k}={v}" for k, v in st.config.items())
-        ends = " ".join(str(st.end_offsets[p]) for p in sorted(st.end_offsets))
-        table.add_row(st.name, str(st.partitions), configs, ends, str(sum(st.end_offsets.values())))
-    Console(width=max(Console().width, 110)).print(table)
+    Console(width=max(Console().width, 110)).print(
+        topic_ops.table(states, f"topics on {settings.kafka.bootstrap_servers}"))
 
 
 acls_app = typer.Typer(no_args_is_help=True, help="Access as code: each service's SCRAM "
                        "user and ACLs, derived from what it reads and writes.")
-app.add_typer(acls_app, name="acls")
+app.add_typer(acls_app, name="acls", rich_help_panel=SETUP)
 Users = Annotated[list[str] | None, typer.Option(
     "--user", help="SERVICE=USERNAME: the service's principal is User:USERNAME [default: "
     "the service's name]. Repeatable.")]
@@ -159,7 +161,7 @@ def _users(pairs: list[str] | None, profile: Path | None = None) -> dict[str, st
 def acls_apply(user: Users = None, profile: ProfileUsers = None) -> None:
     """Grant every service's principal the ACLs it needs (run as an administrator); a second
     run changes nothing, and ACLs not declared here are left alone."""
-    from services.common import access
+    from services.cluster import access
 
     settings = ServiceSettings(service="cli")
     wanted = access.all_grants(settings.kafka.topic_prefix, _users(user, profile))
@@ -172,18 +174,13 @@ def acls_apply(user: Users = None, profile: ProfileUsers = None) -> None:
 @acls_app.command("list")
 def acls_list(user: Users = None, profile: ProfileUsers = None) -> None:
     """The ACLs every service needs, and whether the cluster has each."""
-    from services.common import access
+    from services.cluster import access
 
     settings = ServiceSettings(service="cli")
     have = access.existing(access.admin_client(settings.kafka))
-    table = Table(title=f"ACLs on {settings.kafka.bootstrap_servers}")
-    for col in ("principal", "operation", "resource", "name", "present"):
-        table.add_column(col)
-    for g in access.all_grants(settings.kafka.topic_prefix, _users(user, profile)):
-        table.add_row(g.principal, g.operation, g.resource,
-                      g.name + ("*" if g.pattern == "prefixed" else ""),
-                      "yes" if g.binding() in have else "[red]missing[/]")
-    Console(width=max(Console().width, 110)).print(table)
+    grants = access.all_grants(settings.kafka.topic_prefix, _users(user, profile))
+    Console(width=max(Console().width, 110)).print(
+        access.table(grants, have, f"ACLs on {settings.kafka.bootstrap_servers}"))
 
 
 @acls_app.command("user")
@@ -195,7 +192,7 @@ def acls_user(
         show_default=False)],
 ) -> None:
     """Create or change a SCRAM-SHA-512 user (run as an administrator)."""
-    from services.common import access
+    from services.cluster import access
 
     settings = ServiceSettings(service="cli")
     access.set_users(access.admin_client(settings.kafka), {name: password})
@@ -233,7 +230,7 @@ def tasks_seed(
 
     from schemas import ProducerInfo
     from services import envs
-    from services.envs.reference import load_task_file
+    from services.envs.declared import load_task_file
     from services.feeder.publish import TaskPublisher
 
     settings = ServiceSettings(service="cli")
@@ -299,11 +296,11 @@ def model_import_gguf(
 
 
 def _run_command(service: registry.Service) -> Callable[..., None]:
-    """``flywheel run NAME``: the service with its settings from ``FLYWHEEL_*`` variables,
-    and its policy or config file from ``--policy``/``--config`` when it has one."""
+    """`flywheel run NAME`: the service with its settings from `FLYWHEEL_*` variables, and
+    its policy or config file from `--policy`/`--config` when it has one."""
 
     def run(policy: Path | None = None) -> None:
-        from services.common.access import preflight
+        from services.cluster.access import preflight
 
         cls = service.settings_class()
         settings = cls.with_overrides(**{service.policy_field: policy}) \
@@ -340,7 +337,7 @@ replay_app = typer.Typer(
     help="Re-run a chain of stages over history under new policies, into topics of its own, "
     "and report what changed. Stops by itself at the bounds fixed at its first start; the "
     "same name resumes it.")
-app.add_typer(replay_app, name="replay")
+app.add_typer(replay_app, name="replay", rich_help_panel=DATA)
 
 
 @replay_app.callback()
@@ -376,7 +373,7 @@ def replay_command(
         return
     if name is None:
         raise typer.BadParameter("a replay needs a name", param_hint="--name")
-    from services.replay import INPUTS, replay
+    from services.replay.run import INPUTS, replay
 
     first = {v: k for k, v in INPUTS.items()}.get(source)
     chain = [s.strip() for s in stages.split(",")] if stages else [first or source]
@@ -436,8 +433,8 @@ def replay_report_command(
 
 def _replay_report(name: str, json_file: Path | None, png: Path | None) -> None:
     from services.common.config import ServiceSettings
-    from services.replay import MANIFEST, read_manifest
-    from services.replay_report import build, render, write_json, write_png
+    from services.replay.report import build, render, write_json, write_png
+    from services.replay.run import MANIFEST, read_manifest
 
     kafka = ServiceSettings(service="cli").kafka
     manifest = read_manifest(kafka, f"{kafka.topic_prefix}replay.{name}.{MANIFEST}", name)
@@ -457,61 +454,11 @@ def _replay_report(name: str, json_file: Path | None, png: Path | None) -> None:
         err.print(f"wrote {png}")
 
 
-@app.command("quarantine")
-def quarantine_command(
-    model: Annotated[str | None, typer.Option(help="Only this model's candidates.")] = None,
-    all_rejected: Annotated[bool, typer.Option(
-        "--all", help="Also candidates rejected as not better than noise.")] = False,
-    records: Annotated[Path | None, typer.Option(
-        help="Write every record behind them to this JSONL file.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
-) -> None:
-    """The data behind every candidate the gate rejected as regressed: lineage, offset
-    ranges, and the policies and scorers that let it through."""
-    import json
-
-    from services.quarantine import quarantined, write_records
-
-    settings = ServiceSettings(service="cli")
-    kinds = ("regressed", "invalid", "not_better", "superseded") if all_rejected \
-        else ("regressed", "invalid")
-    entries = quarantined(settings.kafka, settings.topic("checkpoints"), model=model,
-                          kinds=kinds)
-    if as_json:
-        print(json.dumps([{
-            "model": q.model, "version": q.version, "rejection": q.rejection,
-            "reason": q.reason, "since": q.since, "lineage": q.lineage, "samples": q.samples,
-            "trained_on": [r.model_dump() for r in q.trained_on],
-            "provenance": {k: dict(v) for k, v in q.provenance.items()}} for q in entries],
-            indent=2))
-    else:
-        table = Table("model", "version", "kind", "lineage", "records", "router policy",
-                      "filter policy", "scorers", "ranges", title="quarantined data")
-        for q in entries:
-            def top(kind: str, width: int = 12, q: Any = q) -> str:
-                return "\n".join(f"{k[:width]} x{n}" for k, n in
-                                 q.provenance.get(kind, {}).most_common(3)) or "-"
-            since = f"v{q.since}" if q.since is not None else "?"
-            table.add_row(q.model, str(q.version), q.rejection,
-                          f"{since} -> v" + ", v".join(map(str, reversed(q.lineage))),
-                          str(q.samples), top("router_policy"), top("filter_policy"),
-                          top("scorer", 24), "\n".join(
-                              f"{r.topic}[{r.partition}] {r.start}..{r.end}"
-                              for r in q.trained_on[:6])
-                          + ("\n..." if len(q.trained_on) > 6 else ""))
-        Console(width=max(Console().width, 140)).print(table)
-        if not entries:
-            err.print("no rejected candidate of those kinds")
-    if records is not None:
-        n = write_records(settings.kafka, entries, records)
-        err.print(f"wrote {n} records to {records}")
-
-
 Profile = Annotated[Path | None, typer.Option(
     "--profile", help="Profile file (YAML) [default: the embedded profile].")]
 
 
-@app.command("up")
+@app.command("up", rich_help_panel=RUN)
 def up(profile: Profile = None,
        seconds: Annotated[float | None, typer.Option(help="Stop after this long.")] = None,
        view: Annotated[bool, typer.Option(help="The live terminal view.")] = True) -> None:
@@ -539,7 +486,7 @@ def up(profile: Profile = None,
         stack.run(seconds=seconds, view=lambda snap: live.update(snap.render()))
 
 
-@app.command("down")
+@app.command("down", rich_help_panel=RUN)
 def down_command(home: Annotated[Path, typer.Option(help="The stack's home.")] = Path(
         ".flywheel")) -> None:
     """Stop a running flywheel cleanly (services commit their batch in flight)."""
@@ -548,7 +495,7 @@ def down_command(home: Annotated[Path, typer.Option(help="The stack's home.")] =
     err.print("stopped" if down(home) else "no flywheel is running")
 
 
-@app.command("status")
+@app.command("status", rich_help_panel=RUN)
 def status_command(home: Annotated[Path, typer.Option(help="The stack's home.")] = Path(
         ".flywheel")) -> None:
     """The live view's snapshot of a running flywheel."""
@@ -561,10 +508,42 @@ def status_command(home: Annotated[Path, typer.Option(help="The stack's home.")]
     Console().print(status_snapshot(state).render())
 
 
-@app.command("bootstrap")
-def bootstrap_command(profile: Profile = None) -> None:
+@app.command("quarantine", rich_help_panel=DATA)
+def quarantine_command(
+    model: Annotated[str | None, typer.Option(help="Only this model's candidates.")] = None,
+    all_rejected: Annotated[bool, typer.Option(
+        "--all", help="Also candidates rejected as not better than noise.")] = False,
+    records: Annotated[Path | None, typer.Option(
+        help="Write every record behind them to this JSONL file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+) -> None:
+    """The data behind every candidate the gate rejected as regressed: lineage, offset
+    ranges, and the policies and scorers that let it through."""
+    import json
+
+    from services.quarantine import quarantined, table, write_records
+
+    settings = ServiceSettings(service="cli")
+    kinds = ("regressed", "invalid", "not_better", "superseded") if all_rejected \
+        else ("regressed", "invalid")
+    entries = quarantined(settings.kafka, settings.topic("checkpoints"), model=model,
+                          kinds=kinds)
+    if as_json:
+        print(json.dumps([q.to_json() for q in entries], indent=2))
+    else:
+        Console(width=max(Console().width, 140)).print(table(entries))
+        if not entries:
+            err.print("no rejected candidate of those kinds")
+    if records is not None:
+        n = write_records(settings.kafka, entries, records)
+        err.print(f"wrote {n} records to {records}")
+
+
+@app.command("seed-model", rich_help_panel=SETUP)
+@app.command("bootstrap", hidden=True)  # its earlier name, still typed in scripts
+def seed_model_command(profile: Profile = None) -> None:
     """Train the seed model alone and publish it as promoted version 0 (`up` does this)."""
-    from services.common import broker as local_kafka
+    from services.cluster import local_broker as local_kafka
     from services.up.profile import load_profile
     from services.up.stack import Stack
 
@@ -574,7 +553,7 @@ def bootstrap_command(profile: Profile = None) -> None:
         local_kafka.stop(stack.home / "kafka")
 
 
-@app.command("bench")
+@app.command("bench", rich_help_panel=MEASURE)
 def bench(
     name: Annotated[str, typer.Argument(help="Benchmark name; `flywheel bench list` lists them.")],
     out: Annotated[Path, typer.Option(help="Folder for NAME.json.")] = Path("results"),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
+from rich.table import Table
 
 from schemas import CheckpointEvent, OffsetRange, RoutedSample
 from services.common.checkpoints import CheckpointFollower
@@ -47,6 +48,34 @@ class Quarantined:
     @property
     def samples(self) -> int:
         return sum(r.end - r.start for r in self.trained_on)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "version": self.version, "rejection": self.rejection,
+                "reason": self.reason, "since": self.since, "lineage": self.lineage,
+                "samples": self.samples,
+                "trained_on": [r.model_dump() for r in self.trained_on],
+                "provenance": {k: dict(v) for k, v in self.provenance.items()}}
+
+    def top(self, kind: str, width: int = 12) -> str:
+        """The three commonest sources of one ``kind``, one per line."""
+        return "\n".join(f"{k[:width]} x{n}" for k, n in
+                         self.provenance.get(kind, Counter()).most_common(3)) or "-"
+
+
+def table(entries: list[Quarantined]) -> Table:
+    """``flywheel quarantine``'s view: one row per rejected candidate."""
+    out = Table("model", "version", "kind", "lineage", "records", "router policy",
+                "filter policy", "scorers", "ranges", title="quarantined data")
+    for q in entries:
+        since = f"v{q.since}" if q.since is not None else "?"
+        out.add_row(q.model, str(q.version), q.rejection,
+                    f"{since} -> v" + ", v".join(map(str, reversed(q.lineage))),
+                    str(q.samples), q.top("router_policy"), q.top("filter_policy"),
+                    q.top("scorer", 24),
+                    "\n".join(f"{r.topic}[{r.partition}] {r.start}..{r.end}"
+                              for r in q.trained_on[:6])
+                    + ("\n..." if len(q.trained_on) > 6 else ""))
+    return out
 
 
 class _All:

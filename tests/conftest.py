@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from services.common import broker as local_kafka
+from services.cluster import local_broker as local_kafka
 from tests.kafka import Broker
 
 
@@ -56,11 +56,11 @@ def secure_kafka() -> Iterator[SecureCluster]:
     """A second broker of the session, started on first use: SASL and ACLs, as production
     clusters are. Passwords are fresh per session."""
     from services import registry
-    from services.common import access
+    from services.cluster import access
 
     admin = ("admin", secrets.token_urlsafe(16))
     with local_kafka.temporary(sasl=admin) as started:
-        broker = Broker(started.bootstrap, started.client_config(admin[1]))
+        broker = Broker(started.bootstrap, started.connection(admin[1]))
         passwords = {name: secrets.token_urlsafe(16) for name in registry.SERVICES}
         access.set_users(broker.admin(), passwords)
         yield SecureCluster(broker, admin, passwords)

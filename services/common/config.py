@@ -152,7 +152,7 @@ class RuntimeSettings(BaseModel):
 
 class StateSettings(BaseModel):
     """Where stateful stages (filter, router) keep what they remember between batches; the
-    changelog topic is the source of truth either way (services.common.tables)."""
+    changelog topic is the source of truth either way (services.common.state_storage)."""
 
     backend: Literal["rocksdb", "memory"] = Field(
         default="rocksdb", description="rocksdb: on local disk, memory bounded by memory_mb "

@@ -49,7 +49,7 @@ from pydantic import BaseModel
 from services.common.config import ServiceSettings
 from services.common.errors import FatalRuntimeError
 from services.common.offsets import high_watermarks
-from services.common.tables import DiskDatabase, DiskTable, MemoryTable, encode
+from services.common.state_storage import DiskDatabase, DiskTable, MemoryTable, encode
 
 Table = MemoryTable | DiskTable
 
@@ -133,7 +133,7 @@ class StateStore:
         self.changelog_topic = changelog_topic
         self._upgrade = upgrade
         self._disk = disk
-        """Where the partitions' entries live; None: in memory (services.common.tables)."""
+        """Where the partitions' entries live; None: in memory (services.common.state_storage)."""
         self._rewrite: dict[tuple[int, str], None] = {}
         """Keys upgraded at restore (old and new): rewritten in the changelog with the next
         batch's changes."""

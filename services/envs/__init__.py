@@ -11,13 +11,13 @@ __all__ = ["Environment", "StepResult", "Verification", "get", "names", "registe
 
 # The built-in environments.
 from services.envs.arithmetic import Addition, Arithmetic, PaddedAddition
+from services.envs.declared import Declared
 from services.envs.guess import NumberGuess
-from services.envs.reference import Reference
 from services.envs.words import WordProblems
 
 register(Arithmetic)
 register(Addition)
 register(PaddedAddition)
 register(NumberGuess)
-register(Reference)
+register(Declared)
 register(WordProblems)

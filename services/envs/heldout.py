@@ -17,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from schemas import Task
 from services.envs.base import get
-from services.envs.reference import load_task_file
+from services.envs.declared import load_task_file
 from services.envs.tasksets import TaskSetSpec, load
 
 POOLED = "suite"

@@ -14,12 +14,12 @@ from services import envs
 from services.common.errors import BrokerUnreachable, ConfigError, FatalRuntimeError
 from services.common.follower import TopicFollower
 from services.envs.heldout import suite_tasks
-from services.feeder.curriculum import Curriculum, level_verdict, scored_follower
-from services.feeder.frontier import verdict_of
+from services.feeder.level_curriculum import Curriculum, level_verdict, scored_follower
 from services.feeder.metrics import BACKLOG, TASKS_PUBLISHED
 from services.feeder.publish import Backlog, TaskPublisher
 from services.feeder.settings import FeederSettings
 from services.feeder.sources import EnvSource, Source, TaskSetSource, resume_cursors
+from services.feeder.task_curriculum import verdict_of
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ Every ``interval_seconds`` it measures the backlog (tasks published but not yet 
 the generators' consumer group) and publishes new tasks to bring it back to the target.
 Generators never starve, and tasks never pile up. Tasks come from the user's task sets
 (``tasksets``: cycled in shuffled epochs, drawn by the per-task curriculum,
-``services.feeder.frontier``) or else from a generated environment (``env``: a fixed
+``services.feeder.task_curriculum``) or else from a generated environment (``env``: a fixed
 difficulty, the environment's mix, or the difficulty-level curriculum,
-``services.feeder.curriculum``). Either way the gate's held-out tasks (``held_out``) never
+``services.feeder.level_curriculum``). Either way the gate's held-out tasks (``held_out``) never
 reach ``tasks``.
 """
 

@@ -7,8 +7,8 @@ from pydantic import Field, model_validator
 from services.common.config import ServiceSettings
 from services.envs.heldout import Suite
 from services.envs.tasksets import TaskSetSpec
-from services.feeder.curriculum import CurriculumSettings
-from services.feeder.frontier import TaskCurriculumSettings
+from services.feeder.level_curriculum import CurriculumSettings
+from services.feeder.task_curriculum import TaskCurriculumSettings
 
 
 class FeederSettings(ServiceSettings):

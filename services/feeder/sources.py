@@ -29,9 +29,9 @@ from services.common.config import KafkaSettings
 from services.common.errors import ConfigError, FatalRuntimeError
 from services.common.offsets import watermarks
 from services.envs.tasksets import SOURCE, Cycle, TaskSetSpec, load
-from services.feeder.curriculum import Curriculum
-from services.feeder.frontier import TaskCurriculum, TaskCurriculumSettings
+from services.feeder.level_curriculum import Curriculum
 from services.feeder.metrics import CYCLE_SKIPPED, HELD_OUT_EXCLUDED
+from services.feeder.task_curriculum import TaskCurriculum, TaskCurriculumSettings
 
 log = logging.getLogger(__name__)
 

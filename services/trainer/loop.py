@@ -2,9 +2,8 @@
 sample trained into exactly one committed checkpoint.
 
 The loop consumes ``accepted.cpt``, ``accepted.sft`` and ``accepted.rl`` (read_committed, one
-consumer group) into per-stage buffers. A stage whose buffer reached its quota is paused, so
-rounds keep the configured mix; a round runs when every stage with a quota has reached it, or
-``max_wait_seconds`` after the first buffered sample. A round:
+consumer group) into per-stage buffers with quotas (:mod:`services.trainer.intake`); when a
+round is due, it:
 
 1. trains on everything buffered (``train.train_round``);
 2. writes checkpoint ``v<N+1>`` to the store (staged, then renamed: never seen partial);
@@ -32,35 +31,23 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast, get_args
+from typing import Any, get_args
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from schemas import CheckpointEvent, OffsetRange, ProducerInfo, RoutedSample, TrainingStage
-from services.common.batches import dead_letter
+from schemas import CheckpointEvent, OffsetRange, ProducerInfo, TrainingStage
 from services.common.checkpoints import CheckpointFollower
 from services.common.clients import consumer_config, producer_config, transactional_producer
-from services.common.dlq import DeadLetter
 from services.common.errors import FatalRuntimeError
 from services.common.health import BrokerHealth
-from services.common.membership import Membership
 from services.common.metrics import RECORDS_DEAD_LETTERED
 from services.common.outputs import produce_dead_letters
-from services.common.stage import DecodeFailure, decode
 from services.common.transactions import Transactions
 from services.models.manifest import verify
 from services.trainer import metrics as m
-from services.trainer.data import to_samples
+from services.trainer.intake import STAGES, Intake, Round
 from services.trainer.lineage import Decisions, Rollback
-from services.trainer.objectives import Sample
 from services.trainer.ranks import Leader
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import CheckpointStore, load_optimizer, read_optimizer
@@ -68,42 +55,7 @@ from services.trainer.train import RoundInterrupted, make_optimizer, scale_lr, t
 
 log = logging.getLogger(__name__)
 
-STAGES = ("cpt", "sft", "rl")
 NAMESPACE = uuid.UUID("5e0c1d7a-2b7f-4c55-9a1e-8d3f6b2c4e90")
-
-
-@dataclass
-class _Round:
-    samples: dict[str, list[Sample]] = field(default_factory=lambda: {s: [] for s in STAGES})
-    counts: dict[str, int] = field(default_factory=lambda: {s: 0 for s in STAGES})
-    ranges: dict[tuple[str, int], list[int]] = field(default_factory=dict)
-    """(topic, partition) -> [start, end): start is where the group was, end the next."""
-    first_at: float | None = None
-    provenance: dict[str, dict[str, int]] = field(default_factory=dict)
-    taken: dict[tuple[str, int], int] = field(default_factory=dict)
-    """Samples taken from each input partition (its fair share of a stage's quota)."""
-    shared: bool = True
-    """Whether the shares apply; lifted when the round waited out max_wait_seconds short of
-    min_samples with partitions held at their share."""
-    dead: list[DeadLetter] = field(default_factory=list)
-    """Records of the round that are not samples: dead-lettered in the round's transaction."""
-
-    def count(self, routed: RoutedSample) -> None:
-        """Where its samples came from: environments, policies, scorer versions."""
-        found = {"router_policy": [routed.policy_hash],
-                 "filter_policy": [routed.filter_policy_hash] if routed.filter_policy_hash
-                 else [],
-                 "env": [s.trajectory.task.env for s in routed.samples],
-                 "replay": [routed.replay] if routed.replay else [],
-                 "scorer": [f"{sc.scorer}@{sc.version}" for s in routed.samples[:1]
-                            for sc in s.scores]}
-        for kind, values in found.items():
-            counts = self.provenance.setdefault(kind, {})
-            for v in values:
-                counts[v] = counts.get(v, 0) + 1
-
-    def empty(self) -> bool:
-        return not self.ranges
 
 
 class Trainer:
@@ -118,12 +70,8 @@ class Trainer:
         self.store = CheckpointStore(settings.checkpoint_url)
         self._stop = threading.Event()
         self._alive = False
-        self._round = _Round()
-        self._paused: set[str] = set()
-        self._held: set[tuple[str, int]] = set()
-        self._members = Membership(assigned=self._on_assign, released=self._on_release)
         self._health = BrokerHealth(settings)
-        self._committed: dict[tuple[str, int], int] = {}
+        self.intake = Intake(settings, self.topics, self._health)
         self.version = settings.base_version
         """The newest version this model's trainer wrote (the next is one more)."""
         self.head = settings.base_version
@@ -144,7 +92,7 @@ class Trainer:
 
     @property
     def ready(self) -> bool:
-        return self._alive and self._health.connected and bool(self._members.owned)
+        return self._alive and self._health.connected and bool(self.intake.members.owned)
 
     @property
     def health(self) -> BrokerHealth:
@@ -178,7 +126,7 @@ class Trainer:
             head = due.target
         folder = self._load(head, restore_optimizer=head != self.s.base_version,
                             rolled_back=due is not None)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer = self.intake.tokenizer = AutoTokenizer.from_pretrained(folder)
         if o.kl_coef > 0:
             from transformers import AutoModelForCausalLM
 
@@ -292,7 +240,7 @@ class Trainer:
         self._consumer = Consumer(consumer_config(
             s, transactional=True, error_cb=self._health.on_error,
             max_poll_interval_ms=max(300_000, int(s.max_round_seconds * 1000) + 60_000)))
-        self._members.subscribe(self._consumer, list(self.topics))
+        self.intake.subscribe(self._consumer)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -311,19 +259,18 @@ class Trainer:
                 self._health.raise_if_fatal()
                 # /readyz follows the broker; no broker for broker_down_seconds is fatal.
                 self._health.check(self._transactions.producer, self._consumer,
-                                   next(iter(self.topics)), self._members.owned)
+                                   next(iter(self.topics)), self.intake.members.owned)
                 for msg in self._consumer.consume(500, timeout=0.5):
                     err = msg.error()
                     if err is not None:
                         if err.code() != KafkaError._PARTITION_EOF:
                             log.warning("consumer error: %s", err)
                         continue
-                    self._buffer(msg)
+                    self.intake.take(msg)
                 if self.ranks is not None:
                     self.ranks.idle()
-                self._release_held()
-                self._pause_full()
-                if self._due():
+                self.intake.settle()
+                if self.intake.due():
                     self._maybe_roll_back()
                     self._train_and_commit()
         except KafkaException as exc:
@@ -339,128 +286,10 @@ class Trainer:
                 if not self._transactions.wedged:  # a wedged producer is left alone
                     self._transactions.producer.flush(5)
 
-    def _buffer(self, msg: Any) -> None:
-        r = self._round
-        tp = (cast(str, msg.topic()), cast(int, msg.partition()))
-        if tp not in self._members.owned:
-            return  # revoked during this consume(): its next owner reads it
-        offset = cast(int, msg.offset())
-        stage = self.topics[tp[0]]
-        quota = self.s.quotas.get(stage, 0)
-        if tp in self._held or (quota > 0 and (r.counts[stage] >= quota or (
-                r.shared and r.taken.get(tp, 0) >= self._share(tp, quota)
-                and self._others_waiting(tp)))):
-            self._hold(tp, offset)
-            return
-        span = r.ranges.setdefault(tp, [self._committed.get(tp, offset), offset + 1])
-        span[1] = max(span[1], offset + 1)
-        if r.first_at is None:
-            r.first_at = time.monotonic()
-        # A record that is not a sample is dead-lettered with the round: it stays in the
-        # round's range (consumed, and visible in the lineage) and reaches `dlq` exactly once.
-        try:
-            routed = decode(RoutedSample, msg.value())
-        except DecodeFailure as exc:
-            self._reject(msg, exc.kind, type(exc.cause or exc).__name__, str(exc))
-            return
-        if routed.stage != stage:
-            self._reject(msg, "schema", "WrongStage",
-                         f"a {routed.stage!r} sample on the {stage!r} topic")
-            return
-        try:
-            samples = to_samples([routed], self.tokenizer, self.s.optim.max_tokens)
-        except (ValueError, TypeError, KeyError, IndexError) as exc:  # this record's content
-            self._reject(msg, "stage", type(exc).__name__, str(exc))
-            return
-        r.samples[stage].extend(samples)
-        r.counts[stage] += len(samples)
-        r.taken[tp] = r.taken.get(tp, 0) + len(samples)
-        r.count(routed)
-
-    def _share(self, tp: tuple[str, int], quota: int) -> int:
-        """A partition's share of its stage's quota in one round: the quota over the topic's
-        owned partitions, rounded up. A partition past its share is held while another of
-        the topic has records waiting (:meth:`_others_waiting`): without it the partition
-        whose records the client happens to hand over first fills every round, and the
-        others are never trained on (seen: five of six partitions of accepted.rl starved for
-        a whole run). With no other waiting, it goes on filling the round."""
-        owned = sum(1 for t, _ in self._members.owned if t == tp[0])
-        return -(-quota // max(1, owned))
-
-    def _others_waiting(self, tp: tuple[str, int]) -> bool:
-        """Whether another owned, unheld partition of the topic has records not yet handed
-        over (from the watermarks of the last fetch responses: no request)."""
-        assert self._consumer is not None
-        others = [TopicPartition(t, p) for t, p in sorted(self._members.owned)
-                  if t == tp[0] and p != tp[1] and (t, p) not in self._held]
-        if not others:
-            return False
-        for position in self._consumer.position(others):
-            _, high = self._consumer.get_watermark_offsets(
-                TopicPartition(position.topic, position.partition), cached=True)
-            if high > 0 and (position.offset < 0 or position.offset < high):
-                return True
-        return False
-
-    def _release_held(self) -> None:
-        """A partition held past its share rejoins the round once no other partition of its
-        topic has records waiting: shares spread a round over the partitions that have data,
-        and never leave it short while data waits (held, the round ran only after
-        ``max_wait_seconds``, with fewer samples than its quota)."""
-        if not self._held or not self._round.shared:
-            return
-        self._resume_held([tp for tp in self._held
-                           if self._round.counts[self.topics[tp[0]]]
-                           < self.s.quotas.get(self.topics[tp[0]], 0)
-                           and not self._others_waiting(tp)])
-
-    def _reject(self, msg: Any, kind: str, error_class: str, message: str) -> None:
-        letter = dead_letter(msg, kind, error_class, message)
-        log.error("dead-lettering the record at %s[%d]@%d: %s: %s", letter.topic,
-                  letter.partition, letter.offset, error_class, message[:300])
-        self._round.dead.append(letter)
-
-    def _hold(self, tp: tuple[str, int], offset: int) -> None:
-        """A record beyond its stage's quota (one consume() can fetch hundreds): not part of
-        this round. Its partition is paused and sought back to it, so the next round reads it
-        first; the round's range for the partition ends before it."""
-        if tp in self._held:
-            return
-        assert self._consumer is not None
-        self._held.add(tp)
-        self._consumer.pause([TopicPartition(*tp)])
-        self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
-
-    def _pause_full(self) -> None:
-        assert self._consumer is not None
-        for topic, stage in self.topics.items():
-            quota = self.s.quotas.get(stage, 0)
-            full = quota > 0 and self._round.counts[stage] >= quota
-            if full and stage not in self._paused:
-                self._consumer.pause(self._members.partitions(topic))
-                self._paused.add(stage)
-
-    def _due(self) -> bool:
-        r = self._round
-        if r.empty() or not any(r.counts.values()):
-            return False
-        quotas = {st: q for st, q in self.s.quotas.items() if q > 0}
-        if quotas and all(r.counts[st] >= q for st, q in quotas.items()):
-            return True
-        waited = time.monotonic() - (r.first_at or time.monotonic())
-        if waited < self.s.max_wait_seconds:
-            return False
-        if sum(r.counts.values()) >= self.s.min_samples:
-            return True
-        if r.shared and self._held:  # the data sits in few partitions: take more from them
-            r.shared = False
-            self._resume_held()
-        return False
-
     # -- a round ----------------------------------------------------------------------------
 
     def _train_and_commit(self) -> None:
-        r = self._round
+        r = self.intake.round
         o = self.s.optim
         samples = r.samples
         log.info("training round for v%d: %s", self.version + 1,
@@ -519,10 +348,7 @@ class Trainer:
                 m.TOKENS.labels(st).inc(stats.tokens[st])
                 m.LOSS.labels(st).set(stats.loss[st])
         self.version = self.head = version
-        for tp, (_, end) in r.ranges.items():
-            self._committed[tp] = end
-        self._round = _Round()
-        self._resume_paused()
+        self.intake.committed_round()
         self._prune()
         log.info("candidate v%d committed: %s", version, {k: round(v, 4) for k, v in
                                                            event.metrics.items()})
@@ -543,7 +369,7 @@ class Trainer:
             log.info("retention removed %s", ", ".join(removed))
         m.STORE_BYTES.set(self.store.size_bytes())
 
-    def _commit(self, event: CheckpointEvent, r: _Round) -> None:
+    def _commit(self, event: CheckpointEvent, r: Round) -> None:
         """The candidate event and the consumed offsets, in one transaction
         (:mod:`services.common.transactions`)."""
         assert self._transactions is not None and self._consumer is not None
@@ -562,52 +388,6 @@ class Trainer:
             # not are trained again, and its folder is removed as an orphan.
             raise FatalRuntimeError(f"could not commit candidate v{event.version}: "
                                     f"{exc.args[0]}") from exc
-
-    def _resume_paused(self) -> None:
-        assert self._consumer is not None
-        for stage in self._paused:
-            topic = next(t for t, st in self.topics.items() if st == stage)
-            self._consumer.resume(self._members.partitions(topic))
-        self._paused.clear()
-        self._resume_held()
-
-    def _resume_held(self, only: list[tuple[str, int]] | None = None) -> None:
-        """Resume the held partitions (``only`` those) that are still owned."""
-        assert self._consumer is not None
-        chosen = set(self._held if only is None else only)
-        held = [TopicPartition(*tp) for tp in sorted(chosen) if tp in self._members.owned]
-        if held:
-            self._consumer.resume(held)
-        self._held -= chosen
-
-    # -- rebalance hooks (inside consume(), on this thread) -----------------------------------
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in consumer.committed(partitions, timeout=10):
-            if tp.offset >= 0:
-                self._committed[tp.topic, tp.partition] = tp.offset
-
-    def _on_release(self, consumer: Consumer, partitions: list[TopicPartition],
-                    _lost: bool) -> None:
-        # Buffered samples were not committed: the next owner (or this instance, after the
-        # rebalance) reads them again from the committed offsets.
-        gone = {(tp.topic, tp.partition) for tp in partitions}
-        self._health.forget(gone)
-        staying = [TopicPartition(t, p) for t, p in sorted(self._members.owned - gone)]
-        self._held -= gone
-        for key in gone:
-            self._committed.pop(key, None)
-        if not self._round.empty():
-            log.info("partitions revoked: dropping %d buffered samples (re-read from the "
-                     "committed offsets)", sum(self._round.counts.values()))
-            self._round = _Round()
-            for at in consumer.committed(staying, timeout=10) if staying else []:
-                consumer.seek(TopicPartition(at.topic, at.partition, at.offset
-                                             if at.offset >= 0 else OFFSET_BEGINNING))
-        if staying:  # what stays assigned starts a new round: nothing held back
-            consumer.resume(staying)
-        self._paused.clear()
-        self._held.clear()
 
 
 def _read_decisions(s: TrainerSettings, decisions: Decisions) -> None:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from services.common import broker as local_kafka
+from services.cluster import local_broker as local_kafka
 from services.common.errors import ConfigError
 from services.up import monitor
 from services.up.profile import kafka_from_env

@@ -16,8 +16,8 @@ import yaml
 from pydantic import ValidationError
 
 from services import registry
-from services.common import broker as local_kafka
-from services.common import topics as topic_ops
+from services.cluster import local_broker as local_kafka
+from services.cluster import topics as topic_ops
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError
 from services.up import monitor
@@ -149,9 +149,9 @@ def train_seed(profile: Profile, say: Say) -> Seed | None:
     """Version 0 of a profile without a model folder, bootstrapped (a tiny model trained on
     easy data) into the store; None when the store has it already. Needs no broker, so
     ``flywheel up`` starts its local one meanwhile."""
-    from services.bootstrap import bootstrap
     from services.envs.heldout import gate_dtype, gate_headline, gate_task_ids
     from services.gate.evaluate import evaluate
+    from services.seed_model import make_seed_model
     from services.trainer.store import CheckpointStore
 
     p = profile
@@ -163,9 +163,9 @@ def train_seed(profile: Profile, say: Say) -> Seed | None:
         say(f"seed model: {store.uri(0)} (exists)")
         return None
     held = gate_headline(p.gate)
-    say(f"seed model: training a tiny model on {p.bootstrap.samples:,} samples of easy "
-        f"{p.bootstrap.env} data ...")
-    seed = bootstrap(p.bootstrap, p.checkpoint_url, p.model_name,
+    say(f"seed model: training a tiny model on {p.seed_model.samples:,} samples of easy "
+        f"{p.seed_model.env} data ...")
+    seed = make_seed_model(p.seed_model, p.checkpoint_url, p.model_name,
                      evaluate=lambda f: evaluate(f, held, dtype=gate_dtype(p.gate)),
                      excluded=gate_task_ids(p.gate))
     say(f"seed model: held-out pass rate {seed[2].get('pass_rate', 0):.3f}")
@@ -177,7 +177,7 @@ def publish_seed(profile: Profile, settings: KafkaSettings, say: Say,
     """Version 0 promoted on ``checkpoints``, so the gate, the generators and the trainer all
     start from it: the seed just ``trained``, or the store's when the topic has no decision
     on version 0 yet."""
-    from services.bootstrap import publish_promoted
+    from services.seed_model import publish_promoted
     from services.trainer.store import MANIFEST_FILE, CheckpointStore
 
     p = profile

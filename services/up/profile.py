@@ -1,6 +1,6 @@
 """Profiles: everything ``flywheel up`` needs to run a whole flywheel, in one YAML file.
 
-``Profile()`` is the embedded default: the ``addition`` task, a tiny model bootstrapped on the
+``Profile()`` is the embedded default: the ``addition`` task, a tiny seed model trained on the
 CPU, one generator on the transformers backend, a local single-node broker. A profile file for
 real runs names a model folder, environments and task files, scorer config and filter and
 routing policies, trainer settings, generator replicas, the Kafka cluster and the checkpoint
@@ -17,12 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from services import registry
-from services.bootstrap import BootstrapSettings
 from services.common.config import KafkaSettings, names_a_secret
 from services.common.errors import ConfigError
+from services.seed_model import SeedModelSettings
 from services.up.monitor import PrometheusProfile
 
 SERVICES = tuple(registry.SERVICES)
@@ -105,9 +112,13 @@ class Profile(BaseModel):
 
     name: str = "embedded"
     model_path: Path | None = Field(default=None, description="Hugging Face causal-LM folder "
-                                    "to start from; none: bootstrap a tiny seed model.")
+                                    "to start from; none: train a tiny seed model.")
     model_name: str = "policy"
-    bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
+    seed_model: SeedModelSettings = Field(
+        default_factory=SeedModelSettings,
+        validation_alias=AliasChoices("seed_model", "bootstrap"),
+        description="The tiny seed model trained when there is no model_path (`bootstrap`, "
+        "its earlier name, is read too).")
     kafka: dict[str, Any] = Field(default_factory=dict, description="KafkaSettings; without "
                                   "bootstrap_servers a local broker is started.")
     credentials: dict[str, ServiceCredentials] = Field(
@@ -140,7 +151,7 @@ class Profile(BaseModel):
     scorer: dict[str, Any] = Field(default_factory=dict)
     filter: dict[str, Any] = Field(default_factory=dict)
     router: dict[str, Any] = Field(default_factory=dict)
-    # Chosen on `flywheel bench flywheel` (seed 0; seconds to 0.8 with the bootstrap, and
+    # Chosen on `flywheel bench flywheel` (seed 0; seconds to 0.8 with the seed model, and
     # samples over the labelled bound's): sft 256 + rl 256, 1 epoch: 225 s, 1.6x; 3 epochs:
     # 175 s, 2.0x; sft 384 + rl 128, 3 epochs: 166 s, 1.33x (3 seeds: 185 and 191 s, 1.6x and
     # 1.14x; seed 2's seed model is not learnable). The trainer idles while the generators

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common import broker as local_kafka
+from services.cluster import local_broker as local_kafka
 from services.common.checkpoints import CheckpointFollower
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError

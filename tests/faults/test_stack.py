@@ -49,10 +49,10 @@ from schemas import (
     ScoredTrajectory,
     Trajectory,
 )
-from services.bootstrap import BootstrapSettings
-from services.common import broker as local_kafka
-from services.common.broker import free_port, free_ports
+from services.cluster import local_broker as local_kafka
+from services.cluster.local_broker import free_port, free_ports
 from services.models.manifest import build_manifest
+from services.seed_model import SeedModelSettings
 from services.up.profile import Profile
 from services.up.stack import Stack
 from services.up.view import Snapshot
@@ -65,7 +65,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.fault]
 GENERATORS = ("generator-0", "generator-1")
 KILLED = ("feeder", "generator-0", "scorer", "filter", "router", "trainer", "gate")
 SERVICES = ("feeder", *GENERATORS, "scorer", "filter", "router", "trainer", "gate")
-SEED = BootstrapSettings(samples=100_000)
+SEED = SeedModelSettings(samples=100_000)
 HOSTILE_PER_TOPIC = 24
 REPEATED = 40  # committed raw records written again
 BUDGET_SECONDS = 2400.0

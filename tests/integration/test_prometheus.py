@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from schemas import Task
-from services.common.broker import free_port
+from services.cluster.local_broker import free_port
 from services.common.metrics import HealthServer
 from services.common.runtime import StreamRuntime
 from services.relay.stage import RelayStage

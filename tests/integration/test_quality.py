@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from schemas import CheckpointEvent, FilterDecision, RoutedSample
-from services.common import topics as topic_ops
+from services.cluster import topics as topic_ops
 from services.common.checkpoints import CheckpointFollower, LatestPromoted
 from services.common.config import KafkaSettings
 from services.common.runtime import StreamRuntime

@@ -22,13 +22,13 @@ import pytest
 
 from bench.rollback import planted_sft
 from schemas import CheckpointEvent
-from services.bootstrap import BootstrapSettings, bootstrap, publish_promoted
-from services.common import topics as topic_ops
+from services.cluster import topics as topic_ops
 from services.common.config import KafkaSettings
 from services.common.runtime import StreamRuntime
 from services.envs.heldout import gate_task_ids
 from services.gate.main import GateSettings, build_stage
 from services.quarantine import quarantined, write_records
+from services.seed_model import SeedModelSettings, make_seed_model, publish_promoted
 from services.up.profile import Profile
 from tests.integration.runners import InThread, spawn_service
 from tests.kafka import Broker, wait_until
@@ -48,8 +48,8 @@ def seed(tmp_path_factory: pytest.TempPathFactory
     """The bootstrapped seed model (version 0 of a store) and its manifest, made once: each
     case copies it into its own store."""
     store = tmp_path_factory.mktemp("seed")
-    uri, manifest, metrics = bootstrap(BootstrapSettings(samples=60_000), str(store), "policy",
-                                       excluded=gate_task_ids(Profile().gate))
+    uri, manifest, metrics = make_seed_model(SeedModelSettings(samples=60_000), str(store),
+                                             "policy", excluded=gate_task_ids(Profile().gate))
     return Path(uri), manifest, metrics
 
 

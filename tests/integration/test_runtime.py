@@ -262,10 +262,10 @@ def test_members_sharing_bounds_each_stop_and_together_take_every_record_once(
     """A replay's workers: two members of one group over bounded input, the second joining
     while the first works (a rebalance mid-run, revocations, possibly an empty assignment).
     Each stops by itself without error; together they wrote every task exactly once, and the
-    group's offsets are at the ends (:func:`services.replay_workers.work_left` agrees)."""
+    group's offsets are at the ends (:func:`services.replay.workers.work_left` agrees)."""
     from confluent_kafka import Producer
 
-    from services.replay_workers import work_left
+    from services.replay.workers import work_left
 
     src, out, dlq = f"sb-in-{uid}", f"sb-out-{uid}", f"sb-dlq-{uid}"
     kafka.create_topics([src, out, dlq], partitions=6)

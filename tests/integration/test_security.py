@@ -16,8 +16,8 @@ import pytest
 from confluent_kafka.admin import AclBindingFilter
 
 from services import registry
-from services.common import access
-from services.common import topics as topic_ops
+from services.cluster import access
+from services.cluster import topics as topic_ops
 from services.common.config import KafkaSettings
 from services.common.errors import AccessDenied
 from tests.conftest import SecureCluster

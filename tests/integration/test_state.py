@@ -15,7 +15,7 @@ from services.common.config import StateSettings
 from services.common.runtime import StreamRuntime
 from services.common.stage import Output
 from services.common.state import PartitionState, StateStore
-from services.common.tables import DiskDatabase
+from services.common.state_storage import DiskDatabase
 from tests import factories
 from tests.integration.runners import InThread, settings
 from tests.kafka import Broker, wait_until

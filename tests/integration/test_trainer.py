@@ -19,8 +19,8 @@ import pytest
 
 from schemas import CheckpointEvent, RoutedSample, Score, ScoredTrajectory, Trajectory, Turn
 from services import envs
-from services.common import topics as topic_ops
-from services.common.broker import free_port
+from services.cluster import topics as topic_ops
+from services.cluster.local_broker import free_port
 from services.common.config import KafkaSettings
 from tests.integration.runners import spawn_service, torchrun_ranks
 from tests.kafka import Broker, wait_until

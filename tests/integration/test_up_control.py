@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.common.broker import free_port, free_ports
+from services.cluster.local_broker import free_port, free_ports
 from services.common.errors import ConfigError
 from services.models.tiny import tiny_model
 from services.up.control import Owner

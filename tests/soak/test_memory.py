@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from services.bootstrap import BootstrapSettings
-from services.common import broker as local_kafka
-from services.common.broker import free_port, free_ports
+from services.cluster import local_broker as local_kafka
+from services.cluster.local_broker import free_port, free_ports
+from services.seed_model import SeedModelSettings
 from services.up.profile import Profile
 from services.up.stack import Stack
 from services.up.view import Snapshot
@@ -43,7 +43,7 @@ default, 64 MB, fills after about 20 minutes; the RSS grows until it has)."""
 WINDOW = 120.0
 SAMPLE_SECONDS = 10.0
 MAX_GROWTH = 0.10
-SEED = BootstrapSettings(samples=100_000)
+SEED = SeedModelSettings(samples=100_000)
 
 
 def _rss(pid: int) -> int | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.common import topics
+from services.cluster import topics
 from services.common.dlq import MAX_MESSAGE_BYTES, DeadLetter
 from services.common.errors import ConfigError
 from services.registry import TOPICS
@@ -88,7 +88,7 @@ def test_a_truncated_error_message_stays_valid_utf8() -> None:
 
 
 def test_kraft_cluster_ids_never_start_with_a_dash() -> None:
-    from services.common.broker import _cluster_id
+    from services.cluster.local_broker import _cluster_id
 
     ids = [_cluster_id() for _ in range(2000)]  # a leading '-' would show up ~30 times
     assert all(len(i) == 22 and not i.startswith("-") for i in ids)

@@ -11,7 +11,7 @@ import pytest
 from schemas import Task, Turn, VerifierSpec
 from services import envs
 from services.common.errors import ConfigError
-from services.envs.reference import load_task_file
+from services.envs.declared import load_task_file
 from services.envs.verify import check
 
 

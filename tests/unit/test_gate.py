@@ -235,7 +235,7 @@ def test_a_store_that_does_not_answer_stops_the_gate_instead_of_rejecting(
     """A candidate the gate cannot fetch (the store's URL refuses connections) is not the
     candidate's fault: DependencyError (the runtime stops the service, and the candidate is
     decided after the restart), not a rejection; the same for an outside promotion."""
-    from services.common.broker import free_port
+    from services.cluster.local_broker import free_port
     from services.common.errors import DependencyError
     from services.models.fetch import CheckpointSource, CheckpointSourceSettings
 

@@ -1,6 +1,8 @@
 """The import graph: a service package imports ``schemas``, the shared packages
 (``services.common``, ``services.models``, ``services.envs``) and itself, never another
-service. Tools above the services (the CLI, ``flywheel up``, replay, bootstrap) may run them.
+service. Tools above the services (the CLI, ``flywheel up``, replay, the seed model, the
+cluster's set-up) may run them. ``services.common`` holds only what services import, and no
+module imports itself through others (no cycle, imports inside functions included).
 """
 
 from __future__ import annotations
@@ -48,6 +50,72 @@ def test_no_service_imports_another() -> None:
     }
     assert found == {}
     assert sum(1 for p in SERVICES for _ in (ROOT / p).rglob("*.py")) > 30  # it read them
+
+
+def _graph() -> dict[str, set[str]]:
+    """Every module of ``services``, ``schemas`` and ``bench`` -> the modules of those it
+    imports, wherever the import statement is."""
+    top = ROOT.parent
+    paths = {".".join(p.relative_to(top).with_suffix("").parts).removesuffix(".__init__"): p
+             for d in ("services", "schemas", "bench") for p in (top / d).rglob("*.py")}
+    graph = {}
+    for module, path in paths.items():
+        found = set()
+        for name in _imported(ast.parse(path.read_text(encoding="utf-8"))):
+            while name and name not in paths:  # a name in a module: the module
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                found.add(name)
+        graph[module] = found
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The graph's strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    graph = _graph()
+    assert len(graph) > 100 and cycles(graph) == []
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_services_common_holds_only_what_services_import() -> None:
+    """Operators' tools (the local broker, topics and ACLs as code) live in
+    ``services.cluster``; ``services.common`` is the services' shared runtime."""
+    graph = _graph()
+    users = {*SERVICES, *SHARED}
+    common = [m for m in graph if m.startswith("services.common.")]
+    unused = [m for m in common
+              if not any(m in deps and u.split(".")[1] in users
+                         for u, deps in graph.items() if u.startswith("services.")
+                         and u.count(".") >= 2)]
+    assert len(common) > 15 and unused == []
 
 
 def test_the_check_sees_every_form_of_a_crossing() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from services.common.broker import free_ports
+from services.cluster.local_broker import free_ports
 
 
 def test_free_ports_are_consecutive_bindable_and_below_the_ephemeral_range() -> None:

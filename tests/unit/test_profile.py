@@ -71,17 +71,17 @@ def test_a_wrong_setting_is_named_before_anything_starts(tmp_path: Path) -> None
 def test_a_time_budget_for_the_seed_model_is_refused_with_its_replacement(
         tmp_path: Path) -> None:
     profile = tmp_path / "old.yaml"
-    profile.write_text("bootstrap: {seconds: 45}\n")
-    with pytest.raises(ConfigError, match=r"bootstrap\.samples"):
+    profile.write_text("bootstrap: {seconds: 45}\n")  # its earlier name is still read
+    with pytest.raises(ConfigError, match=r"seed_model\.samples"):
         load_profile(profile)
 
 
 def test_the_seed_data_holds_no_task_of_the_held_out_suite() -> None:
-    from services.bootstrap import BootstrapSettings, seed_tasks
     from services.envs.heldout import gate_task_ids
+    from services.seed_model import SeedModelSettings, seed_tasks
 
     held = gate_task_ids(Profile().gate)
-    settings = BootstrapSettings(seed_examples=4000)
+    settings = SeedModelSettings(seed_examples=4000)
     one_digit = {t.task_id for t in seed_tasks(settings) if t.difficulty == 1}
     assert one_digit & held  # 1-digit sums are 100 tasks: the unfiltered draw holds some
     clean = seed_tasks(settings, held)

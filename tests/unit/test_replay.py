@@ -11,8 +11,8 @@ import pytest
 
 from services.common.errors import ConfigError
 from services.common.state import StateStore
-from services.replay import Manifest, stages_from
-from services.replay_publish import PublishStage
+from services.replay.publish import PublishStage
+from services.replay.run import Manifest, stages_from
 from tests import factories
 
 
@@ -60,7 +60,7 @@ def test_publishing_skips_what_was_published_under_the_same_stage_and_policy() -
 def test_the_report_renders_and_writes_json_and_png(tmp_path: Path) -> None:
     from rich.console import Console
 
-    from services.replay_report import (
+    from services.replay.report import (
         FilterDiff,
         Report,
         RouterDiff,
@@ -93,7 +93,7 @@ def test_the_report_renders_and_writes_json_and_png(tmp_path: Path) -> None:
 
 
 def test_a_name_that_would_make_odd_topic_names_is_refused_before_anything_starts() -> None:
-    from services.replay import replay
+    from services.replay.run import replay
 
     for name in ("with space", "a.b", "", "x" * 101):
         with pytest.raises(ConfigError, match="letters, digits"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from services.replay import epoch_ms as _epoch_ms
+from services.replay.run import epoch_ms as _epoch_ms
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

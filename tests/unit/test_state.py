@@ -11,7 +11,7 @@ import pytest
 from schemas import Task
 from services.common.stage import Output, apply_process
 from services.common.state import StateStore
-from services.common.tables import DiskDatabase
+from services.common.state_storage import DiskDatabase
 from tests import factories
 
 NewStore = Callable[[str], StateStore]

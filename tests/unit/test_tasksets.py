@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from schemas import Task, Turn
 from services.common.errors import ConfigError
-from services.envs.reference import Reference
+from services.envs.declared import Declared
 from services.envs.tasksets import Cycle, FieldMap, TaskSetSpec, load, split, write_rows
 
 ROWS = [{"qid": f"q{i}", "question": f"What is {i} + {i}?", "solution": 2 * i, "level": i % 3,
@@ -40,10 +40,10 @@ def test_jsonl_and_parquet_give_the_same_tasks(tmp_path: Path) -> None:
     assert t.verifier is not None and t.verifier.kind == "math" and t.verifier.answer == "8"
     assert t.metadata == {"topic": "sums"} and t.env == "reference"
     # the answer is checked from prose
-    assert Reference().verify(t, [*Reference().initial_turns(t)]).passed is False
+    assert Declared().verify(t, [*Declared().initial_turns(t)]).passed is False
     turns = [Turn(role="user", content=t.prompt), Turn(role="assistant",
                                                        content="4 + 4 = 8, so the answer is 8.")]
-    assert Reference().verify(t, turns).passed is True
+    assert Declared().verify(t, turns).passed is True
 
 
 def test_chat_messages_start_the_episode_and_ids_default_to_a_content_hash(tmp_path: Path
@@ -53,7 +53,7 @@ def test_chat_messages_start_the_episode_and_ids_default_to_a_content_hash(tmp_p
     spec = TaskSetSpec(name="chat", path=_jsonl(tmp_path / "c.jsonl", rows),
                        fields=FieldMap(id=None, prompt=None, messages="messages"))
     (task,) = load(spec)
-    assert [t.role for t in Reference().initial_turns(task)] == ["system", "user"]
+    assert [t.role for t in Declared().initial_turns(task)] == ["system", "user"]
     assert task.prompt == "2+2?" and task.task_id.startswith("chat:")
     assert load(spec)[0].task_id == task.task_id
     bad = [{"messages": [{"role": "narrator", "content": "x"}], "answer": "4"}]

@@ -27,7 +27,7 @@ null``.
 
 Over 300 lines: the manifest (bounds and policy digests) and the run that resumes from it
 are one contract, read together; the workers, the report and publishing into live topics
-are modules of their own (``replay_workers``, ``replay_report``, ``replay_publish``).
+are modules of their own (``workers``, ``report``, ``publish``).
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ from typing import TypeVar, cast
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from pydantic import BaseModel, ConfigDict
 
-from services.common import topics as topic_ops
+from services.cluster import topics as topic_ops
 from services.common.config import KafkaSettings, ServiceSettings
 from services.common.errors import ConfigError
 from services.common.service import INTERRUPTED
 from services.registry import REPLAYABLE, SERVICES
-from services.replay_workers import Bounds, Service, run_in_workers, workers_for
+from services.replay.workers import Bounds, Service, run_in_workers, workers_for
 
 log = logging.getLogger(__name__)
 
@@ -269,10 +269,10 @@ def _watched(progress: Progress | None, kafka: KafkaSettings, group: str, bounds
 
 def _into_live(name: str, live: ServiceSettings, progress: Progress | None,
                say: Callable[[str], None]) -> int:
-    """The routed samples into the live ``accepted.*``, once (``services.replay_publish``)."""
+    """The routed samples into the live ``accepted.*``, once (``services.replay.publish``)."""
     from services.common.service import serve
     from services.common.state import StateStore
-    from services.replay_publish import STATE, PublishStage, publish_settings
+    from services.replay.publish import STATE, PublishStage, publish_settings
 
     kafka = live.kafka
     prefix = f"{kafka.topic_prefix}replay.{name}."

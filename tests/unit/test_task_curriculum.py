@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from pydantic import ValidationError
 
-from services.feeder.frontier import TaskCurriculum, TaskCurriculumSettings, verdict_of
+from services.feeder.task_curriculum import TaskCurriculum, TaskCurriculumSettings, verdict_of
 from tests import factories
 
 S = TaskCurriculumSettings(window=16, min_observations=8, hopeless_after=32, low=0.0,

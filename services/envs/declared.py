@@ -1,5 +1,7 @@
-"""``reference``: single-turn tasks checked by their declared ``VerifierSpec``; the default
-environment of task sets (``services.envs.tasksets``) and of tasks loaded from a JSONL file.
+"""Tasks that declare their own verifier (a ``VerifierSpec``): single-turn tasks from task
+sets (``services.envs.tasksets``) and from JSONL task files, checked by what they declare.
+The environment's name on the wire is ``reference``, as in every task published since the
+first task sets: history keeps its meaning.
 A task with chat messages (``observation.messages``) starts from them, system prompt and
 few-shot turns included; otherwise from its prompt as the user's message."""
 
@@ -19,7 +21,7 @@ from services.envs.base import Environment, Verification, last_assistant
 from services.envs.verify import check
 
 
-class Reference(Environment):
+class Declared(Environment):
     name = "reference"
 
     def tasks(self, count: int, *, rng: random.Random, difficulty: float | None = None

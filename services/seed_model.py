@@ -1,4 +1,4 @@
-"""``flywheel bootstrap``: a seed model for a flywheel that has none.
+"""``flywheel seed-model``: a seed model for a flywheel that has none.
 
 A tiny Llama (``services.models.tiny``) is trained on the CPU for a fixed number of samples
 (about a minute on a 2-core CPU) of easy seed data of an arithmetic environment: sums whose
@@ -33,7 +33,7 @@ from services.envs.arithmetic import Arithmetic
 log = logging.getLogger(__name__)
 
 
-class BootstrapSettings(BaseModel):
+class SeedModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     env: str = Field(default="addition", description="An arithmetic environment.")
@@ -56,18 +56,18 @@ class BootstrapSettings(BaseModel):
     @classmethod
     def _no_time_budget(cls, data: Any) -> Any:
         if isinstance(data, dict) and "seconds" in data:
-            raise ValueError("bootstrap.seconds is gone: the budget is bootstrap.samples "
+            raise ValueError("seed_model.seconds is gone: the budget is seed_model.samples "
                              "(150,000 take about a minute on 2 cores), so the seed model "
                              "does not depend on the machine's speed")
         return data
 
 
-def seed_tasks(s: BootstrapSettings, excluded: frozenset[str] = frozenset()) -> list[Task]:
+def seed_tasks(s: SeedModelSettings, excluded: frozenset[str] = frozenset()) -> list[Task]:
     """The seed data set: fixed by ``s.seed``, without the ``excluded`` task ids (the gate's
     held-out suite: the seed model must not have learned the answers it is measured on)."""
     env = envs.get(s.env)
     if not isinstance(env, Arithmetic):
-        raise ConfigError(f"bootstrap trains on an arithmetic environment, not {s.env!r}; "
+        raise ConfigError(f"the seed model trains on an arithmetic environment, not {s.env!r}; "
                           "give the profile a model folder instead")
     rng = random.Random(s.seed)
     top = s.target_difficulty
@@ -96,7 +96,7 @@ def sft_samples(tokenizer: Any, tasks: list[Task]) -> list[Any]:
     return out
 
 
-def train_on_seed(model: Any, tokenizer: Any, pad: int, s: BootstrapSettings, *,
+def train_on_seed(model: Any, tokenizer: Any, pad: int, s: SeedModelSettings, *,
                   samples: int | None = None, optimizer: Any = None,
                   lr: float | None = None, excluded: frozenset[str] = frozenset()
                   ) -> tuple[int, float]:
@@ -120,10 +120,10 @@ def train_on_seed(model: Any, tokenizer: Any, pad: int, s: BootstrapSettings, *,
     return done, time.perf_counter() - started
 
 
-def bootstrap(s: BootstrapSettings, store_url: str, model_name: str,
-              evaluate: Callable[[Path], dict[str, float]] | None = None,
-              excluded: frozenset[str] = frozenset()
-              ) -> tuple[str, list[Any], dict[str, float]]:
+def make_seed_model(s: SeedModelSettings, store_url: str, model_name: str,
+                    evaluate: Callable[[Path], dict[str, float]] | None = None,
+                    excluded: frozenset[str] = frozenset()
+                    ) -> tuple[str, list[Any], dict[str, float]]:
     """Train the seed model and write it as version 0; returns its URI, manifest, metrics.
     ``evaluate`` (the gate's held-out evaluation) adds the held-out metrics; ``excluded``
     (the held-out suite's task ids) never appear in the seed data."""
@@ -139,14 +139,14 @@ def bootstrap(s: BootstrapSettings, store_url: str, model_name: str,
     if 0 in store.versions():
         raise FileExistsError(f"{store.uri(0)} exists already")
     torch.set_num_threads(s.threads)
-    with tempfile.TemporaryDirectory(prefix="flywheel-bootstrap-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="flywheel-seed-model-") as tmp:
         folder = tiny_model(Path(tmp) / "init", seed=s.seed, hidden=s.hidden, layers=s.layers)
         engine = TransformersEngine(folder)
         samples, seconds = train_on_seed(engine.model, engine.tokenizer, engine.pad, s,
                                          excluded=excluded)
-        log.info("bootstrap: %d seed samples trained in %.1f s", samples, seconds)
-        metrics = {"bootstrap_samples": float(samples), "bootstrap_seconds": seconds}
-        record = {"bootstrap": s.model_dump(mode="json"), "metrics": metrics}
+        log.info("seed model: %d seed samples trained in %.1f s", samples, seconds)
+        metrics = {"seed_model_samples": float(samples), "seed_model_seconds": seconds}
+        record = {"seed_model": s.model_dump(mode="json"), "metrics": metrics}
         uri, manifest = store.write(0, engine.model, engine.tokenizer, None, record)
     if evaluate is not None:
         metrics.update(evaluate(Path(uri)))
@@ -159,8 +159,8 @@ def publish_promoted(kafka: KafkaSettings, topic: str, model_name: str, uri: str
     from confluent_kafka import Producer
 
     event = CheckpointEvent(model=model_name, version=0, uri=uri, manifest=manifest,
-                            status="promoted", metrics=metrics, reason="bootstrap seed model",
-                            producer=ProducerInfo(service="bootstrap", instance="bootstrap"))
+                            status="promoted", metrics=metrics, reason="seed model",
+                            producer=ProducerInfo(service="seed-model", instance="seed-model"))
     producer = Producer({**kafka.client_config(), "enable.idempotence": True})
     errors: list[str] = []
     producer.produce(topic, key=event.partition_key().encode(),

@@ -8,7 +8,7 @@
 - ``start(sasl=(admin, password))``: the client listener is SASL_PLAINTEXT with SCRAM-SHA-512
   and ACLs are enforced (``deploy/kafka/sasl.properties``); ``admin`` is created at format time
   and is the only super user. Service principals and their ACLs are added over the admin API
-  (``services.common.access``).
+  (``services.cluster.access``).
 - ``stop``: SIGTERM (a clean shutdown flushes logs and releases the controller), SIGKILL only
   after a timeout.
 
@@ -109,7 +109,7 @@ class LocalBroker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def client_config(self, password: str | None = None) -> dict[str, Any]:
+    def connection(self, password: str | None = None) -> dict[str, Any]:
         """librdkafka properties to reach this broker (as its admin, on a SASL broker)."""
         conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap}
         if self.sasl_admin is not None:
@@ -220,7 +220,7 @@ def start(
                          sasl[0] if sasl else None)
     (data / "broker.json").write_text(json.dumps(asdict(broker)), encoding="utf-8")
     deadline = time.monotonic() + wait_seconds
-    while not _answers(broker.client_config(sasl[1] if sasl else None)):
+    while not _answers(broker.connection(sasl[1] if sasl else None)):
         if proc.poll() is not None:
             raise BrokerError(f"broker exited with {proc.returncode}; log tail:\n{_tail(logfile)}")
         if time.monotonic() > deadline:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from services.feeder.curriculum import Curriculum, CurriculumSettings
+from services.feeder.level_curriculum import Curriculum, CurriculumSettings
 
 
 def _observe(c: Curriculum, level: float, passed: int, failed: int) -> None:

@@ -39,6 +39,7 @@ from confluent_kafka.admin import (
     ScramMechanism,
     UserScramCredentialUpsertion,
 )
+from rich.table import Table
 
 from services import registry
 from services.common.config import KafkaSettings
@@ -122,6 +123,18 @@ def existing(admin: AdminClient, timeout: float = 30.0) -> set[AclBinding]:
     match_all = AclBindingFilter(ResourceType.ANY, anything, ResourcePatternType.ANY,
                                  anything, anything, AclOperation.ANY, AclPermissionType.ANY)
     return set(admin.describe_acls(match_all, request_timeout=timeout).result())
+
+
+def table(grants: list[Grant], have: set[AclBinding], title: str) -> Table:
+    """``flywheel acls list``'s view: every grant needed, and whether the cluster has it."""
+    out = Table(title=title)
+    for col in ("principal", "operation", "resource", "name", "present"):
+        out.add_column(col)
+    for g in grants:
+        out.add_row(g.principal, g.operation, g.resource,
+                    g.name + ("*" if g.pattern == "prefixed" else ""),
+                    "yes" if g.binding() in have else "[red]missing[/]")
+    return out
 
 
 def apply(admin: AdminClient, wanted: Iterable[Grant], timeout: float = 30.0) -> list[Grant]:

@@ -8,6 +8,10 @@ returns when the controller has the change, and a broker's metadata follows a mo
 (KRaft), so without that wait an ``apply`` right after another could read the old value and
 change it again. A second ``apply`` right after the first makes no change (on a cluster it may
 ask a broker a moment behind the one that read back, and set a value again that is set).
+
+Over 300 lines: loading the declaration, converging the cluster to it and describing the
+result (``describe``, and ``table`` for ``flywheel topics list``) are one contract over the
+same specs; the retries around the admin API's eventual consistency are most of the length.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from confluent_kafka.admin import (
     OffsetSpec,
 )
 from pydantic import BaseModel, Field, field_validator
+from rich.table import Table
 
 from services.common.config import DEPLOY_DIR, KafkaSettings
 from services.common.errors import ConfigError, FlywheelError
@@ -204,6 +209,22 @@ def describe(admin: AdminClient, specs: list[TopicSpec]) -> list[TopicState]:
             out.append(TopicState(s.name, True, existing[s.name], declared, ends[s.name]))
         else:
             out.append(TopicState(s.name, False, 0, {}, {}))
+    return out
+
+
+def table(states: list[TopicState], title: str) -> Table:
+    """``flywheel topics list``'s view."""
+    out = Table(title=title, show_lines=True)
+    for col in ("topic", "partitions", "configs", "end offsets", "records"):
+        out.add_column(col, justify="right" if col in ("partitions", "records") else "left")
+    for st in states:
+        if not st.exists:
+            out.add_row(st.name, "-", "[red]missing[/]", "-", "-")
+            continue
+        configs = "\n".join(f"{k}={v}" for k, v in st.config.items())
+        ends = " ".join(str(st.end_offsets[p]) for p in sorted(st.end_offsets))
+        out.add_row(st.name, str(st.partitions), configs, ends,
+                    str(sum(st.end_offsets.values())))
     return out
 
 
