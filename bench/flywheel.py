@@ -6,9 +6,9 @@ the gate's held-out pass rate of every decided version against wall clock and ag
 training samples behind it. In the same run, from the same starting model:
 
 - the starting model's held-out score (the seed model's, for the embedded profile);
-- the supervised bound: SFT on as many samples as the flywheel trained on, drawn from the
-  training tasks (the feeder's, held-out excluded) with their ground-truth answers written
-  as the model should answer, with the trainer's optimizer settings, evaluated as it goes;
+- the supervised bound (:mod:`bench.bound`): SFT on as many samples as the flywheel trained
+  on, drawn from the training tasks (the feeder's, held-out excluded) with their labels'
+  answers in the model's own style, trained as the trainer trains, evaluated as it goes;
 - for the embedded profile, also the seed-data baseline: the same compute as one-shot SFT on
   the seed data only.
 
@@ -17,7 +17,10 @@ A bootstrapped profile (the embedded one, or a file without ``model_path``) runs
 reaches 0.8 or the budget ends; the figures are the medians of the seconds to 0.8 (bootstrap
 included) and of the training samples to 0.8, beside the bound's. A profile with a model runs
 once, for the whole budget. Writes ``results/flywheel[-NAME].json`` (via
-the runner) and ``.png`` with every curve, and reports the checkpoint store's size at the end.
+the runner) and ``.png`` with every curve, both in ``FLYWHEEL_BENCH_OUT`` (or ``--out``), and
+reports the checkpoint store's size at the end. SIGTERM or SIGINT (Ctrl-C) ends it with what
+it has: the run in progress stops (its bound too, at the next point) and no further seed
+starts; the results say ``interrupted``.
 
 Over 300 lines: the flywheel run and its two baselines (the supervised bound, the seed-data
 baseline) are measured on the same samples in the same run, so they share one module.
@@ -27,13 +30,15 @@ from __future__ import annotations
 
 import math
 import os
-import random
+import signal
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.bound import supervised_bound
 from services.cluster import local_broker as local_kafka
 from services.trainer.store import CheckpointStore
 from services.up.profile import Profile, load_profile
@@ -43,15 +48,18 @@ from services.up.view import Snapshot
 TARGET = 0.8
 
 
-def flywheel(profile: Profile, seconds: float, stop_at: float | None) -> dict[str, Any]:
-    """Run ``profile`` for ``seconds`` (or until a promoted version reaches ``stop_at``);
-    returns the curve, the bootstrap time and training totals."""
+def flywheel(profile: Profile, seconds: float, stop_at: float | None,
+             stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run ``profile`` for ``seconds`` (or until a promoted version reaches ``stop_at``, or
+    ``stop`` is set); returns the curve, the seed model's time and training totals."""
     stack = Stack(profile)
     boot_started = time.perf_counter()
     stack.prepare(say=lambda line: print(line, flush=True))
     boot_seconds = time.perf_counter() - boot_started
 
     def reached(snapshot: Snapshot) -> bool:
+        if stop is not None and stop.is_set():
+            return True
         return stop_at is not None and any(
             e.status == "promoted" and e.version > 0
             and e.metrics.get("pass_rate", 0.0) >= stop_at for e in snapshot.versions)
@@ -87,76 +95,6 @@ def flywheel(profile: Profile, seconds: float, stop_at: float | None) -> dict[st
     return {"stack": stack, "curve": curve, "seed_model_seconds": round(boot_seconds, 1),
             "trained_samples": total, "train_seconds": round(train_seconds, 2),
             "store_bytes": CheckpointStore(profile.checkpoint_url).size_bytes()}
-
-
-def training_tasks(profile: Profile, count: int, seed: int) -> list[Any]:
-    """``count`` tasks as the feeder draws them, held-out excluded: from its task sets, or
-    from its environment spread evenly over its curriculum levels (or its mix)."""
-    from services import envs
-    from services.envs.heldout import suite, suite_tasks
-    from services.envs.tasksets import TaskSetSpec, load
-
-    held = suite_tasks(suite(profile.gate.get("held_out")))
-    excluded = {t.task_id for t in held}
-    prompts = {t.prompt.strip() for t in held}
-    rng = random.Random(seed)
-    feeder = profile.feeder
-    if feeder.get("tasksets"):
-        pool = [t for spec in feeder["tasksets"] for t in load(TaskSetSpec(**spec))
-                if t.task_id not in excluded and t.prompt.strip() not in prompts]
-        return rng.choices(pool, k=count)
-    env = envs.get(feeder.get("env", "arithmetic"))
-    curriculum = feeder.get("curriculum", {})
-    levels = curriculum.get("levels") if curriculum.get("enabled") else None
-    out: list[Any] = []
-    while len(out) < count:
-        level = rng.choice(levels) if levels else feeder.get("difficulty")
-        out += [t for t in env.tasks(1, rng=rng, difficulty=level) if t.task_id not in excluded]
-    return out
-
-
-def supervised_bound(profile: Profile, start: Path, samples: int, points: int,
-                     seed: int = 0) -> list[dict[str, float]]:
-    """SFT on labelled training tasks from ``start``: the held-out pass rate after every
-    ``samples / points`` samples, up to ``samples``."""
-    import torch
-
-    from services import envs
-    from services.envs.heldout import gate_dtype, gate_headline
-    from services.gate.evaluate import evaluate
-    from services.models.engines import TransformersEngine, render
-    from services.trainer.objectives import Sample
-    from services.trainer.train import OptimSettings, make_optimizer, train_round
-
-    torch.set_num_threads(2)
-    engine = TransformersEngine(start)
-    tok = engine.tokenizer
-    optim = OptimSettings(**profile.trainer.get("optim", {}))
-    optimizer = make_optimizer(engine.model, optim)
-    held = gate_headline(profile.gate)
-    held_tasks = held.tasks()
-    data = []
-    for task in training_tasks(profile, samples, seed):
-        env = envs.get(task.env)
-        answer = env.reference_answer(task)
-        if answer is None:
-            raise ValueError(f"task {task.task_id} has no reference answer: no bound")
-        target = [*tok(answer, add_special_tokens=False)["input_ids"], tok.eos_token_id]
-        data.append(Sample(render(tok, env.initial_turns(task)), target, 1.0))
-    step = max(1, samples // points)
-    curve, done = [], 0
-    with tempfile.TemporaryDirectory(prefix="flywheel-bound-") as tmp:
-        store = CheckpointStore(tmp)
-        while done < samples:
-            chunk = data[done:done + step]
-            train_round(engine.model, optimizer, {"sft": chunk}, optim, engine.pad, seed=done)
-            done += len(chunk)
-            uri, _ = store.write(done, engine.model, tok, None)
-            scores = evaluate(Path(uri), held, held_tasks, dtype=gate_dtype(profile.gate))
-            store.prune(set(), set())
-            curve.append({"samples": done, "pass_rate": scores["pass_rate"]})
-            print(f"bound: {done} samples -> {scores['pass_rate']:.3f}", flush=True)
-    return curve
 
 
 def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str, Any]:
@@ -240,8 +178,19 @@ def _private(profile: Profile, tmp: Path, seed: int) -> Profile:
 
 
 def run(profile_path: Path | None = None) -> dict[str, Any]:
+    stop = threading.Event()  # SIGTERM, SIGINT: end with what there is
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run(profile_path, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(profile_path: Path | None, stop: threading.Event) -> dict[str, Any]:
     profile = load_profile(profile_path)
-    embedded = profile.model_path is None  # bootstrapped: seeds, a stop at the target
+    embedded = profile.model_path is None  # a seed model: seeds, a stop at the target
     seconds = float(os.environ.get("FLYWHEEL_BENCH_SECONDS", "900" if embedded else "1800"))
     runs_wanted = int(os.environ.get("FLYWHEEL_BENCH_RUNS", "3" if embedded else "1"))
     out = Path(os.environ.get("FLYWHEEL_BENCH_OUT", "results"))
@@ -249,6 +198,8 @@ def run(profile_path: Path | None = None) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     start_rate: float | None = None
     for i in range(runs_wanted):
+        if stop.is_set():
+            break
         with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
             private = _private(profile, Path(tmp), seed=i)
             if private.model_path is not None and start_rate is None:
@@ -260,17 +211,21 @@ def run(profile_path: Path | None = None) -> dict[str, Any]:
                                       dtype=gate_dtype(private.gate))["pass_rate"]
                 print(f"starting model: held-out pass rate {start_rate:.3f} "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
-            result = flywheel(private, seconds, stop_at=TARGET if embedded else None)
+            result = flywheel(private, seconds, stop_at=TARGET if embedded else None,
+                              stop=stop)
             stack: Stack = result.pop("stack")
             assert stack.base_path is not None
+            if stack.signalled:  # its handlers had the signal while it ran
+                stop.set()
             curve = result["curve"]
             seed_rate = next((p["pass_rate"] for p in curve if p["version"] == 0
                               and p["status"] == "promoted"), start_rate)
             to_target = first_reaching(curve, "samples", TARGET)
             budget = max(result["trained_samples"], 2 * (to_target or 0))
             result["bound"] = supervised_bound(private, stack.base_path, budget,
-                                               points=16 if embedded else 6, seed=i)
-            if embedded:
+                                               points=16 if embedded else 6, seed=i,
+                                               stopping=stop.is_set)
+            if embedded and not stop.is_set():
                 result["seed_baseline"] = seed_baseline(private, stack.base_path,
                                                         result["trained_samples"])
             result["start_pass_rate"] = seed_rate
@@ -280,6 +235,7 @@ def run(profile_path: Path | None = None) -> dict[str, Any]:
                 None if reached is None else round(reached + result["seed_model_seconds"], 1))
             result["bound_samples_to_target"] = first_reaching(result["bound"], "samples",
                                                                TARGET)
+            result["interrupted"] = stop.is_set()
             runs.append(result)
             print({k: v for k, v in result.items() if k not in ("curve", "bound")}, flush=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,7 +244,8 @@ def run(profile_path: Path | None = None) -> dict[str, Any]:
     plot(runs, statistics.median(starts) if starts else None, png,
          f"profile {profile.name}: held-out pass rate")
     return {"profile": profile.name, "budget_seconds": seconds, "runs": runs,
-            "summary": summarize(runs, embedded), "plot": str(png)}
+            "interrupted": stop.is_set(), "summary": summarize(runs, embedded),
+            "plot": str(png)}
 
 
 def _median(values: list[Any]) -> float | None:
@@ -301,6 +258,8 @@ def _median(values: list[Any]) -> float | None:
 
 
 def summarize(runs: list[dict[str, Any]], embedded: bool) -> dict[str, Any]:
+    if not runs:  # stopped before the first run ended
+        return {"runs": 0}
     first = runs[0]
     promoted = [p for p in first["curve"] if p["status"] == "promoted" and p["version"] > 0]
     start = first["start_pass_rate"]

@@ -194,7 +194,7 @@ def _case(bootstrap: str, seed: tuple[Path, list[Any], dict[str, float]], rollba
 
 
 def run() -> dict[str, Any]:
-    from bench.flywheel import training_tasks
+    from bench.bound import training_tasks
     from bench.runtime import broker
     from services.envs.heldout import gate_dtype, gate_headline, gate_task_ids
     from services.gate.evaluate import evaluate

@@ -35,10 +35,16 @@ def environment() -> dict[str, Any]:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
+    from services.models.precision import detect
+
+    cpu = detect("cpu")
     return {
         "commit": commit,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu": cpu.name,
+        "cpu_flags": list(cpu.flags),
+        "native_bfloat16": cpu.native_bfloat16,
         "cpus": os.cpu_count(),
         "confluent_kafka": version("confluent-kafka"),
         "pydantic": version("pydantic"),
@@ -48,7 +54,10 @@ def environment() -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench")
     parser.add_argument("name", choices=[*BENCHMARKS, "list"])
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("FLYWHEEL_BENCH_OUT",
+                                                                        "results")),
+                        help="Folder for NAME.json and any figure [default: "
+                        "FLYWHEEL_BENCH_OUT, else results]")
     parser.add_argument("--profile", type=Path, default=None,
                         help="flywheel only: a profile file instead of the embedded one")
     args = parser.parse_args(argv)
@@ -60,7 +69,7 @@ def main(argv: list[str]) -> int:
     setup_logging("INFO")
     module = importlib.import_module(f"bench.{args.name}")
     started = time.time()
-    os.environ.setdefault("FLYWHEEL_BENCH_OUT", str(args.out))  # for figures beside the JSON
+    os.environ["FLYWHEEL_BENCH_OUT"] = str(args.out)  # figures go beside the JSON
     figures = module.run(args.profile) if args.profile is not None else module.run()
     result = {
         "benchmark": args.name,

@@ -556,7 +556,9 @@ def seed_model_command(profile: Profile = None) -> None:
 @app.command("bench", rich_help_panel=MEASURE)
 def bench(
     name: Annotated[str, typer.Argument(help="Benchmark name; `flywheel bench list` lists them.")],
-    out: Annotated[Path, typer.Option(help="Folder for NAME.json.")] = Path("results"),
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for NAME.json and its figures [default: FLYWHEEL_BENCH_OUT, else "
+        "results].")] = None,
     profile: Annotated[Path | None, typer.Option(help="flywheel: a profile instead of the "
                                                  "embedded one.")] = None,
 ) -> None:
@@ -564,7 +566,8 @@ def bench(
     from bench.runner import main as bench_main
 
     extra = ["--profile", str(profile)] if profile is not None else []
-    raise typer.Exit(bench_main([name, "--out", str(out), *extra]))
+    extra += ["--out", str(out)] if out is not None else []
+    raise typer.Exit(bench_main([name, *extra]))
 
 
 def main() -> None:

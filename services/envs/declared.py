@@ -35,6 +35,12 @@ class Declared(Environment):
             return [Turn(role=m["role"], content=m["content"]) for m in messages]
         return [Turn(role="user", content=task.prompt)]
 
+    def reference_answer(self, task: Task) -> str | None:
+        """None: a task file's label is a final answer (``3/4``), not an answer as the model
+        gives one, with its working; trained to utter bare labels, a chat model got worse.
+        The supervised bound uses the model's own verified answers instead."""
+        return None
+
     def verify(self, task: Task, turns: Sequence[Turn]) -> Verification:
         if task.verifier is None:
             return Verification(passed=None, score=0.0, details={"reason": "no verifier"})

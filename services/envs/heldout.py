@@ -25,6 +25,16 @@ POOLED = "suite"
 ``suite/losses``, ``suite/p``): the gate writes them, the trainer's rollback reads them."""
 
 
+def overall(metrics: dict[str, float]) -> int | None:
+    """Tasks won minus tasks lost against the reference over the suite's sets (what the
+    pooled test counts), from a decision's metrics; None when it carries no paired
+    comparison."""
+    sets = {k.rpartition("/")[0] for k in metrics if k.endswith("/wins")} - {POOLED}
+    if not sets:
+        return None
+    return int(sum(metrics[f"{s}/wins"] - metrics.get(f"{s}/losses", 0.0) for s in sets))
+
+
 class HeldOut(BaseModel):
     """One named set of the suite."""
 

@@ -17,5 +17,6 @@ GATE_REGRESSIONS = Counter("flywheel_gate_regressions_total", "Regressed candida
                            "source of their data (kind: env, router_policy, filter_policy, "
                            "scorer).", ["kind", "value"])
 GATE_REGRESSION_STREAK = Gauge("flywheel_gate_regression_streak", "Consecutive regressed "
-                               "candidates holding data from this source; an alert fires on "
-                               "repeats.", ["kind", "value"])
+                               "candidates holding data from this source that also lost "
+                               "ground over the whole suite (as the rollback counts them); "
+                               "an alert fires when a source stands out.", ["kind", "value"])

@@ -42,7 +42,7 @@ from schemas import CheckpointEvent
 from services.common.errors import DependencyError
 from services.common.stage import Output
 from services.common.state import PartitionState, StateStore
-from services.envs.heldout import HeldOut
+from services.envs.heldout import HeldOut, overall
 from services.gate import metrics as m
 from services.gate import rule
 from services.gate.evaluate import SetResult
@@ -218,7 +218,7 @@ class GateStage:
     def _out(self, cand: CheckpointEvent, status: str, scores: dict[str, float], reason: str,
              rejection: str | None) -> Output:
         m.GATE_DECISIONS.labels(rejection or status).inc()
-        self._count_sources(cand, rejection)
+        self._count_sources(cand, rejection, scores)
         log.info("%s v%d %s: %s", cand.model, cand.version, rejection or status, reason)
         fields = cand.model_dump(exclude={"event_id", "status", "metrics", "reason",
                                           "producer", "created_at", "rejection"})
@@ -228,18 +228,24 @@ class GateStage:
             rejection=rejection)
         return Output(self.output_topic, decision)
 
-    def _count_sources(self, cand: CheckpointEvent, rejection: str | None) -> None:
+    def _count_sources(self, cand: CheckpointEvent, rejection: str | None,
+                       scores: dict[str, float]) -> None:
         """Per source of the candidate's data (its provenance): regressions counted, and the
-        streak of consecutive regressed candidates that held data from it (reset when a
-        candidate holding it is promoted). Kept in memory: a restart starts streaks at 0."""
+        streak of consecutive regressed candidates that held data from it and lost ground
+        over the whole suite (what the trainer's rollback counts: a candidate that trades a
+        small set's drift for gains elsewhere is no sign of bad data); reset when a
+        candidate holding it is promoted. Kept in memory: a restart starts streaks at 0."""
         if rejection not in (None, "regressed"):
             return
+        net = overall(scores)
+        losing = rejection == "regressed" and (net is None or net <= 0)
         for kind, values in cand.provenance.items():
             for value in values:
                 key = (kind, value)
                 if rejection == "regressed":
                     m.GATE_REGRESSIONS.labels(kind, value).inc()
+                if losing:
                     self._streaks[key] = self._streaks.get(key, 0) + 1
-                else:
+                elif rejection is None:
                     self._streaks[key] = 0
-                m.GATE_REGRESSION_STREAK.labels(kind, value).set(self._streaks[key])
+                m.GATE_REGRESSION_STREAK.labels(kind, value).set(self._streaks.get(key, 0))

@@ -49,6 +49,8 @@ class Stack:
     """Every checkpoint event the last run() saw."""
     prometheus: monitor.Prometheus | None = None
     supervisor: Supervisor | None = None
+    signalled: bool = False
+    """Whether the last run() ended on SIGINT or SIGTERM."""
     credentials: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
     """Per service with its own principal: (username, password)."""
     secrets: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -236,6 +238,7 @@ class Stack:
                     break
                 stopping.wait(1.0)
         finally:
+            self.signalled = stopping.is_set()
             codes = supervisor.stop()
             log.info("stopped: %s", codes)
             if follower is not None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.flywheel import first_reaching, training_tasks
+from bench.bound import training_tasks
+from bench.flywheel import first_reaching
 from services.envs.heldout import suite, suite_tasks
 from services.up.profile import Profile, load_profile
 

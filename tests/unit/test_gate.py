@@ -230,6 +230,30 @@ def test_repeated_regressions_from_one_source_raise_its_streak(tmp_path: Path) -
     assert streak("p-ok") == 0 and streak("p-bad") == 2
 
 
+def test_a_regression_that_wins_overall_leaves_the_streak_as_it_was(tmp_path: Path) -> None:
+    """Drift of a small set while another rises (what a healthy run does) is no sign of bad
+    data: the streak counts only regressions that lose ground over the whole suite, as the
+    trainer's rollback does."""
+    from prometheus_client import REGISTRY
+
+    def streak() -> float | None:
+        return REGISTRY.get_sample_value("flywheel_gate_regression_streak",
+                                         {"kind": "env", "value": "drift"})
+
+    table = {"base": {"easy": _outcomes(90), "hard": _outcomes(10)},
+             "v1": {"easy": _outcomes(95), "hard": _outcomes(30)},
+             "v2": {"easy": _outcomes(80), "hard": _outcomes(60)},   # easy -15, hard +30
+             "v3": {"easy": _outcomes(60), "hard": _outcomes(20)}}   # loses on both
+    gate = _gate(tmp_path, table, sets=["easy", "hard"], tolerance=0.05)
+    source = {"provenance": {"env": {"drift": 4}}}
+    decided = _run(gate, *(_candidate(tmp_path, v).model_copy(update=source)
+                           for v in (1, 2)))
+    assert [d.rejection for d in decided] == [None, "regressed"]
+    assert streak() == 0
+    [lost] = _run(gate, _candidate(tmp_path, 3).model_copy(update=source))
+    assert lost.rejection == "regressed" and streak() == 1
+
+
 def test_a_store_that_does_not_answer_stops_the_gate_instead_of_rejecting(
         tmp_path: Path) -> None:
     """A candidate the gate cannot fetch (the store's URL refuses connections) is not the
