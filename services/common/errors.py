@@ -1,4 +1,6 @@
-"""The project's exception types. Catch them at named boundaries only (see STYLE.md)."""
+"""The project's exception types. Catch them at named boundaries only: per record (to the
+dead-letter topic, with the reason), in the producer's delivery callback, and at a service's
+top level (``services.common.service``: log, exit non-zero). Elsewhere errors propagate."""
 
 from __future__ import annotations
 
