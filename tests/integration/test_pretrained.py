@@ -199,3 +199,44 @@ def test_the_real_profile_serves_trains_and_evaluates_in_the_precision_auto_choo
     scores = evaluate(folder, HeldOut(env="word_problems", difficulty=1, count=8,
                                       max_tokens=48), dtype=weights)
     assert set(scores) == {"pass_rate", "mean_score"} and 0 <= scores["pass_rate"] <= 1
+
+
+def test_the_supervised_bound_on_a_chat_task_file_does_not_fall_below_the_start(
+        imported: Path, tmp_path: Path) -> None:
+    """A task file of chat ``messages`` rows whose labels are bare numbers: trained to utter
+    them, SmolLM2 got worse than it started (issue 37: 0.430 -> 0.090 after 80 samples). The
+    bound trains, through the trainer's own path, on the starting model's answers that the
+    labels verify, and does not fall below the starting model. The learning rate is ten times
+    the real profile's, so that training on the wrong targets shows within 16 samples."""
+    import json
+
+    from bench.bound import supervised_bound
+    from services.envs.heldout import gate_headline
+    from services.up.profile import Profile
+
+    env = envs.get("word_problems")
+    unique = {t.task_id: t for t in env.tasks(200, rng=random.Random(11), difficulty=1)}
+    tasks = list(unique.values())
+    files = {}
+    for name, chosen in (("train", tasks[:64]), ("heldout", tasks[64:88])):
+        rows = [{"id": t.task_id, "answer": t.verifier.answer, "messages": [
+            {"role": "system", "content": "Answer the question."},
+            {"role": "user", "content": t.prompt}]} for t in chosen if t.verifier is not None]
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    fields = {"id": "id", "prompt": None, "messages": "messages", "answer": "answer"}
+    profile = Profile(
+        model_path=imported,
+        feeder={"tasksets": [{"name": "chat", "path": str(files["train"]), "fields": fields,
+                              "verifier": "math"}]},
+        generator={"samples_per_task": 4, "sampling": {"temperature": 0.7, "max_tokens": 48}},
+        trainer={"optim": {"lr": 1e-4, "micro_batch": 8, "max_tokens": 192}},
+        gate={"held_out": {"taskset": {"name": "chat-heldout", "path": str(files["heldout"]),
+                                       "fields": fields, "verifier": "math"},
+                           "max_tokens": 48}})
+    held = gate_headline(profile.gate)
+    start = evaluate(imported, held, held.tasks())["pass_rate"]
+    curve = supervised_bound(profile, imported, samples=16, points=1)
+    print(f"start {start:.3f}, bound after 16 own verified answers {curve}")
+    assert curve[-1]["samples"] == 16 and curve[-1]["tasks_without_answer"] < 16
+    assert curve[-1]["pass_rate"] >= start - 0.05, (start, curve)
