@@ -84,7 +84,6 @@ class Intake:
         self.s = settings
         self.topics = topics
         self.health = health
-        self.max_tokens = settings.optim.max_tokens
         self.round = Round()
         self.committed: dict[tuple[str, int], int] = {}
         """Each owned partition's committed offset: where its next range starts."""
@@ -113,6 +112,8 @@ class Intake:
         self._resume_paused()
 
     def take(self, msg: Any) -> None:
+        """One record of an ``accepted.*`` topic: into the round, held back for the next one
+        (its stage's quota or its partition's share is full), or dead-lettered with it."""
         r = self.round
         tp = (cast(str, msg.topic()), cast(int, msg.partition()))
         if tp not in self.members.owned:
@@ -141,7 +142,7 @@ class Intake:
                          f"a {routed.stage!r} sample on the {stage!r} topic")
             return
         try:
-            samples = to_samples([routed], self.tokenizer, self.max_tokens)
+            samples = to_samples([routed], self.tokenizer, self.s.optim.max_tokens)
         except (ValueError, TypeError, KeyError, IndexError) as exc:  # this record's content
             self._reject(msg, "stage", type(exc).__name__, str(exc))
             return

@@ -55,10 +55,15 @@ class InThread:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.stop(raising=kind is None)
+
+    def stop(self, *, raising: bool = True) -> None:
+        """Stop the runtime and wait for its thread; with ``raising``, raise what it raised.
+        Stopping twice (by hand, then by leaving the ``with`` block) is harmless."""
         self.runtime.stop()
         self.thread.join(30)
         assert not self.thread.is_alive(), "runtime did not stop within 30 s"
-        if kind is None and self.error is not None:
+        if raising and self.error is not None:
             raise AssertionError(f"the runtime raised: {self.error!r}") from self.error
 
 

@@ -82,7 +82,7 @@ def _gate_and_generator(kafka: Broker, tmp_path: Path, prefix: str, base: Path, 
         # Both candidates wait before the gate starts: one at a time, each is evaluated (in
         # one batch the older would be superseded, tests/unit/test_gate.py).
         runtime={"lag_interval_seconds": 0.5, "batch_max_records": 1},
-        metrics={"enabled": False}, model_name="tiny",
+        metrics={"enabled": False}, model_name="tiny", dtype="float32",  # on every CPU
         base_model_path=base, checkpoint_root=unmounted,
         checkpoint_source={"url": url, "cache_dir": tmp_path / "gate-cache"},
         held_out=HeldOut(env="arithmetic", difficulty=1, count=60, max_tokens=4))
@@ -140,4 +140,4 @@ def _restarted_gate_shows_what_it_promoted(gs: GateSettings, promoted: Checkpoin
     assert shown["flywheel_gate_promoted_version"] == promoted.version == 1
     assert shown["flywheel_gate_promoted_score{metric=pass_rate,set=held_out}"] == \
         promoted.metrics["pass_rate"]
-    assert _detail("gate", shown) == "promoted v1"
+    assert _detail("gate", shown) == "promoted v1, float32"

@@ -63,7 +63,7 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage(
         seed: tuple[Path, list[Any], dict[str, float]]) -> None:
     from transformers import AutoTokenizer
 
-    from bench.flywheel import training_tasks
+    from bench.bound import training_tasks
 
     prefix = f"rb{uid}."
     settings = KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)

@@ -149,7 +149,7 @@ def test_metrics_move_lag_returns_to_zero_and_readiness_follows_assignment(
 
             # The assigned instance leaves: the other takes the partition over and gets ready.
             active = 0 if runtimes[0].ready else 1
-            (first if active == 0 else second).__exit__()
+            (first if active == 0 else second).stop()
             other = ports[1 - active]
             wait_until(lambda: _scrape(other, "/readyz")[0] == 200, 60, "failover readiness")
             assert _scrape(ports[active], "/healthz")[0] == 503

@@ -158,7 +158,8 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
     store = tmp_path / "store"
     log = tmp_path / "trainer.log"
     env = {"FLYWHEEL_BASE_MODEL_PATH": str(base), "FLYWHEEL_CHECKPOINT_URL": str(store),
-           "FLYWHEEL_MODEL_NAME": "tiny", "FLYWHEEL_QUOTAS": json.dumps({"sft": 100, "rl": 40}),
+           "FLYWHEEL_MODEL_NAME": "tiny", "FLYWHEEL_OPTIM__DTYPE": "float32",
+           "FLYWHEEL_QUOTAS": json.dumps({"sft": 100, "rl": 40}),
            "FLYWHEEL_MAX_WAIT_SECONDS": "2", "FLYWHEEL_OPTIM__EPOCHS": "3",
            "FLYWHEEL_OPTIM__LR": "0.001", "FLYWHEEL_METRICS__PORT": str(free_port())}
 
@@ -185,7 +186,7 @@ def test_a_trainer_killed_mid_round_resumes_and_its_lineage_tiles_the_input(
         port = int(env["FLYWHEEL_METRICS__PORT"])
         wait_until(lambda: scrape(port).get("flywheel_trainer_candidate_version", 0)
                    >= killed_at or proc.poll() is not None, 180, "the trainer resumed")
-        row = re.fullmatch(r"candidate v(\d+); samples cpt \d+ rl \d+ sft \d+",
+        row = re.fullmatch(r"candidate v(\d+), float32; samples cpt \d+ rl \d+ sft \d+",
                            _detail("trainer", scrape(port)))
         assert row is not None and int(row[1]) >= killed_at, _detail("trainer", scrape(port))
         assert scrape(port).get("flywheel_trainer_ranks") == ranks
@@ -269,7 +270,7 @@ def test_a_round_takes_its_quota_from_skewed_partitions_without_waiting(
     assert producer.flush(30) == 0
     quota = sum(counts.values())
     env = {"FLYWHEEL_BASE_MODEL_PATH": str(base), "FLYWHEEL_CHECKPOINT_URL": str(tmp_path / "s"),
-           "FLYWHEEL_MODEL_NAME": "tiny",
+           "FLYWHEEL_MODEL_NAME": "tiny", "FLYWHEEL_OPTIM__DTYPE": "float32",
            "FLYWHEEL_QUOTAS": json.dumps({"sft": quota, "rl": 0, "cpt": 0}),
            "FLYWHEEL_MAX_WAIT_SECONDS": "600"}
     first = _first_candidate(kafka, prefix, tmp_path / "trainer.log", env,
@@ -298,7 +299,7 @@ def test_a_trainer_stopped_mid_round_stops_at_once_and_trains_the_round_after_a_
     ends = {p: e for p, e in kafka.end_offsets(topic).items() if e > 0}
     store, log = tmp_path / "store", tmp_path / "trainer.log"
     env = {"FLYWHEEL_BASE_MODEL_PATH": str(base), "FLYWHEEL_CHECKPOINT_URL": str(store),
-           "FLYWHEEL_MODEL_NAME": "tiny",
+           "FLYWHEEL_MODEL_NAME": "tiny", "FLYWHEEL_OPTIM__DTYPE": "float32",
            "FLYWHEEL_QUOTAS": json.dumps({"sft": 64, "rl": 0, "cpt": 0}),
            "FLYWHEEL_MAX_WAIT_SECONDS": "2", "FLYWHEEL_OPTIM__MICRO_BATCH": "4"}
     # 16 micro-batches an epoch; 1,000 epochs: a round far longer than the stop takes
