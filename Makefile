@@ -49,8 +49,12 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 	$(BIN)/python -m schemas.export --check
 
+# One pytest worker per core (at most 4), a test file per worker at a time: module fixtures
+# (an imported model, a vLLM engine) are built once, and each worker starts its own broker.
+# TEST_WORKERS=0 runs them all in this process.
+TEST_WORKERS ?= auto
 test: setup tools lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile)
 
 # The whole flywheel under faults: every service SIGKILLed in turn, the broker restarted,
 # hostile records on every topic, then an accounting over the topics (tests/faults; about 10
