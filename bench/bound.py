@@ -124,7 +124,7 @@ def supervised_bound(profile: Profile, start: Path, samples: int, points: int,
     held = gate_headline(profile.gate)
     held_tasks = held.tasks()
     rng = random.Random(seed)
-    step = max(1, samples // points)
+    step = max(1, -(-samples // points))  # points evenly spread, the last at ``samples``
     curve: list[dict[str, float]] = []
     done, drawn, missed = 0, 0, 0
     with tempfile.TemporaryDirectory(prefix="flywheel-bound-") as tmp:

@@ -279,11 +279,14 @@ def summarize(runs: list[dict[str, Any]], embedded: bool) -> dict[str, Any]:
         "store_bytes": [r["store_bytes"] for r in runs],
     }
     if embedded:
-        samples = _median([r["samples_to_target"] for r in runs])
-        bound = _median([r["bound_samples_to_target"] for r in runs])
+        # An interrupted run did not have its budget: it is no "never reached" in a median.
+        whole = [r for r in runs if not r.get("interrupted")]
+        samples = _median([r["samples_to_target"] for r in whole])
+        bound = _median([r["bound_samples_to_target"] for r in whole])
         summary |= {
+            "interrupted_runs_left_out": len(runs) - len(whole),
             "median_seconds_to_0.8_with_seed_model": _median(
-                [r["seconds_to_target_with_seed_model"] for r in runs]),
+                [r["seconds_to_target_with_seed_model"] for r in whole]),
             "median_samples_to_0.8": samples, "median_bound_samples_to_0.8": bound,
             "samples_ratio_to_bound": None if not samples or not bound
             else round(samples / bound, 2),

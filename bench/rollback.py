@@ -114,6 +114,7 @@ def _case(bootstrap: str, seed: tuple[Path, list[Any], dict[str, float]], rollba
         "FLYWHEEL_QUOTAS": json.dumps({"sft": ROUND, "rl": 0, "cpt": 0}),
         "FLYWHEEL_MAX_WAIT_SECONDS": "600",  # rounds of exactly ROUND samples
         "FLYWHEEL_OPTIM__LR": "0.0002", "FLYWHEEL_OPTIM__MICRO_BATCH": "64",
+        "FLYWHEEL_OPTIM__DTYPE": "float32",  # the tiny model's figures: the same on every CPU
         **{f"FLYWHEEL_ROLLBACK__{k.upper()}": str(v).lower() for k, v in rollback.items()}}
     gate_env = common | {"FLYWHEEL_INSTANCE_ID": "gate-0", "FLYWHEEL_CHECKPOINT_ROOT": str(store),
                          **{f"FLYWHEEL_{k.upper()}": json.dumps(v) if isinstance(v, list | dict)

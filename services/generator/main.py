@@ -102,13 +102,16 @@ def build_engine(settings: GeneratorSettings) -> tuple[Engine, object]:
         if in_process is None:
             in_process = current_platform.is_cpu()
         dtype = v.dtype
-        if dtype == "auto" and current_platform.is_cpu():
-            dtype = precision.choose("auto", "cpu", role="generator's weights (vLLM)").dtype
-        precision.export(dtype)
+        if current_platform.is_cpu():  # chosen (auto) or checked (a set dtype) by the CPU
+            dtype = precision.choose(
+                {"float": "float32", "half": "float16"}.get(dtype, dtype),  # type: ignore[arg-type]
+                "cpu", role="generator's weights (vLLM)").dtype
         engine = VLLMEngine(settings.model_path, dtype=dtype, max_model_len=v.max_model_len,
                             gpu_memory_utilization=v.gpu_memory_utilization,
                             kv_cache_gib=v.kv_cache_gib, in_process=in_process)
-        log.info("vLLM engine %s", "in this process" if in_process else "in processes of its own")
+        precision.export(engine.dtype)
+        log.info("vLLM engine %s, weights in %s",
+                 "in this process" if in_process else "in processes of its own", engine.dtype)
         return engine, engine.tokenizer
     choice = precision.choose(settings.transformers.dtype, "cpu", role="generator's weights")
     precision.export(choice.dtype)

@@ -107,6 +107,8 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs", **extra,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        """What vLLM resolved ``dtype`` to (on a GPU, ``auto`` is its own choice)."""
 
     def generate(
         self, prompts: Sequence[list[int]], sampling: SamplingParams, seeds: Sequence[int | None]

@@ -90,8 +90,11 @@ def detect(device: str = "cpu") -> Machine:
 
         if torch.cuda.is_available():
             index = torch.device(device).index or 0
-            return Machine(device, torch.cuda.get_device_name(index), (),
-                           bool(torch.cuda.is_bf16_supported()))
+            # Ampere (compute capability 8) and later compute bfloat16 natively; older GPUs
+            # accept bfloat16 tensors but emulate the arithmetic, which
+            # torch.cuda.is_bf16_supported() counts as support.
+            major, _ = torch.cuda.get_device_capability(index)
+            return Machine(device, torch.cuda.get_device_name(index), (), major >= 8)
     return _cpu()
 
 

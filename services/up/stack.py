@@ -238,7 +238,6 @@ class Stack:
                     break
                 stopping.wait(1.0)
         finally:
-            self.signalled = stopping.is_set()
             codes = supervisor.stop()
             log.info("stopped: %s", codes)
             if follower is not None:
@@ -249,6 +248,7 @@ class Stack:
                     log.warning("checkpoints not read to the end: %s", exc)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self.signalled = stopping.is_set()  # a signal while stopping counts too
             if stop_broker and self.started_broker:
                 local_kafka.stop(self.home / "kafka")
             if stop_broker or not self.started_broker:

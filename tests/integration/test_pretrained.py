@@ -106,7 +106,7 @@ def test_both_backends_serve_train_reload_and_evaluate(imported: Path, served: V
     rl = to_samples([RoutedSample(stage="rl", group_id=g, samples=s, **route)
                      for g, s in groups.items()], reference.tokenizer, 256)
     model = reference.model
-    optim = OptimSettings(lr=1e-5, micro_batch=4)
+    optim = OptimSettings(lr=1e-5, micro_batch=4, dtype="float32")
     optimizer = make_optimizer(model, optim)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     stats = [train_round(model, optimizer, {"sft": sft}, optim, reference.pad),
@@ -230,8 +230,10 @@ def test_the_supervised_bound_on_a_chat_task_file_does_not_fall_below_the_start(
         feeder={"tasksets": [{"name": "chat", "path": str(files["train"]), "fields": fields,
                               "verifier": "math"}]},
         generator={"samples_per_task": 4, "sampling": {"temperature": 0.7, "max_tokens": 48}},
-        trainer={"optim": {"lr": 1e-4, "micro_batch": 8, "max_tokens": 192}},
-        gate={"held_out": {"taskset": {"name": "chat-heldout", "path": str(files["heldout"]),
+        # float32 on every CPU: the start (evaluated here) and the bound in one precision
+        trainer={"optim": {"lr": 1e-4, "micro_batch": 8, "max_tokens": 192, "dtype": "float32"}},
+        gate={"dtype": "float32",
+              "held_out": {"taskset": {"name": "chat-heldout", "path": str(files["heldout"]),
                                        "fields": fields, "verifier": "math"},
                            "max_tokens": 48}})
     held = gate_headline(profile.gate)

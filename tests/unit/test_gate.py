@@ -242,16 +242,40 @@ def test_a_regression_that_wins_overall_leaves_the_streak_as_it_was(tmp_path: Pa
 
     table = {"base": {"easy": _outcomes(90), "hard": _outcomes(10)},
              "v1": {"easy": _outcomes(95), "hard": _outcomes(30)},
-             "v2": {"easy": _outcomes(80), "hard": _outcomes(60)},   # easy -15, hard +30
-             "v3": {"easy": _outcomes(60), "hard": _outcomes(20)}}   # loses on both
+             "v2": {"easy": _outcomes(60), "hard": _outcomes(20)},   # loses on both
+             "v3": {"easy": _outcomes(80), "hard": _outcomes(60)},   # easy -15, hard +30
+             "v4": {"easy": _outcomes(60), "hard": _outcomes(20)}}   # loses on both
     gate = _gate(tmp_path, table, sets=["easy", "hard"], tolerance=0.05)
     source = {"provenance": {"env": {"drift": 4}}}
     decided = _run(gate, *(_candidate(tmp_path, v).model_copy(update=source)
                            for v in (1, 2)))
     assert [d.rejection for d in decided] == [None, "regressed"]
-    assert streak() == 0
-    [lost] = _run(gate, _candidate(tmp_path, 3).model_copy(update=source))
-    assert lost.rejection == "regressed" and streak() == 1
+    assert streak() == 1
+    [won] = _run(gate, _candidate(tmp_path, 3).model_copy(update=source))
+    assert won.rejection == "regressed" and streak() == 1  # neither raised nor reset
+    [lost] = _run(gate, _candidate(tmp_path, 4).model_copy(update=source))
+    assert lost.rejection == "regressed" and streak() == 2
+
+
+def test_a_source_gone_from_the_data_leaves_the_streak_gauge(tmp_path: Path) -> None:
+    """A replaced policy's last streak is no reference for its successor: once three decided
+    candidates in a row hold none of its data, its series is removed."""
+    from prometheus_client import REGISTRY
+
+    def streak(value: str) -> float | None:
+        return REGISTRY.get_sample_value("flywheel_gate_regression_streak",
+                                         {"kind": "router_policy", "value": value})
+
+    table = _one(base=_outcomes(10), v1=_outcomes(50), v2=_outcomes(20), v3=_outcomes(21),
+                 v4=_outcomes(22))
+    gate = _gate(tmp_path, table, tolerance=0.05)
+    old, new = {"router_policy": {"p-old": 8}}, {"router_policy": {"p-new": 8}}
+    [promoted] = _run(gate, _candidate(tmp_path, 1).model_copy(update={"provenance": old}))
+    assert promoted.status == "promoted" and streak("p-old") == 0
+    for v, expected in ((2, 0.0), (3, 0.0), (4, None)):
+        [d] = _run(gate, _candidate(tmp_path, v).model_copy(update={"provenance": new}))
+        assert d.rejection == "regressed"
+        assert (streak("p-old"), streak("p-new")) == (expected, v - 1)
 
 
 def test_a_store_that_does_not_answer_stops_the_gate_instead_of_rejecting(

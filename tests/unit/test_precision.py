@@ -146,3 +146,20 @@ def test_flywheel_up_says_what_the_real_profile_computes_in_and_why(
 def _no_gauge_left() -> Iterator[None]:
     yield
     precision.PRECISION.clear()
+
+
+@pytest.mark.parametrize(("capability", "native"), [((7, 0), False), ((8, 0), True)])
+def test_a_gpu_computes_bfloat16_natively_from_ampere_on(
+        monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], native: bool) -> None:
+    """No GPU here: torch.cuda's answers are faked. A V100 (7.0) accepts bfloat16 tensors and
+    torch.cuda.is_bf16_supported() says yes, but it emulates the arithmetic; an A100 (8.0)
+    computes it. The capability asked is that of the device named, not the current one."""
+    asked: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"gpu{i}")
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda i: asked.append(i) or capability)
+    machine = precision.detect("cuda:1")
+    assert (machine.name, machine.native_bfloat16, asked) == ("gpu1", native, [1])
+    assert precision.choose("auto", "cuda:1").dtype == ("bfloat16" if native else "float32")
