@@ -50,7 +50,7 @@ app.add_typer(kafka_app, name="kafka", rich_help_panel=SETUP)
 app.add_typer(topics_app, name="topics", rich_help_panel=SETUP)
 app.add_typer(model_app, name="model", rich_help_panel=SETUP)
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a message's paths stay whole, to copy
 DataDir = Annotated[
     Path | None, typer.Option(help="Broker data folder [default: $FLYWHEEL_HOME/kafka, "
                                    "FLYWHEEL_HOME defaults to ./.flywheel].")
