@@ -3,14 +3,15 @@
 ``auto`` (the default of the generator's, the gate's and the trainer's ``dtype``) means
 bfloat16 where the hardware computes it natively, float32 elsewhere:
 
-- a CUDA device that supports bfloat16 (``torch.cuda.is_bf16_supported()``);
+- a CUDA device of compute capability 8.0 or later (Ampere on; older ones emulate it);
 - an x86 CPU with AVX-512 BF16 or AMX (``avx512_bf16``, ``amx_bf16`` in its flags); an ARM CPU
   with the BF16 extension (``bf16`` in its features).
 
-Elsewhere bfloat16 is emulated and far slower than float32: on an AMD EPYC with AVX2 only, a
-bfloat16 matrix product ran 66x slower than in float32 and SmolLM2-135M generated 4.3x slower,
-while on a CPU with AVX-512 BF16 the same model trains 2.1x and generates 1.9x faster in
-bfloat16 (issue 37, and the real profile's measurements in docs/benchmarks.md).
+Elsewhere bfloat16 is emulated and far slower than float32: on an AMD EPYC with AVX2 only
+(``flywheel bench precision``), a bfloat16 matrix product ran 102x slower than in float32, a
+SmolLM2-135M training step 27x slower and its generation 2x slower, while on a CPU with
+AVX-512 BF16 the same model trained 2.1x and generated 1.9x faster in bfloat16
+(docs/benchmarks.md).
 
 The choice and its reason (the CPU's model and its relevant flags) are logged by every process
 that makes it, and exported as ``flywheel_model_precision{dtype}`` for the live view.
