@@ -64,7 +64,7 @@ from services.common.health import BrokerHealth
 from services.common.membership import Membership
 from services.common.offsets import positions
 from services.common.outputs import OutputWriter
-from services.common.stage import Stage, StatefulStage
+from services.common.stage import COMMIT_AT_ONCE, Stage, StatefulStage
 from services.common.state import StateStore
 from services.common.transactions import Transactions
 
@@ -91,6 +91,7 @@ class StreamRuntime:
             raise ValueError("a stage needs at least one input topic")
         self.settings = settings
         self.stage = stage
+        self._at_once = bool(getattr(stage, COMMIT_AT_ONCE, False))
         self.input_topics = list(input_topics)
         self.dlq_topic = dlq_topic or settings.topic("dlq")
         self.exactly_once = settings.runtime.delivery == "exactly_once"
@@ -299,6 +300,9 @@ class StreamRuntime:
         instead of following it. Latency grows by at most one batch. On an abort both batches
         are rewound (the consumer seeks back to the first offset of each in every partition)
         and this one's outputs are dropped: both are processed again.
+
+        A stage with ``commit_at_once`` (:data:`~services.common.stage.COMMIT_AT_ONCE`) is not
+        pipelined: each batch commits right after its outputs are produced.
         """
         if self._open_batch is not None and not self._commit_open(also_rewind=batch):
             return
@@ -311,6 +315,9 @@ class StreamRuntime:
             self._writer.produce(batch.encoded, batch.dead, batch.state)
         except KafkaException as exc:
             self._abort_open(exc)
+            return
+        if self._at_once:
+            self._commit_open()
 
     def _commit_open(self, also_rewind: PreparedBatch | None = None) -> bool:
         """send_offsets_to_transaction + commit_transaction for the open batch; False if the

@@ -69,6 +69,16 @@ class Stage(Protocol[In_contra]):
 
     # Optional: ``admit(record)``, raising ValueError for a record the stage cannot take
     # (dead-lettered with that message before ``process`` sees the batch).
+    # Optional, for either kind of stage: ``commit_at_once = True`` (see COMMIT_AT_ONCE).
+
+
+COMMIT_AT_ONCE = "commit_at_once"
+"""A stage attribute: when true, the runtime commits each batch's transaction as soon as its
+outputs are produced, instead of when the next batch has been processed (its pipeline,
+:meth:`services.common.runtime.StreamRuntime._transact`). For a stage whose processing
+takes minutes (the gate's evaluation): its outputs are visible when made, not one
+processing later, and no transaction is open while it processes, so a processing longer
+than the transaction timeout cannot have the broker abort it."""
 
 
 @runtime_checkable

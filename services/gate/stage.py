@@ -63,6 +63,10 @@ Evaluate = Callable[[Path], dict[str, SetResult]]
 class GateStage:
     input_type = CheckpointEvent
     tick_seconds = 3600.0
+    commit_at_once = True
+    """A decision is committed when it is made: an evaluation takes minutes, and the runtime's
+    pipeline would otherwise hold each decision back, invisible to generators and trainer,
+    until the next evaluation ended (and past the transaction timeout, have it aborted)."""
 
     def __init__(self, *, state: StateStore, output_topic: str, root: Path,
                  evaluate: Evaluate, base: dict[str, tuple[int, Path]],

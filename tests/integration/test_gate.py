@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,3 +142,79 @@ def _restarted_gate_shows_what_it_promoted(gs: GateSettings, promoted: Checkpoin
     assert shown["flywheel_gate_promoted_score{metric=pass_rate,set=held_out}"] == \
         promoted.metrics["pass_rate"]
     assert _detail("gate", shown) == "promoted v1, float32"
+
+
+def test_a_decision_commits_when_made_even_when_the_next_evaluation_outlasts_the_transaction(
+        kafka: Broker, uid: str, tmp_path: Path) -> None:
+    """The runtime pipelines its transactions: a batch commits when the next one has been
+    processed. For the gate, whose processing is an evaluation of minutes, that held every
+    decision back a whole evaluation (a promotion reached the generators 6.8 minutes late on
+    the real profile), and an evaluation longer than the transaction timeout got the open
+    decision aborted by the broker. Here v2's evaluation is held (by the test, not a sleep)
+    until v1's decision is read back committed, and then until the clock passes three
+    transaction timeouts plus the broker's abort sweep; each candidate is evaluated once and
+    decided once. The evaluation is the unit tests' table (no model): what is tested is when
+    the runtime commits."""
+    import threading
+    import time
+
+    from services.common.state import StateStore
+    from services.gate.stage import GateStage
+    from tests.integration.runners import settings
+    from tests.unit.test_gate import _candidate, _outcomes, _result
+
+    prefix = f"gt{uid}."
+    topic_ops.apply(topic_ops.admin_client(
+        KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)),
+        topic_ops.load(prefix=prefix))
+    table = {"base": _outcomes(10), "v1": _outcomes(60), "v2": _outcomes(70)}
+    evaluated: list[str] = []
+    finished: dict[str, float] = {}
+    holding, release = threading.Event(), threading.Event()
+
+    def evaluate(folder: Path) -> dict[str, Any]:
+        evaluated.append(folder.name)
+        if folder.name == "v2":
+            holding.set()
+            assert release.wait(120), "the test never released v2's evaluation"
+        finished[folder.name] = time.monotonic()
+        return {"held_out": _result(table[folder.name])}
+
+    (tmp_path / "base").mkdir()
+    timeout_ms = 2000
+    gs = settings(kafka.bootstrap, "gate", prefix=prefix, batch_max_records=1,
+                  transaction_timeout_ms=timeout_ms)
+    store = StateStore(gs.topic("gate.state"))
+    gate = GateStage(state=store, output_topic=gs.topic("checkpoints"), root=tmp_path,
+                     evaluate=evaluate, base={"tiny": (0, tmp_path / "base")},
+                     tolerance=0.05)
+    candidates = [_candidate(tmp_path, v) for v in (1, 2)]
+    kafka.produce(gs.topic("checkpoints"), ((b"tiny", c.to_bytes()) for c in candidates))
+
+    def decided() -> dict[int, list[CheckpointEvent]]:
+        out: dict[int, list[CheckpointEvent]] = {}
+        for m in kafka.read_all(gs.topic("checkpoints")):
+            e = CheckpointEvent.from_bytes(m.value())
+            if e.status != "candidate":
+                out.setdefault(e.version, []).append(e)
+        return out
+
+    with InThread(StreamRuntime(gs, gate, [gs.topic("checkpoints")])) as runtime:
+        try:
+            wait_until(lambda: holding.is_set() or runtime.error, 60, "v2's evaluation started")
+            wait_until(lambda: 1 in decided() or runtime.error, 30,
+                       "v1's decision committed while v2 is evaluated")
+            seen = time.monotonic()
+            print(f"v1 decided -> committed and read back: {seen - finished['v1']:.2f} s")
+            # Past the transaction timeout and the broker's sweep of timed-out transactions
+            # (deploy/kafka/server.properties: 10 s): an open transaction would be aborted.
+            past = finished["v1"] + 3 * timeout_ms / 1000 + 10
+            wait_until(lambda: time.monotonic() > past, 60, "the clock past the timeout")
+        finally:
+            release.set()
+        wait_until(lambda: 2 in decided() or runtime.error, 60, "v2 decided")
+        assert runtime.error is None
+    final = decided()
+    assert [(e.status, e.rejection) for e in final[1]] == [("promoted", None)]
+    assert [(e.status, e.rejection) for e in final[2]] == [("promoted", None)]
+    assert sorted(evaluated) == ["base", "v1", "v2"], evaluated  # none evaluated twice
