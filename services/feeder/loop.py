@@ -13,7 +13,7 @@ from schemas import ProducerInfo
 from services import envs
 from services.common.errors import BrokerUnreachable, ConfigError, FatalRuntimeError
 from services.common.follower import TopicFollower
-from services.envs.heldout import suite_tasks
+from services.envs.heldout import Guard
 from services.feeder.level_curriculum import Curriculum, level_verdict, scored_follower
 from services.feeder.metrics import BACKLOG, TASKS_PUBLISHED
 from services.feeder.publish import Backlog, TaskPublisher
@@ -31,16 +31,14 @@ class Feeder:
         topic = settings.topic("tasks")
         group = settings.generator_group or f"{settings.kafka.topic_prefix}generator"
         identity = ProducerInfo(service=settings.service, instance=settings.instance_id)
-        held = suite_tasks(settings.held_out) if settings.held_out is not None else []
-        excluded = {t.task_id for t in held}
+        guard = Guard.of(settings.held_out)
         self.follower: TopicFollower | None = None
         self.source: Source
         if settings.tasksets:
             cursors = resume_cursors(settings.kafka, topic, {s.name for s in settings.tasksets})
             source = TaskSetSource(
                 settings.tasksets, seed=settings.seed or 0, cursors=cursors,
-                excluded_ids=excluded, excluded_prompts={t.prompt.strip() for t in held},
-                curriculum=settings.task_curriculum)
+                guard=guard, curriculum=settings.task_curriculum)
             if source.curriculum is not None:
                 curriculum = source.curriculum
 
@@ -61,7 +59,7 @@ class Feeder:
                                                level_verdict(levels),
                                                settings.curriculum.window)
             self.source = EnvSource(env, difficulty=settings.difficulty, curriculum=levels,
-                                    excluded=excluded)
+                                    guard=guard)
         self.publisher = TaskPublisher(settings.kafka, topic, identity)
         self.backlog = Backlog(settings.kafka, topic, group)
         self.stopping = threading.Event()

@@ -28,6 +28,7 @@ from services import envs
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError, FatalRuntimeError
 from services.common.offsets import watermarks
+from services.envs.heldout import Guard
 from services.envs.tasksets import SOURCE, Cycle, TaskSetSpec, load
 from services.feeder.level_curriculum import Curriculum
 from services.feeder.metrics import CYCLE_SKIPPED, HELD_OUT_EXCLUDED
@@ -47,9 +48,9 @@ class EnvSource:
     difficulty, never one of ``excluded``."""
 
     def __init__(self, env: envs.Environment, *, difficulty: float | None,
-                 curriculum: Curriculum | None, excluded: set[str]) -> None:
+                 curriculum: Curriculum | None, guard: Guard) -> None:
         self.env, self.name = env, env.name
-        self.difficulty, self.curriculum, self.excluded = difficulty, curriculum, excluded
+        self.difficulty, self.curriculum, self.guard = difficulty, curriculum, guard
 
     def draw(self, count: int, rng: random.Random) -> list[Task]:
         wanted: dict[float | None, int] = {self.difficulty: count}
@@ -64,9 +65,9 @@ class EnvSource:
         out: list[Task] = []
         for _ in range(100):
             fresh = self.env.tasks(n - len(out), rng=rng, difficulty=level)
-            kept = [t for t in fresh if t.task_id not in self.excluded]
-            if len(kept) < len(fresh):
-                HELD_OUT_EXCLUDED.labels(self.name).inc(len(fresh) - len(kept))
+            kept, held = self.guard.kept(fresh)
+            if held:
+                HELD_OUT_EXCLUDED.labels(self.name).inc(held)
             out += kept
             if len(out) == n:
                 return out
@@ -82,17 +83,16 @@ class TaskSetSource:
     name = "tasksets"
 
     def __init__(self, specs: Sequence[TaskSetSpec], *, seed: int,
-                 cursors: dict[str, tuple[int, int]], excluded_ids: set[str],
-                 excluded_prompts: set[str], curriculum: TaskCurriculumSettings) -> None:
+                 cursors: dict[str, tuple[int, int]], guard: Guard,
+                 curriculum: TaskCurriculumSettings) -> None:
         self.specs = list(specs)
         self.cycles: dict[str, Cycle] = {}
         self.by_id: dict[str, Task] = {}
         for spec in self.specs:
             tasks = load(spec)
-            kept = [t for t in tasks if t.task_id not in excluded_ids
-                    and t.prompt.strip() not in excluded_prompts]
-            if len(kept) < len(tasks):
-                HELD_OUT_EXCLUDED.labels(spec.name).inc(len(tasks) - len(kept))
+            kept, held = guard.kept(tasks)
+            if held:
+                HELD_OUT_EXCLUDED.labels(spec.name).inc(held)
                 log.info("task set %s: %d of %d tasks are held out and never published",
                          spec.name, len(tasks) - len(kept), len(tasks))
             if not kept:

@@ -59,6 +59,40 @@ def test_seed_from_an_environment_and_from_a_file(kafka: Broker, uid: str, tmp_p
     assert refused.returncode == 1 and "unknown environment" in refused.stderr
 
 
+def test_seed_leaves_the_gates_held_out_tasks_out(kafka: Broker, uid: str,
+                                                  tmp_path: Path) -> None:
+    """``tasks seed`` used to publish whatever it drew: the default suite's own seed
+    republished every held-out task. Now the gate's suite (its default, or a profile's) is
+    kept off ``tasks`` by id and by prompt."""
+    from services.envs.heldout import Guard, HeldOut, suite
+
+    prefix, other = f"seedh{uid}.", f"seedp{uid}."
+    kafka.create_topics([f"{prefix}tasks", f"{other}tasks"], partitions=3)
+    default = HeldOut()
+    done = _seed(kafka, prefix, "--count", "300", "--seed", str(default.seed))
+    assert done.returncode == 0, done.stderr
+    left_out = int(done.stderr.split("left out ")[1].split()[0])
+    assert left_out >= default.count - 5, done.stderr  # its own draws: all held out
+    published = [Task.from_bytes(m.value()) for m in kafka.read_all(f"{prefix}tasks")]
+    assert len(published) == 300 - left_out
+    assert not [t for t in published if Guard.of(suite(None)).holds(t)]
+    # A profile whose suite is a task file of arithmetic prompts under ids of its own form.
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"id": f"q{a}", "prompt": f"{a}+{a}=", "answer": "0",
+                                        "env": "arithmetic"}) + "\n" for a in range(10)),
+                    encoding="utf-8")
+    profile = tmp_path / "p.yaml"
+    profile.write_text(json.dumps({"gate": {"held_out": {"name": "mine",
+                                                         "tasks_file": str(held)}}}))
+    mine = _seed(kafka, other, "--count", "200", "--difficulty", "1", "--seed", "2",
+                 "--profile", str(profile))
+    assert mine.returncode == 0 and "left out" in mine.stderr, mine.stderr
+    tasks = [Task.from_bytes(m.value()) for m in kafka.read_all(f"{other}tasks")]
+    assert len(tasks) == int(mine.stderr.split("published ")[1].split()[0]) < 200
+    doubles = {f"{a}+{a}=" for a in range(10)}
+    assert not [t for t in tasks if t.prompt in doubles]
+
+
 class _FeederLoop:
     """Adapts Feeder to the InThread runner."""
 

@@ -147,3 +147,33 @@ def test_task_files(tmp_path: Path) -> None:
     f.write_text(json.dumps({"prompt": "ok", "answer": "1"}) + "\n" + '{"answer": 1}\n')
     with pytest.raises(ConfigError, match=r"tasks.jsonl:2"):
         load_task_file(f)
+
+
+def test_the_held_out_guard_matches_by_id_and_by_normalized_prompt(tmp_path: Path) -> None:
+    """A held-out set given as a task file, and the arithmetic environment drawing the same
+    questions: the ids differ in form (``held:...`` against ``arithmetic:12+34``), the prompts
+    do not. The feeder's environment source used to exclude by id only."""
+    from services.envs.heldout import Guard, HeldOut
+    from services.feeder.sources import EnvSource
+
+    env = envs.get("arithmetic")
+    drawn = env.tasks(400, rng=random.Random(3), difficulty=1)
+    file = tmp_path / "held.jsonl"
+    file.write_text("".join(json.dumps({"id": f"h{i}", "prompt": f"  {t.prompt.upper()}\n",
+                                        "answer": "0", "env": "arithmetic"}) + "\n"
+                            for i, t in enumerate(drawn[:10])), encoding="utf-8")
+    held = HeldOut(name="file", tasks_file=file)
+    guard = Guard.of([held])
+    assert not guard.ids & {t.task_id for t in drawn}  # no id in common
+    assert all(guard.holds(t) for t in drawn[:10])
+    kept, left_out = guard.kept(drawn)
+    prompts = {t.prompt for t in drawn[:10]}
+    assert left_out >= 10 and not [t for t in kept if t.prompt in prompts]
+    chat = Task(task_id="chat:1", env="reference", prompt=drawn[0].prompt,
+                observation={"messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": drawn[0].prompt}]})
+    assert guard.holds(chat)  # a chat task's prompt is its last user message
+    source = EnvSource(env, difficulty=1, curriculum=None, guard=guard)
+    published = source.draw(300, random.Random(3))
+    assert len(published) == 300 and not [t for t in published if t.prompt in prompts]
+    assert not Guard.of(None).holds(drawn[0])
