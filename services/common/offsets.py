@@ -29,12 +29,8 @@ def high_watermarks(client_config: dict[str, Any], topic: str, partitions: list[
         "group.id": f"watermarks-{uuid.uuid4().hex}", "enable.auto.commit": False,
         "isolation.level": "read_uncommitted",
     })
-    try:
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-                for p in partitions}
-    except KafkaException as exc:
-        raise FatalRuntimeError(f"cannot read the end offsets of {topic}: {exc.args[0]}"
-                                ) from exc
+    try:  # each partition waited for while its leader settles (a changelog just created)
+        return {p: watermarks(consumer, topic, p, timeout) for p in partitions}
     finally:
         consumer.close()
 
