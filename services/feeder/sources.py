@@ -45,7 +45,7 @@ class Source(Protocol):
 
 class EnvSource:
     """New tasks from a generated environment, at the curriculum's levels or a fixed
-    difficulty, never one of ``excluded``."""
+    difficulty, never one the ``guard`` holds out (by id or by prompt)."""
 
     def __init__(self, env: envs.Environment, *, difficulty: float | None,
                  curriculum: Curriculum | None, guard: Guard) -> None:
