@@ -207,12 +207,17 @@ def test_unknown_models_old_versions_and_broken_candidates_are_rejected(
     assert "evaluation failed" in (decided[3].reason or "")
 
 
-def test_repeated_regressions_from_one_source_raise_its_streak(tmp_path: Path) -> None:
+def _streak(kind: str, value: str) -> float | None:
+    """The gate's ``flywheel_gate_regression_streak`` of one source; None once removed."""
     from prometheus_client import REGISTRY
 
+    return REGISTRY.get_sample_value("flywheel_gate_regression_streak",
+                                     {"kind": kind, "value": value})
+
+
+def test_repeated_regressions_from_one_source_raise_its_streak(tmp_path: Path) -> None:
     def streak(value: str) -> float | None:
-        return REGISTRY.get_sample_value("flywheel_gate_regression_streak",
-                                         {"kind": "router_policy", "value": value})
+        return _streak("router_policy", value)
 
     table = _one(base=_outcomes(10), v1=_outcomes(50), v2=_outcomes(20), v3=_outcomes(21),
                  v4=_outcomes(70))
@@ -234,11 +239,8 @@ def test_a_regression_that_wins_overall_leaves_the_streak_as_it_was(tmp_path: Pa
     """Drift of a small set while another rises (what a healthy run does) is no sign of bad
     data: the streak counts only regressions that lose ground over the whole suite, as the
     trainer's rollback does."""
-    from prometheus_client import REGISTRY
-
     def streak() -> float | None:
-        return REGISTRY.get_sample_value("flywheel_gate_regression_streak",
-                                         {"kind": "env", "value": "drift"})
+        return _streak("env", "drift")
 
     table = {"base": {"easy": _outcomes(90), "hard": _outcomes(10)},
              "v1": {"easy": _outcomes(95), "hard": _outcomes(30)},
@@ -260,11 +262,8 @@ def test_a_regression_that_wins_overall_leaves_the_streak_as_it_was(tmp_path: Pa
 def test_a_source_gone_from_the_data_leaves_the_streak_gauge(tmp_path: Path) -> None:
     """A replaced policy's last streak is no reference for its successor: once three decided
     candidates in a row hold none of its data, its series is removed."""
-    from prometheus_client import REGISTRY
-
     def streak(value: str) -> float | None:
-        return REGISTRY.get_sample_value("flywheel_gate_regression_streak",
-                                         {"kind": "router_policy", "value": value})
+        return _streak("router_policy", value)
 
     table = _one(base=_outcomes(10), v1=_outcomes(50), v2=_outcomes(20), v3=_outcomes(21),
                  v4=_outcomes(22))
