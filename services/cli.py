@@ -230,34 +230,31 @@ def tasks_seed(
 ) -> None:
     """Publish tasks to the tasks topic, from an environment or a JSONL file. Tasks of the
     gate's held-out suite (by id or by prompt) are left out and counted."""
-    import json
     import random
-
-    from pydantic import TypeAdapter
 
     from schemas import ProducerInfo
     from services import envs
     from services.envs.declared import load_task_file
-    from services.envs.heldout import Guard, Suite
+    from services.envs.heldout import guard, suite
     from services.feeder.publish import TaskPublisher
+    from services.feeder.settings import FeederSettings
     from services.up.profile import load_profile
 
     settings = ServiceSettings(service="cli")
-    if profile is not None:
-        sets = TypeAdapter(Suite).validate_python(load_profile(profile).gate.get("held_out"))
-    else:
-        held = os.environ.get("FLYWHEEL_HELD_OUT")
-        sets = TypeAdapter(Suite).validate_python(json.loads(held) if held else None)
+    if profile is not None:  # as flywheel up gives the feeder the gate's suite
+        sets = FeederSettings(held_out=load_profile(profile).gate.get("held_out", {})).held_out
+    else:  # FLYWHEEL_HELD_OUT, as the feeder reads it, or the gate's default suite
+        sets = FeederSettings().held_out or suite(None)
     if file is not None:
         tasks = load_task_file(file)
         for name in {t.env for t in tasks}:
             envs.get(name)  # every env named in the file must exist
     else:
         tasks = envs.get(env).tasks(count, rng=random.Random(seed), difficulty=difficulty)
-    tasks, held_out = Guard.of(sets).kept(tasks)
+    tasks, held_out = guard(sets).kept(tasks)
     if held_out:
         err.print(f"left out {held_out} held-out tasks (the gate's suite: "
-                  f"{', '.join(s.name for s in sets)})")
+                  f"{', '.join(s.name for s in sets or [])})")
     topic = settings.topic("tasks")
     publisher = TaskPublisher(settings.kafka, topic,
                               ProducerInfo(service="cli", instance=settings.instance_id))

@@ -4,14 +4,14 @@ A suite is one or more named sets (per environment, difficulty or task file). Ea
 fixed for the life of a deployment (an environment, a difficulty, a count and a seed; a task
 set; or a task file), so every version is measured on the same tasks. The gate evaluates the
 suite; every path that writes tasks (the feeder's sources, ``flywheel tasks seed``) checks
-them against a :class:`Guard` of the same settings, by task id and by normalized prompt, so
-no held-out task is generated on or trained on, whatever form its id takes.
+them against the :func:`guard` of the same settings (:mod:`services.envs.guard`: by task id
+and by normalized prompt), so no held-out task is generated on or trained on, whatever form
+its id takes.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from schemas import Task
 from services.envs.base import get
 from services.envs.declared import load_task_file
+from services.envs.guard import Guard
 from services.envs.tasksets import TaskSetSpec, load
 
 POOLED = "suite"
@@ -97,38 +98,9 @@ Suite = Annotated[list[HeldOut], BeforeValidator(suite)]
 """A settings field holding a suite: accepts one set or a list."""
 
 
-def normalized(prompt: str) -> str:
-    """A prompt as the guard compares it: case folded, runs of whitespace one space."""
-    return " ".join(prompt.split()).casefold()
-
-
-class Guard:
-    """The held-out tasks as every writer of tasks checks them. A task is held out when its
-    id is a held-out task's id, or its normalized prompt (a chat task's: its last user
-    message) a held-out task's: the same question from an environment (``arithmetic:12+34``)
-    and from a task file (``name:...``) has ids of different forms."""
-
-    def __init__(self, held: Iterable[Task]) -> None:
-        tasks = list(held)
-        self.ids = frozenset(t.task_id for t in tasks)
-        self.prompts = frozenset(normalized(t.prompt) for t in tasks)
-
-    @classmethod
-    def of(cls, sets: list[HeldOut] | None) -> Guard:
-        """The guard of a suite (``None``: nothing held out)."""
-        return cls(suite_tasks(sets) if sets else [])
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def holds(self, task: Task) -> bool:
-        return task.task_id in self.ids or normalized(task.prompt) in self.prompts
-
-    def kept(self, tasks: Iterable[Task]) -> tuple[list[Task], int]:
-        """The tasks that are not held out, and how many were."""
-        given = list(tasks)
-        out = [t for t in given if not self.holds(t)]
-        return out, len(given) - len(out)
+def guard(sets: list[HeldOut] | None) -> Guard:
+    """The guard of a suite's tasks (``None``: nothing held out)."""
+    return Guard(suite_tasks(sets) if sets else [])
 
 
 def headline(sets: list[HeldOut], name: str | None = None) -> HeldOut:

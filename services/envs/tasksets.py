@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from schemas import Task, VerifierSpec
 from services.common.errors import ConfigError
+from services.envs.guard import Guard
 from services.envs.verify import RULES
 
 VerifierKind = Literal["exact", "numeric", "regex", "math", "unit_tests", "none"]
@@ -252,11 +253,10 @@ def split(spec: TaskSetSpec, held_out: int, seed: int
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     chosen = set(order[:held_out])
-    ids = {pairs[i][1].task_id for i in chosen}
-    prompts = {pairs[i][1].prompt.strip() for i in chosen}
+    held = Guard(pairs[i][1] for i in chosen)
     test = [pairs[i][0] for i in sorted(chosen)]
     train = [row for i, (row, task) in enumerate(pairs) if i not in chosen
-             and task.task_id not in ids and task.prompt.strip() not in prompts]
+             and not held.holds(task)]
     return train, test
 
 

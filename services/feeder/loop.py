@@ -13,7 +13,7 @@ from schemas import ProducerInfo
 from services import envs
 from services.common.errors import BrokerUnreachable, ConfigError, FatalRuntimeError
 from services.common.follower import TopicFollower
-from services.envs.heldout import Guard
+from services.envs.heldout import guard as held_out_guard
 from services.feeder.level_curriculum import Curriculum, level_verdict, scored_follower
 from services.feeder.metrics import BACKLOG, TASKS_PUBLISHED
 from services.feeder.publish import Backlog, TaskPublisher
@@ -31,7 +31,7 @@ class Feeder:
         topic = settings.topic("tasks")
         group = settings.generator_group or f"{settings.kafka.topic_prefix}generator"
         identity = ProducerInfo(service=settings.service, instance=settings.instance_id)
-        guard = Guard.of(settings.held_out)
+        guard = held_out_guard(settings.held_out)
         self.follower: TopicFollower | None = None
         self.source: Source
         if settings.tasksets:

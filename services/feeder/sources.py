@@ -28,7 +28,7 @@ from services import envs
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError, FatalRuntimeError
 from services.common.offsets import watermarks
-from services.envs.heldout import Guard
+from services.envs.guard import Guard
 from services.envs.tasksets import SOURCE, Cycle, TaskSetSpec, load
 from services.feeder.level_curriculum import Curriculum
 from services.feeder.metrics import CYCLE_SKIPPED, HELD_OUT_EXCLUDED

@@ -64,7 +64,7 @@ def test_seed_leaves_the_gates_held_out_tasks_out(kafka: Broker, uid: str,
     """``tasks seed`` used to publish whatever it drew: the default suite's own seed
     republished every held-out task. Now the gate's suite (its default, or a profile's) is
     kept off ``tasks`` by id and by prompt."""
-    from services.envs.heldout import Guard, HeldOut, suite
+    from services.envs.heldout import HeldOut, guard, suite
 
     prefix, other = f"seedh{uid}.", f"seedp{uid}."
     kafka.create_topics([f"{prefix}tasks", f"{other}tasks"], partitions=3)
@@ -75,7 +75,7 @@ def test_seed_leaves_the_gates_held_out_tasks_out(kafka: Broker, uid: str,
     assert left_out >= default.count - 5, done.stderr  # its own draws: all held out
     published = [Task.from_bytes(m.value()) for m in kafka.read_all(f"{prefix}tasks")]
     assert len(published) == 300 - left_out
-    assert not [t for t in published if Guard.of(suite(None)).holds(t)]
+    assert not [t for t in published if guard(suite(None)).holds(t)]
     # A profile whose suite is a task file of arithmetic prompts under ids of its own form.
     held = tmp_path / "held.jsonl"
     held.write_text("".join(json.dumps({"id": f"q{a}", "prompt": f"{a}+{a}=", "answer": "0",

@@ -153,7 +153,7 @@ def test_the_held_out_guard_matches_by_id_and_by_normalized_prompt(tmp_path: Pat
     """A held-out set given as a task file, and the arithmetic environment drawing the same
     questions: the ids differ in form (``held:...`` against ``arithmetic:12+34``), the prompts
     do not. The feeder's environment source used to exclude by id only."""
-    from services.envs.heldout import Guard, HeldOut
+    from services.envs.heldout import HeldOut, guard
     from services.feeder.sources import EnvSource
 
     env = envs.get("arithmetic")
@@ -163,17 +163,17 @@ def test_the_held_out_guard_matches_by_id_and_by_normalized_prompt(tmp_path: Pat
                                         "answer": "0", "env": "arithmetic"}) + "\n"
                             for i, t in enumerate(drawn[:10])), encoding="utf-8")
     held = HeldOut(name="file", tasks_file=file)
-    guard = Guard.of([held])
-    assert not guard.ids & {t.task_id for t in drawn}  # no id in common
-    assert all(guard.holds(t) for t in drawn[:10])
-    kept, left_out = guard.kept(drawn)
+    held_out = guard([held])
+    assert not held_out.ids & {t.task_id for t in drawn}  # no id in common
+    assert all(held_out.holds(t) for t in drawn[:10])
+    kept, left_out = held_out.kept(drawn)
     prompts = {t.prompt for t in drawn[:10]}
     assert left_out >= 10 and not [t for t in kept if t.prompt in prompts]
     chat = Task(task_id="chat:1", env="reference", prompt=drawn[0].prompt,
                 observation={"messages": [{"role": "system", "content": "Be brief."},
                                           {"role": "user", "content": drawn[0].prompt}]})
-    assert guard.holds(chat)  # a chat task's prompt is its last user message
-    source = EnvSource(env, difficulty=1, curriculum=None, guard=guard)
+    assert held_out.holds(chat)  # a chat task's prompt is its last user message
+    source = EnvSource(env, difficulty=1, curriculum=None, guard=held_out)
     published = source.draw(300, random.Random(3))
     assert len(published) == 300 and not [t for t in published if t.prompt in prompts]
-    assert not Guard.of(None).holds(drawn[0])
+    assert not guard(None).holds(drawn[0])
