@@ -102,10 +102,9 @@ def build_engine(settings: GeneratorSettings) -> tuple[Engine, object]:
         if in_process is None:
             in_process = current_platform.is_cpu()
         dtype = v.dtype
-        if current_platform.is_cpu():  # chosen (auto) or checked (a set dtype) by the CPU
-            dtype = precision.choose(
-                {"float": "float32", "half": "float16"}.get(dtype, dtype),  # type: ignore[arg-type]
-                "cpu", role="generator's weights (vLLM)").dtype
+        if current_platform.is_cpu() and (dtype == "auto" or dtype == "bfloat16"):
+            # auto chosen by the CPU; a set bfloat16 kept, with a warning where it is emulated
+            dtype = precision.choose(dtype, "cpu", role="generator's weights (vLLM)").dtype
         engine = VLLMEngine(settings.model_path, dtype=dtype, max_model_len=v.max_model_len,
                             gpu_memory_utilization=v.gpu_memory_utilization,
                             kv_cache_gib=v.kv_cache_gib, in_process=in_process)
