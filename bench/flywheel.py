@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import statistics
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +95,38 @@ def flywheel(profile: Profile, seconds: float, stop_at: float | None,
                        if k.endswith("/pass_rate")}} for e in versions.decided()]
     train_seconds = sum(e.metrics.get("train_seconds", 0.0) for e in candidates)
     return {"stack": stack, "curve": curve, "seed_model_seconds": round(boot_seconds, 1),
+            "promotion_to_serving": promotion_to_serving(versions.decided(),
+                                                         profile.home / "logs"),
             "trained_samples": total, "train_seconds": round(train_seconds, 2),
             "store_bytes": CheckpointStore(profile.checkpoint_url).size_bytes()}
+
+
+_SERVING = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ "
+                      r"services\.generator\.reload: now serving \S+ v(\d+) ")
+
+
+def promotion_to_serving(decided: list[Any], logs: Path) -> list[dict[str, Any]]:
+    """For each promoted version: seconds from the gate's decision (its event's time) to the
+    first and the last generator serving it (their reload log lines), None for a generator
+    that never did. Measures how late a decision reaches the fleet."""
+    serving: dict[str, dict[int, float]] = {}
+    for path in sorted(logs.glob("generator*.log")):
+        seen = serving.setdefault(path.stem, {})
+        for line in path.read_text(errors="replace").splitlines():
+            if (m := _SERVING.match(line)) is not None:
+                at = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").astimezone()
+                seen.setdefault(int(m[2]), at.timestamp())
+    out = []
+    for e in decided:
+        if e.status != "promoted" or e.version == 0:
+            continue
+        lags = [None if e.version not in seen else round(seen[e.version]
+                                                         - e.created_at.timestamp(), 1)
+                for seen in serving.values()]
+        known = [lag for lag in lags if lag is not None]
+        out.append({"version": e.version, "first_seconds": min(known, default=None),
+                    "last_seconds": None if None in lags else max(known, default=None)})
+    return out
 
 
 def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str, Any]:
@@ -277,6 +309,8 @@ def summarize(runs: list[dict[str, Any]], embedded: bool) -> dict[str, Any]:
         "bound_final_pass_rate": [r["bound"][-1]["pass_rate"] if r["bound"] else None
                                   for r in runs],
         "store_bytes": [r["store_bytes"] for r in runs],
+        "promotion_to_serving_seconds": [[p["first_seconds"] for p in r["promotion_to_serving"]]
+                                         for r in runs],
     }
     if embedded:
         # An interrupted run did not have its budget: it is no "never reached" in a median.

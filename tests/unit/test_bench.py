@@ -4,9 +4,10 @@ on a held-out task."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from bench.bound import training_tasks
-from bench.flywheel import first_reaching
+from bench.flywheel import first_reaching, promotion_to_serving
 from services.envs.heldout import suite, suite_tasks
 from services.up.profile import Profile, load_profile
 
@@ -62,3 +63,39 @@ def test_rollback_summary_counts_rounds_from_the_first_healthy_round_after_the_p
     assert summary["healthy_rounds_back_at_best"] == [2, None, 1]
     assert summary["median_rounds_back_at_best"] == 2
     assert summary["first_healthy_parent_promoted"] == [True, False, True]
+
+
+def test_promotion_to_serving_reads_each_generators_reload_line(tmp_path: Path) -> None:
+    """The bench's decision-to-reload lag, from lines written by the services' own formatter
+    (so a change of the reload message or the format breaks this test, not the bench)."""
+    import logging
+    from datetime import datetime, timedelta
+
+    from services.common.logs import FORMAT
+    from tests.factories import checkpoint
+
+    decided_at = datetime.now().astimezone().replace(microsecond=0)
+
+    def write(name: str, lines: list[tuple[float, int]]) -> None:
+        formatter = logging.Formatter(FORMAT)
+        with open(tmp_path / f"{name}.log", "w") as f:
+            for after, version in lines:
+                record = logging.LogRecord("services.generator.reload", logging.INFO, __file__,
+                                           1, "now serving %s v%d (reload %.1f ms)",
+                                           ("policy", version, 3.0), None)
+                record.created = (decided_at + timedelta(seconds=after)).timestamp()
+                record.msecs = record.created % 1 * 1000
+                f.write(formatter.format(record) + "\n")
+
+    write("generator-0", [(2.0, 1), (5.0, 1), (12.0, 3)])
+    write("generator-1", [(4.5, 1)])
+    write("trainer", [(0.5, 1)])
+
+    def event(version: int, status: str) -> Any:
+        return checkpoint(version).model_copy(update={"status": status,
+                                                      "created_at": decided_at})
+
+    lags = promotion_to_serving([event(0, "promoted"), event(1, "promoted"),
+                                 event(2, "rejected"), event(3, "promoted")], tmp_path)
+    assert lags == [{"version": 1, "first_seconds": 2.0, "last_seconds": 4.5},
+                    {"version": 3, "first_seconds": 12.0, "last_seconds": None}]
