@@ -33,17 +33,15 @@ def training_tasks(profile: Profile, count: int, seed: int) -> list[Any]:
     """``count`` tasks as the feeder draws them, held-out excluded: from its task sets, or
     from its environment spread evenly over its curriculum levels (or its mix)."""
     from services import envs
-    from services.envs.heldout import suite, suite_tasks
+    from services.envs.heldout import gate_guard
     from services.envs.tasksets import TaskSetSpec, load
 
-    held = suite_tasks(suite(profile.gate.get("held_out")))
-    excluded = {t.task_id for t in held}
-    prompts = {t.prompt.strip() for t in held}
+    held_out = gate_guard(profile.gate)
     rng = random.Random(seed)
     feeder = profile.feeder
     if feeder.get("tasksets"):
         pool = [t for spec in feeder["tasksets"] for t in load(TaskSetSpec(**spec))
-                if t.task_id not in excluded and t.prompt.strip() not in prompts]
+                if not held_out.holds(t)]
         return rng.choices(pool, k=count)
     env = envs.get(feeder.get("env", "arithmetic"))
     curriculum = feeder.get("curriculum", {})
@@ -51,7 +49,7 @@ def training_tasks(profile: Profile, count: int, seed: int) -> list[Any]:
     out: list[Any] = []
     while len(out) < count:
         level = rng.choice(levels) if levels else feeder.get("difficulty")
-        out += [t for t in env.tasks(1, rng=rng, difficulty=level) if t.task_id not in excluded]
+        out += held_out.kept(env.tasks(1, rng=rng, difficulty=level))[0]
     return out
 
 

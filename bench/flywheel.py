@@ -133,7 +133,7 @@ def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str
     """One-shot SFT on the seed data only, from the seed model, for ``samples`` samples."""
     import torch
 
-    from services.envs.heldout import gate_dtype, gate_headline, gate_task_ids
+    from services.envs.heldout import gate_dtype, gate_guard, gate_headline
     from services.gate.evaluate import evaluate
     from services.models.engines import TransformersEngine
     from services.seed_model import train_on_seed
@@ -145,7 +145,7 @@ def seed_baseline(profile: Profile, seed_folder: Path, samples: int) -> dict[str
     boot = profile.seed_model.model_copy(update={"micro_batch": optim.micro_batch})
     done, seconds = train_on_seed(engine.model, engine.tokenizer, engine.pad, boot,
                                   samples=samples, lr=optim.lr,
-                                  excluded=gate_task_ids(profile.gate))
+                                  held_out=gate_guard(profile.gate))
     with tempfile.TemporaryDirectory(prefix="flywheel-baseline-") as tmp:
         uri, _ = CheckpointStore(tmp).write(1, engine.model, engine.tokenizer, None)
         scores = evaluate(Path(uri), gate_headline(profile.gate),

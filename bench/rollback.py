@@ -197,7 +197,7 @@ def _case(bootstrap: str, seed: tuple[Path, list[Any], dict[str, float]], rollba
 def run() -> dict[str, Any]:
     from bench.bound import training_tasks
     from bench.runtime import broker
-    from services.envs.heldout import gate_dtype, gate_headline, gate_task_ids
+    from services.envs.heldout import gate_dtype, gate_guard, gate_headline
     from services.gate.evaluate import evaluate
     from services.seed_model import SeedModelSettings, make_seed_model
     from services.up.profile import Profile
@@ -213,7 +213,7 @@ def run() -> dict[str, Any]:
                 SeedModelSettings(samples=SEED_SAMPLES, seed=seed), str(work / "seed"),
                 "policy", evaluate=lambda f: evaluate(f, gate_headline(profile.gate),
                                                       dtype=gate_dtype(profile.gate)),
-                excluded=gate_task_ids(profile.gate))
+                held_out=gate_guard(profile.gate))
             print(f"seed model {seed}: held-out {metrics.get('pass_rate')}", flush=True)
             for name, rollback in CASES.items():
                 (work / name).mkdir()

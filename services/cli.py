@@ -235,16 +235,13 @@ def tasks_seed(
     from schemas import ProducerInfo
     from services import envs
     from services.envs.declared import load_task_file
-    from services.envs.heldout import guard, suite
+    from services.envs.heldout import guard
     from services.feeder.publish import TaskPublisher
-    from services.feeder.settings import FeederSettings
+    from services.feeder.settings import held_out_sets
     from services.up.profile import load_profile
 
     settings = ServiceSettings(service="cli")
-    if profile is not None:  # as flywheel up gives the feeder the gate's suite
-        sets = FeederSettings(held_out=load_profile(profile).gate.get("held_out", {})).held_out
-    else:  # FLYWHEEL_HELD_OUT, as the feeder reads it, or the gate's default suite
-        sets = FeederSettings().held_out or suite(None)
+    sets = held_out_sets(None if profile is None else load_profile(profile).gate)
     if file is not None:
         tasks = load_task_file(file)
         for name in {t.env for t in tasks}:
@@ -254,7 +251,7 @@ def tasks_seed(
     tasks, held_out = guard(sets).kept(tasks)
     if held_out:
         err.print(f"left out {held_out} held-out tasks (the gate's suite: "
-                  f"{', '.join(s.name for s in sets or [])})")
+                  f"{', '.join(s.name for s in sets)})")
     topic = settings.topic("tasks")
     publisher = TaskPublisher(settings.kafka, topic,
                               ProducerInfo(service="cli", instance=settings.instance_id))
@@ -376,7 +373,11 @@ def replay_command(
     ] = None,
     into_live: Annotated[bool, typer.Option(
         "--into-live", help="At the end, publish the routed samples into the live accepted.* "
-        "topics for the trainer (once per trajectory, stage and router policy).")] = False,
+        "topics for the trainer (once per trajectory, stage and router policy), all but the "
+        "gate's held-out tasks.")] = False,
+    profile: Annotated[Path | None, typer.Option(
+        help="--into-live: the profile whose gate's held-out suite to keep out [default: the "
+             "gate's default suite, or FLYWHEEL_HELD_OUT].")] = None,
     workers: Annotated[int, typer.Option(
         min=1, help="Processes per stage, members of its consumer group (at most one per "
         "partition): one per spare CPU core.")] = 1,
@@ -388,7 +389,10 @@ def replay_command(
         return
     if name is None:
         raise typer.BadParameter("a replay needs a name", param_hint="--name")
+    from services.envs.heldout import guard
+    from services.feeder.settings import held_out_sets
     from services.replay.run import INPUTS, replay
+    from services.up.profile import load_profile
 
     first = {v: k for k, v in INPUTS.items()}.get(source)
     chain = [s.strip() for s in stages.split(",")] if stages else [first or source]
@@ -428,7 +432,8 @@ def replay_command(
 
         code = replay(name, source, chain, files, since, until,
                       say=lambda line: view.console.print(line), progress=progress,
-                      into_live=into_live, workers=workers)
+                      into_live=into_live, workers=workers, held_out=guard(held_out_sets(
+                          None if profile is None else load_profile(profile).gate)))
     if code == 0:
         _replay_report(name, None, None)
     raise typer.Exit(code)

@@ -29,6 +29,7 @@ from services import envs
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError
 from services.envs.arithmetic import Arithmetic
+from services.envs.guard import Guard
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,10 @@ class SeedModelSettings(BaseModel):
         return data
 
 
-def seed_tasks(s: SeedModelSettings, excluded: frozenset[str] = frozenset()) -> list[Task]:
-    """The seed data set: fixed by ``s.seed``, without the ``excluded`` task ids (the gate's
-    held-out suite: the seed model must not have learned the answers it is measured on)."""
+def seed_tasks(s: SeedModelSettings, held_out: Guard | None = None) -> list[Task]:
+    """The seed data set: fixed by ``s.seed``, without what ``held_out`` holds (the gate's
+    suite, by id and by prompt: the seed model must not have learned the answers it is
+    measured on)."""
     env = envs.get(s.env)
     if not isinstance(env, Arithmetic):
         raise ConfigError(f"the seed model trains on an arithmetic environment, not {s.env!r}; "
@@ -77,7 +79,7 @@ def seed_tasks(s: SeedModelSettings, excluded: frozenset[str] = frozenset()) -> 
         if la == lb == top and rng.random() >= s.target_share:
             continue
         task = env.task(env.operand(la, rng), rng.choice(env.operators), env.operand(lb, rng))
-        if task.task_id not in excluded:
+        if held_out is None or not held_out.holds(task):
             out.append(task)
     return out
 
@@ -98,14 +100,14 @@ def sft_samples(tokenizer: Any, tasks: list[Task]) -> list[Any]:
 
 def train_on_seed(model: Any, tokenizer: Any, pad: int, s: SeedModelSettings, *,
                   samples: int | None = None, optimizer: Any = None,
-                  lr: float | None = None, excluded: frozenset[str] = frozenset()
+                  lr: float | None = None, held_out: Guard | None = None
                   ) -> tuple[int, float]:
     """SFT on the seed data for ``samples`` samples (default ``s.samples``); returns the
     samples trained and the seconds taken. Used by the bootstrap and by the one-shot
     baseline of ``bench flywheel``."""
     from services.trainer.train import OptimSettings, make_optimizer, train_round
 
-    data = sft_samples(tokenizer, seed_tasks(s, excluded))
+    data = sft_samples(tokenizer, seed_tasks(s, held_out))
     # float32 on every machine: the seed model is the same on every CPU family.
     optim = OptimSettings(lr=lr or s.lr, micro_batch=s.micro_batch, dtype="float32")
     optimizer = optimizer or make_optimizer(model, optim)
@@ -122,11 +124,11 @@ def train_on_seed(model: Any, tokenizer: Any, pad: int, s: SeedModelSettings, *,
 
 def make_seed_model(s: SeedModelSettings, store_url: str, model_name: str,
                     evaluate: Callable[[Path], dict[str, float]] | None = None,
-                    excluded: frozenset[str] = frozenset()
+                    held_out: Guard | None = None
                     ) -> tuple[str, list[Any], dict[str, float]]:
     """Train the seed model and write it as version 0; returns its URI, manifest, metrics.
-    ``evaluate`` (the gate's held-out evaluation) adds the held-out metrics; ``excluded``
-    (the held-out suite's task ids) never appear in the seed data."""
+    ``evaluate`` (the gate's held-out evaluation) adds the held-out metrics; what
+    ``held_out`` holds (the held-out suite's guard) never appears in the seed data."""
     import tempfile
 
     import torch
@@ -143,7 +145,7 @@ def make_seed_model(s: SeedModelSettings, store_url: str, model_name: str,
         folder = tiny_model(Path(tmp) / "init", seed=s.seed, hidden=s.hidden, layers=s.layers)
         engine = TransformersEngine(folder)
         samples, seconds = train_on_seed(engine.model, engine.tokenizer, engine.pad, s,
-                                         excluded=excluded)
+                                         held_out=held_out)
         log.info("seed model: %d seed samples trained in %.1f s", samples, seconds)
         metrics = {"seed_model_samples": float(samples), "seed_model_seconds": seconds}
         record = {"seed_model": s.model_dump(mode="json"), "metrics": metrics}

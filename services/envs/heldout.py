@@ -122,6 +122,6 @@ def gate_dtype(gate: dict[str, Any]) -> Any:
     return gate.get("dtype", "auto")
 
 
-def gate_task_ids(gate: dict[str, Any]) -> frozenset[str]:
-    """The task ids of a profile's ``gate`` suite: what no training data may hold."""
-    return frozenset(t.task_id for t in suite_tasks(suite(gate.get("held_out"))))
+def gate_guard(gate: dict[str, Any]) -> Guard:
+    """The guard of a profile's ``gate`` suite: what no training data may hold."""
+    return guard(suite(gate.get("held_out")))

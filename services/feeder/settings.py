@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from services.common.config import ServiceSettings
-from services.envs.heldout import Suite
+from services.envs.heldout import HeldOut, Suite, suite
 from services.envs.tasksets import TaskSetSpec
 from services.feeder.level_curriculum import CurriculumSettings
 from services.feeder.task_curriculum import TaskCurriculumSettings
@@ -38,3 +40,14 @@ class FeederSettings(ServiceSettings):
         if len(set(names)) != len(names):
             raise ValueError("tasksets: names must be distinct")
         return self
+
+
+def held_out_sets(gate: dict[str, Any] | None = None) -> list[HeldOut]:
+    """The gate's held-out suite for a tool that writes tasks or training data (``tasks
+    seed``, ``replay --into-live``): a profile's ``gate`` section, as ``flywheel up`` gives it
+    to the feeder; else the feeder's (``FLYWHEEL_HELD_OUT``); else the gate's default suite."""
+    if gate is not None:
+        sets = FeederSettings(held_out=gate.get("held_out", {})).held_out
+    else:
+        sets = FeederSettings().held_out
+    return sets or suite(None)

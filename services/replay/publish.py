@@ -9,7 +9,9 @@ replayed one. Its state (changelog ``<prefix>published.state``, shared by every 
 remembers each trajectory published per (training stage, router policy hash): a sample all of
 whose trajectories were published under the same stage and policy is skipped, so publishing
 the same history twice, under this replay's name or another's, adds nothing the second time.
-One replay publishes at a time.
+One replay publishes at a time. A sample of a task the gate holds out (any of its
+trajectories', by id or prompt: :class:`~services.envs.guard.Guard`) is left out and counted:
+history may predate the suite, or another suite, and the held-out tasks must never be trained on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from schemas import RoutedSample
 from services.common.config import ServiceSettings
 from services.common.stage import Output
 from services.common.state import PartitionState, StateStore
+from services.envs.guard import Guard
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +41,24 @@ class PublishStage:
     input_type = RoutedSample
     tick_seconds = 3600.0
 
-    def __init__(self, name: str, live_prefix: str, state: StateStore) -> None:
+    def __init__(self, name: str, live_prefix: str, state: StateStore, held_out: Guard) -> None:
         self.name = name
         self.live_prefix = live_prefix
         self.state = state
+        self.guard = held_out
         self.published = 0
         self.skipped = 0
+        self.held_out = 0
 
     def process_partition(self, state: PartitionState, batch: Sequence[RoutedSample]
                           ) -> list[Output]:
         out: list[Output] = []
         for sample in batch:
+            if any(self.guard.holds(s.trajectory.task) for s in sample.samples):
+                self.held_out += 1
+                log.info("left out a %s sample of held-out task %s", sample.stage,
+                         sample.samples[0].trajectory.task.task_id)
+                continue
             keys = [f"{sample.stage}/{sample.policy_hash}/{s.trajectory.event_id}"
                     for s in sample.samples]
             if all(k in state for k in keys):

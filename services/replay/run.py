@@ -49,6 +49,7 @@ from services.cluster import topics as topic_ops
 from services.common.config import KafkaSettings, ServiceSettings
 from services.common.errors import ConfigError
 from services.common.service import INTERRUPTED
+from services.envs.guard import Guard
 from services.registry import REPLAYABLE, SERVICES
 from services.replay.workers import Bounds, Service, run_in_workers, workers_for
 
@@ -267,9 +268,10 @@ def _watched(progress: Progress | None, kafka: KafkaSettings, group: str, bounds
         return run()
 
 
-def _into_live(name: str, live: ServiceSettings, progress: Progress | None,
+def _into_live(name: str, live: ServiceSettings, held_out: Guard, progress: Progress | None,
                say: Callable[[str], None]) -> int:
-    """The routed samples into the live ``accepted.*``, once (``services.replay.publish``)."""
+    """The routed samples into the live ``accepted.*``, once, the held-out tasks' left out
+    (``services.replay.publish``)."""
     from services.common.service import serve
     from services.common.state import StateStore
     from services.replay.publish import STATE, PublishStage, publish_settings
@@ -277,13 +279,13 @@ def _into_live(name: str, live: ServiceSettings, progress: Progress | None,
     kafka = live.kafka
     prefix = f"{kafka.topic_prefix}replay.{name}."
     create_topics(kafka, kafka.topic_prefix, [STATE])
-    published = skipped = 0
+    published = skipped = held = 0
     for stage in ("sft", "cpt", "rl"):
         topic = f"{prefix}accepted.{stage}"
         bounds = offset_bounds(kafka, topic, None, None)
         settings = publish_settings(live, name, stage, bounds)
         publish = PublishStage(name, kafka.topic_prefix,
-                               StateStore(f"{kafka.topic_prefix}{STATE}"))
+                               StateStore(f"{kafka.topic_prefix}{STATE}"), held_out)
         code = _watched(progress, kafka, settings.group_id, bounds, f"into live {stage}",
                         partial(serve, settings, publish, [topic]))
         if code != 0:
@@ -291,18 +293,21 @@ def _into_live(name: str, live: ServiceSettings, progress: Progress | None,
                 say(f"replay {name!r} stopped publishing {stage}; run it again to resume")
             return code
         published, skipped = published + publish.published, skipped + publish.skipped
+        held += publish.held_out
     say(f"into live: {published:,} samples published into {kafka.topic_prefix}accepted.*, "
-        f"{skipped:,} published before (skipped)")
+        f"{skipped:,} published before (skipped), {held:,} of held-out tasks (left out)")
     return 0
 
 
 def replay(name: str, source: str, stages: Sequence[str], files: dict[str, Path | None],
            since: datetime | None = None, until: datetime | None = None,
            say: Callable[[str], None] = print, progress: Progress | None = None,
-           into_live: bool = False, workers: int | None = None) -> int:
+           into_live: bool = False, workers: int | None = None,
+           held_out: Guard | None = None) -> int:
     """Run (or resume) the replay ``name``; the exit code: 0 once finished, 130 when stopped
     before its end (run it again to resume), 1 on a failure. Each stage runs in ``workers``
-    processes (:func:`workers_for`)."""
+    processes (:func:`workers_for`). ``into_live`` publishes all but what ``held_out`` holds
+    (default: :func:`~services.feeder.settings.held_out_sets`' suite)."""
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", name):
         raise ConfigError(f"a replay's name is letters, digits, '_' and '-' (it names "
                           f"topics), not {name!r}")
@@ -357,7 +362,12 @@ def replay(name: str, source: str, stages: Sequence[str], files: dict[str, Path 
                 say(f"replay {name!r} stopped in {stage}; run it again to resume")
             return code
     if manifest.into_live:
-        code = _into_live(name, live["router"], progress, say)
+        if held_out is None:
+            from services.envs.heldout import guard
+            from services.feeder.settings import held_out_sets
+
+            held_out = guard(held_out_sets())
+        code = _into_live(name, live["router"], held_out, progress, say)
         if code != 0:
             return code
     write_manifest(kafka, f"{prefix}{MANIFEST}", manifest.model_copy(update={

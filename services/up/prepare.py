@@ -149,7 +149,7 @@ def train_seed(profile: Profile, say: Say) -> Seed | None:
     """Version 0 of a profile without a model folder, bootstrapped (a tiny model trained on
     easy data) into the store; None when the store has it already. Needs no broker, so
     ``flywheel up`` starts its local one meanwhile."""
-    from services.envs.heldout import gate_dtype, gate_headline, gate_task_ids
+    from services.envs.heldout import gate_dtype, gate_guard, gate_headline
     from services.gate.evaluate import evaluate
     from services.seed_model import make_seed_model
     from services.trainer.store import CheckpointStore
@@ -167,7 +167,7 @@ def train_seed(profile: Profile, say: Say) -> Seed | None:
         f"{p.seed_model.env} data ...")
     seed = make_seed_model(p.seed_model, p.checkpoint_url, p.model_name,
                      evaluate=lambda f: evaluate(f, held, dtype=gate_dtype(p.gate)),
-                     excluded=gate_task_ids(p.gate))
+                     held_out=gate_guard(p.gate))
     say(f"seed model: held-out pass rate {seed[2].get('pass_rate', 0):.3f}")
     return seed
 

@@ -25,7 +25,7 @@ from schemas import CheckpointEvent
 from services.cluster import topics as topic_ops
 from services.common.config import KafkaSettings
 from services.common.runtime import StreamRuntime
-from services.envs.heldout import gate_task_ids
+from services.envs.heldout import gate_guard
 from services.gate.main import GateSettings, build_stage
 from services.quarantine import quarantined, write_records
 from services.seed_model import SeedModelSettings, make_seed_model, publish_promoted
@@ -49,7 +49,7 @@ def seed(tmp_path_factory: pytest.TempPathFactory
     case copies it into its own store."""
     store = tmp_path_factory.mktemp("seed")
     uri, manifest, metrics = make_seed_model(SeedModelSettings(samples=60_000), str(store),
-                                             "policy", excluded=gate_task_ids(Profile().gate))
+                                             "policy", held_out=gate_guard(Profile().gate))
     return Path(uri), manifest, metrics
 
 

@@ -76,13 +76,24 @@ def test_a_time_budget_for_the_seed_model_is_refused_with_its_replacement(
         load_profile(profile)
 
 
-def test_the_seed_data_holds_no_task_of_the_held_out_suite() -> None:
-    from services.envs.heldout import gate_task_ids
+def test_the_seed_data_holds_no_task_of_the_held_out_suite(tmp_path: Path) -> None:
+    """By id (the default suite draws from the same environment) and by prompt (a suite given
+    as a task file has ids of another form: the bootstrap once excluded by id only)."""
+    import json
+
+    from services.envs.heldout import HeldOut, gate_guard, guard
     from services.seed_model import SeedModelSettings, seed_tasks
 
-    held = gate_task_ids(Profile().gate)
+    held = gate_guard(Profile().gate)
     settings = SeedModelSettings(seed_examples=4000)
-    one_digit = {t.task_id for t in seed_tasks(settings) if t.difficulty == 1}
-    assert one_digit & held  # 1-digit sums are 100 tasks: the unfiltered draw holds some
+    one_digit = [t for t in seed_tasks(settings) if t.difficulty == 1]
+    assert {t.task_id for t in one_digit} & held.ids  # 100 such sums: the raw draw holds some
     clean = seed_tasks(settings, held)
-    assert len(clean) == 4000 and not {t.task_id for t in clean} & held
+    assert len(clean) == 4000 and not {t.task_id for t in clean} & held.ids
+    file = tmp_path / "held.jsonl"
+    file.write_text("".join(json.dumps({"id": f"h{i}", "prompt": t.prompt, "answer": "0"}) + "\n"
+                            for i, t in enumerate(one_digit[:5])), encoding="utf-8")
+    by_file = guard([HeldOut(name="file", tasks_file=file)])
+    prompts = {t.prompt for t in one_digit[:5]}
+    assert not {t.task_id for t in seed_tasks(settings)} & by_file.ids
+    assert not [t for t in seed_tasks(settings, by_file) if t.prompt in prompts]

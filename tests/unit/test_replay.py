@@ -11,6 +11,7 @@ import pytest
 
 from services.common.errors import ConfigError
 from services.common.state import StateStore
+from services.envs.guard import Guard
 from services.replay.publish import PublishStage
 from services.replay.run import Manifest, stages_from
 from tests import factories
@@ -45,16 +46,31 @@ def test_publishing_skips_what_was_published_under_the_same_stage_and_policy() -
     store = StateStore("published.state")
     store.adopt(0)
     state = store.partition(0)
-    first = PublishStage("one", "live.", store)
+    first = PublishStage("one", "live.", store, Guard([]))
     samples = [factories.routed(i) for i in range(3)]
     out = first.process_partition(state, samples)
     assert [o.topic for o in out] == ["live.accepted.sft"] * 3
     assert {o.value.replay for o in out} == {"one"}  # type: ignore[attr-defined]
     assert {o.value.event_id for o in out}.isdisjoint({s.event_id for s in samples})  # type: ignore[attr-defined]
-    again = PublishStage("two", "live.", store)
+    again = PublishStage("two", "live.", store, Guard([]))
     assert again.process_partition(state, samples) == [] and again.skipped == 3
     other_policy = [s.model_copy(update={"policy_hash": "ef" * 32}) for s in samples[:1]]
     assert len(again.process_partition(state, other_policy)) == 1
+
+
+def test_publishing_leaves_out_every_sample_of_a_held_out_task() -> None:
+    """By id or by prompt, whichever of a group's trajectories holds it."""
+    store = StateStore("published.state")
+    store.adopt(0)
+    samples = [factories.routed(i) for i in range(4)]
+    tasks = [s.samples[0].trajectory.task for s in samples]
+    other = tasks[2].model_copy(update={"task_id": "file:other", "prompt": tasks[2].prompt.upper()})
+    stage = PublishStage("one", "live.", store, Guard([tasks[0], other]))
+    group = samples[3].model_copy(update={"samples": [samples[3].samples[0],
+                                                      samples[0].samples[0]]})
+    out = stage.process_partition(store.partition(0), [samples[0], samples[1], samples[2], group])
+    assert [o.value.samples[0].trajectory.task.task_id for o in out] == [tasks[1].task_id]  # type: ignore[attr-defined]
+    assert stage.held_out == 3 and stage.published == 1
 
 
 def test_the_report_renders_and_writes_json_and_png(tmp_path: Path) -> None:
