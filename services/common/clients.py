@@ -7,14 +7,18 @@ so the settings the delivery guarantees rest on are written once. The user's
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka import Message as KafkaMessage
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from services.common.config import ServiceSettings
 from services.common.errors import AccessDenied, FatalRuntimeError
+
+log = logging.getLogger(__name__)
 
 CONSUMER_TUNING: dict[str, Any] = {
     # librdkafka pauses fetching a partition for fetch.queue.backoff.ms (default 1000 ms) once
@@ -88,10 +92,20 @@ def producer_config(
 
 def transactional_producer(conf: dict[str, Any], timeout_seconds: float) -> Producer:
     """A producer with its transactions initialised: a previous incarnation with the same
-    ``transactional.id`` is fenced, and the transaction it left open aborted."""
+    ``transactional.id`` is fenced, and the transaction it left open aborted. An error the
+    client calls retriable (``NOT_COORDINATOR`` from a broker that has just started, a
+    coordinator moving) is retried until ``timeout_seconds`` have passed, as librdkafka
+    allows: once a fresh broker failed a gate's start this way."""
     producer = Producer(conf)
+    retrying = Retrying(
+        retry=retry_if_exception(lambda e: isinstance(e, KafkaException)
+                                 and e.args[0].retriable()),
+        stop=stop_after_delay(timeout_seconds), wait=wait_exponential(0.1, max=2.0),
+        reraise=True,
+        before_sleep=lambda r: log.info("init_transactions: %s; retrying",
+                                        r.outcome.exception() if r.outcome else None))
     try:
-        producer.init_transactions(timeout_seconds)
+        retrying(producer.init_transactions, timeout_seconds)
     except KafkaException as exc:
         if exc.args[0].code() in (KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
                                   KafkaError.CLUSTER_AUTHORIZATION_FAILED):

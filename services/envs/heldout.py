@@ -11,6 +11,9 @@ its id takes.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import random
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,10 +21,13 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from schemas import Task
+from services.common.text import normalize
 from services.envs.base import get
 from services.envs.declared import load_task_file
 from services.envs.guard import Guard
 from services.envs.tasksets import TaskSetSpec, load
+
+log = logging.getLogger(__name__)
 
 POOLED = "suite"
 """Name under which a decision carries the whole suite's pooled figures (``suite/wins``,
@@ -66,12 +72,64 @@ class HeldOut(BaseModel):
         return self
 
     def tasks(self) -> list[Task]:
-        if self.taskset is not None:
-            return load(self.taskset)
-        if self.tasks_file is not None:
-            return load_task_file(self.tasks_file)
-        return get(self.env).tasks(self.count, rng=random.Random(self.seed),
-                                   difficulty=self.difficulty)
+        """The set's tasks, each once: a repeated task (same id, or same prompt up to case and
+        white space) would count as two independent pairs in the gate's sign test. A file's
+        or task set's repeats are dropped with a warning naming them; an environment's set
+        draws on (the same seed) until it has ``count`` distinct tasks, or warns that the
+        environment has fewer."""
+        if self.taskset is not None or self.tasks_file is not None:
+            given = load(self.taskset) if self.taskset is not None else load_task_file(
+                self.tasks_file)  # type: ignore[arg-type]
+            out, repeats = _distinct(given)
+            if repeats:
+                log.warning("held-out set %r: %d repeated tasks left out: %s%s", self.name,
+                            len(repeats), ", ".join(repeats[:10]),
+                            " ..." if len(repeats) > 10 else "")
+            return out
+        env, rng = get(self.env), random.Random(self.seed)
+        out, _ = _distinct(env.tasks(self.count, rng=rng, difficulty=self.difficulty))
+        for _ in range(DRAWS):
+            if len(out) >= self.count:
+                break
+            out, _ = _distinct(out + env.tasks(self.count - len(out), rng=rng,
+                                               difficulty=self.difficulty))
+        if len(out) < self.count:
+            log.warning("held-out set %r: %s has only %d distinct tasks at difficulty %s, "
+                        "not %d", self.name, self.env, len(out), self.difficulty, self.count)
+        return out
+
+    def digest(self, tasks: list[Task]) -> str:
+        """What identifies the set's content: its tasks' ids, prompts, observations and
+        verifiers, in order. The gate pairs a candidate's outcomes with a reference's only on
+        the same digest; a set that changed is a new set, evaluated for the reference first."""
+        h = hashlib.sha256()
+        for t in tasks:
+            h.update(json.dumps([t.task_id, t.prompt, t.observation,
+                                 t.verifier.model_dump(mode="json") if t.verifier else None],
+                                sort_keys=True, default=str).encode())
+            h.update(b"\n")
+        return h.hexdigest()
+
+
+DRAWS = 20
+"""Further draws an environment's set makes to replace repeats."""
+
+
+def _distinct(tasks: list[Task]) -> tuple[list[Task], list[str]]:
+    """``tasks`` without repeats (by id or normalized prompt), and the repeats' ids."""
+    seen_ids: set[str] = set()
+    seen_prompts: set[str] = set()
+    out: list[Task] = []
+    repeats: list[str] = []
+    for t in tasks:
+        prompt = normalize(t.prompt)
+        if t.task_id in seen_ids or prompt in seen_prompts:
+            repeats.append(t.task_id)
+            continue
+        seen_ids.add(t.task_id)
+        seen_prompts.add(prompt)
+        out.append(t)
+    return out, repeats
 
 
 def suite(value: Any) -> list[HeldOut]:

@@ -75,6 +75,7 @@ def build_stage(settings: GateSettings) -> GateStage:
         source=CheckpointSource(settings.checkpoint_root, settings.checkpoint_source,
                          settings.instance_id),
         evaluate=lambda folder: evaluate_suite(folder, sets, tasks, dtype=dtype),
+        digests={s.name: s.digest(t) for s, t in zip(sets, tasks, strict=True)},
         base={settings.model_name: (settings.base_version, settings.base_model_path)},
         sets=sets, headline=settings.headline, tracked=settings.tracked,
         tolerance=settings.tolerance, alpha=settings.alpha, service=settings.service)

@@ -12,7 +12,11 @@ promoted when both hold:
    ``wins`` are tasks it passes that the reference failed, ``losses`` the reverse. The
    one-sided exact sign test on them (McNemar's exact test) gives ``p``; improvement needs
    ``p <= alpha / m`` for at least one of the ``m`` tests (Bonferroni), and more wins than
-   losses. Equal outcomes carry no evidence either way.
+   losses. Equal outcomes carry no evidence either way. Outcomes pair only on the same set:
+   the reference keeps each set's digest (:meth:`HeldOut.digest`), and the gate evaluates the
+   reference on a set it has no outcomes for, or that changed, before judging
+   (``GateStage``). There is no promotion without a paired test: a set the reference has no
+   outcomes for takes no part, and none can make the candidate better.
 
 A candidate failing (1) is rejected as ``regressed``: the trainer rolls back from it. One that
 passes (1) but not (2) is rejected as ``not_better``: sound so far, but not shown better than
@@ -47,12 +51,35 @@ def flatten(results: dict[str, SetResult], headline: str) -> dict[str, float]:
 
 
 def reference(results: dict[str, SetResult], headline: str, version: int, *, base: bool,
-              uri: str | None = None) -> dict[str, Any]:
-    """The state entry for a reference version: metrics, the best values so far (its own)
-    and the per-task outcomes, as compact strings."""
+              digests: dict[str, str], uri: str | None = None,
+              event: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The state entry for a reference version: metrics, the best values so far (its own),
+    the per-task outcomes as compact strings, each set's digest (what the outcomes pair on),
+    and its checkpoint event (``event``, as JSON), to evaluate it again on a new set."""
     flat = flatten(results, headline)
     return {"version": version, "metrics": flat, "best": dict(flat), "base": base, "uri": uri,
-            "outcomes": {n: "".join(map(str, r.outcomes)) for n, r in results.items()}}
+            "outcomes": {n: "".join(map(str, r.outcomes)) for n, r in results.items()},
+            "sets": {n: digests[n] for n in results if n in digests}, "event": event}
+
+
+def stale(ref: dict[str, Any], digests: dict[str, str]) -> list[str]:
+    """The sets ``ref`` has no outcomes for, or has them for another content of the set."""
+    outcomes, known = ref.get("outcomes") or {}, ref.get("sets") or {}
+    return [n for n, d in digests.items() if n not in outcomes or known.get(n) != d]
+
+
+def refresh(ref: dict[str, Any], results: dict[str, SetResult], headline: str,
+            digests: dict[str, str], names: list[str]) -> dict[str, Any]:
+    """``ref`` with its outcomes and metrics on the sets ``names`` replaced by ``results``
+    (the reference evaluated again): on a new or changed set its own values are the floor
+    (``best``), the old set's say nothing about the new one."""
+    flat = flatten({n: results[n] for n in names}, headline) if headline in names else {
+        f"{n}/{k}": v for n in names for k, v in results[n].metrics.items()}
+    new = {**ref, "metrics": {**ref["metrics"], **flat}, "best": {**ref["best"], **flat},
+           "outcomes": {**(ref.get("outcomes") or {}),
+                        **{n: "".join(map(str, results[n].outcomes)) for n in names}},
+           "sets": {**(ref.get("sets") or {}), **{n: digests[n] for n in names}}}
+    return new
 
 
 @dataclass
@@ -83,25 +110,22 @@ def judge(results: dict[str, SetResult], ref: dict[str, Any], sets: list[HeldOut
     tests: list[tuple[str, int, int, float]] = []
     stored: dict[str, str] = ref.get("outcomes") or {}
     pooled_w = pooled_l = 0
-    paired = True
+    unpaired = []
     for s in sets:
         mine, theirs = results[s.name].outcomes, stored.get(s.name)
         if theirs is None or len(theirs) != len(mine):
-            paired = False
+            unpaired.append(s.name)
             continue
         w = sum(1 for a, b in zip(mine, theirs, strict=True) if a == 1 and b == "0")
         lo = sum(1 for a, b in zip(mine, theirs, strict=True) if a == 0 and b == "1")
         pooled_w, pooled_l = pooled_w + w, pooled_l + lo
         tests.append((s.name, w, lo, sign_test(w, lo)))
-    if len(sets) > 1 and paired:
+    if len(sets) - len(unpaired) > 1:
         tests.append((POOLED, pooled_w, pooled_l, sign_test(pooled_w, pooled_l)))
     level = alpha / max(1, len(tests))
     improved = [t for t in tests if t[1] > t[2] and t[3] <= level]
     for name, w, lo, p in tests:
         metrics[f"{name}/wins"], metrics[f"{name}/losses"], metrics[f"{name}/p"] = w, lo, p
-    # A reference evaluated before per-task outcomes were kept: the headline must be higher.
-    unpaired_better = not paired and metrics.get("pass_rate", 0.0) > (
-        ref.get("metrics") or {}).get("pass_rate", 0.0)
 
     table = "; ".join(
         f"{s.name} pass_rate {results[s.name].metrics.get('pass_rate', 0.0):.3f}"
@@ -111,18 +135,21 @@ def judge(results: dict[str, SetResult], ref: dict[str, Any], sets: list[HeldOut
     if worse:
         return Judgement(False, "regressed", f"regressed {against}: " + "; ".join(worse)
                          + f" | {table}", metrics)
-    if not improved and not unpaired_better:
+    if not improved:
+        missing = f"; no outcomes of the reference on {', '.join(unpaired)}" if unpaired else ""
         return Judgement(False, "not_better", f"not better than noise {against} (needs p <= "
-                         f"{level:.3g} on a set or the suite) | {table}", metrics)
+                         f"{level:.3g} on a set or the suite{missing}) | {table}", metrics)
     names = ", ".join(n for n, *_ in improved) or headline
     return Judgement(True, None, f"improved {against} on {names} | {table}", metrics)
 
 
 def promote(ref: dict[str, Any], results: dict[str, SetResult], headline: str, version: int,
-            uri: str | None) -> dict[str, Any]:
+            uri: str | None, digests: dict[str, str], event: dict[str, Any]
+            ) -> dict[str, Any]:
     """The new reference after a promotion: the candidate's metrics and outcomes, and the best
-    of every metric so far."""
-    new = reference(results, headline, version, base=False, uri=uri)
+    of every metric so far (``ref`` is refreshed on the suite's sets: same digests)."""
+    new = reference(results, headline, version, base=False, digests=digests, uri=uri,
+                    event=event)
     previous: dict[str, float] = ref.get("best") or {}
     new["best"] = {k: max(v, previous.get(k, v)) for k, v in new["metrics"].items()}
     return new

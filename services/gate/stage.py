@@ -73,7 +73,8 @@ class GateStage:
                  sets: Sequence[HeldOut] = (HeldOut(),), headline: str | None = None,
                  tracked: Sequence[str] = ("pass_rate",), tolerance: float = 0.02,
                  alpha: float = 0.05, service: str = "gate",
-                 source: CheckpointSource | None = None) -> None:
+                 source: CheckpointSource | None = None,
+                 digests: dict[str, str] | None = None) -> None:
         self.state = state
         self.output_topic = output_topic
         self.source = source or CheckpointSource(root)
@@ -83,6 +84,8 @@ class GateStage:
         """Per model: the base version and its folder, the reference before any promotion."""
         self.sets = list(sets)
         self.headline = headline or self.sets[0].name
+        self.digests = digests or {s.name: s.digest(s.tasks()) for s in self.sets}
+        """Per set: the digest of its tasks, what a reference's outcomes pair on."""
         self.tracked = list(tracked)
         self.tolerance, self.alpha = tolerance, alpha
         self.service = service
@@ -164,7 +167,7 @@ class GateStage:
             except Exception as exc:  # not the candidate's fault: stop, visibly
                 raise DependencyError(f"cannot evaluate the base model {folder}: {exc}") from exc
             current = rule.reference(results, self.headline, version, base=True,
-                                     uri=str(folder))
+                                     digests=self.digests, uri=str(folder))
             state.put(key, current)
             self._show(current)
             log.info("base %s v%d: %s", model, version, current["metrics"])
@@ -172,8 +175,9 @@ class GateStage:
 
     def _external_promotion(self, state: PartitionState, event: CheckpointEvent) -> None:
         current = self._reference(state, event.model)
-        if current is not None and event.version <= int(current["version"]):
-            return
+        if current is not None and (event.version < int(current["version"]) or (
+                event.version == int(current["version"]) and current.get("event"))):
+            return  # known; the same version again restores a state's lost event
         # A promotion this gate cannot check is the event's fault (a forged or broken
         # checkpoint), not a dependency's: it is dead-lettered with the reason, and the gate
         # keeps its reference.
@@ -188,7 +192,9 @@ class GateStage:
         except Exception as exc:
             raise ValueError(f"{event.model} v{event.version} was promoted elsewhere but does "
                              f"not evaluate here: {exc}") from exc
-        ref = rule.reference(results, self.headline, event.version, base=True, uri=event.uri)
+        ref = rule.reference(results, self.headline, event.version, base=True,
+                             digests=self.digests, uri=event.uri,
+                             event=event.model_dump(mode="json"))
         state.put(f"promoted/{event.model}", ref)
         self._show(ref)
 
@@ -215,14 +221,58 @@ class GateStage:
         for name, r in results.items():
             for k, v in r.metrics.items():
                 m.GATE_SCORE.labels(name, k).set(v)
+        current = self._paired(state, cand.model, current)
         j = rule.judge(results, current, self.sets, tracked=self.tracked,
                        tolerance=self.tolerance, alpha=self.alpha, headline=self.headline)
         if not j.promoted:
             return self._out(cand, "rejected", j.metrics, j.reason, j.rejection)
-        promoted = rule.promote(current, results, self.headline, cand.version, cand.uri)
+        promoted = rule.promote(current, results, self.headline, cand.version, cand.uri,
+                                self.digests, cand.model_dump(mode="json"))
         state.put(f"promoted/{cand.model}", promoted)
         self._show(promoted)
         return self._out(cand, "promoted", j.metrics, j.reason, None)
+
+    def _paired(self, state: PartitionState, model: str, ref: dict[str, Any]
+                ) -> dict[str, Any]:
+        """``ref`` with outcomes on every set of the suite as it is now: a set it has none
+        for (added to the suite, or a state from before outcomes were kept) or that changed
+        content is evaluated for the reference first, and becomes its floor. A reference that
+        cannot be evaluated stops the gate (no decision without a paired test)."""
+        names = rule.stale(ref, self.digests)
+        if not names:
+            return ref
+        try:
+            folder = self._folder(model, ref)
+            results = self._results(folder)
+        except Exception as exc:
+            raise DependencyError(
+                f"{model} v{ref['version']}, the reference, has no outcomes on the held-out "
+                f"sets {names} (new or changed) and cannot be evaluated on them: {exc}"
+            ) from exc
+        ref = rule.refresh(ref, results, self.headline, self.digests, names)
+        state.put(f"promoted/{model}", ref)
+        self._show(ref)
+        log.info("%s v%d, the reference, evaluated on the new or changed sets %s: %s", model,
+                 ref["version"], names, {n: results[n].metrics for n in names})
+        return ref
+
+    def _folder(self, model: str, ref: dict[str, Any]) -> Path:
+        """The reference's folder: verified again from its event; the base model's; or, for
+        a state from an older gate (no event kept), its folder in the checkpoint root, which
+        was verified when it was promoted."""
+        if ref.get("event"):
+            return self.source.resolve(CheckpointEvent.model_validate(ref["event"]))
+        base = self.base.get(model)
+        if base is not None and base[0] == ref["version"]:
+            return base[1]
+        uri = ref.get("uri") or ""
+        folder = Path(uri.removeprefix("file://"))
+        if uri and "://" not in uri.removeprefix("file://") and folder.is_dir() \
+                and folder.resolve().is_relative_to(self.source.root.resolve()):
+            return folder
+        raise DependencyError(f"a state from an older gate keeps no checkpoint event and no "
+                              f"folder for v{ref['version']} (uri {uri or None}): publish it "
+                              f"as promoted again")
 
     def _out(self, cand: CheckpointEvent, status: str, scores: dict[str, float], reason: str,
              rejection: str | None) -> Output:

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas import CheckpointEvent, FileDigest, ProducerInfo
+from services.common.errors import DependencyError
 from services.common.state import StateStore
 from services.envs.heldout import HeldOut
 from services.gate.evaluate import SetResult
@@ -174,15 +175,53 @@ def test_small_tolerated_drops_cannot_ratchet_quality_down(tmp_path: Path) -> No
         ("promoted", None), ("rejected", "not_better"), ("rejected", "regressed")]
 
 
-def test_a_state_from_before_suites_is_still_a_reference(tmp_path: Path) -> None:
-    gate = _gate(tmp_path, _one(v3=_outcomes(45), v4=_outcomes(30)), tolerance=0.05)
+def test_a_state_from_before_suites_is_evaluated_again_before_it_is_a_reference(
+        tmp_path: Path) -> None:
+    """A state without per-task outcomes used to let a candidate through on any increase of
+    the headline: now the reference is evaluated (from its folder in the root, as the older
+    gate kept no event) and the paired test decides. v3 wins 5 tasks of 100 (p = 1/32)."""
+    evaluated: list[str] = []
+    table = _one(v2=_outcomes(40), v3=_outcomes(45), v4=_outcomes(30))
+    gate = _gate(tmp_path, table, tolerance=0.05)
+    inner = gate.evaluate
+    gate.evaluate = lambda folder: evaluated.append(folder.name) or inner(folder)  # type: ignore[func-returns-value]
     gate.state.begin()
     gate.state.partition(0).put("promoted/tiny", {  # written by the single-set gate
         "version": 2, "metrics": {"pass_rate": 0.40}, "best": {"pass_rate": 0.42},
-        "base": False})
+        "base": False, "uri": str(_candidate(tmp_path, 2).uri)})
     decided = _run(gate, _candidate(tmp_path, 3), _candidate(tmp_path, 4))
     assert [(d.status, d.rejection) for d in decided] == [
         ("promoted", None), ("rejected", "regressed")]
+    assert evaluated == ["v3", "v2", "v4"] and decided[0].metrics["held_out/wins"] == 5
+    # Without a folder to evaluate, no decision is made: the gate stops and says why.
+    gate.state.partition(0).put("promoted/tiny", {
+        "version": 4, "metrics": {"pass_rate": 0.40}, "best": {"pass_rate": 0.42},
+        "base": False})
+    table["v5"] = {"held_out": _outcomes(90)}
+    with pytest.raises(DependencyError, match="publish it as promoted again"):
+        _run(gate, _candidate(tmp_path, 5))
+
+
+def test_a_set_that_changed_is_a_new_set_evaluated_for_the_reference_first(
+        tmp_path: Path) -> None:
+    """The same name, other tasks (a file edited, a count changed, repeats dropped): pairing
+    the old outcomes with the new would be noise, and the old best no floor. The reference
+    (here the base) is evaluated on the new content once; the paired test then decides."""
+    evaluated: list[str] = []
+    table = _one(base=_outcomes(50), v1=_outcomes(52), v2=_outcomes(30), v3=_outcomes(20))
+    gate = _gate(tmp_path, table, tolerance=0.05)
+    inner = gate.evaluate
+    gate.evaluate = lambda folder: evaluated.append(folder.name) or inner(folder)  # type: ignore[func-returns-value]
+    assert _run(gate, _candidate(tmp_path, 1))[0].rejection == "not_better"
+    gate.digests = {"held_out": "another content"}  # a restart with the set changed
+    table["base"] = {"held_out": _outcomes(20)}  # the base on the new tasks
+    decided = _run(gate, _candidate(tmp_path, 2), _candidate(tmp_path, 3))
+    # v2, 0.30, was below the old content's best (0.50) but beats the base on the new one.
+    assert [(d.status, d.rejection) for d in decided] == [("promoted", None),
+                                                          ("rejected", "regressed")]
+    assert evaluated == ["base", "v1", "v2", "base", "v3"]
+    ref = gate.state.partition(0).get("promoted/tiny")
+    assert ref["version"] == 2 and ref["sets"] == {"held_out": "another content"}
 
 
 def test_unknown_models_old_versions_and_broken_candidates_are_rejected(
