@@ -36,6 +36,12 @@ class AccessDenied(FatalRuntimeError):
     help; the message says what to fix."""
 
 
+class Interrupted(FlywheelError):
+    """Raised by a stage whose work in flight was cut short because the service is stopping
+    (an evaluation of minutes: :data:`~services.common.stage.INTERRUPT`). Nothing of the batch
+    is committed; it is processed again after the restart."""
+
+
 class DependencyError(FlywheelError):
     """Raised by a stage when something it depends on is down (a model server, a sandbox pool):
     the failure is not about the records, so they must not be dead-lettered. The runtime stops

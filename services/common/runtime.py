@@ -59,12 +59,12 @@ from services.common.batches import BatchProcessor, PreparedBatch, first_offsets
 from services.common.bounds import Bounds
 from services.common.clients import consumer_config, producer_config, transactional_producer
 from services.common.config import ServiceSettings
-from services.common.errors import AccessDenied, ConfigError, FatalRuntimeError
+from services.common.errors import AccessDenied, ConfigError, FatalRuntimeError, Interrupted
 from services.common.health import BrokerHealth
 from services.common.membership import Membership
 from services.common.offsets import positions
 from services.common.outputs import OutputWriter
-from services.common.stage import COMMIT_AT_ONCE, Stage, StatefulStage
+from services.common.stage import COMMIT_AT_ONCE, INTERRUPT, Stage, StatefulStage
 from services.common.state import StateStore
 from services.common.transactions import Transactions
 
@@ -149,8 +149,13 @@ class StreamRuntime:
         return self._health
 
     def stop(self) -> None:
-        """Ask the loop to finish the batch in flight and return. Safe from any thread."""
+        """Ask the loop to finish the batch in flight and return (a stage with ``interrupt``,
+        :data:`~services.common.stage.INTERRUPT`, is told to cut it short). Safe from any
+        thread."""
         self._stop.set()
+        interrupt = getattr(self.stage, INTERRUPT, None)
+        if callable(interrupt):
+            interrupt()
 
     def _set_ready(self) -> None:
         self._m_ready.set(1 if self.ready else 0)
@@ -163,7 +168,14 @@ class StreamRuntime:
             self._open()
             while not self._stop.is_set():
                 self._health.raise_if_fatal()
-                self._handle(self._collect())
+                try:
+                    self._handle(self._collect())
+                except Interrupted as exc:
+                    if not self._stop.is_set():
+                        raise FatalRuntimeError(f"interrupted without a stop: {exc}") from exc
+                    log.info("stopping: the batch in flight was interrupted (%s); it is "
+                             "processed again after the restart", exc)
+                    break
                 self._check_health()
                 if self._bounds is not None and self._reached_end():
                     log.info("every input partition processed up to its end offset; stopping")

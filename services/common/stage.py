@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 from pydantic import ValidationError
 
 from schemas import Message
-from services.common.errors import DependencyError
+from services.common.errors import DependencyError, Interrupted
 
 if TYPE_CHECKING:
     from services.common.state import PartitionState, StateStore
@@ -69,7 +69,8 @@ class Stage(Protocol[In_contra]):
 
     # Optional: ``admit(record)``, raising ValueError for a record the stage cannot take
     # (dead-lettered with that message before ``process`` sees the batch).
-    # Optional, for either kind of stage: ``commit_at_once = True`` (see COMMIT_AT_ONCE).
+    # Optional, for either kind of stage: ``commit_at_once = True`` (see COMMIT_AT_ONCE),
+    # ``interrupt()`` (see INTERRUPT).
 
 
 COMMIT_AT_ONCE = "commit_at_once"
@@ -79,6 +80,13 @@ outputs are produced, instead of when the next batch has been processed (its pip
 takes minutes (the gate's evaluation): its outputs are visible when made, not one
 processing later, and no transaction is open while it processes, so a processing longer
 than the transaction timeout cannot have the broker abort it."""
+
+INTERRUPT = "interrupt"
+"""A stage method, called (from any thread) when the service is asked to stop: the stage cuts
+its work in flight short and raises :class:`~services.common.errors.Interrupted` from it; the
+runtime then stops without committing that batch, which is processed again after the restart.
+For a stage whose processing outlasts a stop's grace (the gate's evaluation): without it the
+stop waits for the processing to end, or the process is killed."""
 
 
 @runtime_checkable
@@ -174,7 +182,7 @@ def apply_process(
     mark = state.mark() if state is not None else 0
     try:
         return StageResult(process(batch), [])
-    except DependencyError:
+    except (DependencyError, Interrupted):
         raise
     except Exception as exc:
         if state is not None:
@@ -187,7 +195,7 @@ def apply_process(
         mark = state.mark() if state is not None else 0
         try:
             outputs.extend(process([record]))
-        except DependencyError:
+        except (DependencyError, Interrupted):
             raise
         except Exception as exc:
             if state is not None:

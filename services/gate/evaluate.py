@@ -8,6 +8,7 @@ the gate compares task by task with the promoted version's.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,13 @@ def evaluate(folder: Path, held_out: HeldOut, tasks: list[Task] | None = None, *
 
 
 def evaluate_suite(folder: Path, sets: list[HeldOut], tasks: list[list[Task]] | None = None,
-                   *, dtype: HFDtype = "float32") -> dict[str, SetResult]:
+                   *, dtype: HFDtype = "float32", interrupt: threading.Event | None = None
+                   ) -> dict[str, SetResult]:
     """Every set of the suite, by name, with one load of the checkpoint (weights in
-    ``dtype``)."""
+    ``dtype``). Once ``interrupt`` is set, raises Interrupted at the next token."""
     from services.models.engines import TransformersEngine
 
-    engine = TransformersEngine(folder, dtype=dtype)
+    engine = TransformersEngine(folder, dtype=dtype, interrupt=interrupt)
     try:
         return {s.name: _run(engine, s, tasks[i] if tasks is not None else s.tasks())
                 for i, s in enumerate(sets)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -69,12 +70,15 @@ def build_stage(settings: GateSettings) -> GateStage:
     tasks = [s.tasks() for s in sets]
     dtype = precision.choose(settings.dtype, "cpu", role="gate's evaluations").dtype
     precision.export(dtype)
+    stopping = threading.Event()  # set by the stage's interrupt(): a stop cuts evaluations
     return GateStage(
         state=StateStore(settings.topic("gate.state")), output_topic=settings.topic("checkpoints"),
         root=settings.checkpoint_root,
         source=CheckpointSource(settings.checkpoint_root, settings.checkpoint_source,
                          settings.instance_id),
-        evaluate=lambda folder: evaluate_suite(folder, sets, tasks, dtype=dtype),
+        evaluate=lambda folder: evaluate_suite(folder, sets, tasks, dtype=dtype,
+                                               interrupt=stopping),
+        interrupted=stopping,
         digests={s.name: s.digest(t) for s, t in zip(sets, tasks, strict=True)},
         base={settings.model_name: (settings.base_version, settings.base_model_path)},
         sets=sets, headline=settings.headline, tracked=settings.tracked,

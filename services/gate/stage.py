@@ -39,23 +39,20 @@ from pathlib import Path
 from typing import Any
 
 from schemas import CheckpointEvent
-from services.common.errors import DependencyError
+from services.common.errors import DependencyError, Interrupted
 from services.common.stage import Output
 from services.common.state import PartitionState, StateStore
-from services.envs.heldout import HeldOut, overall
+from services.envs.heldout import HeldOut
 from services.gate import metrics as m
 from services.gate import rule
 from services.gate.evaluate import SetResult
+from services.gate.streaks import SourceStreaks
 from services.models.fetch import CheckpointSource
 from services.models.manifest import CheckpointRefused
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = uuid.UUID("c4a2e7d1-6b3f-4f0e-8a9d-1e2b3c4d5f60")
-STALE_AFTER = 3
-"""Decided candidates in a row without a source's data after which its streak series is
-removed: a source no longer in the data (a replaced policy, scorer, environment) is no
-reference for the alert that compares a source with the others of its kind."""
 Evaluate = Callable[[Path], dict[str, SetResult]]
 """A checkpoint folder to every set's result, by set name."""
 
@@ -74,7 +71,8 @@ class GateStage:
                  tracked: Sequence[str] = ("pass_rate",), tolerance: float = 0.02,
                  alpha: float = 0.05, service: str = "gate",
                  source: CheckpointSource | None = None,
-                 digests: dict[str, str] | None = None) -> None:
+                 digests: dict[str, str] | None = None,
+                 interrupted: threading.Event | None = None) -> None:
         self.state = state
         self.output_topic = output_topic
         self.source = source or CheckpointSource(root)
@@ -84,13 +82,14 @@ class GateStage:
         """Per model: the base version and its folder, the reference before any promotion."""
         self.sets = list(sets)
         self.headline = headline or self.sets[0].name
+        self.interrupted = interrupted or threading.Event()
+        """Set by :meth:`interrupt`; ``evaluate`` (built with it) stops and raises Interrupted."""
         self.digests = digests or {s.name: s.digest(s.tasks()) for s in self.sets}
         """Per set: the digest of its tasks, what a reference's outcomes pair on."""
         self.tracked = list(tracked)
         self.tolerance, self.alpha = tolerance, alpha
         self.service = service
-        self._streaks: dict[tuple[str, str], int] = {}
-        self._absent: dict[tuple[str, str], int] = {}
+        self.streaks = SourceStreaks()
         self._early: dict[str, Future[dict[str, SetResult]]] = {}
         """Per model: the base's evaluation, started when its partition was restored."""
 
@@ -117,6 +116,11 @@ class GateStage:
 
     def tick(self, state: PartitionState, now: float) -> list[Output]:
         return []
+
+    def interrupt(self) -> None:
+        """The service is stopping: the evaluation in flight stops at its next token, and
+        nothing of its batch is committed (:data:`services.common.stage.INTERRUPT`)."""
+        self.interrupted.set()
 
     def restored(self, state: PartitionState) -> None:
         """After a (re)start: the gauges show the promoted versions the state holds, not 0
@@ -164,6 +168,8 @@ class GateStage:
             early = self._early.pop(model, None)
             try:
                 results = early.result() if early is not None else self._results(folder)
+            except Interrupted:
+                raise
             except Exception as exc:  # not the candidate's fault: stop, visibly
                 raise DependencyError(f"cannot evaluate the base model {folder}: {exc}") from exc
             current = rule.reference(results, self.headline, version, base=True,
@@ -184,7 +190,7 @@ class GateStage:
         try:
             folder = self.source.resolve(event)
             results = self._results(folder)
-        except DependencyError:  # the store did not answer: decided after a restart
+        except (DependencyError, Interrupted):  # the store did not answer, or stopping
             raise
         except CheckpointRefused as exc:
             raise ValueError(f"{event.model} v{event.version} was promoted elsewhere but is "
@@ -213,8 +219,8 @@ class GateStage:
             return self._out(cand, "rejected", cand.metrics, f"refused: {exc}", "invalid")
         try:
             results = self._results(folder)
-        except DependencyError:  # e.g. a sandbox pool down: decided after a restart
-            raise
+        except (DependencyError, Interrupted):  # a sandbox pool down, or stopping: decided
+            raise                                 # after a restart
         except Exception as exc:  # the candidate does not load or run: it is not promotable
             return self._out(cand, "rejected", cand.metrics, f"evaluation failed: {exc}",
                              "invalid")
@@ -244,6 +250,8 @@ class GateStage:
         try:
             folder = self._folder(model, ref)
             results = self._results(folder)
+        except Interrupted:
+            raise
         except Exception as exc:
             raise DependencyError(
                 f"{model} v{ref['version']}, the reference, has no outcomes on the held-out "
@@ -277,7 +285,7 @@ class GateStage:
     def _out(self, cand: CheckpointEvent, status: str, scores: dict[str, float], reason: str,
              rejection: str | None) -> Output:
         m.GATE_DECISIONS.labels(rejection or status).inc()
-        self._count_sources(cand, rejection, scores)
+        self.streaks.count(cand, rejection, scores)
         log.info("%s v%d %s: %s", cand.model, cand.version, rejection or status, reason)
         fields = cand.model_dump(exclude={"event_id", "status", "metrics", "reason",
                                           "producer", "created_at", "rejection"})
@@ -286,31 +294,3 @@ class GateStage:
             status=status, metrics={**cand.metrics, **scores}, reason=reason,
             rejection=rejection)
         return Output(self.output_topic, decision)
-
-    def _count_sources(self, cand: CheckpointEvent, rejection: str | None,
-                       scores: dict[str, float]) -> None:
-        """Per source of the candidate's data (its provenance): regressions counted, and the
-        streak of consecutive regressed candidates that held data from it and lost ground
-        over the whole suite (what the trainer's rollback counts: a candidate that trades a
-        small set's drift for gains elsewhere is no sign of bad data); reset when a
-        candidate holding it is promoted; removed once STALE_AFTER such candidates in a row
-        held none of its data. Kept in memory: a restart starts streaks at 0."""
-        if rejection not in (None, "regressed"):
-            return
-        net = overall(scores)
-        losing = rejection == "regressed" and (net is None or net <= 0)
-        present = {(kind, value) for kind, values in cand.provenance.items() for value in values}
-        for key in present:
-            self._absent.pop(key, None)
-            if rejection == "regressed":
-                m.GATE_REGRESSIONS.labels(*key).inc()
-            if losing:
-                self._streaks[key] = self._streaks.get(key, 0) + 1
-            elif rejection is None:
-                self._streaks[key] = 0
-            m.GATE_REGRESSION_STREAK.labels(*key).set(self._streaks.get(key, 0))
-        for key in [k for k in self._streaks if k not in present]:
-            self._absent[key] = self._absent.get(key, 0) + 1
-            if self._absent[key] >= STALE_AFTER:
-                del self._streaks[key], self._absent[key]
-                m.GATE_REGRESSION_STREAK.remove(*key)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from schemas import SamplingParams, Turn
+from services.common.errors import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +159,16 @@ class TransformersEngine:
 
     name = "transformers"
 
-    def __init__(self, model: Path, *, device: str = "cpu", dtype: HFDtype = "float32") -> None:
+    def __init__(self, model: Path, *, device: str = "cpu", dtype: HFDtype = "float32",
+                 interrupt: threading.Event | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from services.models.precision import choose
 
+        self.interrupt = interrupt
+        """Once set, ``generate`` stops at the next token and raises Interrupted (a stopping
+        service's evaluation of minutes)."""
         self.torch = torch
         self.device = device
         self.dtype = choose(dtype, device).dtype
@@ -189,6 +195,19 @@ class TransformersEngine:
         greedy = sampling.temperature == 0
         if seeds and seeds[0] is not None:
             torch.manual_seed(seeds[0])  # one generator per batch: per-request seeds need vLLM
+        interrupt = self.interrupt
+        extra: dict[str, Any] = {}
+        if interrupt is not None:
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            event = interrupt
+
+            class _Stopping(StoppingCriteria):
+                def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                    return torch.full((input_ids.shape[0],), event.is_set(),
+                                      dtype=torch.bool, device=input_ids.device)
+
+            extra["stopping_criteria"] = StoppingCriteriaList([_Stopping()])
         with torch.no_grad():
             out = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
@@ -197,7 +216,10 @@ class TransformersEngine:
                 top_p=None if greedy else sampling.top_p,
                 top_k=None if greedy or sampling.top_k <= 0 else sampling.top_k,
                 pad_token_id=self.pad, output_scores=True, return_dict_in_generate=True,
+                **extra,
             )
+            if interrupt is not None and interrupt.is_set():
+                raise Interrupted("generation stopped: the service is stopping")
             # Log-probabilities in float32 whatever the weights' dtype: bfloat16 keeps about
             # 3 significant digits, too few for the trainer's importance ratios.
             scores = self.model.compute_transition_scores(

@@ -219,3 +219,68 @@ def test_a_decision_commits_when_made_even_when_the_next_evaluation_outlasts_the
     assert [(e.status, e.rejection) for e in final[1]] == [("promoted", None)]
     assert [(e.status, e.rejection) for e in final[2]] == [("promoted", None)]
     assert sorted(evaluated) == ["base", "v1", "v2"], evaluated  # none evaluated twice
+
+
+def test_a_stopping_gate_interrupts_its_evaluation_and_commits_nothing_of_it(
+        kafka: Broker, uid: str, tmp_path: Path) -> None:
+    """A stop used to wait for the evaluation in flight (minutes on a real model: `flywheel
+    up` killed the gate after its 30 s of grace). Now the evaluation stops at its next token
+    and the runtime stops without committing the batch; a restarted gate decides the candidate
+    once. The evaluation is long here (1,000 held-out tasks, about 30 s each for the base and
+    the candidate on 2 cores), and the stop comes as soon as the candidate's has begun."""
+    import threading
+
+    from services.models.tiny import tiny_model
+    from services.trainer.store import CheckpointStore
+
+    prefix = f"gs{uid}."
+    topic_ops.apply(topic_ops.admin_client(
+        KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)),
+        topic_ops.load(prefix=prefix))
+    base = tiny_model(tmp_path / "base", seed=1)
+    root = tmp_path / "store"
+    from services.models.engines import TransformersEngine
+
+    engine = TransformersEngine(base)
+    uri, manifest = CheckpointStore(str(root)).write(1, engine.model, engine.tokenizer, None)
+    candidate = CheckpointEvent(model="tiny", version=1, parent_version=0, uri=uri,
+                                manifest=manifest, status="candidate")
+    kafka.produce(f"{prefix}checkpoints", [(b"tiny", candidate.to_bytes())])
+
+    def gate_settings(count: int) -> GateSettings:
+        return GateSettings(
+            instance_id="g0", kafka={"bootstrap_servers": kafka.bootstrap,
+                                     "topic_prefix": prefix},
+            runtime={"lag_interval_seconds": 0.5}, metrics={"enabled": False},
+            model_name="tiny", dtype="float32", base_model_path=base, checkpoint_root=root,
+            held_out=HeldOut(env="arithmetic", count=count, max_tokens=64))
+
+    def decided() -> list[CheckpointEvent]:
+        return [e for e in (CheckpointEvent.from_bytes(m.value())
+                            for m in kafka.read_all(f"{prefix}checkpoints"))
+                if e.status != "candidate"]
+
+    gs = gate_settings(1000)
+    stage = build_stage(gs)
+    started, finished = threading.Event(), []
+    inner = stage.evaluate
+
+    def evaluate(folder: Path) -> Any:
+        if folder != base:  # the candidate's, in the stage (the base's ran on a thread)
+            started.set()
+        out = inner(folder)
+        finished.append(folder.name)
+        return out
+
+    stage.evaluate = evaluate
+    gate = InThread(StreamRuntime(gs, stage, [gs.topic("checkpoints")]))
+    with gate:
+        wait_until(lambda: started.is_set() or gate.error, 120,
+                   "the candidate's evaluation begun")
+    assert gate.error is None and finished == ["base"]  # the candidate's was cut short
+    assert decided() == []
+
+    with InThread(StreamRuntime(small := gate_settings(20), build_stage(small),
+                                [small.topic("checkpoints")])) as again:
+        wait_until(lambda: decided() or again.error, 180, "the candidate decided")
+    assert [(e.version, e.status) for e in decided()] == [(1, "rejected")]
