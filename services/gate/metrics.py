@@ -20,3 +20,9 @@ GATE_REGRESSION_STREAK = Gauge("flywheel_gate_regression_streak", "Consecutive r
                                "candidates holding data from this source that also lost "
                                "ground over the whole suite (as the rollback counts them); "
                                "an alert fires when a source stands out.", ["kind", "value"])
+GATE_EVALUATION_FAILURES = Counter(
+    "flywheel_gate_evaluation_failures_total", "Evaluations that raised, by whose: candidate "
+    "(retried; then the reference is evaluated to tell the candidate's fault from the "
+    "gate's), reference (the gate cannot evaluate: no decision, the service stops), resolve "
+    "(reading a candidate failed other than by refusal: no decision, the service stops).",
+    ["of"])

@@ -26,6 +26,15 @@ that needs it.
 Repeated regressions from the same data are counted by where the candidates' samples came
 from (``provenance``: environment, router and filter policy hashes, scorer versions), so an
 alert can name the source.
+
+A failure is the candidate's only when the gate shows it can evaluate: a candidate whose
+evaluation raises is tried again, then the reference is evaluated; if that fails too, the
+gate stops without a decision (nothing counted against the lineage), else the candidate is
+``invalid``. A stop interrupts the evaluation in flight (``interrupt``).
+
+Over 300 lines: the decision and the upkeep of its reference (the base's early evaluation,
+outside promotions, re-evaluation on a changed set, telling the gate's failures from the
+candidate's) share the state entry and the evaluation, and read best as one flow.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
+
+from tenacity import RetryCallState, Retrying, retry_if_not_exception_type, stop_after_attempt
 
 from schemas import CheckpointEvent
 from services.common.errors import DependencyError, Interrupted
@@ -72,7 +83,7 @@ class GateStage:
                  alpha: float = 0.05, service: str = "gate",
                  source: CheckpointSource | None = None,
                  digests: dict[str, str] | None = None,
-                 interrupted: threading.Event | None = None) -> None:
+                 interrupted: threading.Event | None = None, attempts: int = 2) -> None:
         self.state = state
         self.output_topic = output_topic
         self.source = source or CheckpointSource(root)
@@ -82,6 +93,8 @@ class GateStage:
         """Per model: the base version and its folder, the reference before any promotion."""
         self.sets = list(sets)
         self.headline = headline or self.sets[0].name
+        self.attempts = attempts
+        """Evaluations of a candidate before the gate asks whether the fault is its own."""
         self.interrupted = interrupted or threading.Event()
         """Set by :meth:`interrupt`; ``evaluate`` (built with it) stops and raises Interrupted."""
         self.digests = digests or {s.name: s.digest(s.tasks()) for s in self.sets}
@@ -217,12 +230,18 @@ class GateStage:
             folder = self.source.resolve(cand)
         except CheckpointRefused as exc:
             return self._out(cand, "rejected", cand.metrics, f"refused: {exc}", "invalid")
+        except (DependencyError, Interrupted):
+            raise
+        except Exception as exc:  # a disk, a permission: the gate's, not the candidate's
+            m.GATE_EVALUATION_FAILURES.labels("resolve").inc()
+            raise DependencyError(f"reading {cand.model} v{cand.version} failed: {exc}; no "
+                                  "decision until it can be read") from exc
         try:
-            results = self._results(folder)
+            results = self._evaluate_candidate(cand, folder)
         except (DependencyError, Interrupted):  # a sandbox pool down, or stopping: decided
             raise                                 # after a restart
-        except Exception as exc:  # the candidate does not load or run: it is not promotable
-            return self._out(cand, "rejected", cand.metrics, f"evaluation failed: {exc}",
+        except Exception as exc:
+            return self._out(cand, "rejected", cand.metrics, self._blame(cand, current, exc),
                              "invalid")
         for name, r in results.items():
             for k, v in r.metrics.items():
@@ -237,6 +256,38 @@ class GateStage:
         state.put(f"promoted/{cand.model}", promoted)
         self._show(promoted)
         return self._out(cand, "promoted", j.metrics, j.reason, None)
+
+    def _evaluate_candidate(self, cand: CheckpointEvent, folder: Path
+                            ) -> dict[str, SetResult]:
+        """The candidate's evaluation, tried ``attempts`` times: a failure may be the gate's
+        and passing (memory taken by another process, a file system's hiccup)."""
+        def failed(state: RetryCallState) -> None:
+            m.GATE_EVALUATION_FAILURES.labels("candidate").inc()
+            log.warning("evaluating %s v%d failed (%s); trying again", cand.model,
+                        cand.version, state.outcome.exception() if state.outcome else None)
+
+        retrying = Retrying(stop=stop_after_attempt(self.attempts), reraise=True,
+                            retry=retry_if_not_exception_type((DependencyError, Interrupted)),
+                            before_sleep=failed)
+        return retrying(self._results, folder)
+
+    def _blame(self, cand: CheckpointEvent, ref: dict[str, Any], exc: Exception) -> str:
+        """The reason for rejecting a candidate whose evaluation kept failing, once the
+        reference has been evaluated by the same gate: if it cannot be either, the gate is at
+        fault, and it raises instead (no decision, nothing counted against the model's
+        lineage: only a candidate the gate shows it can evaluate others is judged)."""
+        m.GATE_EVALUATION_FAILURES.labels("candidate").inc()
+        try:
+            self._results(self._folder(cand.model, ref))
+        except Interrupted:
+            raise
+        except Exception as ref_exc:
+            m.GATE_EVALUATION_FAILURES.labels("reference").inc()
+            raise DependencyError(
+                f"the gate cannot evaluate: {cand.model} v{cand.version} failed ({exc}) and "
+                f"so does the reference v{ref['version']} ({ref_exc}); no decision") from exc
+        return (f"evaluation failed {self.attempts} times, while the reference "
+                f"v{ref['version']} evaluates: {exc}")
 
     def _paired(self, state: PartitionState, model: str, ref: dict[str, Any]
                 ) -> dict[str, Any]:

@@ -413,3 +413,50 @@ def test_a_gate_behind_the_trainer_evaluates_the_newest_candidate_of_a_batch(
     decided = _run(one_by_one, *(_candidate(tmp_path, v) for v in (1, 2, 3)))
     assert [(d.version, d.rejection) for d in decided] == [
         (1, "regressed"), (2, "not_better"), (3, None)]
+
+
+def test_a_gate_failure_is_retried_and_never_judged_against_the_candidate(
+        tmp_path: Path) -> None:
+    """One failure of the gate's own (memory, a file system) used to reject the candidate as
+    `invalid`, which counts toward a rollback: now it is tried again; a candidate that keeps
+    failing while the reference evaluates is `invalid`; when the reference fails too, the gate
+    is at fault: no decision, the service stops (DependencyError) and decides after the
+    restart. Reading a candidate failing other than by refusal is no decision either."""
+    from services.gate import metrics as m
+
+    table = _one(base=_outcomes(10), v1=_outcomes(60), v2=_outcomes(70), v3=_outcomes(80))
+    failing: dict[str, int] = {"v1": 1, "v2": 10}  # folder -> failures left
+    gate_broken = threading.Event()
+
+    def evaluate(folder: Path) -> dict[str, SetResult]:
+        if gate_broken.is_set() or failing.get(folder.name, 0) > 0:
+            failing[folder.name] = failing.get(folder.name, 0) - 1
+            raise MemoryError("out of memory")
+        return {"held_out": _result(table[folder.name]["held_out"])}
+
+    gate = _gate(tmp_path, table)
+    gate.evaluate = evaluate
+
+    def failures(of: str) -> float:
+        return m.GATE_EVALUATION_FAILURES.labels(of)._value.get()
+
+    before = {of: failures(of) for of in ("candidate", "reference", "resolve")}
+    decided = _run(gate, _candidate(tmp_path, 1), _candidate(tmp_path, 2))
+    assert [(d.version, d.status, d.rejection) for d in decided] == [
+        (1, "promoted", None), (2, "rejected", "invalid")]
+    assert "while the reference v1 evaluates" in (decided[1].reason or "")
+    gate_broken.set()
+    with pytest.raises(DependencyError, match="the gate cannot evaluate"):
+        _run(gate, _candidate(tmp_path, 3))
+    assert gate.state.partition(0).get("promoted/tiny")["version"] == 1
+    gate_broken.clear()
+
+    def unreadable(event: CheckpointEvent, in_use: object = ()) -> Path:
+        raise PermissionError("permission denied")
+
+    gate.source.resolve = unreadable  # type: ignore[method-assign]
+    with pytest.raises(DependencyError, match="permission denied"):
+        _run(gate, _candidate(tmp_path, 3))
+    after = {of: failures(of) - before[of] for of in before}
+    # v1 once; v2 twice and then the blame; v3 twice and then the blame, whose reference failed
+    assert after == {"candidate": 1 + 2 + 2, "reference": 1, "resolve": 1}
