@@ -195,8 +195,8 @@ class GateStage:
     def _external_promotion(self, state: PartitionState, event: CheckpointEvent) -> None:
         current = self._reference(state, event.model)
         if current is not None and (event.version < int(current["version"]) or (
-                event.version == int(current["version"]) and current.get("event"))):
-            return  # known; the same version again restores a state's lost event
+                event.version == int(current["version"]) and "event" in current)):
+            return  # known; the same version again restores an older gate's state
         # A promotion this gate cannot check is the event's fault (a forged or broken
         # checkpoint), not a dependency's: it is dead-lettered with the reason, and the gate
         # keeps its reference.
@@ -214,6 +214,17 @@ class GateStage:
         ref = rule.reference(results, self.headline, event.version, base=True,
                              digests=self.digests, uri=event.uri,
                              event=event.model_dump(mode="json"))
+        if current is not None:  # the floor is the best ever, whoever promoted
+            ref = rule.promote(current, results, self.headline, event.version, event.uri,
+                               self.digests, event.model_dump(mode="json")) | {"base": True}
+            below = {k: v for k, v in ref["metrics"].items()
+                     if "/" in k and v < ref["best"].get(k, v)}
+            if below:
+                log.warning("%s v%d was promoted elsewhere below the best a version reached "
+                            "(%s); it is the reference, and the best stays the floor",
+                            event.model, event.version,
+                            ", ".join(f"{k} {v:.3f} < {ref['best'][k]:.3f}"
+                                      for k, v in below.items()))
         state.put(f"promoted/{event.model}", ref)
         self._show(ref)
 

@@ -152,8 +152,9 @@ def test_a_candidate_failing_verification_is_rejected_unevaluated(tmp_path: Path
 
 def test_the_gate_skips_its_own_decisions_and_follows_outside_promotions(
         tmp_path: Path) -> None:
-    gate = _gate(tmp_path, _one(base=_outcomes(10), v5=_outcomes(60), v6=_outcomes(58),
-                                v7=_outcomes(75), v8=_outcomes(72)), tolerance=0.05)
+    table = _one(base=_outcomes(10), v5=_outcomes(60), v6=_outcomes(58), v7=_outcomes(75),
+                 v8=_outcomes(72))
+    gate = _gate(tmp_path, table, tolerance=0.05)
     own = _candidate(tmp_path, 1, "promoted").model_copy(
         update={"producer": ProducerInfo(service="gate", instance="g0")})
     outside = _candidate(tmp_path, 5, "promoted")  # e.g. the bootstrap's version
@@ -164,6 +165,14 @@ def test_the_gate_skips_its_own_decisions_and_follows_outside_promotions(
     decided = _run(gate, *(_candidate(tmp_path, v) for v in (6, 7, 8)))
     assert [d.status for d in decided] == ["rejected", "promoted", "rejected"]
     assert [d.rejection for d in decided] == ["not_better", None, "not_better"]
+    # A weaker version promoted from outside is the reference, but the floor stays the best
+    # ever (0.75): v10 beats v9 task by task yet is 0.15 below it. It used to be promoted.
+    table.update(v9={"held_out": _outcomes(40)}, v10={"held_out": _outcomes(60)})
+    assert _run(gate, _candidate(tmp_path, 9, "promoted")) == []
+    ref = gate.state.partition(0).get("promoted/tiny")
+    assert ref["version"] == 9 and ref["best"]["held_out/pass_rate"] == 0.75
+    [v10] = _run(gate, _candidate(tmp_path, 10))
+    assert (v10.status, v10.rejection) == ("rejected", "regressed")
 
 
 def test_small_tolerated_drops_cannot_ratchet_quality_down(tmp_path: Path) -> None:
