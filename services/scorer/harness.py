@@ -35,6 +35,10 @@ STUBBED = {
     "sched_setscheduler": (posix, os), "sched_setparam": (posix, os),
     "pidfd_send_signal": (_signal, signal),
 }
+FILESYSTEM_CHANGES = frozenset({
+    "os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.symlink", "os.link", "os.chmod",
+    "os.chown", "os.truncate", "os.utime", "os.chflags", "os.setxattr", "os.removexattr"})
+"""Audit events that change the file system: a violation, like opening a file to write."""
 FRESH_MODULES = {"posix": b"forbidden", "_signal": b"forbidden", "_imp": b"forbidden",
                  "_posixsubprocess": b"process_limit"}
 # pidfd_send_signal, pidfd_open, pidfd_getfd, process_madvise, process_mrelease: from the
@@ -113,7 +117,7 @@ def guard_module_creation() -> None:
     # importlib.util.module_from_spec, and importlib's loaders, create C modules through these
     # two, which raise no audit event: report the name to the hook first. Only a str name and
     # origin go on to the original, so what the hook saw is what gets created.
-    def guard(create: Callable[..., Any], _audit: Callable[..., None] = sys.audit,
+    def guard(create: Callable[..., Any], event: str, _audit: Callable[..., None] = sys.audit,
               _type: type[type] = type, _str: type[str] = str,
               _getattr: Callable[..., Any] = getattr,
               _spec: type[types.SimpleNamespace] = types.SimpleNamespace
@@ -122,14 +126,14 @@ def guard_module_creation() -> None:
             name, origin = spec.name, _getattr(spec, "origin", None)
             if _type(name) is not _str or not (origin is None or _type(origin) is _str):
                 raise ImportError("a module spec needs a str name and origin")
-            _audit("sandbox.create_module", name)
+            _audit(event, name, origin)
             return create(_spec(name=name, origin=origin), *args)
 
         return guarded
 
-    _imp.create_builtin = guard(_imp.create_builtin)
-    if hasattr(_imp, "create_dynamic"):
-        _imp.create_dynamic = guard(_imp.create_dynamic)
+    _imp.create_builtin = guard(_imp.create_builtin, "sandbox.create_module")
+    if hasattr(_imp, "create_dynamic"):  # an extension module: its file is checked too
+        _imp.create_dynamic = guard(_imp.create_dynamic, "sandbox.create_dynamic")
 
 
 def install_hook() -> None:
@@ -141,21 +145,39 @@ def install_hook() -> None:
         ("FIOSETOWN", 0x8901), ("SIOCSPGRP", 0x8902), ("TIOCSTI", 0x5412)))
 
     fresh = dict(FRESH_MODULES)  # a copy only the hook holds: the solution can reach globals
+    # Extension modules only from the interpreter's own folders, which the solution cannot
+    # write: one it wrote itself would run native code (a socket(2) with no audit event).
+    trusted = tuple(sorted({os.path.realpath(p) + os.sep for p in (
+        sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix)}))
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
     def hook(event: str, args: tuple[Any, ...], _write: Callable[[int, bytes], int] = os.write,
              _exit: Callable[[int], Any] = os._exit, _fd: int = REPORT_FD,
              _code: int = VIOLATION_EXIT, _fresh: dict[str, bytes] = fresh,
              _fcntl: frozenset[int] = owner_fcntl, _ioctl: frozenset[int] = owner_ioctl,
-             _str: type[str] = str, _type: type[type] = type) -> None:
+             _str: type[str] = str, _type: type[type] = type, _int: type[int] = int,
+             _trusted: tuple[str, ...] = trusted, _writing: int = writing,
+             _real: Callable[[str], str] = os.path.realpath,
+             _changes: frozenset[str] = FILESYSTEM_CHANGES) -> None:
         reason: bytes | None
-        if event == "socket.__new__" and args[1] == 1:
+        if event == "open":  # writing a file: anywhere (the run's folder is not writable)
+            path, flags = args[0], args[2]
+            if _type(path) is _int or not (_type(flags) is _int and flags & _writing):
+                return
+            reason = b"filesystem"
+        elif event in _changes:
+            reason = b"filesystem"
+        elif event == "sandbox.create_dynamic" and not (
+                _type(args[1]) is _str and _real(args[1]).startswith(_trusted)):
+            reason = b"forbidden"
+        elif event == "socket.__new__" and args[1] == 1:
             return  # AF_UNIX: asyncio's self-pipe; connect, bind and sendto still trip below
-        if event.startswith("socket."):
+        elif event.startswith("socket."):
             reason = b"network"
         elif event in {"os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn",
                        "os.system", "os.startfile", "subprocess.Popen"}:
             reason = b"process_limit"
-        elif event in {"import", "sandbox.create_module"}:
+        elif event in {"import", "sandbox.create_module", "sandbox.create_dynamic"}:
             name = args[0]
             reason = _fresh.get(name.rpartition(".")[2]) if _type(name) is _str else b"forbidden"
             if reason is None:
@@ -223,6 +245,7 @@ def flush() -> None:
 def main() -> None:
     global REPORT_FD
     REPORT_FD = int(sys.argv[1])
+    sys.dont_write_bytecode = True  # an import would open a .pyc to write: a violation
     mechanisms = b" ".join([b"audit_hook", *harden()])
     close_stubbed()
     guard_module_creation()

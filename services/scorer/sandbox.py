@@ -13,7 +13,8 @@ it was active (``isolation_plan(python)`` tells beforehand which of the parent's
   kills the child's whole process group (``start_new_session``) at ``wall_seconds`` and
   again, always, when the run ends, so no stray descendant outlives it.
 - ``netns``: a new, empty network namespace (``unshare(CLONE_NEWNET)``; not even loopback is
-  up). Needs root or CAP_SYS_ADMIN, probed once per process in a throwaway child.
+  up). Needs root or CAP_SYS_ADMIN, probed once per process in a throwaway child. Without it
+  ``run_python_tests`` raises ``SandboxUnavailable`` too, unless isolation is waived.
 - ``setuid`` and ``nproc``: as root, the child drops to uid/gid 65534 (nobody) and gets
   ``RLIMIT_NPROC=max_processes``, which the kernel ignores for root. Needs an interpreter
   that uid 65534 can run (probed once per interpreter), such as ``/usr/bin/python3``; one
@@ -28,8 +29,13 @@ it was active (``isolation_plan(python)`` tells beforehand which of the parent's
   processes (``os.kill``, ``os.killpg``; ``fcntl``/``ioctl`` requests that make the kernel
   signal a chosen process or feed a terminal: ``F_SETOWN``, ``F_SETOWN_EX``, ``F_SETSIG``,
   ``FIOSETOWN``, ``SIOCSPGRP``, ``TIOCSTI``) and the ways to reach or shadow the hook are
-  ``forbidden``. Some functions raise no audit event, so before the hook the harness replaces
-  them, in the C module and in its Python face, with stubs whose call is a violation:
+  ``forbidden``; opening a file to write and changing the file system (``os.mkdir``,
+  ``os.rename``, ``os.symlink``, ...) are ``filesystem`` (the run's folder is not writable
+  to uid 65534, but ``/tmp`` and ``/dev/shm`` are; no bytecode is written); an extension
+  module from outside the interpreter's own folders is ``forbidden`` (its native code could
+  open a socket with no audit event). Some functions raise no audit event, so before the
+  hook the harness replaces them, in the C module and in its Python face, with stubs whose
+  call is a violation:
   ``pidfd_open``, ``setpriority``, ``sched_setaffinity``, ``sched_setscheduler`` and
   ``sched_setparam`` (``os``, ``posix``), ``pidfd_send_signal`` (``signal``, ``_signal``):
   ``forbidden``; ``_posixsubprocess.fork_exec`` (multiprocessing's spawn):
@@ -60,8 +66,8 @@ a FIFO or follow a symlink; ``shutil.rmtree`` removes the folder without followi
 Kill reasons (``status == "killed"``), first match wins:
 
 - the hook reported a violation: that reason (``network``, ``process_limit``,
-  ``forbidden``); the hook's exit code without a report (the solution broke the pipe):
-  ``forbidden``;
+  ``filesystem``, ``forbidden``); the hook's exit code without a report (the solution broke
+  the pipe): ``forbidden``;
 - the solution wrote more than ``output_bytes`` to stdout or stderr, or SIGXFSZ:
   ``output_size``;
 - the parent's wall clock ran out: ``wall_clock``;
@@ -132,7 +138,8 @@ logger = logging.getLogger(__name__)
 Status = Literal["passed", "failed", "killed"]
 
 KILL_REASONS: tuple[str, ...] = (
-    "cpu_time", "memory", "output_size", "wall_clock", "network", "process_limit", "forbidden",
+    "cpu_time", "memory", "output_size", "wall_clock", "network", "process_limit",
+    "filesystem", "forbidden",
 )
 """Every ``SandboxResult.reason`` of a killed run."""
 
@@ -185,7 +192,16 @@ class SandboxResult:
 
 class SandboxUnavailable(Exception):
     """The solution cannot be switched to uid 65534 (the scorer is not root, or uid 65534
-    cannot execute the interpreter), and the caller did not waive ``require_isolation``."""
+    cannot execute the interpreter), or cannot be given a network namespace of its own, and
+    the caller did not waive ``require_isolation``."""
+
+
+NO_NETNS = (
+    "cannot give solutions a network namespace of their own: unshare(CLONE_NEWNET) needs "
+    "CAP_SYS_ADMIN, which this process lacks (in a container: `--cap-add SYS_ADMIN`, or "
+    "Kubernetes `securityContext.capabilities.add: [SYS_ADMIN]`; a container's default "
+    "seccomp profile may refuse unshare too), so submitted code could reach the network.")
+"""Why the ``netns`` layer is missing, and what to change."""
 
 
 def isolation_plan(python: str) -> tuple[str, ...]:
@@ -224,6 +240,11 @@ def run_python_tests(
                 "65534 can execute (such as /usr/bin/python3), or pass "
                 "require_isolation=False to accept the weaker isolation.")
         _warn_weak_isolation(python)
+    if plan.unshare is None:
+        if require_isolation:
+            raise SandboxUnavailable(NO_NETNS + " Or pass require_isolation=False to accept "
+                                     "solutions with the network.")
+        _warn_no_netns()
     workdir = Path(tempfile.mkdtemp(prefix="flywheel-sandbox-"))
     try:
         return _run(workdir, solution, tests, limits, python, plan)
@@ -307,6 +328,13 @@ def _why_no_uid_drop(python: str) -> str:
 
 
 @functools.cache
+@functools.cache
+def _warn_no_netns() -> None:
+    """Once per process: runs go ahead with the network (``require_isolation=False``)."""
+    logger.warning("sandbox without a network namespace (require_isolation waived): %s",
+                   NO_NETNS)
+
+
 def _warn_weak_isolation(python: str) -> None:
     """Once per interpreter: runs go ahead without ``setuid`` (``require_isolation=False``)."""
     logger.warning("sandbox without a uid drop: %s; solutions run with the scorer's uid and "

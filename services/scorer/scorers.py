@@ -32,7 +32,7 @@ from services import envs
 from services.common.errors import ConfigError, DependencyError
 from services.common.text import repetition_ratio
 from services.scorer.metrics import SANDBOX_KILLS
-from services.scorer.sandbox import SandboxLimits, isolation_plan, run_python_tests
+from services.scorer.sandbox import NO_NETNS, SandboxLimits, isolation_plan, run_python_tests
 
 
 class _Config(BaseModel):
@@ -68,8 +68,9 @@ class CodeConfig(_Config):
         "user can execute (a virtualenv under /root is not); otherwise this interpreter.")
     require_isolation: bool = Field(
         default=True, description="Refuse to start unless solutions can run as an "
-        "unprivileged user (the scorer runs as root). False accepts weaker isolation: "
-        "solutions could then read the scorer's environment and files.")
+        "unprivileged user (the scorer runs as root) in a network namespace of their own "
+        "(CAP_SYS_ADMIN). False accepts weaker isolation: solutions could then read the "
+        "scorer's environment and files, or reach the network.")
 
 
 def sandbox_python(configured: str | None) -> str:
@@ -181,6 +182,9 @@ class CodeScorer:
                 f"with {self.python} (isolation available: {', '.join(plan)}). Run the scorer "
                 "as root with an interpreter uid 65534 can execute (python: /usr/bin/python3), "
                 "or set require_isolation: false to accept weaker isolation.")
+        if self.require_isolation and "netns" not in plan:
+            raise ConfigError(f"code scorer {config.name}: {NO_NETNS} Or set "
+                              "require_isolation: false to accept solutions with the network.")
 
     def score(self, batch: Sequence[Trajectory]) -> list[Score | None]:
         jobs: dict[int, tuple[str, str]] = {}

@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @functools.cache
 def _isolated() -> bool:
-    return "setuid" in isolation_plan(PYTHON)
+    return {"setuid", "netns"} <= set(isolation_plan(PYTHON))
 
 
 def sandbox(solution: str, tests: str = TESTS, limits: SandboxLimits = LIMITS,
@@ -128,6 +128,13 @@ def test_errors_fail_with_their_class(solution: str, tests: str, reason: str) ->
     ("print('x' * 10_000_000)\n", "output_size"),
     ("import ctypes\nctypes.string_at(id(1), 8)\n", "forbidden"),
     ("import gc\nhooks = gc.get_objects()\n", "forbidden"),
+    # Writing outside the run's folder (which is not writable either): /tmp is, to uid 65534.
+    ("open('/tmp/flywheel-sandbox-escape', 'w').write('x')\n", "filesystem"),
+    ("import os\nos.close(os.open('/dev/shm/escape', os.O_CREAT | os.O_WRONLY))\n",
+     "filesystem"),
+    ("import os\nos.mkdir('/tmp/flywheel-sandbox-escape.d')\n", "filesystem"),
+    ("import os\nos.symlink('/etc/passwd', '/tmp/flywheel-sandbox-escape.lnk')\n",
+     "filesystem"),
 ])
 def test_limits_and_rules_kill_the_run(solution: str, reason: str) -> None:
     result = sandbox(solution)
@@ -301,8 +308,10 @@ def test_a_solution_signalling_its_parent_is_stopped_and_scoring_goes_on(
 
 
 def test_the_parent_reads_output_only_through_its_own_descriptors(weak_python: str) -> None:
-    # Without a uid drop the solution may rename files in its folder. A FIFO in place of
-    # stdout would block an open() by path forever; a symlink would read another file.
+    # Without a uid drop the solution could rename files in its folder. A FIFO in place of
+    # stdout would block an open() by path forever; a symlink would read another file. Changes
+    # to the file system are violations now (the rename is stopped), and the parent still
+    # reads what was written before through its own descriptors.
     solution = SOLUTION + ("import os, sys\n"
                            "print('kept', flush=True)\n"
                            "print('err', file=sys.stderr, flush=True)\n"
@@ -316,8 +325,8 @@ def test_the_parent_reads_output_only_through_its_own_descriptors(weak_python: s
     worker.start()
     worker.join(LIMITS.wall_seconds + 2)
     assert results, "the parent blocked on the solution's FIFO"
-    assert (results[0].status, results[0].stdout, results[0].stderr) == (
-        "passed", "kept\n", "err\n")
+    assert (results[0].status, results[0].reason, results[0].stdout, results[0].stderr) == (
+        "killed", "filesystem", "kept\n", "err\n")
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -386,3 +395,82 @@ def test_report_lines_are_sanitised() -> None:
                            b"violation escape\n")
     assert report == _Report(("audit_hook", "nondumpable"), "forbidden", "failed Exception")
     assert _parse_report(b"").started is None
+
+
+@pytest.fixture(scope="session")
+def extension(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A C extension module that opens a socket with no audit event (socket(2) from native
+    code), built with the system's compiler in a folder uid 65534 can read: what a solution
+    would write and import if it could write anywhere."""
+    import sysconfig
+
+    folder = tmp_path_factory.mktemp("extension")
+    source = folder / "escape.c"
+    source.write_text(
+        "#include <Python.h>\n#include <sys/socket.h>\n"
+        "static PyObject *sock(PyObject *s, PyObject *a) {\n"
+        "  return PyLong_FromLong(socket(AF_INET, SOCK_STREAM, 0)); }\n"
+        "static PyMethodDef m[] = {{\"sock\", sock, METH_NOARGS, 0}, {0}};\n"
+        "static struct PyModuleDef d = {PyModuleDef_HEAD_INIT, \"escape\", 0, -1, m};\n"
+        "PyMODINIT_FUNC PyInit_escape(void) { return PyModule_Create(&d); }\n")
+    include = subprocess.run([PYTHON, "-c", "import sysconfig; print(sysconfig.get_paths()"
+                              "['include'])"], capture_output=True, text=True, check=True)
+    suffix = subprocess.run([PYTHON, "-c", "import sysconfig; print(sysconfig.get_config_var("
+                             "'EXT_SUFFIX'))"], capture_output=True, text=True, check=True)
+    built = folder / f"escape{suffix.stdout.strip()}"
+    compiled = subprocess.run(["cc", "-shared", "-fPIC", f"-I{include.stdout.strip()}",
+                               str(source), "-o", str(built)], capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stderr
+    assert sysconfig.get_config_var("EXT_SUFFIX")
+    for p in (folder, *folder.parents):
+        if p == Path(p.anchor):
+            break
+        p.chmod(p.stat().st_mode | 0o005)  # uid 65534 may traverse and read
+    built.chmod(0o755)
+    return folder
+
+
+def test_an_extension_module_from_outside_the_interpreter_is_refused(extension: Path) -> None:
+    """Native code opens sockets with no audit event; only the interpreter's own extension
+    modules load. The same module imported by a plain interpreter works (so the refusal is
+    the sandbox's, not a broken build)."""
+    plain = subprocess.run([PYTHON, "-c", f"import sys; sys.path.insert(0, '{extension}'); "
+                            "import escape; print(escape.sock() >= 0)"],
+                           capture_output=True, text=True)
+    assert plain.stdout.strip() == "True", plain.stderr
+    result = sandbox(f"import sys\nsys.path.insert(0, {str(extension)!r})\nimport escape\n"
+                     "escape.sock()\n")
+    assert (result.status, result.reason) == ("killed", "forbidden"), result.stderr
+    stdlib = sandbox(SOLUTION + "import math, _json, select\nassert math.sqrt(4) == 2\n")
+    assert stdlib.status == "passed", stdlib.stderr
+
+
+def test_without_cap_sys_admin_the_code_scorer_refuses_to_start() -> None:
+    """Without CAP_SYS_ADMIN (a container's default) there is no network namespace: the
+    scorer used to run solutions with the network anyway. Now it refuses to start, naming the
+    capability, unless the operator waives isolation; a waived run still stops sockets at the
+    audit hook. Run in a child whose capability bounding set lacks CAP_SYS_ADMIN."""
+    require("root, to take one capability away and keep the others", os.geteuid() == 0)
+    script = (
+        "from services.scorer.scorers import CodeConfig, CodeScorer\n"
+        "from services.scorer.sandbox import SandboxUnavailable, isolation_plan, "
+        "run_python_tests\n"
+        "print('plan', *isolation_plan('/usr/bin/python3'))\n"
+        "try:\n    CodeScorer(CodeConfig())\nexcept Exception as e:\n    print('refused', e)\n"
+        "try:\n    run_python_tests('x = 1\\n', 'pass\\n', python='/usr/bin/python3')\n"
+        "except SandboxUnavailable as e:\n    print('unavailable', e)\n"
+        "CodeScorer(CodeConfig(require_isolation=False))\n"
+        "r = run_python_tests('import socket\\nsocket.socket()\\n', 'pass\\n', "
+        "python='/usr/bin/python3', require_isolation=False)\n"
+        "print('waived', r.status, r.reason, 'netns' in r.isolation)\n")
+    done = subprocess.run(["setpriv", "--bounding-set", "-sys_admin", "--inh-caps",
+                           "-sys_admin", "--", sys.executable, "-c", script],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split(" ", 1)[0]: line for line in done.stdout.splitlines()}
+    assert "netns" not in lines["plan"].split() and "setuid" in lines["plan"].split()
+    assert "refused code scorer code: cannot give solutions a network namespace" in lines[
+        "refused"] and "CAP_SYS_ADMIN" in lines["refused"]
+    assert "CAP_SYS_ADMIN" in lines["unavailable"]
+    assert lines["waived"] == "waived killed network False"
