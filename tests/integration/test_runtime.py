@@ -7,6 +7,7 @@ import re
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -294,3 +295,40 @@ def test_members_sharing_bounds_each_stop_and_together_take_every_record_once(
     written = [Task.from_bytes(m.value()).task_id for m in kafka.read_all(out)]
     assert sorted(written) == sorted(f"arith-{i}" for i in range(3000))
     assert not work_left(base, src)
+
+
+def test_fence_offsets_after_a_rewind_never_pass_the_rewound_records(
+        kafka: Broker, uid: str) -> None:
+    """Issue 38 suspected that after an abort's rewind (a seek back), a timer-only
+    transaction's fence offsets (``positions``) could come from a position the seek had not
+    yet moved, committing past records never processed. librdkafka answers the position of a
+    partition just sought as unknown (the seek is asynchronous), so ``positions`` falls back
+    to the group's committed offset: where the rewound batches begin. Shown here on the real
+    broker, seek after seek."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from services.common.offsets import positions
+
+    topic = f"seek{uid}"
+    kafka.create_topics([topic], partitions=1)
+    kafka.produce(topic, ((None, str(i).encode()) for i in range(300)))
+    consumer = Consumer(kafka.conf(**{"group.id": f"seek{uid}", "enable.auto.commit": False,
+                                      "auto.offset.reset": "earliest"}))
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        committed = 0
+        for rewind in range(10):
+            got: list[Any] = []
+            while len(got) < 20:  # a batch past the committed offset, "aborted"
+                got += [m for m in consumer.consume(20 - len(got), 5) if m.error() is None]
+            assert positions(consumer, [tp])[(topic, 0)] == committed + 20
+            consumer.seek(TopicPartition(topic, 0, committed))  # the rewind
+            fence = positions(consumer, [tp])[(topic, 0)]
+            # Nothing committed yet: no offset (the runtime sends none); else the committed.
+            assert fence == committed if committed else fence < 0, (rewind, fence)
+            consumer.consume(20, 5)  # processed again, and this time committed
+            committed += 20
+            consumer.commit(offsets=[TopicPartition(topic, 0, committed)], asynchronous=False)
+    finally:
+        consumer.close()
