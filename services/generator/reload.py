@@ -48,7 +48,7 @@ class Reloader:
         self.serving = serving
         self.served = served
         self._architecture = _architecture(served)
-        self._pending: tuple[int, Path] | None = None
+        self._pending: tuple[int, Path, CheckpointEvent] | None = None
         self._loading: Path | None = None
         self._lock = threading.Lock()
         POLICY_VERSION.set(serving.version)
@@ -85,7 +85,7 @@ class Reloader:
                     RELOAD_SKIPPED.inc()
                     log.info("v%d superseded by v%d before it was loaded", self._pending[0],
                              event.version)
-                self._pending = (event.version, folder)
+                self._pending = (event.version, folder, event)
 
     def apply_pending(self) -> bool:
         """Load the newest verified checkpoint, if any; call only between batches."""
@@ -94,7 +94,17 @@ class Reloader:
             self._loading = pending[1] if pending else None
         if pending is None:
             return False
-        version, folder = pending
+        version, folder, event = pending
+        try:  # again, as it is loaded: the files may have changed since the offer
+            folder = self.source.resolve(event, in_use=[self.served])
+        except (CheckpointRefused, CheckpointUnavailable) as exc:
+            with self._lock:
+                self._loading = None
+            reason = exc.reason if isinstance(exc, CheckpointRefused) else "unavailable"
+            RELOAD_REFUSALS.labels(reason).inc()
+            log.error("refused %s v%d as it was to be loaded (%s); still serving v%d",
+                      event.model, version, exc, self.serving.version)
+            return False
         started = time.perf_counter()
         try:
             self.engine.reload(folder)

@@ -38,6 +38,8 @@ def local_path(uri: str) -> Path:
     return Path(uri)
 
 
+MANIFEST_FILE = "flywheel-manifest.json"
+"""The store's own record of a version's files, written beside them (not in the manifest)."""
 OPTIONAL_PREFIX = "optimizer/"
 """Manifest entries under this folder may be absent: optimizer state, which the store keeps
 for the latest version only (``CheckpointStore.prune``). Present, they must match."""
@@ -58,6 +60,12 @@ def verify(event: CheckpointEvent, root: Path) -> Path:
         raise CheckpointRefused("manifest", "the manifest lists no files")
     if not any(f.path.endswith(".safetensors") for f in event.manifest):
         raise CheckpointRefused("no_safetensors", "no safetensors weights in the manifest")
+    listed = {entry.path for entry in event.manifest} | {MANIFEST_FILE}
+    unlisted = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                      if p.is_file() and str(p.relative_to(folder)) not in listed)
+    if unlisted:  # a loader reads what it finds (an index, a config): nothing unverified
+        raise CheckpointRefused("unlisted", f"files the manifest does not list: "
+                                f"{', '.join(unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}")
     for entry in event.manifest:
         path = (folder / entry.path).resolve()
         if not path.is_relative_to(folder):

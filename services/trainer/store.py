@@ -31,13 +31,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from schemas import FileDigest
-from services.models.manifest import build_manifest
+from services.models.manifest import MANIFEST_FILE, build_manifest
 
 # In a folder of their own: weight loaders (transformers, vLLM's reload) take every
 # *.safetensors file at a checkpoint's top level as model weights.
 OPTIMIZER_TENSORS = "optimizer/state.safetensors"
 OPTIMIZER_META = "optimizer/meta.json"
-MANIFEST_FILE = "flywheel-manifest.json"
 """Beside the files it lists (it cannot list itself): their sha256 and sizes, plus the record
 the trainer passes (version, parent, metrics, offset ranges trained on)."""
 _VERSION = re.compile(r"^v(\d+)$")

@@ -93,3 +93,17 @@ def test_an_absurd_or_unreadable_config_is_refused_with_hashes_that_match(
     assert _refused(event, root) == "config"
     (folder / "config.json").write_text('{"hidden_size": 64, "vocab_size": 49152}')
     assert verify(event.model_copy(update={"manifest": build_manifest(folder)}), root)
+
+
+def test_files_the_manifest_does_not_list_are_refused(tmp_path: Path) -> None:
+    """A loader reads what it finds in the folder: an unlisted shard index would make it load
+    other weights, an unlisted tokenizer file other tokens. Only the store's own record of the
+    files may sit beside them."""
+    from services.models.manifest import MANIFEST_FILE
+
+    root = tmp_path / "ckpt"
+    event = _checkpoint(root / "v1")
+    (root / "v1" / MANIFEST_FILE).write_text("{}")
+    assert verify(event, root)
+    (root / "v1" / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    assert _refused(event, root) == "unlisted"

@@ -102,3 +102,17 @@ def test_a_failed_load_restores_the_served_weights(tmp_path: Path) -> None:
     assert not reloader.apply_pending()
     assert engine.loaded == [(root / "v1").resolve(), Path(base.uri)]
     assert reloader.serving.version == 0 and _refusals("load_failed") == failed + 1
+
+
+def test_a_checkpoint_changed_after_its_offer_is_refused_when_it_is_to_be_loaded(
+    setup: tuple[Reloader, RecordingEngine, Path],
+) -> None:
+    """Verified when offered, loaded between batches later: the files are verified again as
+    they are loaded, so a change in between (a mounted store written by another host) is
+    refused and the served version stays."""
+    reloader, engine, root = setup
+    sha = _refusals("sha256")
+    reloader.offer(_checkpoint(root, 1))
+    (root / "v1" / "model.safetensors").write_bytes(b"\xfe" * 32)  # after the offer
+    assert not reloader.apply_pending() and engine.loaded == []
+    assert reloader.serving.version == 0 and _refusals("sha256") == sha + 1
