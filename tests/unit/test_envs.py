@@ -181,29 +181,25 @@ def test_the_held_out_guard_matches_by_id_and_by_normalized_prompt(tmp_path: Pat
 
 def test_a_held_out_set_holds_each_task_once(tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    """Repeats would count as independent pairs in the gate's sign test. A file's are dropped
-    and named; an environment's set draws on until it has its count (the default suite drew
-    95 distinct tasks of 100), or says the environment has fewer."""
+    """Repeats would count as independent pairs in the gate's sign test: dropped, the first
+    kept, and named in a warning; an environment's set keeps the draws of its seed (the
+    default suite: 95 distinct tasks of its 100 draws)."""
     from services.envs.heldout import HeldOut, suite
 
-    default = suite(None)[0].tasks()
     raw = envs.get("arithmetic").tasks(100, rng=random.Random(20261125))
-    assert len({t.task_id for t in raw}) < 100  # what the set held before
-    assert len(default) == 100 == len({t.task_id for t in default})
-    assert [t.task_id for t in default[:50]] == list(dict.fromkeys(t.task_id for t in raw))[:50]
-    small = HeldOut(name="d1", difficulty=1, count=20).tasks()
-    assert len({t.task_id for t in small}) == 20
+    with caplog.at_level("WARNING", logger="services.envs.heldout"):
+        default = suite(None)[0].tasks()
+    assert len({t.task_id for t in raw}) == len(default) == len({t.task_id for t in default})
+    assert len(default) < 100 and "repeat others" in caplog.text
+    assert [t.task_id for t in default] == list(dict.fromkeys(t.task_id for t in raw))
     file = tmp_path / "held.jsonl"
     rows = [{"task_id": "a", "prompt": "What is 2+2?", "answer": "4"},
             {"task_id": "b", "prompt": "  what IS 2+2? ", "answer": "4"},
             {"task_id": "a", "prompt": "Another question", "answer": "1"},
             {"task_id": "c", "prompt": "Name a colour.", "answer": "red"}]
     file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    caplog.clear()
     with caplog.at_level("WARNING", logger="services.envs.heldout"):
         kept = HeldOut(name="file", tasks_file=file).tasks()
     assert [t.prompt for t in kept] == ["What is 2+2?", "Name a colour."]
-    assert "2 repeated tasks left out" in caplog.text and "file" in caplog.text
-    with caplog.at_level("WARNING", logger="services.envs.heldout"):
-        few = HeldOut(name="tiny", difficulty=1, count=150).tasks()  # 100 such sums
-    assert len(few) <= 100 and len({t.prompt for t in few}) == len(few)
-    assert "distinct tasks" in caplog.text
+    assert "'file': 2 of its 4 tasks repeat others" in caplog.text and "b, a" in caplog.text
