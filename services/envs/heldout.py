@@ -21,10 +21,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from schemas import Task
-from services.common.text import normalize
 from services.envs.base import get
 from services.envs.declared import load_task_file
-from services.envs.guard import Guard
+from services.envs.guard import Guard, distinct
 from services.envs.tasksets import TaskSetSpec, load
 
 log = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ class HeldOut(BaseModel):
         else:
             given = get(self.env).tasks(self.count, rng=random.Random(self.seed),
                                         difficulty=self.difficulty)
-        out, repeats = _distinct(given)
+        out, repeats = distinct(given)
         if repeats:
             log.warning("held-out set %r: %d of its %d tasks repeat others and are left out: "
                         "%s%s", self.name, len(repeats), len(given), ", ".join(repeats[:10]),
@@ -103,23 +102,6 @@ class HeldOut(BaseModel):
                                 sort_keys=True, default=str).encode())
             h.update(b"\n")
         return h.hexdigest()
-
-
-def _distinct(tasks: list[Task]) -> tuple[list[Task], list[str]]:
-    """``tasks`` without repeats (by id or normalized prompt), and the repeats' ids."""
-    seen_ids: set[str] = set()
-    seen_prompts: set[str] = set()
-    out: list[Task] = []
-    repeats: list[str] = []
-    for t in tasks:
-        prompt = normalize(t.prompt)
-        if t.task_id in seen_ids or prompt in seen_prompts:
-            repeats.append(t.task_id)
-            continue
-        seen_ids.add(t.task_id)
-        seen_prompts.add(prompt)
-        out.append(t)
-    return out, repeats
 
 
 def suite(value: Any) -> list[HeldOut]:

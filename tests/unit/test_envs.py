@@ -169,10 +169,14 @@ def test_the_held_out_guard_matches_by_id_and_by_normalized_prompt(tmp_path: Pat
     kept, left_out = held_out.kept(drawn)
     prompts = {t.prompt for t in drawn[:10]}
     assert left_out >= 10 and not [t for t in kept if t.prompt in prompts]
-    chat = Task(task_id="chat:1", env="reference", prompt=drawn[0].prompt,
+    # A chat task's question is its last user message, whatever its prompt renders.
+    chat = Task(task_id="chat:1", env="reference", prompt="system: Be brief.\nuser: Hello",
                 observation={"messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Hello"},
+                                          {"role": "assistant", "content": "Hi."},
                                           {"role": "user", "content": drawn[0].prompt}]})
-    assert held_out.holds(chat)  # a chat task's prompt is its last user message
+    assert held_out.holds(chat)
+    assert not held_out.holds(chat.model_copy(update={"observation": None}))
     source = EnvSource(env, difficulty=1, curriculum=None, guard=held_out)
     published = source.draw(300, random.Random(3))
     assert len(published) == 300 and not [t for t in published if t.prompt in prompts]
