@@ -46,7 +46,8 @@ def flatten(results: dict[str, SetResult], headline: str) -> dict[str, float]:
     """Metrics as the decision event carries them: ``<set>/<metric>`` for every set, and the
     headline set's metrics under their plain names (``pass_rate``), as dashboards know them."""
     flat = {f"{name}/{k}": v for name, r in results.items() for k, v in r.metrics.items()}
-    flat.update(results[headline].metrics)
+    if headline in results:  # always, but for a reference evaluated again on some sets
+        flat.update(results[headline].metrics)
     return flat
 
 
@@ -73,13 +74,10 @@ def refresh(ref: dict[str, Any], results: dict[str, SetResult], headline: str,
     """``ref`` with its outcomes and metrics on the sets ``names`` replaced by ``results``
     (the reference evaluated again): on a new or changed set its own values are the floor
     (``best``), the old set's say nothing about the new one."""
-    flat = flatten({n: results[n] for n in names}, headline) if headline in names else {
-        f"{n}/{k}": v for n in names for k, v in results[n].metrics.items()}
-    new = {**ref, "metrics": {**ref["metrics"], **flat}, "best": {**ref["best"], **flat},
-           "outcomes": {**(ref.get("outcomes") or {}),
-                        **{n: "".join(map(str, results[n].outcomes)) for n in names}},
-           "sets": {**(ref.get("sets") or {}), **{n: digests[n] for n in names}}}
-    return new
+    part = reference({n: results[n] for n in names}, headline, ref["version"],
+                     base=ref.get("base", False), digests=digests)
+    return {**ref, **{k: {**(ref.get(k) or {}), **part[k]}
+                      for k in ("metrics", "best", "outcomes", "sets")}}
 
 
 @dataclass
