@@ -22,7 +22,8 @@ it was active (``isolation_plan(python)`` tells beforehand which of the parent's
   with the scorer's own uid: it can read the scorer's environment (``/proc/<ppid>/environ``,
   credentials) and files, and with native code signal or trace it. So ``run_python_tests``
   raises ``SandboxUnavailable`` instead, unless called with ``require_isolation=False`` (then
-  it runs anyway, with a warning).
+  it runs anyway, with a warning). Never as root: a scorer running as root whose interpreter
+  uid 65534 cannot run is refused even with the waiver (the solution would be root).
 - ``audit_hook``: the harness installs ``sys.addaudithook`` before any solution code runs.
   Sockets and name lookups are the violation ``network``; fork, exec, spawn, system and
   Popen are ``process_limit``; ctypes, subinterpreters, raising rlimits, signalling other
@@ -232,6 +233,12 @@ def run_python_tests(
     limits = limits or SandboxLimits()
     plan = _plan(limits, python)
     if not plan.drop_to_nobody:
+        if os.geteuid() == 0:  # not even waived: the solution would run as root
+            raise SandboxUnavailable(
+                f"cannot sandbox solutions with {python}: {_why_no_uid_drop(python)}, and "
+                "solutions never run as root, whatever require_isolation says. Use an "
+                "interpreter that uid 65534 can execute (such as /usr/bin/python3), or run the "
+                "scorer as a user other than root.")
         if require_isolation:
             raise SandboxUnavailable(
                 f"cannot sandbox solutions with {python}: {_why_no_uid_drop(python)}, so "

@@ -70,7 +70,8 @@ class CodeConfig(_Config):
         default=True, description="Refuse to start unless solutions can run as an "
         "unprivileged user (the scorer runs as root) in a network namespace of their own "
         "(CAP_SYS_ADMIN). False accepts weaker isolation: solutions could then read the "
-        "scorer's environment and files, or reach the network.")
+        "scorer's environment and files, or reach the network. Never root: a scorer running "
+        "as root whose interpreter uid 65534 cannot execute does not start either way.")
 
 
 def sandbox_python(configured: str | None) -> str:
@@ -176,6 +177,12 @@ class CodeScorer:
         self.python = sandbox_python(config.python)
         self.require_isolation = config.require_isolation
         plan = isolation_plan(self.python)
+        if os.geteuid() == 0 and "setuid" not in plan:  # the waiver does not cover root
+            raise ConfigError(
+                f"code scorer {config.name}: uid 65534 cannot execute {self.python}, and "
+                "solutions never run as root (require_isolation: false does not change that). "
+                "Use an interpreter uid 65534 can execute (python: /usr/bin/python3), or run "
+                "the scorer as a user other than root.")
         if self.require_isolation and "setuid" not in plan:
             raise ConfigError(
                 f"code scorer {config.name}: solutions cannot be run as an unprivileged user "

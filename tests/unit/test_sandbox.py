@@ -6,19 +6,23 @@ most of it the CPU-time and wall-clock cases.
 Runs use ``/usr/bin/python3``, which uid 65534 can execute, with the isolation the module
 requires by default; where this process cannot drop privileges (not root) they fail, unless
 the run waives isolation (``FLYWHEEL_TEST_UNISOLATED=1``, :mod:`tests.isolation`). The
-weak-isolation cases (no uid drop: the solution keeps this process's uid and can touch the run's
-folder and this process's siblings) use ``weak_python``, a copy of this interpreter's launcher
-that uid 65534 may not execute.
+weak-isolation cases (no uid drop: the solution keeps the scorer's uid and can touch the run's
+folder and the scorer's siblings) run the sandbox's parent as uid 65534 (:func:`unprivileged`),
+as a scorer run by an ordinary user with isolation waived: solutions never run as root, so a
+root scorer that cannot drop them to uid 65534 (``weak_python``, an interpreter uid 65534 may
+not execute) refuses, waiver or not.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,10 +80,51 @@ def weak_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(launcher)
 
 
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+"""A command's prefix that runs it as uid 65534, as the sandbox's parent of the weak cases."""
+
+_UNPRIVILEGED = """\
+import dataclasses, json, sys
+from services.scorer.sandbox import SandboxLimits, SandboxUnavailable, run_python_tests
+a = json.loads(sys.argv[1])
+try:
+    r = run_python_tests(a["solution"], a["tests"], SandboxLimits(**a["limits"]),
+                         python=a["python"], require_isolation=a["require"])
+except SandboxUnavailable as e:
+    print(json.dumps({"unavailable": str(e)}))
+else:
+    print(json.dumps(dataclasses.asdict(r)))
+"""
+
+
+def unprivileged(solution: str, tests: str = TESTS, limits: SandboxLimits = LIMITS, *,
+                 python: str = PYTHON, require_isolation: bool = False,
+                 timeout: float = 120) -> SandboxResult | str:
+    """``run_python_tests`` from a parent running as uid 65534, not root: the result, or the
+    ``SandboxUnavailable`` message."""
+    require("root, to start the sandbox's parent as another user", os.geteuid() == 0)
+    args = json.dumps({"solution": solution, "tests": tests, "limits": limits.model_dump(),
+                       "python": python, "require": require_isolation})
+    done = subprocess.run([*NOBODY, sys.executable, "-c", _UNPRIVILEGED, args], cwd="/",
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    if "unavailable" in out:
+        return str(out["unavailable"])
+    return SandboxResult(**{**out, "isolation": tuple(out["isolation"])})
+
+
+def _ran(result: SandboxResult | str) -> SandboxResult:
+    assert isinstance(result, SandboxResult), result
+    return result
+
+
 @pytest.fixture
 def victim() -> Iterator[subprocess.Popen[bytes]]:
-    """A process of this uid that a weakly isolated solution could otherwise signal."""
-    proc = subprocess.Popen(["sleep", "60"])
+    """A process of uid 65534 that a weakly isolated solution (of a parent of that uid) could
+    otherwise signal."""
+    proc = subprocess.Popen([*NOBODY, "sleep", "60"])
     try:
         yield proc
     finally:
@@ -169,17 +214,21 @@ def test_a_fork_bomb_leaves_no_process_behind_and_scoring_goes_on() -> None:
     assert after.seconds < LIMITS.wall_seconds
 
 
-def test_descendants_are_killed_when_the_run_ends(tmp_path: Path) -> None:
+def test_descendants_are_killed_when_the_run_ends() -> None:
     # The audit hook stops every fork a solution can make, so a stand-in interpreter leaves
     # the descendant: it reports a pass at once and exits, with `sleep` still running.
-    fake = tmp_path / "fake-python"
-    fake.write_text(f"#!{sys.executable}\n"
+    folder = Path(tempfile.mkdtemp(prefix="flywheel-test-fake-"))  # uid 65534 may enter it
+    folder.chmod(0o755)
+    fake = folder / "fake-python"
+    fake.write_text(f"#!{PYTHON}\n"
                     "import os, subprocess, sys\n"
                     "print(subprocess.Popen(['sleep', '60']).pid, flush=True)\n"
                     "os.write(int(sys.argv[3]), b'started audit_hook\\npassed\\n')\n")
     fake.chmod(0o755)
-    result = run_python_tests(SOLUTION, TESTS, LIMITS, python=str(fake),
-                              require_isolation=False)  # uid 65534 cannot run it
+    try:
+        result = _ran(unprivileged(SOLUTION, python=str(fake)))
+    finally:
+        shutil.rmtree(folder)
     assert result.status == "passed"
     assert _dies_within(int(result.stdout), seconds=2)
 
@@ -229,20 +278,30 @@ def test_as_root_the_child_runs_as_nobody_with_a_process_limit() -> None:
     assert {"setuid", "nproc", "nondumpable"} <= set(result.isolation)
 
 
-def test_without_a_uid_drop_the_sandbox_refuses_unless_isolation_is_waived(
-        weak_python: str) -> None:
-    pythons = [weak_python]
-    if "setuid" not in isolation_plan(sys.executable):  # a pyenv under /root, or not root
-        pythons.append(sys.executable)
-    for python in pythons:
-        assert "setuid" not in isolation_plan(python)
-        with pytest.raises(SandboxUnavailable, match="require_isolation=False") as info:
-            run_python_tests(SOLUTION, TESTS, LIMITS, python=python)
-        assert "uid 65534" in str(info.value) and "/usr/bin/python3" in str(info.value)
-        result = run_python_tests(SOLUTION, TESTS, LIMITS, python=python,
-                                  require_isolation=False)
-        assert result.status == "passed", result.stderr
-        assert "setuid" not in result.isolation
+def test_without_a_uid_drop_the_sandbox_refuses_unless_isolation_is_waived() -> None:
+    """A scorer that is not root cannot drop solutions to uid 65534: it refuses, naming the
+    fix, unless isolation is waived; then the solution runs with the scorer's uid."""
+    refused = unprivileged(SOLUTION, require_isolation=True)
+    assert isinstance(refused, str) and "require_isolation=False" in refused
+    assert "not root" in refused and "/usr/bin/python3" in refused
+    result = _ran(unprivileged(SOLUTION))
+    assert result.status == "passed", result.stderr
+    assert "setuid" not in result.isolation
+
+
+def test_solutions_never_run_as_root_even_with_isolation_waived(weak_python: str) -> None:
+    """As root, with an interpreter uid 65534 cannot execute, the waiver used to run the
+    solution as root. Now neither the sandbox nor the code scorer goes ahead."""
+    from services.common.errors import ConfigError
+    from services.scorer.scorers import CodeConfig, CodeScorer
+
+    require("root", os.geteuid() == 0)
+    for waive in (False, True):
+        with pytest.raises(SandboxUnavailable, match=r"uid 65534 .*never run as root"):
+            run_python_tests(SOLUTION, TESTS, LIMITS, python=weak_python,
+                             require_isolation=not waive)
+        with pytest.raises(ConfigError, match="never run as root"):
+            CodeScorer(CodeConfig(python=weak_python, require_isolation=not waive))
 
 
 SIGNALLING = {
@@ -275,10 +334,9 @@ SIGNALLING = {
 
 @pytest.mark.parametrize("way", SIGNALLING)
 def test_other_processes_of_the_same_uid_cannot_be_signalled(
-        way: str, weak_python: str, victim: subprocess.Popen[bytes]) -> None:
+        way: str, victim: subprocess.Popen[bytes]) -> None:
     solution = SIGNALLING[way].format(pid=victim.pid)
-    result = run_python_tests(solution, TESTS, LIMITS, python=weak_python,
-                              require_isolation=False)
+    result = _ran(unprivileged(solution))
     if way == "original_create_builtin":
         require("no seccomp filter here: native-level access is out of reach",
                 "seccomp" in result.isolation)
@@ -289,8 +347,7 @@ def test_other_processes_of_the_same_uid_cannot_be_signalled(
         victim.wait(timeout=0.1)
 
 
-def test_a_solution_signalling_its_parent_is_stopped_and_scoring_goes_on(
-        weak_python: str) -> None:
+def test_a_solution_signalling_its_parent_is_stopped_and_scoring_goes_on() -> None:
     # The sandbox's parent is a separate process here, so that a failure cannot kill pytest.
     parent = ("import sys\n"
               "from services.scorer.sandbox import SandboxLimits, run_python_tests\n"
@@ -299,7 +356,9 @@ def test_a_solution_signalling_its_parent_is_stopped_and_scoring_goes_on(
               "print(r.status, r.reason)\n")
     solution = ("import os, signal\n"
                 "signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)\n")
-    done = subprocess.run([sys.executable, "-c", parent, solution, weak_python], cwd=REPO,
+    require("root, to start the sandbox's parent as another user", os.geteuid() == 0)
+    done = subprocess.run([*NOBODY, sys.executable, "-c", parent, solution, PYTHON],
+                          cwd="/",
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 0, done.stderr
@@ -307,7 +366,7 @@ def test_a_solution_signalling_its_parent_is_stopped_and_scoring_goes_on(
     assert sandbox(SOLUTION).status == "passed"
 
 
-def test_the_parent_reads_output_only_through_its_own_descriptors(weak_python: str) -> None:
+def test_the_parent_reads_output_only_through_its_own_descriptors() -> None:
     # Without a uid drop the solution could rename files in its folder. A FIFO in place of
     # stdout would block an open() by path forever; a symlink would read another file. Changes
     # to the file system are violations now (the rename is stopped), and the parent still
@@ -319,13 +378,11 @@ def test_the_parent_reads_output_only_through_its_own_descriptors(weak_python: s
                            "os.mkfifo('stdout')\n"
                            "os.rename('stderr', 'stderr.moved')\n"
                            "os.symlink('/etc/passwd', 'stderr')\n")
-    results: list[SandboxResult] = []
-    worker = threading.Thread(target=lambda: results.append(run_python_tests(
-        solution, TESTS, LIMITS, python=weak_python, require_isolation=False)), daemon=True)
-    worker.start()
-    worker.join(LIMITS.wall_seconds + 2)
-    assert results, "the parent blocked on the solution's FIFO"
-    assert (results[0].status, results[0].reason, results[0].stdout, results[0].stderr) == (
+    try:  # a parent blocked on the solution's FIFO outlives the wall clock
+        result = _ran(unprivileged(solution, timeout=LIMITS.wall_seconds + 30))
+    except subprocess.TimeoutExpired:
+        pytest.fail("the parent blocked on the solution's FIFO")
+    assert (result.status, result.reason, result.stdout, result.stderr) == (
         "killed", "filesystem", "kept\n", "err\n")
 
 
