@@ -94,6 +94,7 @@ def _case(bootstrap: str, seed: tuple[Path, list[Any], dict[str, float]], rollba
 
     from services.cluster import topics as topic_ops
     from services.common.config import KafkaSettings
+    from services.common.signing import Signer, Verifier, create_keys
     from services.seed_model import publish_promoted
     from services.up.profile import Profile
     from services.up.view import read_checkpoints
@@ -104,11 +105,15 @@ def _case(bootstrap: str, seed: tuple[Path, list[Any], dict[str, float]], rollba
     folder, manifest, metrics = seed
     store = work / "store"
     uri = str(shutil.copytree(folder, store / folder.name))
-    publish_promoted(kafka, kafka.topic("checkpoints"), "policy", uri, manifest, metrics)
+    signing_key, public_key = create_keys(work / "keys")  # the gate's, as `flywheel up` makes
+    verifier = Verifier.load(public_key)
+    publish_promoted(kafka, kafka.topic("checkpoints"), "policy", uri, manifest, metrics,
+                     Signer.load(signing_key))
     tokenizer = AutoTokenizer.from_pretrained(uri)
     common = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")} | {
         "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "FLYWHEEL_KAFKA__TOPIC_PREFIX": prefix,
-        "FLYWHEEL_METRICS__ENABLED": "false", "FLYWHEEL_BASE_MODEL_PATH": uri}
+        "FLYWHEEL_METRICS__ENABLED": "false", "FLYWHEEL_BASE_MODEL_PATH": uri,
+        "FLYWHEEL_DECISIONS__PUBLIC_KEY": str(public_key)}
     trainer_env = common | {
         "FLYWHEEL_INSTANCE_ID": "trainer-0", "FLYWHEEL_CHECKPOINT_URL": str(store),
         "FLYWHEEL_QUOTAS": json.dumps({"sft": ROUND, "rl": 0, "cpt": 0}),
@@ -117,6 +122,7 @@ def _case(bootstrap: str, seed: tuple[Path, list[Any], dict[str, float]], rollba
         "FLYWHEEL_OPTIM__DTYPE": "float32",  # the tiny model's figures: the same on every CPU
         **{f"FLYWHEEL_ROLLBACK__{k.upper()}": str(v).lower() for k, v in rollback.items()}}
     gate_env = common | {"FLYWHEEL_INSTANCE_ID": "gate-0", "FLYWHEEL_CHECKPOINT_ROOT": str(store),
+                         "FLYWHEEL_DECISIONS__SIGNING_KEY": str(signing_key),
                          **{f"FLYWHEEL_{k.upper()}": json.dumps(v) if isinstance(v, list | dict)
                             else str(v) for k, v in Profile().gate.items()}}
     log = work / "services.log"
@@ -141,7 +147,7 @@ def _case(bootstrap: str, seed: tuple[Path, list[Any], dict[str, float]], rollba
             for name, proc in procs.items():
                 if proc.poll() is not None:
                     raise RuntimeError(f"the {name} exited: {log.read_text()[-2000:]}")
-            versions = read_checkpoints(kafka, "policy")
+            versions = read_checkpoints(kafka, "policy", verifier)
             decision = versions.events.get(version)
             if decision is not None and decision.status != "candidate":
                 parent = versions.candidates[version].parent_version

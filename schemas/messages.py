@@ -244,6 +244,14 @@ class OffsetRange(WireModel):
         return self
 
 
+class DecisionSignature(WireModel):
+    """The gate's Ed25519 signature on a decision (see ``services.common.signing``)."""
+
+    key_id: str = Field(description="First 16 hex digits of the SHA-256 of the raw public "
+                        "key.")
+    ed25519: str = Field(description="Base64 signature of the decision's statement.")
+
+
 class CheckpointEvent(Message):
     """A checkpoint's life: written as candidate, then promoted or rejected by the gate."""
 
@@ -273,6 +281,9 @@ class CheckpointEvent(Message):
         default_factory=dict, description="Where the round's samples came from, as counts: "
         "'env', 'router_policy', 'filter_policy', 'scorer' (name@version), 'replay' (samples "
         "a replay published into the live topics).")
+    signature: DecisionSignature | None = Field(
+        default=None, description="The gate's signature on a promotion or rejection; readers "
+        "drop a decision without a valid one. None on a candidate.")
 
     def partition_key(self) -> str:
         return self.model

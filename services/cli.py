@@ -183,6 +183,33 @@ def acls_list(user: Users = None, profile: ProfileUsers = None) -> None:
         access.table(grants, have, f"ACLs on {settings.kafka.bootstrap_servers}"))
 
 
+keys_app = typer.Typer(no_args_is_help=True, help="The gate's signing key: only decisions "
+                       "it signed are trusted (`flywheel up` makes a pair in its home).")
+app.add_typer(keys_app, name="keys", rich_help_panel=SETUP)
+
+
+@keys_app.command("create")
+def keys_create(folder: Annotated[Path, typer.Argument(
+        help="Where to write gate.key (for the gate only, mode 0600) and gate.pub (for "
+        "every service).")] = Path(".flywheel/keys"),
+        exist_ok: Annotated[bool, typer.Option(
+            "--exist-ok", help="Keep a pair already there (a deployment's one-shot).")] = False,
+        ) -> None:
+    """Make the gate's Ed25519 key pair. Give gate.key to the gate alone (a Kubernetes
+    Secret mounted in its pod, FLYWHEEL_DECISIONS__SIGNING_KEY) and gate.pub to every
+    service (FLYWHEEL_DECISIONS__PUBLIC_KEY). Rotation: append the new gate.pub to the
+    trusted file everywhere, then give the gate the new key."""
+    from services.common.signing import Verifier, create_keys, ensure_keys
+
+    try:
+        private, public = (ensure_keys if exist_ok else create_keys)(folder)
+    except FileExistsError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    [key_id] = Verifier.load(public).key_ids
+    err.print(f"gate key {key_id}: {private} (secret), {public} (public)")
+
+
 @acls_app.command("user")
 def acls_user(
     name: Annotated[str, typer.Argument(help="SCRAM username, e.g. a service's name.")],
@@ -541,13 +568,14 @@ def quarantine_command(
     ranges, and the policies and scorers that let it through."""
     import json
 
+    from services.common.signing import Verifier
     from services.quarantine import quarantined, table, write_records
 
     settings = ServiceSettings(service="cli")
     kinds = ("regressed", "invalid", "not_better", "superseded") if all_rejected \
         else ("regressed", "invalid")
-    entries = quarantined(settings.kafka, settings.topic("checkpoints"), model=model,
-                          kinds=kinds)
+    entries = quarantined(settings.kafka, settings.topic("checkpoints"),
+                          Verifier.load(settings.decisions.public_key), model=model, kinds=kinds)
     if as_json:
         print(json.dumps([q.to_json() for q in entries], indent=2))
     else:

@@ -28,6 +28,7 @@ from rich.table import Table
 from schemas import CheckpointEvent, OffsetRange, RoutedSample
 from services.common.checkpoints import CheckpointFollower
 from services.common.config import KafkaSettings
+from services.common.signing import Verifier
 
 
 @dataclass
@@ -86,11 +87,12 @@ class _All:
         self.events.append(event)
 
 
-def quarantined(kafka: KafkaSettings, topic: str, *, model: str | None = None,
+def quarantined(kafka: KafkaSettings, topic: str, verifier: Verifier, *,
+                model: str | None = None,
                 kinds: tuple[str, ...] = ("regressed", "invalid")) -> list[Quarantined]:
     """Every rejected candidate of ``kinds`` (of ``model``, or all), oldest first."""
     everything = _All()
-    follower = CheckpointFollower(kafka, topic, everything)
+    follower = CheckpointFollower(kafka, topic, everything, verifier=verifier)
     try:
         follower.catch_up(timeout=120)
     finally:

@@ -28,6 +28,7 @@ from schemas import CheckpointEvent, ProducerInfo, Task
 from services import envs
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError
+from services.common.signing import Signer
 from services.envs.arithmetic import Arithmetic
 from services.envs.guard import Guard
 
@@ -156,13 +157,16 @@ def make_seed_model(s: SeedModelSettings, store_url: str, model_name: str,
 
 
 def publish_promoted(kafka: KafkaSettings, topic: str, model_name: str, uri: str,
-                     manifest: list[Any], metrics: dict[str, float]) -> CheckpointEvent:
-    """Announce version 0 as promoted: the gate's reference, the generators' weights."""
+                     manifest: list[Any], metrics: dict[str, float],
+                     signer: Signer) -> CheckpointEvent:
+    """Announce version 0 as promoted: the gate's reference, the generators' weights. Signed
+    with the gate's key (``signer``), as only the gate's decisions are trusted."""
     from confluent_kafka import Producer
 
     event = CheckpointEvent(model=model_name, version=0, uri=uri, manifest=manifest,
                             status="promoted", metrics=metrics, reason="seed model",
                             producer=ProducerInfo(service="seed-model", instance="seed-model"))
+    event = signer.sign(event)
     producer = Producer({**kafka.client_config(), "enable.idempotence": True})
     errors: list[str] = []
     producer.produce(topic, key=event.partition_key().encode(),

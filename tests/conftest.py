@@ -19,7 +19,24 @@ from typing import Any
 import pytest
 
 from services.cluster import local_broker as local_kafka
+from services.common.signing import DecisionKeys, create_keys
 from tests.kafka import Broker
+from tests.signing import KEYS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gate_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DecisionKeys]:
+    """The gate's key pair for the session, named in ``FLYWHEEL_DECISIONS__*`` (see
+    ``tests/signing.py``)."""
+    private, public = create_keys(tmp_path_factory.mktemp("gate-keys"))
+    saved = {k: os.environ.get(k) for k in KEYS}
+    os.environ[KEYS[0]], os.environ[KEYS[1]] = str(public), str(private)
+    yield DecisionKeys(public_key=public, signing_key=private)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

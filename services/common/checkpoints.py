@@ -14,6 +14,8 @@ from pydantic import ValidationError
 from schemas import CheckpointEvent
 from services.common.config import KafkaSettings
 from services.common.follower import TopicFollower
+from services.common.metrics import CHECKPOINT_EVENTS_REFUSED
+from services.common.signing import Unsigned, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +46,34 @@ class LatestPromoted:
 
 class CheckpointFollower(TopicFollower):
     """Reads the whole ``checkpoints`` topic and keeps following it, offering every valid
-    event to ``listener`` (see :class:`~services.common.follower.TopicFollower`)."""
+    event to ``listener`` (see :class:`~services.common.follower.TopicFollower`): candidates,
+    and the decisions ``verifier`` finds signed by the gate. ``on_invalid`` hears the reason
+    of each event dropped (``invalid_event``, ``unsigned``)."""
 
-    def __init__(self, kafka: KafkaSettings, topic: str, listener: Listener,
-                 on_invalid: Callable[[], None] | None = None) -> None:
+    def __init__(self, kafka: KafkaSettings, topic: str, listener: Listener, *,
+                 verifier: Verifier,
+                 on_invalid: Callable[[str], None] | None = None) -> None:
         super().__init__(kafka, topic, self._offer, name="checkpoint-follower")
-        self.listener, self.on_invalid = listener, on_invalid
+        self.listener, self.verifier, self.on_invalid = listener, verifier, on_invalid
 
     def _offer(self, msg: KafkaMessage) -> None:
         try:
             event = CheckpointEvent.from_bytes(msg.value() or b"")
         except ValidationError as exc:
-            if self.on_invalid is not None:
-                self.on_invalid()
+            self._drop("invalid_event")
             log.error("invalid checkpoint event at %s[%s]@%s: %s", msg.topic(), msg.partition(),
                       msg.offset(), exc.errors(include_url=False)[:3])
             return
+        try:
+            self.verifier.check(event)
+        except Unsigned as exc:
+            self._drop("unsigned")
+            log.error("dropped a decision at %s[%s]@%s: %s", msg.topic(), msg.partition(),
+                      msg.offset(), exc)
+            return
         self.listener.offer(event)
+
+    def _drop(self, reason: str) -> None:
+        CHECKPOINT_EVENTS_REFUSED.labels(reason).inc()
+        if self.on_invalid is not None:
+            self.on_invalid(reason)

@@ -17,6 +17,8 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.signing import DecisionKeys
+
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 """Kafka pom, topics file, Prometheus and Grafana files, in the source checkout."""
 
@@ -190,6 +192,9 @@ class ServiceSettings(BaseSettings):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     state: StateSettings = Field(default_factory=StateSettings)
+    decisions: DecisionKeys = Field(default_factory=DecisionKeys, description="The gate's "
+                                    "keys: decisions on `checkpoints` without its signature "
+                                    "are dropped.")
 
     def topic(self, name: str) -> str:
         return self.kafka.topic(name)

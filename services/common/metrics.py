@@ -64,6 +64,11 @@ FOLLOWER_SKIPPED = Counter(
     "flywheel_follower_records_skipped_total",
     "Records a background follower could not take (malformed), skipped.", ["follower"],
 )
+CHECKPOINT_EVENTS_REFUSED = Counter(
+    "flywheel_checkpoint_events_refused_total",
+    "Events on `checkpoints` a reader dropped: malformed (invalid_event) or a decision "
+    "without the gate's signature (unsigned).", ["reason"],
+)
 RECONNECTS = Counter(
     "flywheel_runtime_reconnects_total",
     "Kafka clients rebuilt in-process after a broker outage left them unusable.", ["service"],

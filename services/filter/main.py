@@ -10,6 +10,7 @@ from services.common.checkpoints import CheckpointFollower, LatestPromoted
 from services.common.config import ServiceSettings
 from services.common.policy import load_policy
 from services.common.service import serve
+from services.common.signing import Verifier
 from services.filter.policy import FilterPolicy
 from services.filter.stage import FilterStage, state_store
 
@@ -41,7 +42,8 @@ def run(settings: FilterSettings, *, input_topic: str | None = None,
     follower = None
     if stage.policy.max_staleness is not None:
         follower = CheckpointFollower(
-            settings.kafka, checkpoints_topic or settings.topic("checkpoints"), latest)
+            settings.kafka, checkpoints_topic or settings.topic("checkpoints"), latest,
+            verifier=Verifier.load(settings.decisions.public_key))
         follower.catch_up()
         follower.start()
     try:

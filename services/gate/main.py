@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from services.common.config import RuntimeSettings, ServiceSettings
 from services.common.service import serve
+from services.common.signing import Signer, Verifier
 from services.common.state import StateStore
 from services.envs.heldout import Suite, suite
 from services.gate.evaluate import evaluate_suite
@@ -81,6 +82,8 @@ def build_stage(settings: GateSettings) -> GateStage:
         interrupted=stopping,
         digests={s.name: s.digest(t) for s, t in zip(sets, tasks, strict=True)},
         base={settings.model_name: (settings.base_version, settings.base_model_path)},
+        signer=Signer.load(settings.decisions.signing_key),
+        verifier=Verifier.load(settings.decisions.public_key),
         sets=sets, headline=settings.headline, tracked=settings.tracked,
         tolerance=settings.tolerance, alpha=settings.alpha, service=settings.service)
 

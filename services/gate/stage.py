@@ -51,6 +51,8 @@ from tenacity import RetryCallState, Retrying, retry_if_not_exception_type, stop
 
 from schemas import CheckpointEvent
 from services.common.errors import DependencyError, Interrupted
+from services.common.metrics import CHECKPOINT_EVENTS_REFUSED
+from services.common.signing import KeyMissing, Signer, Unsigned, Verifier
 from services.common.stage import Output
 from services.common.state import PartitionState, StateStore
 from services.envs.heldout import HeldOut
@@ -78,6 +80,7 @@ class GateStage:
 
     def __init__(self, *, state: StateStore, output_topic: str, root: Path,
                  evaluate: Evaluate, base: dict[str, tuple[int, Path]],
+                 signer: Signer, verifier: Verifier,
                  sets: Sequence[HeldOut] = (HeldOut(),), headline: str | None = None,
                  tracked: Sequence[str] = ("pass_rate",), tolerance: float = 0.02,
                  alpha: float = 0.05, service: str = "gate",
@@ -89,6 +92,11 @@ class GateStage:
         self.source = source or CheckpointSource(root)
         """Candidates in place inside ``root``, or fetched from the store's URL."""
         self.evaluate = evaluate
+        self.signer, self.verifier = signer, verifier
+        """Its decisions are signed; the promotions it reads must be (by a trusted key)."""
+        if signer.key_id not in verifier.key_ids:
+            raise KeyMissing(f"the gate's signing key ({signer.key_id}) is not among the "
+                             "trusted public keys: its own decisions would be dropped")
         self.base = base
         """Per model: the base version and its folder, the reference before any promotion."""
         self.sets = list(sets)
@@ -105,6 +113,15 @@ class GateStage:
         self.streaks = SourceStreaks()
         self._early: dict[str, Future[dict[str, SetResult]]] = {}
         """Per model: the base's evaluation, started when its partition was restored."""
+
+    def admit(self, event: CheckpointEvent) -> None:
+        """A decision the gate's key did not sign (written by another principal) is
+        dead-lettered with the reason: it moves neither the reference nor the floor."""
+        try:
+            self.verifier.check(event)
+        except Unsigned:
+            CHECKPOINT_EVENTS_REFUSED.labels("unsigned").inc()
+            raise
 
     def process_partition(self, state: PartitionState, batch: Sequence[CheckpointEvent]
                           ) -> list[Output]:
@@ -355,4 +372,4 @@ class GateStage:
             **fields, event_id=uuid.uuid5(NAMESPACE, f"{cand.event_id}:{status}"),
             status=status, metrics={**cand.metrics, **scores}, reason=reason,
             rejection=rejection)
-        return Output(self.output_topic, decision)
+        return Output(self.output_topic, self.signer.sign(decision))

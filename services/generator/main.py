@@ -14,6 +14,7 @@ from services.common.checkpoints import CheckpointFollower
 from services.common.config import RuntimeSettings, ServiceSettings
 from services.common.logs import setup_logging
 from services.common.service import serve
+from services.common.signing import Verifier
 from services.generator.metrics import RELOAD_REFUSALS
 from services.generator.reload import Reloader
 from services.generator.stage import GeneratorStage
@@ -129,7 +130,8 @@ def run(settings: GeneratorSettings) -> int:
                          settings.instance_id))
     follower = CheckpointFollower(
         settings.kafka, settings.topic("checkpoints"), reloader,
-        on_invalid=RELOAD_REFUSALS.labels("invalid_event").inc)
+        verifier=Verifier.load(settings.decisions.public_key),
+        on_invalid=lambda reason: RELOAD_REFUSALS.labels(reason).inc())
     follower.catch_up()  # a generator that starts late serves the latest promoted version
     reloader.apply_pending()
     follower.start()

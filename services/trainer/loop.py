@@ -43,6 +43,7 @@ from services.common.errors import FatalRuntimeError
 from services.common.health import BrokerHealth
 from services.common.metrics import RECORDS_DEAD_LETTERED
 from services.common.outputs import produce_dead_letters
+from services.common.signing import Verifier
 from services.common.transactions import Transactions
 from services.models.manifest import verify
 from services.trainer import metrics as m
@@ -84,6 +85,8 @@ class Trainer:
         self._consumer: Consumer | None = None
         self._transactions: Transactions | None = None
         self.decisions = Decisions(settings.model_name)
+        self.verifier = Verifier.load(settings.decisions.public_key)
+        """Only the gate's signed decisions count (a forged rejection would roll back)."""
         self._decisions: CheckpointFollower | None = None
 
     @property
@@ -110,7 +113,7 @@ class Trainer:
         import torch
         from transformers import AutoTokenizer
 
-        _read_decisions(self.s, self.decisions)
+        _read_decisions(self.s, self.decisions, self.verifier)
         latest = self.decisions.latest
         if latest is not None:
             self.version, self.step = latest.version, latest.step or 0
@@ -250,7 +253,7 @@ class Trainer:
             self._resume()
             self._open()
             self._decisions = CheckpointFollower(self.s.kafka, self.s.topic("checkpoints"),
-                                                 self.decisions)
+                                                 self.decisions, verifier=self.verifier)
             self._decisions.start()
             self._alive = True
             self._health.connected = True
@@ -390,11 +393,12 @@ class Trainer:
                                     f"{exc.args[0]}") from exc
 
 
-def _read_decisions(s: TrainerSettings, decisions: Decisions) -> None:
+def _read_decisions(s: TrainerSettings, decisions: Decisions, verifier: Verifier) -> None:
     """``checkpoints`` read to its true end into ``decisions``: another producer's open
     transaction (the gate evaluating, up to its transaction timeout) is waited for, since
     missing a committed candidate would reuse its version."""
-    follower = CheckpointFollower(s.kafka, s.topic("checkpoints"), decisions)
+    follower = CheckpointFollower(s.kafka, s.topic("checkpoints"), decisions,
+                                  verifier=verifier)
     try:
         follower.catch_up(timeout=900 + 60, true_end=True)
     finally:

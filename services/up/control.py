@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from services.cluster import local_broker as local_kafka
 from services.common.errors import ConfigError
+from services.common.signing import Verifier
 from services.up import monitor
 from services.up.profile import kafka_from_env
 from services.up.view import Snapshot, read_checkpoints
@@ -169,7 +170,9 @@ def _group_alive(pgid: int) -> bool:
 def status_snapshot(state: dict[str, Any]) -> Snapshot:
     """A running stack's snapshot from outside: its /metrics and the checkpoints topic."""
     # The state holds no secret: the password comes from the environment, as for up.
-    versions = read_checkpoints(kafka_from_env(state["kafka"]), state["model_name"])
+    verifier = Verifier.load(Path(state.get("public_key") or Path(state["home"]) / "keys"
+                                  / "gate.pub"))
+    versions = read_checkpoints(kafka_from_env(state["kafka"]), state["model_name"], verifier)
     ports = {k: int(v) for k, v in state["ports"].items()}
     first = Snapshot.take(ports, versions, Snapshot.empty())
     time.sleep(1.0)  # out/s: counters one second apart

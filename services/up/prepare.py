@@ -20,6 +20,7 @@ from services.cluster import local_broker as local_kafka
 from services.cluster import topics as topic_ops
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError
+from services.common.signing import DecisionKeys, Signer, Verifier
 from services.up import monitor
 from services.up.profile import POLICY_FIELD, SERVICES, Profile
 from services.up.view import read_checkpoints
@@ -173,7 +174,7 @@ def train_seed(profile: Profile, say: Say) -> Seed | None:
 
 
 def publish_seed(profile: Profile, settings: KafkaSettings, say: Say,
-                 trained: Seed | None) -> Path:
+                 trained: Seed | None, keys: DecisionKeys) -> Path:
     """Version 0 promoted on ``checkpoints``, so the gate, the generators and the trainer all
     start from it: the seed just ``trained``, or the store's when the topic has no decision
     on version 0 yet."""
@@ -185,7 +186,9 @@ def publish_seed(profile: Profile, settings: KafkaSettings, say: Say,
     if trained is not None:
         uri, manifest, metrics = trained
     else:
-        if any(e.version == 0 for e in read_checkpoints(settings, p.model_name).decided()):
+        verifier = Verifier.load(keys.public_key)
+        if any(e.version == 0
+               for e in read_checkpoints(settings, p.model_name, verifier).decided()):
             return folder
         document = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
         from schemas import FileDigest
@@ -193,6 +196,6 @@ def publish_seed(profile: Profile, settings: KafkaSettings, say: Say,
         metrics = document.get("metrics", {})
         uri = str(folder)
     publish_promoted(settings, settings.topic("checkpoints"), p.model_name, uri, manifest,
-                     metrics)
+                     metrics, Signer.load(keys.signing_key))
     say("seed model: published as promoted version 0")
     return folder

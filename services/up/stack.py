@@ -29,6 +29,7 @@ from services.cluster import local_broker as local_kafka
 from services.common.checkpoints import CheckpointFollower
 from services.common.config import KafkaSettings
 from services.common.errors import ConfigError
+from services.common.signing import DecisionKeys, Verifier, stack_keys
 from services.up import control, monitor, prepare
 from services.up.profile import POLICY_FIELD, SECRETS, SERVICES, Profile, kafka_from_env, public
 from services.up.supervisor import ProcessSpec, Supervisor
@@ -63,6 +64,16 @@ class Stack:
         return self.profile.home
 
     @property
+    def keys(self) -> DecisionKeys:
+        """The gate's keys: ``FLYWHEEL_DECISIONS__*`` where set, else the home's pair (made
+        on first start)."""
+        return stack_keys(self.home)
+
+    @property
+    def verifier(self) -> Verifier:
+        return Verifier.load(self.keys.public_key)
+
+    @property
     def kafka_settings(self) -> KafkaSettings:
         return KafkaSettings(**self.kafka, **self.secrets)
 
@@ -77,6 +88,7 @@ class Stack:
                               f"{self.home} ({', '.join(sorted(left))}): `flywheel down` first")
         self._owner = control.Owner(self.home)  # until run() ends; a second up fails here
         self.write_state()  # this process's from now on, not a dead up's
+        keys = self.keys  # made now if there are none: the seed's promotion is signed
         starting: Future[tuple[local_kafka.LocalBroker, bool]] | None = None
         try:
             resolved = kafka_from_env(p.kafka)
@@ -109,7 +121,7 @@ class Stack:
                     f"({'started' if self.started_broker else 'running'})")
                 prepare.apply_topics(self.kafka_settings, say)
             self.base_path = p.model_path or prepare.publish_seed(p, self.kafka_settings, say,
-                                                                  seed)
+                                                                  seed, keys)
         except BaseException:
             if starting is not None:  # a broker still starting is stopped too, once it is up
                 with contextlib.suppress(Exception):  # (a start that failed started nothing)
@@ -156,7 +168,8 @@ class Stack:
             replicas = p.generators if service == "generator" else 1
             for i in range(replicas):
                 name = f"{service}-{i}" if service == "generator" else service
-                env = self._env(fields, instance=name, port=port) | self._auth(service)
+                env = (self._env(fields, instance=name, port=port) | self._auth(service)
+                       | self._keys_env(service))
                 out.append(ProcessSpec(name, [sys.executable, "-m", "services", "run", service],
                                        env, hide=self._hidden()))
                 self.ports[name] = port
@@ -177,6 +190,14 @@ class Stack:
                 "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
         return env
 
+    def _keys_env(self, service: str) -> dict[str, str]:
+        """Every service trusts the gate's public key; only the gate has its signing key."""
+        keys = self.keys
+        env = {"FLYWHEEL_DECISIONS__PUBLIC_KEY": str(keys.public_key.resolve())}
+        if service == "gate":
+            env["FLYWHEEL_DECISIONS__SIGNING_KEY"] = str(keys.signing_key.resolve())
+        return env
+
     def _auth(self, service: str) -> dict[str, str]:
         """The service's own principal if the profile names one, else the kafka section's
         secrets: in the child's environment only."""
@@ -191,13 +212,14 @@ class Stack:
         """Variables of this process no child inherits: the other services' passwords, and
         the kafka section's password where a child has its own principal."""
         return tuple(c.password_env for c in self.profile.credentials.values()) + tuple(
-            f"FLYWHEEL_KAFKA__{k.upper()}" for k in SECRETS)
+            f"FLYWHEEL_KAFKA__{k.upper()}" for k in SECRETS) + ("FLYWHEEL_DECISIONS__SIGNING_KEY",)
 
     def write_state(self) -> None:
         control.write_state(self.home, ports=self.ports, kafka=self.kafka,
                             prometheus=self.prometheus.url if self.prometheus else None,
                             model_name=self.profile.model_name,
-                            started_broker=self.started_broker)
+                            started_broker=self.started_broker,
+                            public_key=str(self.keys.public_key.resolve()))
 
     def run(self, *, seconds: float | None = None, view: Callable[[Snapshot], None] | None
             = None, until: Callable[[Snapshot], bool] | None = None, stop_broker: bool = True,
@@ -219,7 +241,8 @@ class Stack:
         snapshot = Snapshot.empty()
         follower: CheckpointFollower | None = None
         try:
-            follower = CheckpointFollower(settings, settings.topic("checkpoints"), versions)
+            follower = CheckpointFollower(settings, settings.topic("checkpoints"), versions,
+                                          verifier=self.verifier)
             follower.start()
             self.write_state()
             started = time.monotonic()
@@ -243,7 +266,8 @@ class Stack:
             if follower is not None:
                 follower.stop()
                 try:  # again from the start: the decisions committed while stopping too
-                    self.versions = read_checkpoints(settings, self.profile.model_name, 10)
+                    self.versions = read_checkpoints(settings, self.profile.model_name,
+                                                     self.verifier, 10)
                 except Exception as exc:  # the view's record only: never mask the exit
                     log.warning("checkpoints not read to the end: %s", exc)
             for sig, handler in previous.items():

@@ -18,6 +18,7 @@ from rich.table import Table
 from schemas import CheckpointEvent
 from services.common.checkpoints import CheckpointFollower
 from services.common.config import KafkaSettings
+from services.common.signing import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,16 @@ class Versions:
             return [e for _, e in sorted(self.events.items()) if e.status != "candidate"]
 
 
-def read_checkpoints(settings: KafkaSettings, model: str, wait: float = 60.0) -> Versions:
+def read_checkpoints(settings: KafkaSettings, model: str, verifier: Verifier,
+                     wait: float = 60.0) -> Versions:
     """Every event of ``model`` on ``checkpoints`` so far. Just after the topics were created
     their partitions may have no leader yet: retried until ``wait`` has passed."""
     deadline = time.monotonic() + wait
     while True:
         versions = Versions(model)
         try:
-            follower = CheckpointFollower(settings, settings.topic("checkpoints"), versions)
+            follower = CheckpointFollower(settings, settings.topic("checkpoints"), versions,
+                                          verifier=verifier)
             try:
                 follower.catch_up()
             finally:

@@ -59,6 +59,7 @@ from services.up.view import Snapshot
 from tests import hostile
 from tests.integration.runners import ready
 from tests.kafka import Broker
+from tests.signing import sign
 
 pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.fault]
 
@@ -269,7 +270,9 @@ class Faults:
         assert producer.flush(60) == 0
 
     def _forged(self) -> list[tuple[str, CheckpointEvent]]:
-        """Promotions of checkpoints that must never load: each refused for its own reason."""
+        """Promotions of checkpoints that must never load: each refused for its own reason.
+        All but the first are signed with the gate's key, as a gate that was fooled would
+        sign them: the checks behind the signature's still hold."""
         root = self.store
         good = sorted(p for p in root.glob("v*") if (p / "config.json").is_file())[0]
         outside = self.stack.home / "outside"
@@ -284,12 +287,16 @@ class Faults:
 
         def event(kind: str, folder: Path, n: int, manifest: list[FileDigest] | None = None
                   ) -> tuple[str, CheckpointEvent]:
-            return kind, CheckpointEvent(
+            return kind, sign(CheckpointEvent(
                 model=self.stack.profile.model_name, version=10_000 + n, uri=str(folder),
                 manifest=manifest if manifest is not None else build_manifest(folder),
-                status="promoted")
+                status="promoted"))
 
-        forged = [event("outside_root", outside, 0, build_manifest(good))]
+        # Sound weights, promoted by someone without the gate's key.
+        forged = [("unsigned", CheckpointEvent(
+            model=self.stack.profile.model_name, version=10_100, uri=str(good),
+            manifest=build_manifest(good), status="promoted"))]
+        forged.append(event("outside_root", outside, 0, build_manifest(good)))
         link = root / "forged-link"
         link.symlink_to(outside, target_is_directory=True)
         forged.append(event("symlink", link, 1, build_manifest(good)))

@@ -20,6 +20,7 @@ from typing import Any
 from services.common.config import ServiceSettings
 from services.common.runtime import StreamRuntime
 from tests.kafka import Broker, wait_until
+from tests.signing import service_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,7 +92,7 @@ def spawn_service(
     leading a process group of its own, so that :func:`stopped` and :func:`kill_group` reach
     the processes it starts (a replay's workers) too. ``launcher``: options of ``python -m
     torch.distributed.run`` (torchrun), which then starts the service's ranks."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    full = service_env()
     full |= {
         "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "FLYWHEEL_KAFKA__TOPIC_PREFIX": prefix,

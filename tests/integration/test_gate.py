@@ -21,6 +21,7 @@ from services.envs.heldout import HeldOut
 from services.gate.main import GateSettings, build_stage
 from tests.integration.runners import InThread, http_server
 from tests.kafka import Broker, wait_until
+from tests.signing import signer, verifier
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -111,7 +112,8 @@ def _gate_and_generator(kafka: Broker, tmp_path: Path, prefix: str, base: Path, 
     engine = TransformersEngine(served)
     reloader = Reloader(engine, unmounted, ModelVersion("tiny", 0), served, CheckpointSource(
         unmounted, CheckpointSourceSettings(url=url, cache_dir=tmp_path / "generator-cache")))
-    follower = CheckpointFollower(settings, f"{prefix}checkpoints", reloader)
+    follower = CheckpointFollower(settings, f"{prefix}checkpoints", reloader,
+                                  verifier=verifier())
     try:
         follower.catch_up()
         assert reloader.apply_pending()
@@ -187,7 +189,7 @@ def test_a_decision_commits_when_made_even_when_the_next_evaluation_outlasts_the
     store = StateStore(gs.topic("gate.state"))
     gate = GateStage(state=store, output_topic=gs.topic("checkpoints"), root=tmp_path,
                      evaluate=evaluate, base={"tiny": (0, tmp_path / "base")},
-                     tolerance=0.05)
+                     tolerance=0.05, signer=signer(), verifier=verifier())
     candidates = [_candidate(tmp_path, v) for v in (1, 2)]
     kafka.produce(gs.topic("checkpoints"), ((b"tiny", c.to_bytes()) for c in candidates))
 

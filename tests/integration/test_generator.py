@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -27,6 +26,7 @@ from services.models.tiny import tiny_model
 from tests.factories import PRODUCER
 from tests.integration.runners import ready
 from tests.kafka import Broker, wait_until
+from tests.signing import service_env, sign
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -35,6 +35,8 @@ SAMPLES = 2
 
 
 def _publish_checkpoint(kafka: Broker, prefix: str, event: CheckpointEvent) -> None:
+    """``event`` as the gate writes it, signed."""
+    event = sign(event)
     kafka.produce(f"{prefix}checkpoints", [(event.model.encode(), event.to_bytes())])
 
 
@@ -57,7 +59,7 @@ def _spawn(kafka: Broker, prefix: str, instance: str, model: Path, root: Path,
         "FLYWHEEL_VLLM__MAX_MODEL_LEN": "256",
         "FLYWHEEL_VLLM__GPU_MEMORY_UTILIZATION": "0.05",
     }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")} | settings_env
+    env = service_env() | settings_env
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "services", "run", "generator"],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -131,6 +133,14 @@ def test_generator_serves_tasks_and_hot_reloads_promoted_checkpoints(
         (v2 / "model.safetensors").write_bytes(b"\x00" * (v2 / "model.safetensors").stat().st_size)
         _publish_checkpoint(kafka, prefix, bad)
         wait_until(lambda: b"refused tiny v2" in log.read_bytes(), 60, "the refusal log line")
+        # Sound weights promoted by someone without the gate's key: dropped before any check.
+        v3 = root / "v3"
+        shutil.copytree(v1, v3)
+        forged = CheckpointEvent(model="tiny", version=3, parent_version=1, uri=str(v3),
+                                 manifest=build_manifest(v3), status="promoted")
+        kafka.produce(f"{prefix}checkpoints", [(b"tiny", forged.to_bytes())])
+        wait_until(lambda: b"promoted event for tiny v3 is not signed by the gate"
+                   in log.read_bytes(), 60, "the forged promotion dropped")
         later = arithmetic.tasks(5, rng=rng, difficulty=2)
         publisher.publish(later)
         ids = {str(t.event_id) for t in later}

@@ -35,6 +35,7 @@ from tests.integration.runners import (
     stopped,
 )
 from tests.kafka import Broker, wait_until
+from tests.signing import sign, verifier
 
 pytestmark = pytest.mark.integration
 
@@ -60,8 +61,8 @@ def _policy_file(tmp_path: Path) -> Path:
 
 def _promote(kafka: Broker, prefix: str) -> None:
     """Version 5 promoted: the filter's reference for staleness."""
-    promoted = CheckpointEvent(model=planted.MODEL, version=planted.LATEST_VERSION,
-                               uri="/nowhere", manifest=[], status="promoted")
+    promoted = sign(CheckpointEvent(model=planted.MODEL, version=planted.LATEST_VERSION,
+                                    uri="/nowhere", manifest=[], status="promoted"))
     kafka.produce(f"{prefix}checkpoints", [(promoted.model.encode(), promoted.to_bytes())])
 
 
@@ -139,7 +140,8 @@ def _live_filter_and_router(kafka: Broker, prefix: str, policy: Path,
     rs = _service_settings(RouterSettings, kafka, prefix)
     assert isinstance(fs, FilterSettings) and isinstance(rs, RouterSettings)
     latest = LatestPromoted()
-    follower = CheckpointFollower(fs.kafka, fs.topic("checkpoints"), latest)
+    follower = CheckpointFollower(fs.kafka, fs.topic("checkpoints"), latest,
+                                  verifier=verifier())
     follower.catch_up()
     try:
         with InThread(StreamRuntime(fs, build_filter(fs, latest), [fs.topic("scored")])) as f, \

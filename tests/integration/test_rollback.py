@@ -32,6 +32,7 @@ from services.seed_model import SeedModelSettings, make_seed_model, publish_prom
 from services.up.profile import Profile
 from tests.integration.runners import InThread, spawn_service
 from tests.kafka import Broker, wait_until
+from tests.signing import signer, verifier
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -72,7 +73,8 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage(
     store = tmp_path / "store"
     folder, manifest, metrics = seed
     uri = str(shutil.copytree(folder, store / folder.name))
-    publish_promoted(settings, settings.topic("checkpoints"), "policy", uri, manifest, metrics)
+    publish_promoted(settings, settings.topic("checkpoints"), "policy", uri, manifest, metrics,
+                     signer())
     tokenizer = AutoTokenizer.from_pretrained(uri)
     # Healthy rounds, two poisoned stretches and the healthy round between them.
     tasks = iter(training_tasks(profile, HEALTHY + (2 * POISON_TRIES + 1) * ROUND, seed=3))
@@ -178,7 +180,7 @@ def test_the_trainer_rolls_back_from_a_poisoned_lineage(
     # The poisoned candidates' provenance names the poisoned policy, and `flywheel
     # quarantine` finds the records behind every regressed candidate.
     assert all("b" * 64 in candidates[v].provenance["router_policy"] for v in regressed)
-    entries = quarantined(settings, settings.topic("checkpoints"))
+    entries = quarantined(settings, settings.topic("checkpoints"), verifier())
     assert set(regressed) <= {q.version for q in entries}
     first = next(q for q in entries if q.version == min(regressed))
     assert first.since is not None and first.since <= best

@@ -7,20 +7,24 @@ The whole flywheel running as these principals is ``test_flywheel.py``."""
 
 from __future__ import annotations
 
-import os
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka.admin import AclBindingFilter
 
+from schemas import CheckpointEvent
 from services import registry
 from services.cluster import access
 from services.cluster import topics as topic_ops
 from services.common.config import KafkaSettings
 from services.common.errors import AccessDenied
 from tests.conftest import SecureCluster
+from tests.signing import service_env
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +82,7 @@ def test_every_service_is_granted_what_it_needs_once(secure_kafka: SecureCluster
 
 def _run(service: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """``flywheel run SERVICE`` with only these FLYWHEEL_* variables; it must stop by itself."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    base = service_env()
     return subprocess.run([sys.executable, "-m", "services", "run", service],
                           env=base | env | {"FLYWHEEL_METRICS__ENABLED": "false"},
                           capture_output=True, text=True, timeout=300)
@@ -121,7 +125,7 @@ def test_a_service_without_its_access_stops_at_once_and_says_why(
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    base = service_env()
     return subprocess.run([sys.executable, "-m", "services", *args], env=base | env,
                           capture_output=True, text=True, timeout=120)
 
@@ -156,3 +160,97 @@ def test_an_operator_adds_a_principal_and_grants_it_from_the_command_line(
     access.preflight(as_user, registry.SERVICES["scorer"], prefix + "scorer")
     for out in (done.stdout, done.stderr):
         assert password not in out and secure_kafka.admin[1] not in out
+
+
+def test_a_promotion_forged_by_the_trainers_principal_moves_no_reader(
+        secure_kafka: SecureCluster, uid: str, tmp_path: Path) -> None:
+    """The trainer's principal may write to `checkpoints` (its candidates), so the broker
+    takes a `promoted` event from it. The gate's signature is what tells a decision: the
+    generator's follower and reloader, the trainer's lineage and the filter's staleness
+    reference keep to the gate's promotion of v1 (each on its own principal), and the gate
+    dead-letters the forgery with the reason, its reference and floor unchanged."""
+    from confluent_kafka import Producer
+
+    from services.common.checkpoints import CheckpointFollower, LatestPromoted
+    from services.common.config import ServiceSettings
+    from services.common.runtime import StreamRuntime
+    from services.common.state import StateStore
+    from services.gate.stage import GateStage
+    from services.generator.reload import Reloader
+    from services.models.engines import TransformersEngine
+    from services.models.episodes import ModelVersion
+    from services.models.manifest import build_manifest
+    from services.models.tiny import tiny_model
+    from services.trainer.lineage import Decisions
+    from tests.integration.runners import InThread
+    from tests.kafka import wait_until
+    from tests.signing import signer, verifier
+    from tests.unit.test_gate import _outcomes, _result
+
+    prefix = f"forge{uid}."
+    _prepare(secure_kafka, prefix)
+    base = tiny_model(tmp_path / "base")
+    for name in ("v1", "v2"):  # sound weights both: only the signature tells them apart
+        shutil.copytree(base, tmp_path / name)
+    topic = prefix + "checkpoints"
+
+    def event(version: int, status: str) -> CheckpointEvent:
+        folder = tmp_path / f"v{version}"
+        return CheckpointEvent(model="tiny", version=version, parent_version=version - 1,
+                               uri=str(folder), manifest=build_manifest(folder),
+                               status=status)  # type: ignore[arg-type]
+
+    def write_as_trainer(*events: CheckpointEvent) -> None:
+        producer = Producer(_settings(secure_kafka, "trainer", prefix).client_config())
+        errors: list[Any] = []
+        for e in events:
+            producer.produce(topic, e.to_bytes(), b"tiny",
+                             on_delivery=lambda err, _m: errors.append(err) if err else None)
+        assert producer.flush(30) == 0 and errors == [], errors  # the broker takes them
+
+    gs = ServiceSettings(service="gate", instance_id="g0", metrics={"enabled": False},
+                         kafka=secure_kafka.kafka("gate", topic_prefix=prefix),
+                         runtime={"batch_max_records": 1})
+    table = {"base": _outcomes(10), "v1": _outcomes(60), "v2": _outcomes(90)}
+    gate = GateStage(state=StateStore(gs.topic("gate.state")), output_topic=topic,
+                     root=tmp_path, base={"tiny": (0, base)}, signer=signer(),
+                     verifier=verifier(),
+                     evaluate=lambda folder: {"held_out": _result(table[folder.name])})
+    forged = event(2, "promoted")
+    with InThread(StreamRuntime(gs, gate, [topic])) as running:
+        write_as_trainer(event(1, "candidate"))
+        wait_until(lambda: any(CheckpointEvent.from_bytes(m.value()).status == "promoted"
+                               for m in secure_kafka.broker.read_all(topic))
+                   or running.error is not None, 120, "the gate's promotion of v1")
+        write_as_trainer(forged)
+        wait_until(lambda: len(secure_kafka.broker.read_all(prefix + "dlq")) == 1
+                   or running.error is not None, 60, "the forgery dead-lettered")
+        assert running.error is None, running.error
+    [letter] = secure_kafka.broker.read_all(prefix + "dlq")
+    assert letter.value() == forged.to_bytes()
+    reason = dict(letter.headers() or [])["flywheel-error-message"].decode()
+    assert "is not signed by the gate" in reason, reason
+    # The gate's state as its changelog holds it: the reference and floor v1 left.
+    changes = [m for m in secure_kafka.broker.read_all(prefix + "gate.state")
+               if m.key() == b"promoted/tiny"]
+    reference = json.loads(changes[-1].value())
+    assert reference["version"] == 1 and reference["best"]["held_out/pass_rate"] == 0.6
+
+    # Each reader on its own principal, from the topic's start.
+    engine = TransformersEngine(base)
+    reloader = Reloader(engine, tmp_path, ModelVersion("tiny", 0), base)
+    decisions, latest = Decisions("tiny"), LatestPromoted()
+    dropped: list[str] = []
+    for user, listener in (("generator", reloader), ("trainer", decisions),
+                           ("filter", latest)):
+        follower = CheckpointFollower(
+            _settings(secure_kafka, user, prefix), topic, listener, verifier=verifier(),
+            on_invalid=dropped.append)
+        try:
+            follower.catch_up()
+        finally:
+            follower.stop()
+    assert dropped == ["unsigned"] * 3
+    assert reloader.apply_pending() and reloader.serving.version == 1
+    assert not reloader.apply_pending()  # nothing newer is waiting: v2 was never offered
+    assert set(decisions.promoted) == {1} and latest.get("tiny") == 1

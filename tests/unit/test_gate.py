@@ -7,11 +7,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas import CheckpointEvent, FileDigest, ProducerInfo
 from services.common.errors import DependencyError
+from services.common.signing import Signer, Unsigned, Verifier
 from services.common.state import StateStore
 from services.envs.heldout import HeldOut
 from services.gate.evaluate import SetResult
@@ -44,8 +46,12 @@ def _gate(tmp_path: Path, table: dict[str, dict[str, str]], sets: list[str] | No
     names = sets or ["held_out"]
     return GateStage(state=store, output_topic="checkpoints", root=tmp_path,
                      evaluate=lambda folder: {s: _result(b) for s, b in table[folder.name].items()},
-                     base={"tiny": (0, tmp_path / "base")},
+                     base={"tiny": (0, tmp_path / "base")}, signer=SIGNER, verifier=VERIFIER,
                      sets=[HeldOut(name=n) for n in names], **kwargs)  # type: ignore[arg-type]
+
+
+_KEY = Ed25519PrivateKey.generate()
+SIGNER, VERIFIER = Signer(_KEY), Verifier([_KEY.public_key()])
 
 
 def _one(**rates: str) -> dict[str, dict[str, str]]:
@@ -56,8 +62,9 @@ def _candidate(tmp_path: Path, version: int, status: str = "candidate") -> Check
     folder = tmp_path / f"v{version}"
     folder.mkdir(exist_ok=True)
     (folder / "model.safetensors").write_bytes(b"weights %d" % version)
-    return CheckpointEvent(model="tiny", version=version, uri=str(folder),
-                           manifest=build_manifest(folder), status=status)  # type: ignore[arg-type]
+    return SIGNER.sign(CheckpointEvent(  # a promotion: as the bootstrap signs it
+        model="tiny", version=version, uri=str(folder), manifest=build_manifest(folder),
+        status=status))  # type: ignore[arg-type]
 
 
 def _run(gate: GateStage, *events: CheckpointEvent) -> list[CheckpointEvent]:
@@ -175,6 +182,35 @@ def test_the_gate_skips_its_own_decisions_and_follows_outside_promotions(
     assert (v10.status, v10.rejection) == ("rejected", "regressed")
 
 
+def test_a_decision_without_the_gates_signature_is_refused_before_it_moves_anything(
+        tmp_path: Path) -> None:
+    """The runtime dead-letters what ``admit`` refuses: an unsigned promotion, one signed by
+    another key, one whose signed statement was altered (another folder, other files, a
+    rejection turned into a promotion). Candidates carry no signature and pass."""
+    gate = _gate(tmp_path, _one(base=_outcomes(10), v5=_outcomes(60)))
+    gate.admit(_candidate(tmp_path, 4))
+    signed = _candidate(tmp_path, 5, "promoted")
+    gate.admit(signed)
+    other = Signer(Ed25519PrivateKey.generate())
+    unsigned = signed.model_copy(update={"signature": None})
+    forged = {
+        "unsigned": unsigned,
+        "another key": other.sign(unsigned),
+        "another folder": signed.model_copy(update={"uri": str(tmp_path / "base")}),
+        "other files": signed.model_copy(update={"manifest": build_manifest(tmp_path / "v4")}),
+        "another status": SIGNER.sign(signed.model_copy(update={"status": "rejected"}))
+        .model_copy(update={"status": "promoted"}),
+    }
+    for what, event in forged.items():
+        with pytest.raises(Unsigned):
+            gate.admit(event)
+        assert not VERIFIER.trusted(event), what
+    # What is signed does not depend on how the event was serialized on its way.
+    assert VERIFIER.trusted(CheckpointEvent.from_bytes(signed.to_bytes()))
+    assert VERIFIER.trusted(CheckpointEvent.model_validate_json(
+        signed.model_dump_json(exclude_none=True)))
+
+
 def test_small_tolerated_drops_cannot_ratchet_quality_down(tmp_path: Path) -> None:
     table = _one(base=_outcomes(10), v1=_outcomes(50), v2=_outcomes(46), v3=_outcomes(44))
     decided = _run(_gate(tmp_path, table, tolerance=0.05),
@@ -244,7 +280,7 @@ def test_unknown_models_old_versions_and_broken_candidates_are_rejected(
     store.adopt(0)
     (tmp_path / "base").mkdir()
     gate = GateStage(state=store, output_topic="checkpoints", root=tmp_path, evaluate=evaluate,
-                     base={"tiny": (0, tmp_path / "base")})
+                     base={"tiny": (0, tmp_path / "base")}, signer=SIGNER, verifier=VERIFIER)
     other = _candidate(tmp_path, 1).model_copy(update={"model": "other"})
     decided = _run(gate, other, _candidate(tmp_path, 2), _candidate(tmp_path, 2),
                    _candidate(tmp_path, 3))

@@ -34,6 +34,31 @@ def test_the_embedded_profile_validates_and_makes_one_process_per_service(
     assert specs[4].env["FLYWHEEL_POLICY_FILE"].endswith("policies/filter.yaml")
 
 
+def test_every_service_trusts_the_gates_key_and_only_the_gate_holds_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without FLYWHEEL_DECISIONS__* the stack makes a pair in its home, once."""
+    from services.common.signing import Signer, Verifier
+
+    for name in ("FLYWHEEL_DECISIONS__PUBLIC_KEY", "FLYWHEEL_DECISIONS__SIGNING_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    stack = Stack(Profile(home=tmp_path))
+    stack.kafka = {"bootstrap_servers": "127.0.0.1:1"}
+    stack.policy_files = prepare.write_policies(stack.profile)
+    stack.base_path = tmp_path / "seed"
+    specs = {s.name: s for s in stack.specs()}
+    public, private = tmp_path / "keys" / "gate.pub", tmp_path / "keys" / "gate.key"
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert {s.env["FLYWHEEL_DECISIONS__PUBLIC_KEY"] for s in specs.values()} == {str(public)}
+    assert [n for n, s in specs.items() if "FLYWHEEL_DECISIONS__SIGNING_KEY" in s.env] \
+        == ["gate"]
+    assert specs["gate"].env["FLYWHEEL_DECISIONS__SIGNING_KEY"] == str(private)
+    # ... and a signing key in up's own environment reaches no other child.
+    assert all("FLYWHEEL_DECISIONS__SIGNING_KEY" in s.hide for s in specs.values())
+    made = Signer.load(private).key_id
+    assert Verifier.load(public).key_ids == {made}
+    assert Signer.load(Stack(Profile(home=tmp_path)).keys.signing_key).key_id == made  # once
+
+
 def test_the_example_profile_for_real_runs_validates(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(EXAMPLE.parents[2])  # its policy paths are relative to the checkout
     profile = load_profile(EXAMPLE)
