@@ -103,6 +103,23 @@ class Intake:
         self._release_held()
         self._pause_full()
 
+    def keep_membership(self) -> None:
+        """A poll that hands out no record, for the middle of a round: every owned partition
+        paused for it, then resumed unless the intake itself holds it paused. It keeps this
+        member in its group (librdkafka drops one that has not polled for
+        ``max.poll.interval.ms``, and the round's commit would then be refused) and serves a
+        rebalance, if one is under way, as a poll between rounds would."""
+        consumer = self.consumer
+        assert consumer is not None
+        consumer.pause(self.members.partitions())
+        msg = consumer.poll(0)
+        if msg is not None and msg.error() is None:  # fetched before the pause: read it later
+            consumer.seek(TopicPartition(cast(str, msg.topic()), cast(int, msg.partition()),
+                                         cast(int, msg.offset())))
+        full = {t for t, stage in self.topics.items() if stage in self._paused}
+        consumer.resume([tp for tp in self.members.partitions() if tp.topic not in full
+                         and (tp.topic, tp.partition) not in self._held])
+
     def committed_round(self) -> None:
         """The round's offsets are committed: its ranges' ends are the partitions' committed
         offsets, and a new round starts with every paused and held partition resumed."""

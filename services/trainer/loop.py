@@ -56,6 +56,10 @@ from services.trainer.train import RoundInterrupted, make_optimizer, scale_lr, t
 
 log = logging.getLogger(__name__)
 
+KEEPALIVE_SECONDS = 5.0
+"""How often a round in training polls its consumer (``TrainerLoop._mid_round``): well
+inside the shortest ``max.poll.interval.ms`` allowed (10 s)."""
+
 NAMESPACE = uuid.UUID("5e0c1d7a-2b7f-4c55-9a1e-8d3f6b2c4e90")
 
 
@@ -84,6 +88,7 @@ class Trainer:
         self.reference: Any = None
         self._consumer: Consumer | None = None
         self._transactions: Transactions | None = None
+        self._kept_at = time.monotonic()
         self.decisions = Decisions(settings.model_name)
         self.verifier = Verifier.load(settings.decisions.public_key)
         """Only the gate's signed decisions count (a forged rejection would roll back)."""
@@ -239,10 +244,9 @@ class Trainer:
 
     def _open(self) -> None:
         s = self.s
-        # A round can take long; the loop polls between rounds only.
+        # A round polls as it trains (_mid_round): the runtime's poll interval holds.
         self._consumer = Consumer(consumer_config(
-            s, transactional=True, error_cb=self._health.on_error,
-            max_poll_interval_ms=max(300_000, int(s.max_round_seconds * 1000) + 60_000)))
+            s, transactional=True, error_cb=self._health.on_error))
         self.intake.subscribe(self._consumer)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -307,7 +311,7 @@ class Trainer:
             try:
                 stats = train_round(self.model, self.optimizer, samples, o, pad,
                                     seed=self.version, reference=self.reference,
-                                    stopping=self._stop.is_set)
+                                    stopping=self._stop.is_set, between=self._mid_round)
             except RoundInterrupted as exc:  # nothing written, nothing committed: the round's
                 # samples are read again after the restart, and trained then
                 log.info("stopping mid-round (%s): v%d is not written; its %d samples stay "
@@ -315,9 +319,14 @@ class Trainer:
                          sum(len(v) for v in samples.values()))
                 return
         else:  # every rank trains its part; the whole weights and optimizer state come back
-            gathered = self.ranks.train(samples, pad, seed=self.version)
+            gathered = self.ranks.train(samples, pad, seed=self.version,
+                                        between=self._mid_round)
             stats, weights, optimizer = gathered.stats, gathered.weights, gathered.optimizer
         train_seconds = time.perf_counter() - started
+        if self.intake.round is not r:  # a rebalance during the round revoked partitions
+            raise FatalRuntimeError(
+                f"partitions were revoked while v{self.version + 1} trained; its offsets can "
+                "no longer be committed: restarting from the last candidate")
         self.step += stats.steps
         version = self.version + 1
         written = time.perf_counter()
@@ -371,6 +380,17 @@ class Trainer:
         if removed:
             log.info("retention removed %s", ", ".join(removed))
         m.STORE_BYTES.set(self.store.size_bytes())
+
+    def _mid_round(self) -> None:
+        """Before each micro-batch, at most every ``KEEPALIVE_SECONDS``: a poll that takes no
+        record (:meth:`Intake.keep_membership`). A round has no bound (a real model's on a CPU
+        takes many minutes); without it, one longer than ``max.poll.interval.ms`` had this
+        member dropped from its group and its commit refused, and the round, trained again
+        after the restart, was as long again."""
+        now = time.monotonic()
+        if now - self._kept_at >= KEEPALIVE_SECONDS:
+            self._kept_at = now
+            self.intake.keep_membership()
 
     def _commit(self, event: CheckpointEvent, r: Round) -> None:
         """The candidate event and the consumed offsets, in one transaction

@@ -41,7 +41,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -103,10 +103,11 @@ class Replica:
         _broadcast_weights(plain)
         self.reference = plain.to(self.optim.device).eval()
 
-    def train(self, samples: Mapping[str, Sequence[Sample]], pad: int, seed: int) -> Gathered:
+    def train(self, samples: Mapping[str, Sequence[Sample]], pad: int, seed: int,
+              between: Callable[[], None] | None = None) -> Gathered:
         assert self.optimizer is not None
         stats = train_round(self.model, self.optimizer, samples, self.optim, pad, seed=seed,
-                            reference=self.reference, parallel=self.parallel)
+                            reference=self.reference, parallel=self.parallel, between=between)
         weights = self.parallel.full_state_dict(self.model)
         optimizer = self.parallel.optimizer_state(self.model, self.optimizer)
         return Gathered(stats, weights, optimizer)
@@ -149,11 +150,12 @@ class Leader(Replica):
         with self._step("reference", {"config": plain.config.to_json_string()}):
             super().load_reference(plain)
 
-    def train(self, samples: Mapping[str, Sequence[Sample]], pad: int, seed: int) -> Gathered:
+    def train(self, samples: Mapping[str, Sequence[Sample]], pad: int, seed: int,
+              between: Callable[[], None] | None = None) -> Gathered:
         with self._step("round", {"pad": pad, "seed": seed,
                                   "samples": {st: [dataclasses.asdict(s) for s in items]
                                               for st, items in samples.items()}}):
-            return super().train(samples, pad, seed)
+            return super().train(samples, pad, seed, between)
 
     def idle(self) -> None:
         """Between rounds, at most every ``IDLE_SECONDS``: a rank that died is seen here."""

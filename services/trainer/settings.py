@@ -60,7 +60,9 @@ class TrainerSettings(ServiceSettings):
                                     "after its first sample even if quotas are not met.")
     min_samples: int = Field(default=1, ge=1)
     max_round_seconds: float = Field(default=600.0, gt=0, description="Expected bound on a "
-                                     "round; the consumer's poll interval allows for it.")
+                                     "round: how long a stop waits for the ranks under "
+                                     "torchrun. Not a limit: a round polls its consumer as it "
+                                     "trains, so a longer one keeps its group.")
     optim: OptimSettings = Field(default_factory=OptimSettings)
     ranks: int = Field(default=1, ge=1, description="Processes (one per GPU) that train "
                        "each round: above 1, `flywheel run trainer` starts itself under "

@@ -99,12 +99,15 @@ class RoundStats:
 def train_round(model: Any, optimizer: torch.optim.Optimizer,
                 samples: Mapping[str, Sequence[Sample]], s: OptimSettings, pad_id: int, *,
                 seed: int = 0, reference: Any = None, parallel: Parallel | None = None,
-                stopping: Callable[[], bool] | None = None) -> RoundStats:
+                stopping: Callable[[], bool] | None = None,
+                between: Callable[[], None] | None = None) -> RoundStats:
     """Train on every stage's samples; returns per-stage mean loss, samples and tokens.
     With ``parallel``, every rank must be given the same samples and seed; the losses
     returned are the whole micro-batches', the same on every rank. ``stopping`` is asked
     before each micro-batch (a round of a real model on a CPU takes minutes, longer than a
-    supervisor waits for a stop); when it answers true, RoundInterrupted is raised."""
+    supervisor waits for a stop); when it answers true, RoundInterrupted is raised.
+    ``between`` is called before each micro-batch too (the trainer keeps its consumer group
+    membership there)."""
     s = resolve_dtype(s)
     rng = random.Random(seed)
     batches: list[tuple[str, list[Sample]]] = []
@@ -127,6 +130,8 @@ def train_round(model: Any, optimizer: torch.optim.Optimizer,
     autocast = torch.autocast(device_type=torch.device(s.device).type, dtype=torch.bfloat16,
                               enabled=s.dtype != "float32")
     for i, (stage, chunk) in enumerate(batches, start=1):
+        if between is not None:
+            between()
         if stopping is not None and stopping():
             model.eval()
             raise RoundInterrupted(f"stopped before micro-batch {i} of {len(batches)}")

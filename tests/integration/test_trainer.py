@@ -321,3 +321,80 @@ def test_a_trainer_stopped_mid_round_stops_at_once_and_trains_the_round_after_a_
     assert (first.version, first.parent_version, first.stage_mix) == (1, 0, {"sft": 64})
     assert {(r.partition, r.start, r.end) for r in first.trained_on} == \
         {(p, 0, e) for p, e in ends.items()}
+
+
+def test_a_round_longer_than_the_poll_interval_keeps_the_group_and_commits(
+        kafka: Broker, uid: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A round is not bounded (a real model's, on a CPU, takes many minutes), and a member
+    that does not poll for ``max.poll.interval.ms`` is dropped from its group: its commit is
+    then refused and the round, trained again after the restart, is as long again. Here the
+    interval is the shortest allowed (10 s) and the round is drawn out past twice that, as
+    one of many micro-batches would be: between them it calls the hook ``train_round``
+    calls. The candidate commits, its range whole, and no partition was revoked before."""
+    import threading
+    import time
+
+    from confluent_kafka import Producer
+    from transformers import AutoTokenizer
+
+    from services.models.tiny import tiny_model
+    from services.trainer import loop
+    from services.trainer.settings import TrainerSettings
+
+    interval = 10.0
+    real = loop.train_round
+    drawn_out: list[float] = []
+
+    def long_round(*args: Any, between: Callable[[], None], **kwargs: Any) -> Any:
+        stats = real(*args, between=between, **kwargs)
+        started, tick = time.monotonic(), threading.Event()
+        while time.monotonic() - started < 2 * interval + 5:  # the clock, not the machine
+            between()
+            tick.wait(0.2)  # one micro-batch's work
+        drawn_out.append(time.monotonic() - started)
+        return stats
+
+    monkeypatch.setattr(loop, "train_round", long_round)
+    prefix = f"kl{uid}."
+    kafka_settings = KafkaSettings(bootstrap_servers=kafka.bootstrap, topic_prefix=prefix)
+    topic_ops.apply(topic_ops.admin_client(kafka_settings), topic_ops.load(prefix=prefix))
+    base = tiny_model(tmp_path / "base")
+    sft, _ = _routed(AutoTokenizer.from_pretrained(base), 24, 0)
+    producer = Producer(kafka.conf())
+    for r in sft:
+        producer.produce(f"{prefix}accepted.sft", r.to_bytes(), r.partition_key().encode())
+    assert producer.flush(30) == 0
+    settings = TrainerSettings(
+        base_model_path=base, checkpoint_url=str(tmp_path / "store"), model_name="tiny",
+        instance_id="trainer-0", kafka=kafka_settings, metrics={"enabled": False},
+        quotas={"sft": len(sft), "rl": 0, "cpt": 0}, max_wait_seconds=600,
+        optim={"dtype": "float32"}, max_round_seconds=1,
+        runtime={"max_poll_interval_ms": int(interval * 1000), "session_timeout_ms": 6000})
+    trainer = loop.Trainer(settings)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            trainer.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    with caplog.at_level("INFO", logger="services"):
+        thread.start()
+        try:
+            wait_until(lambda: _candidates(kafka, prefix) or errors, 180, "the long round's "
+                       "candidate")
+        finally:
+            trainer.stop()
+            thread.join(60)
+    assert not errors, errors[0]
+    assert drawn_out and drawn_out[0] > 2 * interval
+    [candidate] = _candidates(kafka, prefix)
+    assert candidate.stage_mix == {"sft": len(sft)}
+    assert sum(r.end - r.start for r in candidate.trained_on) == len(sft)
+    # Revoked only as the trainer stopped, after the commit.
+    lines = caplog.text.splitlines()
+    committed = next(i for i, line in enumerate(lines) if "candidate v1 committed" in line)
+    assert not any("revoked" in line for line in lines[:committed]), caplog.text
