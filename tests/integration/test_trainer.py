@@ -27,7 +27,7 @@ from tests.kafka import Broker, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
-SFT, RL_GROUPS = 600, 60
+SFT, RL_GROUPS = 400, 40  # four rounds or so at the quotas below: a kill inside the second
 
 
 def _routed(tokenizer: Any, n_sft: int, n_rl: int) -> tuple[list[RoutedSample],
