@@ -51,12 +51,11 @@ lint: $(BIN)/.installed
 
 # One pytest worker per core (at most 4), a test file per worker at a time: module fixtures
 # (an imported model, a vLLM engine) are built once, and each worker starts its own broker.
-# The longest files first (tests/conftest.py, LONGEST_FIRST), not xdist's most-tests-first.
 # On 2 cores: 28 minutes from a fresh clone, set-up included, against 45 in one process.
 # TEST_WORKERS=0 runs them all in this process.
 TEST_WORKERS ?= auto
 test: setup tools lint
-	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder)
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile)
 
 # The whole flywheel under faults: every service SIGKILLed in turn, the broker restarted,
 # hostile records on every topic, then an accounting over the topics (tests/faults; about 10

@@ -23,22 +23,6 @@ from services.common.signing import DecisionKeys, create_keys
 from tests.kafka import Broker
 from tests.signing import KEYS
 
-# Test files by the seconds they took on a 2-core machine (fresh clone, 2026-12-07), the
-# longest first: with `--dist loadfile --no-loadscope-reorder` (Makefile) the workers take the
-# longest files first and finish on short ones. xdist's own order (most tests first) left the
-# one-test flywheel file for last, one worker running it alone for its six minutes.
-LONGEST_FIRST = ("test_pretrained.py", "test_rollback.py", "test_quality.py", "test_flywheel.py",
-                 "test_trainer.py", "test_gate.py", "test_generator.py", "test_parallel.py",
-                 "test_training.py", "test_up_control.py", "test_engines.py",
-                 "test_broker_and_topics.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The files of ``LONGEST_FIRST`` in that order, then the others as collected; the tests
-    of a file keep their order."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
 
 @pytest.fixture(scope="session", autouse=True)
 def gate_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DecisionKeys]:
