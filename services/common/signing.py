@@ -205,10 +205,12 @@ class Verifier:
         return True
 
 
-def stack_keys(home: Path) -> DecisionKeys:
+def stack_keys(home: Path, *, make: bool = True) -> DecisionKeys:
     """``flywheel up``'s keys: those ``FLYWHEEL_DECISIONS__*`` name, else the pair in
-    ``<home>/keys``, made on first use."""
+    ``<home>/keys``, made on first use (with ``make``)."""
     if any(os.environ.get(f"FLYWHEEL_DECISIONS__{n}") for n in ("PUBLIC_KEY", "SIGNING_KEY")):
         return DecisionKeys.model_validate(DecisionKeysFromEnv().model_dump())
-    private_path, public_path = ensure_keys(home / "keys")
-    return DecisionKeys(public_key=public_path, signing_key=private_path)
+    if make:
+        ensure_keys(home / "keys")
+    return DecisionKeys(public_key=home / "keys" / "gate.pub",
+                        signing_key=home / "keys" / "gate.key")

@@ -88,9 +88,9 @@ class Stack:
                               f"{self.home} ({', '.join(sorted(left))}): `flywheel down` first")
         self._owner = control.Owner(self.home)  # until run() ends; a second up fails here
         self.write_state()  # this process's from now on, not a dead up's
-        keys = self.keys  # made now if there are none: the seed's promotion is signed
         starting: Future[tuple[local_kafka.LocalBroker, bool]] | None = None
         try:
+            keys = self.keys  # made now if there are none: the seed's promotion is signed
             resolved = kafka_from_env(p.kafka)
             self.kafka = public(resolved)
             self.secrets = {k: getattr(resolved, k) for k in SECRETS
@@ -219,7 +219,8 @@ class Stack:
                             prometheus=self.prometheus.url if self.prometheus else None,
                             model_name=self.profile.model_name,
                             started_broker=self.started_broker,
-                            public_key=str(self.keys.public_key.resolve()))
+                            public_key=str(stack_keys(self.home, make=False)
+                                           .public_key.resolve()))
 
     def run(self, *, seconds: float | None = None, view: Callable[[Snapshot], None] | None
             = None, until: Callable[[Snapshot], bool] | None = None, stop_broker: bool = True,
