@@ -14,13 +14,13 @@ from services.common.signing import Signer, Verifier
 KEYS = ("FLYWHEEL_DECISIONS__PUBLIC_KEY", "FLYWHEEL_DECISIONS__SIGNING_KEY")
 
 
-def sign(event: CheckpointEvent) -> CheckpointEvent:
-    """``event`` as the gate would write it."""
-    return Signer.load(Path(os.environ[KEYS[1]])).sign(event)
-
-
 def signer() -> Signer:
     return Signer.load(Path(os.environ[KEYS[1]]))
+
+
+def sign(event: CheckpointEvent) -> CheckpointEvent:
+    """``event`` as the gate would write it."""
+    return signer().sign(event)
 
 
 def verifier() -> Verifier:

@@ -13,6 +13,7 @@ and its ``/metrics`` on its own port. The live view is :mod:`services.up.view`;
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -63,13 +64,13 @@ class Stack:
     def home(self) -> Path:
         return self.profile.home
 
-    @property
+    @functools.cached_property
     def keys(self) -> DecisionKeys:
         """The gate's keys: ``FLYWHEEL_DECISIONS__*`` where set, else the home's pair (made
-        on first start)."""
+        on first start). Found once: every child's environment and the views use them."""
         return stack_keys(self.home)
 
-    @property
+    @functools.cached_property
     def verifier(self) -> Verifier:
         return Verifier.load(self.keys.public_key)
 
@@ -212,7 +213,8 @@ class Stack:
         """Variables of this process no child inherits: the other services' passwords, and
         the kafka section's password where a child has its own principal."""
         return tuple(c.password_env for c in self.profile.credentials.values()) + tuple(
-            f"FLYWHEEL_KAFKA__{k.upper()}" for k in SECRETS) + ("FLYWHEEL_DECISIONS__SIGNING_KEY",)
+            f"FLYWHEEL_KAFKA__{k.upper()}" for k in SECRETS) + (
+            "FLYWHEEL_DECISIONS__SIGNING_KEY",)
 
     def write_state(self) -> None:
         control.write_state(self.home, ports=self.ports, kafka=self.kafka,
