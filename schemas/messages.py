@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -29,6 +29,9 @@ from schemas.envelope import Message, WireModel
 Role = Literal["system", "user", "assistant", "tool"]
 Verdict = Literal["correct", "incorrect", "unverified"]
 TrainingStage = Literal["cpt", "sft", "rl"]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+"""A float JSON can carry. A NaN or an infinity would be written as null, which no reader
+takes: refused where it is read first."""
 CheckpointStatus = Literal["candidate", "promoted", "rejected"]
 Rejection = Literal["regressed", "not_better", "invalid", "superseded"]
 
@@ -56,7 +59,7 @@ class Task(Message):
         default=None, description="Structured initial observation for environments that use one."
     )
     verifier: VerifierSpec | None = Field(default=None)
-    difficulty: float = Field(default=0.0, ge=0, description="Environment-defined difficulty.")
+    difficulty: Finite = Field(default=0.0, ge=0, description="Environment-defined difficulty.")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     def partition_key(self) -> str:
@@ -69,7 +72,7 @@ class Turn(WireModel):
     role: Role
     content: str
     token_ids: list[int] | None = Field(default=None, description="Tokens the policy sampled.")
-    logprobs: list[float] | None = Field(
+    logprobs: list[Finite] | None = Field(
         default=None, description="Sampler log-prob of each token in token_ids."
     )
 
@@ -86,7 +89,7 @@ class Turn(WireModel):
 class SamplingParams(WireModel):
     """The sampling parameters a trajectory was drawn with."""
 
-    temperature: float = Field(default=1.0, ge=0)
+    temperature: Finite = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=-1, ge=-1, description="-1 disables top-k.")
     max_tokens: int = Field(default=256, ge=1)
@@ -100,9 +103,9 @@ class Timings(WireModel):
 
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    queue_seconds: float | None = Field(default=None, ge=0, description="Task created to taken.")
-    generation_seconds: float = Field(default=0.0, ge=0, description="Time inside the engine.")
-    env_seconds: float = Field(default=0.0, ge=0, description="Time inside the environment.")
+    queue_seconds: Finite | None = Field(default=None, ge=0, description="Task created to taken.")
+    generation_seconds: Finite = Field(default=0.0, ge=0, description="Time inside the engine.")
+    env_seconds: Finite = Field(default=0.0, ge=0, description="Time inside the environment.")
 
 
 class Trajectory(Message):
@@ -116,7 +119,7 @@ class Trajectory(Message):
     completion: str = Field(description="The final assistant output, the one that is scored.")
     prompt_token_ids: list[int] | None = None
     completion_token_ids: list[int] | None = None
-    completion_logprobs: list[float] | None = Field(
+    completion_logprobs: list[Finite] | None = Field(
         default=None, description="Behaviour-policy log-probs, for off-policy correction in RL."
     )
     finish_reason: str | None = Field(default=None, description="'stop', 'length', ...")

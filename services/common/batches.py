@@ -20,7 +20,7 @@ from confluent_kafka import Message as KafkaMessage
 from confluent_kafka import TopicPartition
 from pydantic import ValidationError
 
-from schemas import Message, ProducerInfo
+from schemas import Message, ProducerInfo, fast
 from services.common.config import ServiceSettings
 from services.common.dlq import DeadLetter
 from services.common.errors import FlywheelError
@@ -52,7 +52,7 @@ class Sources:
         self._by_id: dict[int, bytes | None] | None = None
         self._next = 0
 
-    def raw(self, record: Message) -> bytes | None:
+    def raw(self, record: object) -> bytes | None:
         # Stages that forward usually do so in input order: try the next record first.
         i = self._next
         if i < len(self._records) and self._records[i] is record:
@@ -102,6 +102,8 @@ class BatchProcessor:
         self._stateful = stage if isinstance(stage, StatefulStage) else None
         self._store: StateStore | None = self._stateful.state if self._stateful else None
         self._identity = ProducerInfo(service=settings.service, instance=settings.instance_id)
+        self._fast_identity = fast.ProducerInfo(service=settings.service,
+                                                instance=settings.instance_id)
         self._known = known_topics
         self._require_topic = require_topic
         self._fence_offsets = fence_offsets
@@ -118,7 +120,8 @@ class BatchProcessor:
         good_src: list[KafkaMessage] = []
         good_raw: list[bytes | None] = []
         model = self.stage.input_type
-        validate = model.__pydantic_validator__.validate_json
+        validate: Callable[[bytes], Any] = fast.decoder(model) if fast.is_fast(model) \
+            else cast(type[Message], model).__pydantic_validator__.validate_json
         last: dict[tuple[Any, Any], Any] = {}  # (topic, partition) -> offset, never None here
         # The per-record hot path: validate directly, classify a failure only when one occurs.
         for msg in records:
@@ -271,7 +274,8 @@ class BatchProcessor:
                 data = sources.raw(value)
             else:
                 if value.producer is None:
-                    value.producer = identity
+                    value.producer = identity if isinstance(value, Message) \
+                        else self._fast_identity
                 data = value.to_bytes()
             if data is not None and len(data) > limit:
                 too_big = True

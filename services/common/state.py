@@ -43,9 +43,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import msgspec
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from pydantic import BaseModel
 
+from schemas import fast
 from services.common.config import ServiceSettings
 from services.common.errors import FatalRuntimeError
 from services.common.offsets import high_watermarks
@@ -57,12 +59,22 @@ log = logging.getLogger(__name__)
 
 _ABSENT = object()
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R", bound=fast.Received)
 
 
 def as_model(model: type[M], value: Any) -> M:
     """A state value put as a ``model``: the object itself, or validated from its restored
     JSON."""
     return value if isinstance(value, model) else model.model_validate(value)
+
+
+def as_record(type_: type[R], value: Any) -> R:
+    """A state value put as a record of the hot path (:mod:`schemas.fast`): the object itself,
+    or decoded from its restored JSON (written by this version as the bytes the record was
+    read as, by an older one as its pydantic model: the same wire format)."""
+    if isinstance(value, type_):
+        return value
+    return cast(R, fast.decoder(type_)(msgspec.json.encode(value)))
 
 
 class PartitionState:

@@ -38,13 +38,18 @@ from rocksdict import (
     WriteBufferManager,
 )
 
+from schemas.fast import Received
+
 _MISSING = object()
 _GONE = object()
 
 
 def encode(value: Any) -> bytes:
     """Compact UTF-8 JSON (non-ASCII kept as is: escaping would double CJK text); a model as
-    it is written to Kafka."""
+    it is written to Kafka; a record of the hot path (:mod:`schemas.fast`) as the bytes it
+    was read as."""
+    if isinstance(value, Received):
+        return value.raw
     if isinstance(value, BaseModel):
         return value.__pydantic_serializer__.to_json(value)
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -29,12 +29,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from schemas import FilterDecision, ScoredTrajectory
+from msgspec import Raw
+
+from schemas.fast import FilterDecisionOut, ScoredTrajectory, timestamp
 from services.common.config import ServiceSettings
 from services.common.event_time import EventClock
 from services.common.metrics import labelled
 from services.common.stage import Output
-from services.common.state import PartitionState, Renames, StateStore, as_model, disk_for
+from services.common.state import PartitionState, Renames, StateStore, as_record, disk_for
 from services.common.text import repetition_ratio
 from services.filter import metrics as m
 from services.filter.dedup import Fingerprint, Memory, fingerprint
@@ -89,7 +91,8 @@ class FilterStage:
         outputs: list[Output] = []
         for scored in batch:
             traj = scored.trajectory
-            now = self.clock.observe(state, [scored.created_at.timestamp()])
+            at = timestamp(scored.created_at)
+            now = self.clock.observe(state, [at])
             gkey = f"{GROUP}{traj.group_id}"
             group = state.get(gkey)
             dkey = f"{DECIDED}{traj.group_id}"
@@ -107,7 +110,7 @@ class FilterStage:
                 outputs.extend(self._decide_late(state, scored))
                 continue
             if group is None:
-                group = {"first_at": scored.created_at.timestamp(), "size": traj.group_size,
+                group = {"first_at": at, "size": traj.group_size,
                          "indexes": []}
             if traj.sample_index in group["indexes"]:
                 outputs.append(self._decision(scored, ["duplicate"], [], None))
@@ -142,7 +145,7 @@ class FilterStage:
         members = []
         for index in sorted(group["indexes"]):
             key = f"{MEMBER}{group_id}/{index}"
-            members.append(as_model(ScoredTrajectory, state.get(key)))
+            members.append(as_record(ScoredTrajectory, state.get(key)))
             state.delete(key)
         state.delete(f"{GROUP}{group_id}")
         state.put(f"{DECIDED}{group_id}", {"at": self.clock.stream_time(state),
@@ -169,7 +172,7 @@ class FilterStage:
                 flags[i].append("duplicate_in_group")
             seen.add(fp.exact)
         accepted = [i for i, r in enumerate(reasons) if not r]
-        remembered = [(fp, members[i].created_at.timestamp()) for i in accepted
+        remembered = [(fp, timestamp(members[i].created_at)) for i in accepted
                       if (fp := fps[i]) is not None]
         for fp, at in remembered:
             memory.add(fp, group_id, at, p.dedup.memory_per_task)
@@ -200,7 +203,7 @@ class FilterStage:
             if hit is not None:
                 reasons.append(hit)
             elif fp is not None:
-                memory.add(fp, s.trajectory.group_id, s.created_at.timestamp(),
+                memory.add(fp, s.trajectory.group_id, timestamp(s.created_at),
                            self.policy.dedup.memory_per_task)
                 state.put(mkey, {"entries": memory.entries})
         return [self._decision(s, reasons, ["late_member"], None)]
@@ -213,7 +216,7 @@ class FilterStage:
             return None, None
         fp = fingerprint(s.trajectory.completion, num_perm=d.num_perm, shingle=d.shingle)
         hit = memory.match(fp, exact=d.exact, near=d.near, threshold=d.threshold,
-                           at=s.created_at.timestamp(), horizon=d.horizon_seconds)
+                           at=timestamp(s.created_at), horizon=d.horizon_seconds)
         if hit is None:
             return fp, None
         labelled(m.DUPLICATE_HITS, hit[0]).inc()
@@ -248,11 +251,11 @@ class FilterStage:
     def _decision(self, s: ScoredTrajectory, reasons: list[str], flags: list[str],
                   group_accepted: int | None) -> Output:
         outcome = "+".join(reasons) or "accepted"
-        decision = FilterDecision(
+        decision = FilterDecisionOut(
             # One id per (sample, policy, outcome): a repeat rejected as a duplicate of its
             # earlier acceptance does not share that acceptance's id.
             event_id=uuid.uuid5(NAMESPACE, f"{s.event_id}:{self.policy_hash}:{outcome}"),
-            scored=s, accepted=not reasons, reasons=reasons, flags=flags,
+            scored=Raw(s.raw), accepted=not reasons, reasons=reasons, flags=flags,
             policy_name=self.policy.name, policy_hash=self.policy_hash,
             group_accepted=group_accepted,
             latest_version=self.latest_version(s.trajectory.model),
@@ -262,4 +265,5 @@ class FilterStage:
             labelled(m.REJECTIONS, r).inc()
         for f in flags:
             labelled(m.FLAGS, f).inc()
-        return Output(self.accepted_topic if not reasons else self.rejected_topic, decision)
+        return Output(self.accepted_topic if not reasons else self.rejected_topic, decision,
+                      key=s.trajectory.task.task_id)

@@ -18,12 +18,13 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from schemas import FilterDecision, RoutedSample, TrainingStage
+from schemas import TrainingStage
+from schemas.fast import FilterDecision, RoutedSampleOut, timestamp
 from services.common.config import ServiceSettings
 from services.common.event_time import EventClock
 from services.common.metrics import labelled
 from services.common.stage import Output
-from services.common.state import PartitionState, Renames, StateStore, as_model, disk_for
+from services.common.state import PartitionState, Renames, StateStore, as_record, disk_for
 from services.router import metrics as m
 from services.router.policy import RoutingPolicy, SampleRoute
 
@@ -67,14 +68,14 @@ class RouterStage:
                           ) -> list[Output]:
         outputs: list[Output] = []
         for decision in batch:
-            now = self.clock.observe(state, [decision.created_at.timestamp()])
+            now = self.clock.observe(state, [timestamp(decision.created_at)])
             if not decision.accepted:
                 raise ValueError("the router reads accepted decisions only (the filtered "
                                  f"topic); decision {decision.event_id} is a rejection")
             for stage in ("sft", "cpt"):
                 route: SampleRoute = getattr(self.policy, stage)
                 if self._wants(route, decision) and self._room(state, stage, route.max_share, 1):
-                    outputs.append(self._routed(stage, decision.scored.trajectory.group_id,
+                    outputs.append(self._routed(stage, decision.record.trajectory.group_id,
                                                 [decision], route.weight,
                                                 REASONS[stage]))
             outputs.extend(self._collect_rl(state, decision, now))
@@ -108,7 +109,7 @@ class RouterStage:
             labelled(m.GROUPS, str("no_rl_signal" not in d.flags).lower()).inc(1 / expected)
         if not rl.enabled or expected is None:
             return []
-        traj = d.scored.trajectory
+        traj = d.record.trajectory
         gkey = f"{GROUP}{traj.group_id}"
         group = state.get(gkey)
         if group is None and f"{DECIDED}{traj.group_id}" in state:
@@ -122,7 +123,7 @@ class RouterStage:
             if expected < rl.min_group_size:
                 labelled(m.RL_SKIPPED, "too_small").inc()
                 return []
-            group = {"first_at": d.created_at.timestamp(), "size": expected, "indexes": []}
+            group = {"first_at": timestamp(d.created_at), "size": expected, "indexes": []}
         if traj.sample_index in group["indexes"]:
             return []  # the same member again
         group = {**group, "indexes": [*group["indexes"], traj.sample_index]}
@@ -138,7 +139,7 @@ class RouterStage:
         members = []
         for index in sorted(group["indexes"]):
             key = f"{MEMBER}{group_id}/{index}"
-            members.append(as_model(FilterDecision, state.get(key)))
+            members.append(as_record(FilterDecision, state.get(key)))
             state.delete(key)
         state.delete(f"{GROUP}{group_id}")
         state.put(f"{DECIDED}{group_id}", self.clock.stream_time(state))
@@ -158,7 +159,7 @@ class RouterStage:
 
     @staticmethod
     def _wants(route: SampleRoute, d: FilterDecision) -> bool:
-        s = d.scored
+        s = d.record
         return (route.enabled and s.verdict in route.verdicts
                 and (route.min_reward is None or s.reward >= route.min_reward)
                 and not any(f in d.flags for f in route.skip_flags))
@@ -177,7 +178,7 @@ class RouterStage:
     def _routed(self, stage: TrainingStage, group_id: str, decisions: list[FilterDecision],
                 weight: float, reason: str) -> Output:
         ident = group_id if stage == "rl" else str(decisions[0].event_id)
-        sample = RoutedSample(
+        sample = RoutedSampleOut(
             event_id=uuid.uuid5(NAMESPACE, f"{stage}:{ident}:{self.policy_hash}"),
             stage=stage, group_id=group_id, samples=[d.scored for d in decisions],
             decision_ids=[d.event_id for d in decisions], weight=weight, reason=reason,
@@ -185,4 +186,4 @@ class RouterStage:
             filter_policy_hash=decisions[0].policy_hash,
         )
         labelled(m.ROUTED_SAMPLES, stage).inc(len(decisions))
-        return Output(self.topics[stage], sample)
+        return Output(self.topics[stage], sample, key=group_id)

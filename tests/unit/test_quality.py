@@ -3,6 +3,7 @@ tests/integration/test_quality.py run the same planted mix through the real serv
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from datetime import timedelta
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from schemas import FilterDecision, RoutedSample, ScoredTrajectory
+from schemas import FilterDecision, RoutedSample, ScoredTrajectory, fast
 from services.common.errors import ConfigError
 from services.common.policy import load_policy
 from services.common.stage import Output
@@ -40,8 +41,19 @@ def make_router(policy: RoutingPolicy | None = None) -> RouterStage:
 
 
 def run(stage: FilterStage | RouterStage, batch: Sequence[Any]) -> list[Output]:
+    """The stage over ``batch`` (pydantic messages or outputs of a stage), decoded as the
+    runtime decodes them; its outputs read back as the pydantic messages consumers see."""
     stage.state.begin()
-    return stage.process_partition(stage.state.partition(0), batch)
+    decode = fast.decoder(stage.input_type)
+    outputs = stage.process_partition(stage.state.partition(0),
+                                      [decode(r.to_bytes()) for r in batch])
+    return [wire(o) for o in outputs]
+
+
+def wire(output: Output) -> Output:
+    model = {fast.FilterDecisionOut: FilterDecision, fast.RoutedSampleOut: RoutedSample}[
+        type(output.value)]
+    return Output(output.topic, model.from_bytes(output.value.to_bytes()), output.key)
 
 
 def values(outputs: list[Output], topic: str) -> list[Any]:
@@ -196,9 +208,10 @@ def _resampled(records: list[ScoredTrajectory], later: float, group: str
     """The same completions of the same task, sampled again as a new group ``later`` s on."""
     out = []
     for r in records:
-        t = r.trajectory.model_copy(update={"group_id": group,
-                                            "event_id": f"{group}-{r.trajectory.sample_index}"})
-        out.append(r.model_copy(update={"trajectory": t, "event_id": f"s-{t.event_id}",
+        t = r.trajectory.model_copy(update={"group_id": group, "event_id": uuid.uuid5(
+            uuid.NAMESPACE_OID, f"{group}-{r.trajectory.sample_index}")})
+        ident = uuid.uuid5(uuid.NAMESPACE_OID, f"s-{t.event_id}")
+        out.append(r.model_copy(update={"trajectory": t, "event_id": ident,
                                         "created_at": r.created_at + timedelta(seconds=later)}))
     return out
 

@@ -1,0 +1,295 @@
+"""The hot path's types: msgspec Structs that decode the wire format in one pass.
+
+The pydantic models of :mod:`schemas.messages` stay the source of truth (JSON Schema export,
+golden files, settings, every edge where a person writes a message). A stage that handles
+thousands of records a second (scorer, filter, router) declares one of the types below as its
+``input_type`` instead: the runtime decodes each record into it once, with the same
+constraints, and keeps the bytes it was read as (:attr:`Received.raw`), so that an output that
+carries the input record embeds those bytes as they came instead of encoding them again
+(:class:`FilterDecisionOut`, :class:`RoutedSampleOut`).
+
+``tests/unit/test_fast.py`` checks every Struct against its pydantic model field by field
+(names, order, requiredness, defaults), and that every golden file, a corpus of varied
+records and every hostile record decode to the same values, or to the same dead letter,
+both ways. The one difference, decided here: **unknown fields** are not kept on the Struct.
+Nothing is lost: the raw bytes are what a stage forwards and embeds, unknown fields
+included, byte for byte (pydantic's ``extra="allow"`` kept them by re-encoding). Lax forms
+(``"3"`` for an int, a naive or date-only datetime, NaN inside free-form details) are not a
+difference: the fast decode is strict and hands what it refuses to the model
+(:class:`Decoder`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeGuard
+
+import msgspec
+from msgspec import Meta, Raw
+
+from schemas import messages
+from schemas.envelope import SCHEMA_VERSION
+
+Role = Literal["system", "user", "assistant", "tool"]
+Verdict = Literal["correct", "incorrect", "unverified"]
+TrainingStage = Literal["cpt", "sft", "rl"]
+
+NonNegInt = Annotated[int, Meta(ge=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+Version = Annotated[int, Meta(ge=1, le=SCHEMA_VERSION)]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def timestamp(at: datetime) -> float:
+    """Seconds since the epoch; a naive datetime is UTC (what every producer means by it)."""
+    return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).timestamp()
+
+
+class Wire(msgspec.Struct, kw_only=True):
+    """Base of every nested wire type."""
+
+
+class ProducerInfo(Wire, kw_only=True):
+    service: str
+    instance: str
+
+
+class Envelope(Wire, kw_only=True):
+    """The envelope fields of :class:`schemas.envelope.Message`, in its order."""
+
+    event_id: uuid.UUID = msgspec.field(default_factory=uuid.uuid4)
+    schema_version: Version = SCHEMA_VERSION
+    created_at: datetime = msgspec.field(default_factory=_now)
+    producer: ProducerInfo | None = None
+
+
+class Received(Envelope, kw_only=True, dict=True):
+    """A top-level record as decoded from Kafka. ``raw`` (set by :func:`decoder`'s decode,
+    not a wire field) holds the bytes it was read as."""
+
+    if TYPE_CHECKING:  # not a field: set by the decoder, in the instance's __dict__
+        raw: bytes
+
+
+class VerifierSpec(Wire, kw_only=True):
+    kind: str
+    answer: str | None = None
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Task(Envelope, kw_only=True):
+    task_id: str
+    env: str
+    prompt: str
+    observation: dict[str, Any] | None = None
+    verifier: VerifierSpec | None = None
+    difficulty: NonNegFloat = 0.0
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Turn(Wire, kw_only=True):
+    role: Role
+    content: str
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        ids, lps = self.token_ids, self.logprobs
+        if ids is not None and lps is not None and len(ids) != len(lps):
+            raise ValueError(
+                f"token_ids ({len(ids)}) and logprobs ({len(lps)}) must have the same length")
+
+
+class SamplingParams(Wire, kw_only=True):
+    temperature: NonNegFloat = 1.0
+    top_p: Annotated[float, Meta(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Meta(ge=-1)] = -1
+    max_tokens: Annotated[int, Meta(ge=1)] = 256
+    n: Annotated[int, Meta(ge=1)] = 1
+    seed: int | None = None
+    stop: list[str] = msgspec.field(default_factory=list)
+
+
+class Timings(Wire, kw_only=True):
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    queue_seconds: NonNegFloat | None = None
+    generation_seconds: NonNegFloat = 0.0
+    env_seconds: NonNegFloat = 0.0
+
+
+class Trajectory(Envelope, kw_only=True):
+    task: Task
+    group_id: str
+    sample_index: NonNegInt
+    group_size: Annotated[int, Meta(ge=1)]
+    turns: list[Turn]
+    completion: str
+    prompt_token_ids: list[int] | None = None
+    completion_token_ids: list[int] | None = None
+    completion_logprobs: list[float] | None = None
+    finish_reason: str | None = None
+    policy_version: NonNegInt
+    model: str
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    timings: Timings = msgspec.field(default_factory=Timings)
+
+    def __post_init__(self) -> None:
+        if self.sample_index >= self.group_size:
+            raise ValueError(f"sample_index {self.sample_index} >= group_size {self.group_size}")
+        ids, lps = self.completion_token_ids, self.completion_logprobs
+        if ids is not None and lps is not None and len(ids) != len(lps):
+            raise ValueError(
+                f"completion_token_ids ({len(ids)}) and completion_logprobs ({len(lps)}) "
+                "must have the same length")
+
+
+class Score(Wire, kw_only=True):
+    scorer: str
+    version: str
+    value: float  # finite: the decoder refuses NaN and Infinity tokens
+    passed: bool | None = None
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ScoredTrajectory(Received, kw_only=True):
+    """:class:`schemas.ScoredTrajectory` as the filter reads it."""
+
+    trajectory: Trajectory
+    scores: list[Score]
+    reward: float
+    verdict: Verdict
+    reward_rule: str
+
+
+class FilterDecision(Received, kw_only=True):
+    """:class:`schemas.FilterDecision` as the router reads it: ``scored`` stays the bytes it
+    was embedded as, and is decoded into :attr:`record` (not a wire field) by the decoder."""
+
+    scored: Raw
+    accepted: bool
+    reasons: list[str] = msgspec.field(default_factory=list)
+    flags: list[str] = msgspec.field(default_factory=list)
+    policy_name: str
+    policy_hash: str
+    group_accepted: NonNegInt | None = None
+    latest_version: NonNegInt | None = None
+
+    if TYPE_CHECKING:
+        record: ScoredTrajectory
+
+    def __post_init__(self) -> None:
+        if not self.accepted and not self.reasons:
+            raise ValueError("a rejected decision must list at least one reason")
+
+
+# -- outputs: encoded once, embedding what they carry -----------------------------------------
+
+
+class Output(Envelope, kw_only=True):
+    """Base of the hot path's outputs: :meth:`to_bytes` as the runtime expects of a message.
+    The runtime stamps ``producer`` when it is unset."""
+
+    def to_bytes(self) -> bytes:
+        return _ENCODER.encode(self)
+
+    def partition_key(self) -> str:
+        raise TypeError(f"{type(self).__name__} has no key of its own: give the stage's Output "
+                        "one")
+
+
+class FilterDecisionOut(Output, kw_only=True):
+    """Encodes as :class:`schemas.FilterDecision`, with ``scored`` the input's bytes."""
+
+    scored: Raw
+    accepted: bool
+    reasons: list[str]
+    flags: list[str]
+    policy_name: str
+    policy_hash: str
+    group_accepted: int | None
+    latest_version: int | None
+
+
+class RoutedSampleOut(Output, kw_only=True):
+    """Encodes as :class:`schemas.RoutedSample`, each sample the bytes it was read as."""
+
+    stage: TrainingStage
+    group_id: str
+    samples: list[Raw]
+    decision_ids: list[uuid.UUID]
+    weight: float
+    reason: str
+    policy_name: str
+    policy_hash: str
+    filter_policy_hash: str | None
+    replay: str | None = None
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+class Decoder:
+    """Decodes one record value into a :class:`Received` type, keeping its bytes.
+
+    The fast decode is strict: the JSON that services write (canonical types, RFC 3339
+    datetimes) is all it takes. Anything it refuses is handed to the pydantic model, which
+    decides as it always has: a ``pydantic.ValidationError`` (the record is dead-lettered with
+    the same kind and message as before), or a value in a lax form (``"3"`` for an int, a
+    date without a time...) that is accepted, re-encoded canonically by the model and decoded
+    from that. So the hot path accepts exactly what the models accept, and the models stay the
+    one definition of what is valid."""
+
+    __slots__ = ("_decode", "_model", "_scored", "type")
+
+    def __init__(self, type_: type[Received]) -> None:
+        self.type = type_
+        self._model = MODELS[type_]
+        self._decode = msgspec.json.Decoder(type_).decode
+        self._scored = msgspec.json.Decoder(ScoredTrajectory).decode \
+            if type_ is FilterDecision else None
+
+    def __call__(self, data: bytes) -> Any:
+        try:
+            return self._fast(data)
+        except (msgspec.DecodeError, RecursionError):  # ValidationError included, and
+            pass  # nesting too deep for msgspec: the model decides
+        canonical = self._model.model_validate_json(data).to_bytes()  # raises if invalid
+        try:
+            return self._fast(canonical)
+        except msgspec.DecodeError as exc:
+            raise AssertionError(f"{self.type.__name__} refuses what {self._model.__name__} "
+                                 f"wrote: {exc}") from exc
+
+    def _fast(self, data: bytes) -> Any:
+        record: Any = self._decode(data)
+        record.raw = data
+        if self._scored is not None:
+            raw = bytes(record.scored)
+            record.record = self._scored(raw)
+            record.record.raw = raw
+        return record
+
+
+MODELS: dict[type[Received], type[messages.Message]] = {
+    ScoredTrajectory: messages.ScoredTrajectory, FilterDecision: messages.FilterDecision}
+"""The pydantic model each record type mirrors: its source of truth."""
+
+_DECODERS: dict[type[Received], Decoder] = {}
+
+
+def decoder(type_: type[Received]) -> Decoder:
+    """The (shared) decoder of a record type."""
+    found = _DECODERS.get(type_)
+    if found is None:
+        found = _DECODERS[type_] = Decoder(type_)
+    return found
+
+
+def is_fast(type_: Any) -> TypeGuard[type[Received]]:
+    """Whether ``type_`` is one of this module's record types (not a pydantic model)."""
+    return isinstance(type_, type) and issubclass(type_, Received)
