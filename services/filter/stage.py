@@ -39,7 +39,7 @@ from services.common.stage import Output
 from services.common.state import PartitionState, Renames, StateStore, as_record, disk_for
 from services.common.text import repetition_ratio
 from services.filter import metrics as m
-from services.filter.dedup import Fingerprint, Memory, fingerprint
+from services.filter.dedup import Fingerprint, Memories, Memory, fingerprint
 from services.filter.policy import FilterPolicy
 
 NAMESPACE = uuid.UUID("0b5b8f2e-3c1d-4a8e-9f7a-5d6c2e1b9a40")
@@ -83,6 +83,7 @@ class FilterStage:
         self.latest_version = latest_version
         self.clock = EventClock()
         self._pending_groups: dict[int, int] = {}
+        self._memories = Memories()
 
     # -- the stage protocol -----------------------------------------------------------------
 
@@ -156,7 +157,7 @@ class FilterStage:
         flags: list[list[str]] = [[] for _ in members]
         task_id = members[0].trajectory.task.task_id
         mkey = f"{SEEN}{task_id}"
-        memory = Memory([list(e) for e in state.get(mkey, {"entries": []})["entries"]])
+        memory = self._memories.get(task_id, state.get(mkey))
         seen: set[str] = set()
         for i, s in enumerate(members):
             if reasons[i]:
@@ -177,7 +178,7 @@ class FilterStage:
         for fp, at in remembered:
             memory.add(fp, group_id, at, p.dedup.memory_per_task)
         if remembered:
-            state.put(mkey, {"entries": memory.entries})
+            self._remember(state, task_id, memory)
         rewards = [members[i].reward for i in accepted]
         group_flags = []
         if len(rewards) < 2 or max(rewards) - min(rewards) <= p.groups.min_reward_spread:
@@ -197,16 +198,21 @@ class FilterStage:
         """A member of a group decided already: alone, against the rules and the memory."""
         reasons = self._rules(s)
         if not reasons:
-            mkey = f"{SEEN}{s.trajectory.task.task_id}"
-            memory = Memory([list(e) for e in state.get(mkey, {"entries": []})["entries"]])
+            task_id = s.trajectory.task.task_id
+            memory = self._memories.get(task_id, state.get(f"{SEEN}{task_id}"))
             fp, hit = self._lookup(memory, s)
             if hit is not None:
                 reasons.append(hit)
             elif fp is not None:
                 memory.add(fp, s.trajectory.group_id, timestamp(s.created_at),
                            self.policy.dedup.memory_per_task)
-                state.put(mkey, {"entries": memory.entries})
+                self._remember(state, task_id, memory)
         return [self._decision(s, reasons, ["late_member"], None)]
+
+    def _remember(self, state: PartitionState, task_id: str, memory: Memory) -> None:
+        value = {"entries": memory.entries}
+        state.put(f"{SEEN}{task_id}", value)
+        self._memories.put(task_id, value, memory)
 
     def _lookup(self, memory: Memory, s: ScoredTrajectory) -> tuple[Fingerprint | None,
                                                                     str | None]:
