@@ -21,6 +21,7 @@ difference: the fast decode is strict and hands what it refuses to the model
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeGuard
@@ -190,9 +191,25 @@ class FilterDecision(Received, kw_only=True):
 # -- outputs: encoded once, embedding what they carry -----------------------------------------
 
 
-class Output(Envelope, kw_only=True):
+def uuid5(namespace: uuid.UUID, name: str) -> str:
+    """``str(uuid.uuid5(namespace, name))``, without building the UUID object (a third of
+    the time): the ids the hot path derives for its outputs."""
+    digest = bytearray(hashlib.sha1(namespace.bytes + name.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    x = digest.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+class Output(Wire, kw_only=True):
     """Base of the hot path's outputs: :meth:`to_bytes` as the runtime expects of a message.
-    The runtime stamps ``producer`` when it is unset."""
+    The envelope's fields, in its order; ``event_id`` as its text (:func:`uuid5`), encoded as
+    the models encode a UUID. The runtime stamps ``producer`` when it is unset."""
+
+    event_id: str = msgspec.field(default_factory=lambda: str(uuid.uuid4()))
+    schema_version: int = SCHEMA_VERSION
+    created_at: datetime = msgspec.field(default_factory=_now)
+    producer: ProducerInfo | None = None
 
     def to_bytes(self) -> bytes:
         return _ENCODER.encode(self)

@@ -180,7 +180,8 @@ class FilterDecision(Message):
         description="Annotations that do not reject, e.g. 'no_rl_signal' for all-equal groups.",
     )
     policy_name: str
-    policy_hash: str = Field(description="sha256 of the policy file content.")
+    policy_hash: str = Field(description="sha256 of the policy file content (and of the "
+                             "version of the code it depends on, such as the MinHash).")
     group_accepted: int | None = Field(
         default=None, ge=0,
         description="How many samples of this group the filter accepted; the router's RL "

@@ -12,6 +12,11 @@ def normalize(text: str) -> str:
     return _SPACE.sub(" ", text.casefold()).strip()
 
 
+REPETITION_MEASURE = "word_ngram_repetition"
+"""The ``measure`` a score of :func:`repetition_ratio` names in its details, with its
+``ngram``: the filter's repetition rule reuses such a score instead of measuring again."""
+
+
 def repetition_ratio(text: str, n: int = 3) -> float:
     """1 - distinct/total over the word n-grams of ``text``; 0.0 when it has none. A
     completion stuck in a loop scores close to 1."""

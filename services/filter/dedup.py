@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import zlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
+from itertools import chain
 from typing import Any
 
 import numpy as np
-from datasketch import MinHash
+from rensa import RMinHash
 
 from services.common.text import normalize
 
@@ -35,23 +35,71 @@ class Fingerprint:
         return base64.b64encode(self.signature.astype("<u4").tobytes()).decode()
 
 
-@lru_cache(maxsize=8)
-def _hasher(num_perm: int) -> MinHash:
-    """One MinHash per ``num_perm``, cleared and reused for every text: building one costs
-    more than hashing a short completion. crc32 as the base hash: ~10x cheaper per shingle
-    than datasketch's default sha1, and the MinHash permutations on top of it supply the
-    independence."""
-    return MinHash(num_perm=num_perm, seed=1, hashfunc=zlib.crc32)
+MINHASH = "poly-fmix64/rensa-r2"
+"""The MinHash this filter computes: character shingles hashed by a polynomial over their code
+points and MurmurHash3's 64-bit finalizer, then rensa's R-MinHash (algorithm version 2) with
+seed 1. Signatures of another MinHash are not comparable: a changed one changes the filter
+policy's hash (:data:`services.filter.policy.FilterPolicy.IMPLEMENTATION`) and the state's
+format (:func:`upgrade_memory`)."""
+SEED = 1
+_BASE = 1_000_003
+_M1, _M2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
+_S33 = np.uint64(33)
+
+
+def _shingle_hashes(norms: list[str], shingle: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 64-bit hash of every character shingle of every text, one flat array, and each
+    text's row offsets into it. A text shorter than a shingle is one shingle, padded."""
+    lengths = np.fromiter((max(len(t), shingle) for t in norms), dtype=np.int64,
+                          count=len(norms))
+    joined = "".join(t.ljust(shingle, "\0") for t in norms)
+    points = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    n = len(points) - shingle + 1
+    weights = [np.uint64(pow(_BASE, shingle - 1 - k, 2**64)) for k in range(shingle)]
+    h = points[:n] * weights[0]
+    for k in range(1, shingle):
+        h += points[k:k + n] * weights[k]
+    h ^= h >> _S33  # MurmurHash3's fmix64: every input bit moves every output bit
+    h *= _M1
+    h ^= h >> _S33
+    h *= _M2
+    h ^= h >> _S33
+    counts = lengths - shingle + 1
+    offsets = np.zeros(len(norms) + 1, dtype=np.uint64)
+    np.cumsum(counts, out=offsets[1:])
+    starts = np.cumsum(lengths) - lengths  # where each text starts in ``points``
+    first = starts - offsets[:-1].astype(np.int64)
+    index = np.repeat(first, counts) + np.arange(int(counts.sum()))
+    return h[index], offsets
+
+
+def fingerprints(texts: list[str], *, num_perm: int, shingle: int) -> list[Fingerprint]:
+    """The fingerprints of many texts at once: the shingles of all of them hashed in a few
+    numpy operations, the MinHash of all of them in one call into rensa."""
+    if not texts:
+        return []
+    norms = [normalize(t) for t in texts]
+    flat, offsets = _shingle_hashes(norms, shingle)
+    rows = RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, num_perm, SEED)
+    signatures = np.frombuffer(array("I", chain.from_iterable(rows.to_rows())),
+                               dtype=np.uint32).reshape(len(texts), num_perm)
+    return [Fingerprint(hashlib.sha256(n.encode()).hexdigest()[:16], signatures[i])
+            for i, n in enumerate(norms)]
 
 
 def fingerprint(text: str, *, num_perm: int, shingle: int) -> Fingerprint:
-    norm = normalize(text)
-    exact = hashlib.sha256(norm.encode()).hexdigest()[:16]
-    grams = {norm[i:i + shingle] for i in range(max(1, len(norm) - shingle + 1))}
-    mh = _hasher(num_perm)
-    mh.clear()
-    mh.update_batch([g.encode() for g in grams])
-    return Fingerprint(exact, mh.hashvalues.astype(np.uint32))
+    return fingerprints([text], num_perm=num_perm, shingle=shingle)[0]
+
+
+def upgrade_memory(value: Any) -> Any | None:
+    """A task's memory written with another MinHash (untagged: datasketch's), in this one's
+    format: its entries keep their exact fingerprints, still duplicates of a repeat, and lose
+    their signatures, which no signature of this MinHash could be compared with. None when
+    it is current."""
+    if not isinstance(value, dict) or value.get("minhash") == MINHASH:
+        return None
+    entries = [[e[0], "", *e[2:]] for e in value.get("entries", [])]
+    return {**value, "entries": entries, "minhash": MINHASH}
 
 
 def decode_signature(data: str) -> np.ndarray:
@@ -113,31 +161,62 @@ class Memory:
         """('duplicate', 1.0) or ('near_duplicate', similarity) or None, against the entries
         of less than ``horizon`` seconds before ``at`` (all with no horizon; entries after
         ``at`` always hold, so a late sample never repeats a newer one)."""
-        if not self.entries or not (near or (exact and fp.exact in self._exact)):
-            return None
-        width = len(fp.signature)
+        return self.match_many([fp], exact=exact, near=near, threshold=threshold, ats=[at],
+                               horizon=horizon)[0]
+
+    def match_many(self, fps: list[Fingerprint], *, exact: bool, near: bool, threshold: float,
+                   ats: list[float], horizon: float | None
+                   ) -> list[tuple[str, float] | None]:
+        """:meth:`match` for each fingerprint (at its own time), against the memory as it is:
+        all of them compared with every entry in one numpy operation."""
+        found: list[tuple[str, float] | None] = [None] * len(fps)
+        if not self.entries or not fps:
+            return found
+        width = len(fps[0].signature)
+        if any(len(fp.signature) != width for fp in fps):
+            raise ValueError("fingerprints of one look-up have one num_perm")
         matrix, times, same_width = self._decoded(width)
-        recent = np.ones(len(times), dtype=bool) if horizon is None else \
-            np.isnan(times) | (at - times < horizon)
-        if exact and fp.exact in self._exact and any(
-                e[0] == fp.exact for e, r in zip(self.entries, recent, strict=True) if r):
-            return "duplicate", 1.0
-        rows = recent & same_width
-        if near and rows.any():
-            best = float(np.count_nonzero(matrix[rows] == fp.signature, axis=1).max()) / width
-            if best >= threshold:
-                return "near_duplicate", best
-        return None
+        if horizon is None:
+            recent = np.ones((len(fps), len(times)), dtype=bool)
+        else:
+            recent = np.isnan(times)[None, :] | \
+                (np.asarray(ats)[:, None] - times[None, :] < horizon)
+        if exact:
+            for i, fp in enumerate(fps):
+                if fp.exact in self._exact and any(
+                        e[0] == fp.exact and r for e, r in zip(self.entries, recent[i],
+                                                               strict=True)):
+                    found[i] = ("duplicate", 1.0)
+        if near:
+            rows = recent & same_width[None, :]
+            signatures = np.stack([fp.signature for fp in fps])
+            same = np.count_nonzero(matrix[None, :, :] == signatures[:, None, :], axis=2)
+            best = np.where(rows, same, -1).max(axis=1) / width
+            for i, similarity in enumerate(best.tolist()):
+                if found[i] is None and similarity >= threshold:
+                    found[i] = ("near_duplicate", similarity)
+        return found
 
     def add(self, fp: Fingerprint, group_id: str, at: float, cap: int) -> None:
-        width = len(fp.signature)
+        self.add_many([fp], group_id, [at], cap)
+
+    def add_many(self, fps: list[Fingerprint], group_id: str, ats: list[float], cap: int
+                 ) -> None:
+        """Remember ``fps`` (in order, at their times), keeping the newest ``cap`` entries."""
+        if not fps:
+            return
+        width = len(fps[0].signature)
         matrix, times, held = self._decoded(width)
-        drop = max(0, len(self.entries) + 1 - cap)
-        self.entries = [*self.entries, [fp.exact, fp.encoded(), group_id, at]][drop:]
+        drop = max(0, len(self.entries) + len(fps) - cap)
+        self.entries = [*self.entries, *([fp.exact, fp.encoded(), group_id, at]
+                                         for fp, at in zip(fps, ats, strict=True))][drop:]
         self._exact = {e[0] for e in self.entries}
-        self._matrix = np.concatenate([matrix, fp.signature.reshape(1, width)])[drop:]
-        self._times = np.append(times, at)[drop:]
-        self._held = np.append(held, True)[drop:]
+        rows = np.stack([fp.signature for fp in fps])
+        if rows.shape[1] != width:
+            raise ValueError("fingerprints of one addition have one num_perm")
+        self._matrix = np.concatenate([matrix, rows])[drop:]
+        self._times = np.concatenate([times, np.asarray(ats, dtype=float)])[drop:]
+        self._held = np.concatenate([held, np.ones(len(fps), dtype=bool)])[drop:]
 
 
 class Memories:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas import Verdict
+from services.filter.dedup import MINHASH
 
 
 class _Strict(BaseModel):
@@ -56,6 +57,9 @@ class GroupRule(_Strict):
 
 
 class FilterPolicy(_Strict):
+    IMPLEMENTATION: ClassVar[str] = MINHASH
+    """The code a decision also depends on: the MinHash (part of the policy's hash)."""
+
     name: str = "default"
     min_reward: float | None = Field(default=None, description="Below: 'low_reward'.")
     verdicts: list[Verdict] = Field(

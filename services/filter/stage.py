@@ -31,15 +31,22 @@ from typing import Any
 
 from msgspec import Raw
 
-from schemas.fast import FilterDecisionOut, ScoredTrajectory, timestamp
+from schemas.fast import FilterDecisionOut, ScoredTrajectory, timestamp, uuid5
 from services.common.config import ServiceSettings
 from services.common.event_time import EventClock
 from services.common.metrics import labelled
 from services.common.stage import Output
 from services.common.state import PartitionState, Renames, StateStore, as_record, disk_for
-from services.common.text import repetition_ratio
+from services.common.text import REPETITION_MEASURE, repetition_ratio
 from services.filter import metrics as m
-from services.filter.dedup import Fingerprint, Memories, Memory, fingerprint
+from services.filter.dedup import (
+    MINHASH,
+    Fingerprint,
+    Memories,
+    Memory,
+    fingerprints,
+    upgrade_memory,
+)
 from services.filter.policy import FilterPolicy
 
 NAMESPACE = uuid.UUID("0b5b8f2e-3c1d-4a8e-9f7a-5d6c2e1b9a40")
@@ -55,8 +62,10 @@ DECIDED = "decided/"
 at, the sample indexes decided since: a repeat of one is a duplicate by identity). Written
 before that by a bare stream time, still read (no indexes known)."""
 SEEN = "seen/"
-"""``seen/<task id>``: the task's duplicate memory, ``{entries}`` (accepted fingerprints, each
-with its event time; entries written before times were kept have none)."""
+"""``seen/<task id>``: the task's duplicate memory, ``{entries, minhash}``: the accepted
+fingerprints, each with its event time (entries written before times were kept have none),
+and the MinHash their signatures were computed with (none: datasketch's, upgraded at
+restore)."""
 UPGRADE = Renames({"g/": GROUP, "m/": MEMBER, "x/": DECIDED, "d/": SEEN},
                   {GROUP: {"t": "first_at", "n": "size", "have": "indexes"},
                    SEEN: {"e": "entries"}})
@@ -64,10 +73,23 @@ UPGRADE = Renames({"g/": GROUP, "m/": MEMBER, "x/": DECIDED, "d/": SEEN},
 ``t n have e``)."""
 
 
+def upgrade(key: str, value: Any) -> tuple[str, Any] | None:
+    """Older formats of the filter's state: renamed keys and fields (:data:`UPGRADE`), and a
+    task's memory written with another MinHash (:func:`~services.filter.dedup.upgrade_memory`)."""
+    renamed = UPGRADE(key, value)
+    if renamed is not None:
+        key, value = renamed
+    if key.startswith(SEEN):
+        current = upgrade_memory(value)
+        if current is not None:
+            return key, current
+    return renamed
+
+
 def state_store(changelog_topic: str, settings: ServiceSettings | None = None) -> StateStore:
     """The filter's state, reading older formats too; on disk when ``settings`` say so."""
     disk = disk_for(settings, changelog_topic) if settings is not None else None
-    return StateStore(changelog_topic, upgrade=UPGRADE, disk=disk)
+    return StateStore(changelog_topic, upgrade=upgrade, disk=disk)
 
 
 class FilterStage:
@@ -158,11 +180,11 @@ class FilterStage:
         task_id = members[0].trajectory.task.task_id
         mkey = f"{SEEN}{task_id}"
         memory = self._memories.get(task_id, state.get(mkey))
+        looked = [i for i, r in enumerate(reasons) if not r]
+        candidates = [members[i] for i in looked]
+        found = self._lookup(memory, candidates, self._fingerprints(candidates))
         seen: set[str] = set()
-        for i, s in enumerate(members):
-            if reasons[i]:
-                continue
-            fp, hit = self._lookup(memory, s)
+        for i, (fp, hit) in zip(looked, found, strict=True):
             if hit is not None:
                 reasons[i].append(hit)
                 continue
@@ -175,9 +197,9 @@ class FilterStage:
         accepted = [i for i, r in enumerate(reasons) if not r]
         remembered = [(fp, timestamp(members[i].created_at)) for i in accepted
                       if (fp := fps[i]) is not None]
-        for fp, at in remembered:
-            memory.add(fp, group_id, at, p.dedup.memory_per_task)
         if remembered:
+            memory.add_many([fp for fp, _ in remembered], group_id,
+                            [at for _, at in remembered], p.dedup.memory_per_task)
             self._remember(state, task_id, memory)
         rewards = [members[i].reward for i in accepted]
         group_flags = []
@@ -200,7 +222,7 @@ class FilterStage:
         if not reasons:
             task_id = s.trajectory.task.task_id
             memory = self._memories.get(task_id, state.get(f"{SEEN}{task_id}"))
-            fp, hit = self._lookup(memory, s)
+            [(fp, hit)] = self._lookup(memory, [s], self._fingerprints([s]))
             if hit is not None:
                 reasons.append(hit)
             elif fp is not None:
@@ -210,23 +232,42 @@ class FilterStage:
         return [self._decision(s, reasons, ["late_member"], None)]
 
     def _remember(self, state: PartitionState, task_id: str, memory: Memory) -> None:
-        value = {"entries": memory.entries}
+        value = {"entries": memory.entries, "minhash": MINHASH}
         state.put(f"{SEEN}{task_id}", value)
         self._memories.put(task_id, value, memory)
 
-    def _lookup(self, memory: Memory, s: ScoredTrajectory) -> tuple[Fingerprint | None,
-                                                                    str | None]:
-        """The sample's fingerprint (None with dedup off) and its duplicate reason, if any."""
+    def _fingerprints(self, samples: list[ScoredTrajectory]) -> list[Fingerprint] | None:
+        """The samples' fingerprints, computed together; None with dedup off."""
         d = self.policy.dedup
         if not (d.exact or d.near):
-            return None, None
-        fp = fingerprint(s.trajectory.completion, num_perm=d.num_perm, shingle=d.shingle)
-        hit = memory.match(fp, exact=d.exact, near=d.near, threshold=d.threshold,
-                           at=timestamp(s.created_at), horizon=d.horizon_seconds)
-        if hit is None:
-            return fp, None
-        labelled(m.DUPLICATE_HITS, hit[0]).inc()
-        return fp, hit[0]
+            return None
+        return fingerprints([s.trajectory.completion for s in samples], num_perm=d.num_perm,
+                            shingle=d.shingle)
+
+    def _lookup(self, memory: Memory, samples: list[ScoredTrajectory],
+                fps: list[Fingerprint] | None
+                ) -> list[tuple[Fingerprint | None, str | None]]:
+        """Each sample's fingerprint (None with dedup off) and duplicate reason, if any."""
+        if fps is None:
+            return [(None, None)] * len(samples)
+        d = self.policy.dedup
+        hits = memory.match_many(fps, exact=d.exact, near=d.near, threshold=d.threshold,
+                                 ats=[timestamp(s.created_at) for s in samples],
+                                 horizon=d.horizon_seconds)
+        for hit in hits:
+            if hit is not None:
+                labelled(m.DUPLICATE_HITS, hit[0]).inc()
+        return [(fp, hit[0] if hit is not None else None)
+                for fp, hit in zip(fps, hits, strict=True)]
+
+    @staticmethod
+    def _repetition(s: ScoredTrajectory, ngram: int) -> float:
+        """The repetition ratio of the completion: the scorer's, when it measured the same."""
+        for score in s.scores:
+            details = score.details
+            if details.get("measure") == REPETITION_MEASURE and details.get("ngram") == ngram:
+                return score.value
+        return repetition_ratio(s.trajectory.completion, ngram)
 
     def _rules(self, s: ScoredTrajectory) -> list[str]:
         p, t = self.policy, s.trajectory
@@ -246,7 +287,7 @@ class FilterStage:
         if p.reject_truncated and t.finish_reason == "length":
             reasons.append("truncated")
         if p.repetition is not None and \
-                repetition_ratio(t.completion, p.repetition.ngram) > p.repetition.max_ratio:
+                self._repetition(s, p.repetition.ngram) > p.repetition.max_ratio:
             reasons.append("repetitive")
         if p.max_staleness is not None:
             latest = self.latest_version(t.model)
@@ -260,7 +301,7 @@ class FilterStage:
         decision = FilterDecisionOut(
             # One id per (sample, policy, outcome): a repeat rejected as a duplicate of its
             # earlier acceptance does not share that acceptance's id.
-            event_id=uuid.uuid5(NAMESPACE, f"{s.event_id}:{self.policy_hash}:{outcome}"),
+            event_id=uuid5(NAMESPACE, f"{s.event_id}:{self.policy_hash}:{outcome}"),
             scored=Raw(s.raw), accepted=not reasons, reasons=reasons, flags=flags,
             policy_name=self.policy.name, policy_hash=self.policy_hash,
             group_accepted=group_accepted,

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from schemas import TrainingStage
-from schemas.fast import FilterDecision, RoutedSampleOut, timestamp
+from schemas.fast import FilterDecision, RoutedSampleOut, timestamp, uuid5
 from services.common.config import ServiceSettings
 from services.common.event_time import EventClock
 from services.common.metrics import labelled
@@ -179,7 +179,7 @@ class RouterStage:
                 weight: float, reason: str) -> Output:
         ident = group_id if stage == "rl" else str(decisions[0].event_id)
         sample = RoutedSampleOut(
-            event_id=uuid.uuid5(NAMESPACE, f"{stage}:{ident}:{self.policy_hash}"),
+            event_id=uuid5(NAMESPACE, f"{stage}:{ident}:{self.policy_hash}"),
             stage=stage, group_id=group_id, samples=[d.scored for d in decisions],
             decision_ids=[d.event_id for d in decisions], weight=weight, reason=reason,
             policy_name=self.policy.name, policy_hash=self.policy_hash,

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas import Score, Trajectory, Verdict
 from services import envs
 from services.common.errors import ConfigError, DependencyError
-from services.common.text import repetition_ratio
+from services.common.text import REPETITION_MEASURE, repetition_ratio
 from services.scorer.metrics import SANDBOX_KILLS
 from services.scorer.sandbox import NO_NETNS, SandboxLimits, isolation_plan, run_python_tests
 
@@ -303,7 +303,8 @@ class RepetitionScorer:
         for t in batch:
             ratio = repetition_ratio(t.completion, c.ngram)
             out.append(Score(scorer=self.name, version=self.version, value=ratio,
-                             passed=ratio <= c.max_ratio))
+                             passed=ratio <= c.max_ratio,
+                             details={"measure": REPETITION_MEASURE, "ngram": c.ngram}))
         return out
 
 

@@ -168,3 +168,11 @@ def test_lax_forms_take_the_models_path_and_come_out_canonical() -> None:
     assert record.trajectory.policy_version == 3
     assert b'"policy_version":3' in record.raw  # what stages embed from here on
     assert fast.timestamp(record.created_at) == 1767225600.0  # a naive datetime is UTC
+
+
+@settings(max_examples=200, derandomize=True, database=None)
+@given(namespace=st.uuids(), name=st.text())
+def test_uuid5_is_the_standard_librarys(namespace: Any, name: str) -> None:
+    import uuid
+
+    assert fast.uuid5(namespace, name) == str(uuid.uuid5(namespace, name))

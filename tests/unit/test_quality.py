@@ -328,3 +328,23 @@ def test_decisions_and_routes_are_counted_in_metrics() -> None:
         expected.rejected["near_duplicate"]
     assert value(rm.ROUTED_SAMPLES, "sft") - before["sft"] == expected.sft
     assert value(rm.RL_GROUPS, "routed") - before["rl"] == expected.rl_groups
+
+
+def test_the_repetition_rule_reuses_the_scorers_ratio_of_the_same_measure() -> None:
+    from schemas import Score
+    from services.common.text import REPETITION_MEASURE
+
+    records, _ = planted.planted_mix(1)
+    ngram = planted.filter_policy().repetition.ngram  # type: ignore[union-attr]
+
+    def with_score(record: ScoredTrajectory, value: float, n: int) -> ScoredTrajectory:
+        score = Score(scorer="repetition", version="t", value=value,
+                      details={"measure": REPETITION_MEASURE, "ngram": n})
+        return record.model_copy(update={"scores": [*record.scores, score]})
+
+    # The scorer measured the same: its ratio decides (here, a loop it saw).
+    said = [with_score(r, 0.99, ngram) for r in records]
+    assert all("repetitive" in d.reasons for d in (o.value for o in run(make_filter(), said)))
+    # Another n-gram size: measured again, and the planted completions do not repeat.
+    other = [with_score(r, 0.99, ngram + 1) for r in records]
+    assert not any("repetitive" in o.value.reasons for o in run(make_filter(), other))
