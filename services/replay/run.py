@@ -3,8 +3,10 @@ policies, without touching the live flow.
 
 ``flywheel replay --name strict --from scored --stages filter,router --policy filter=F
 --policy router=G [--since T] [--until T]`` reads the live source topic (``<prefix>scored``)
-over fixed offset bounds and runs the stages one after the other, each reading what the one
-before wrote. Everything is written under the replay's own prefix, ``<prefix>replay.<name>.``
+over fixed offset bounds and runs the stages at the same time, each reading what the one
+before writes: every stage after the first starts in processes of its own and follows its
+input as it grows; once the stage before has finished, its input is complete, and it is
+stopped and run to the ends of it, bounded (what it kept up with is done by then). Everything is written under the replay's own prefix, ``<prefix>replay.<name>.``
 (``...filtered``, ``...rejected``, ``...accepted.sft``, their state changelogs and dead-letter
 topic), which it creates: the live router and trainer never see replayed records, and no live
 consumer group moves. Each stage is a consumer group of its own
@@ -39,6 +41,7 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -51,7 +54,14 @@ from services.common.errors import ConfigError
 from services.common.service import INTERRUPTED
 from services.envs.guard import Guard
 from services.registry import REPLAYABLE, SERVICES
-from services.replay.workers import Bounds, Service, run_in_workers, workers_for
+from services.replay.workers import (
+    Bounds,
+    Service,
+    run_in_workers,
+    start_workers,
+    stop_workers,
+    workers_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +127,9 @@ def epoch_ms(at: datetime) -> int:
     return -(-micros // 1000)
 
 
-def replay_settings(live: S, name: str, bounds: Bounds) -> S:
-    """``live`` with outputs, group and transactional id under the replay's prefix, bounded."""
+def replay_settings(live: S, name: str, bounds: Bounds | None) -> S:
+    """``live`` with outputs, group and transactional id under the replay's prefix, bounded
+    (None: unbounded, a stage that follows the one before it)."""
     prefix = f"{live.kafka.topic_prefix}replay.{name}."
     return live.model_copy(update={
         "kafka": live.kafka.model_copy(update={"topic_prefix": prefix}),
@@ -268,6 +279,27 @@ def _watched(progress: Progress | None, kafka: KafkaSettings, group: str, bounds
         return run()
 
 
+def _open_bounds(kafka: KafkaSettings, topic: str) -> Bounds:
+    """Every partition of ``topic`` as busy: how many workers a following stage may use."""
+    return {t: {p: (0, 1) for p in parts} for t, parts in
+            offset_bounds(kafka, topic, None, None).items()}
+
+
+def _finish(stage: Service, procs: list[BaseProcess], settings: ServiceSettings, topic: str,
+            checkpoints: str, workers: int) -> int:
+    """A following stage whose input is now complete (``settings`` bound it): its workers
+    are stopped (each commits the batch in flight), and what they had not reached is
+    processed to the ends, bounded as a stage of a sequential replay is (which knows where
+    the transaction markers are). Whatever the following workers kept up with is done."""
+    codes = stop_workers(procs)
+    if any(code not in (0, INTERRUPTED) for code in codes):
+        log.error("%s: a worker failed while following its input (exit codes %s)", stage,
+                  codes)
+        return 1
+    return run_in_workers(stage, settings, topic, checkpoints,
+                          workers_for(workers, settings.runtime.bounds or {}))
+
+
 def _into_live(name: str, live: ServiceSettings, held_out: Guard, progress: Progress | None,
                say: Callable[[str], None]) -> int:
     """The routed samples into the live ``accepted.*``, once, the held-out tasks' left out
@@ -344,23 +376,42 @@ def replay(name: str, source: str, stages: Sequence[str], files: dict[str, Path 
             f"{', '.join(chain)}, into {prefix}*")
     else:
         say(f"replay {name!r}: resuming ({manifest.records:,} offsets of {source})")
-    topic = f"{kafka.topic_prefix}{source}"
-    bounds = manifest.bounds
-    for i, stage in enumerate(chain):
-        if i > 0:  # everything the stage before wrote: it has finished
-            topic = f"{prefix}{INPUTS[stage]}"
-            bounds = offset_bounds(kafka, topic, None, None)
-        settings = replay_settings(live[stage], name, bounds)
+    checkpoints = f"{kafka.topic_prefix}checkpoints"
+    for stage in chain:
         create_topics(kafka, prefix, OUTPUTS[stage])
-        n = workers_for(workers, bounds)
-        say(f"{stage}: {topic} -> {prefix}{OUTPUTS[stage][0]}... "
-            f"({n} worker{'s' if n > 1 else ''})")
-        code = _watched(progress, kafka, settings.group_id, bounds, stage, partial(
-            run_in_workers, stage, settings, topic, f"{kafka.topic_prefix}checkpoints", n))
-        if code != 0:
-            if code == INTERRUPTED:
-                say(f"replay {name!r} stopped in {stage}; run it again to resume")
-            return code
+    following: dict[str, list[BaseProcess]] = {}
+    try:
+        # Every stage after the first starts now, unbounded, in processes of its own, and
+        # follows what the one before writes: the stages run at the same time.
+        for stage in chain[1:]:
+            topic = f"{prefix}{INPUTS[stage]}"
+            n = workers_for(workers, _open_bounds(kafka, topic))
+            say(f"{stage}: {topic} -> {prefix}{OUTPUTS[stage][0]}... "
+                f"({n} worker{'s' if n > 1 else ''}, following {INPUTS[stage]})")
+            following[stage] = start_workers(
+                stage, replay_settings(live[stage], name, None), topic, checkpoints, n)
+        topic, bounds = f"{kafka.topic_prefix}{source}", manifest.bounds
+        for i, stage in enumerate(chain):
+            if i > 0:  # the stage before has finished: its output is complete, bound it
+                topic = f"{prefix}{INPUTS[stage]}"
+                bounds = offset_bounds(kafka, topic, None, None)
+            settings = replay_settings(live[stage], name, bounds)
+            if i == 0:
+                n = workers_for(workers, bounds)
+                say(f"{stage}: {topic} -> {prefix}{OUTPUTS[stage][0]}... "
+                    f"({n} worker{'s' if n > 1 else ''})")
+                run = partial(run_in_workers, stage, settings, topic, checkpoints, n)
+            else:
+                run = partial(_finish, stage, following.pop(stage), settings, topic,
+                              checkpoints, workers or 1)
+            code = _watched(progress, kafka, settings.group_id, bounds, stage, run)
+            if code != 0:
+                if code == INTERRUPTED:
+                    say(f"replay {name!r} stopped in {stage}; run it again to resume")
+                return code
+    finally:
+        for procs in following.values():  # stopped early: they commit what is in flight
+            stop_workers(procs)
     if manifest.into_live:
         if held_out is None:
             from services.envs.heldout import guard

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,21 +55,46 @@ def run_in_workers(stage: Service, settings: ServiceSettings, input_topic: str,
     return run_stage(stage, settings, input_topic, checkpoints)
 
 
-def _spawn_workers(stage: Service, settings: ServiceSettings, input_topic: str,
-                   checkpoints: str, workers: int) -> int:
-    """The workers' exit code: 0 when all finished, 130 when stopped, 1 when one failed (the
-    others are then stopped). SIGINT and SIGTERM here are passed on as SIGTERM: each worker
-    commits the batch in flight and stops."""
+def start_workers(stage: Service, settings: ServiceSettings, input_topic: str,
+                  checkpoints: str, workers: int, *, start: bool = True
+                  ) -> list[BaseProcess]:
+    """``workers`` processes of the stage, members of one consumer group (started unless
+    ``start`` is false). Bounded settings: each stops when its partitions are at their ends
+    (``shared_bounds``). Unbounded ones (a stage of a pipelined replay that follows the one
+    before it): they run until :func:`stop_workers`."""
     ctx = multiprocessing.get_context("spawn")  # never fork a process with Kafka threads
     log_file = next((h.baseFilename for h in logging.getLogger().handlers
                      if isinstance(h, logging.FileHandler)), None)
-    procs = []
+    procs: list[BaseProcess] = []
     for i in range(workers):
         mine = settings.model_copy(update={
             "instance_id": f"{settings.instance_id}-w{i}",
             "runtime": settings.runtime.model_copy(update={"shared_bounds": True})})
         procs.append(ctx.Process(target=_worker, name=f"replay-{stage}-{i}", args=(
             stage, mine, input_topic, checkpoints, log_file, logging.getLogger().level)))
+    if start:
+        for proc in procs:
+            proc.start()
+    return procs
+
+
+def stop_workers(procs: list[BaseProcess]) -> list[int | None]:
+    """SIGTERM to each worker still running (each commits the batch in flight and stops);
+    their exit codes once all have exited."""
+    for proc in procs:
+        if proc.pid is not None and proc.exitcode is None:
+            os.kill(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        proc.join()
+    return [proc.exitcode for proc in procs]
+
+
+def _spawn_workers(stage: Service, settings: ServiceSettings, input_topic: str,
+                   checkpoints: str, workers: int) -> int:
+    """The workers' exit code: 0 when all finished, 130 when stopped, 1 when one failed (the
+    others are then stopped). SIGINT and SIGTERM here are passed on as SIGTERM: each worker
+    commits the batch in flight and stops."""
+    procs = start_workers(stage, settings, input_topic, checkpoints, workers, start=False)
 
     stopping = threading.Event()
 
