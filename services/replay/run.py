@@ -7,9 +7,10 @@ over fixed offset bounds and runs the stages at the same time, each reading what
 before writes: every stage after the first starts in processes of its own and follows its
 input as it grows; once the stage before has finished, its input is complete, and it is
 stopped and run to the ends of it, bounded (what it kept up with is done by then).
-Everything is written under the replay's own prefix, ``<prefix>replay.<name>.`` (``...filtered``, ``...rejected``, ``...accepted.sft``, their state changelogs and dead-letter
-topic), which it creates: the live router and trainer never see replayed records, and no live
-consumer group moves. Each stage is a consumer group of its own
+Everything is written under the replay's own prefix, ``<prefix>replay.<name>.``
+(``...filtered``, ``...rejected``, ``...accepted.sft``, their state changelogs and
+dead-letter topic), which it creates: the live router and trainer never see replayed
+records, and no live consumer group moves. Each stage is a consumer group of its own
 (``<prefix>replay.<name>.<service>``) with exactly-once delivery.
 
 **Bounds.** At its first start a replay fixes, per partition of the source topic, the offsets
