@@ -160,7 +160,9 @@ class StateSettings(BaseModel):
         default="rocksdb", description="rocksdb: on local disk, memory bounded by memory_mb "
         "whatever is remembered. memory: a dict, growing with what is remembered.")
     dir: Path | None = Field(default=None, description="Folder for the RocksDB files "
-                             "[default: <temp dir>/flywheel-state]; a copy, wiped at start.")
+                             "[default: <temp dir>/flywheel-state]; a copy of the changelog, "
+                             "kept by a clean stop for a restart on the same disk (it then "
+                             "reads only the changelog written after), wiped otherwise.")
     memory_mb: int = Field(default=64, ge=8, le=65536,
                            description="RocksDB's block cache, memtables included.")
 

@@ -62,7 +62,7 @@ from services.common.config import ServiceSettings
 from services.common.errors import AccessDenied, ConfigError, FatalRuntimeError, Interrupted
 from services.common.health import BrokerHealth
 from services.common.membership import Membership
-from services.common.offsets import positions
+from services.common.offsets import high_watermarks, positions
 from services.common.outputs import OutputWriter
 from services.common.stage import COMMIT_AT_ONCE, INTERRUPT, Stage, StatefulStage
 from services.common.state import StateStore
@@ -114,6 +114,8 @@ class StreamRuntime:
             if rt.bounds is not None else None
         self.finished = False
         """Bounded (``runtime.bounds``): every partition was processed to its end."""
+        self._settled = False
+        """Stopped cleanly: every change to the state is committed (a local checkpoint)."""
         if isinstance(stage, StatefulStage):
             if not self.exactly_once:
                 raise ConfigError(f"{settings.service} keeps state: it needs "
@@ -164,6 +166,7 @@ class StreamRuntime:
 
     def run(self) -> None:
         """Consume, process and produce until :meth:`stop`; raise FatalRuntimeError on failure."""
+        interrupted = False
         try:
             self._open()
             while not self._stop.is_set():
@@ -175,6 +178,7 @@ class StreamRuntime:
                         raise FatalRuntimeError(f"interrupted without a stop: {exc}") from exc
                     log.info("stopping: the batch in flight was interrupted (%s); it is "
                              "processed again after the restart", exc)
+                    interrupted = True
                     break
                 self._check_health()
                 if self._bounds is not None and self._reached_end():
@@ -183,6 +187,9 @@ class StreamRuntime:
                     self._stop.set()
             if self._open_batch is not None:
                 self._commit_open()  # stopping: the last batch, within shutdown_timeout
+            # Everything processed is committed (or was aborted and restored): state is what
+            # its changelog holds.
+            self._settled = self._open_batch is None and not interrupted
         except KafkaException as exc:
             raise FatalRuntimeError(f"Kafka client error: {exc.args[0]}") from exc
         finally:
@@ -491,6 +498,23 @@ class StreamRuntime:
 
     # -- shutdown ---------------------------------------------------------------------------
 
+    def _checkpoint(self) -> None:
+        """A clean stop: the state on disk is kept as of the changelog's end offsets, for a
+        restart on this disk to read only what comes after (:meth:`StateStore.keep`)."""
+        store = self._store
+        if store is None or not store.on_disk or not store.owned():
+            return
+        try:
+            marks = high_watermarks(self.settings.kafka.client_config(), store.changelog_topic,
+                                    store.owned(), 10)
+        except (KafkaException, FatalRuntimeError) as exc:
+            log.warning("no local checkpoint of the state (%s): the next start restores it "
+                        "from the whole changelog", exc)
+            return
+        store.keep({p: high for p, (_, high) in marks.items()})
+        log.info("state kept on disk as of %s offsets %s", store.changelog_topic,
+                 {p: high for p, (_, high) in sorted(marks.items())})
+
     def _close(self) -> None:
         self._alive = False
         self._m_ready.set(0)
@@ -527,6 +551,8 @@ class StreamRuntime:
         # Whatever is still unconfirmed stays uncommitted: the revoke that close() triggers
         # must not flush again.
         self._unconfirmed = None
+        if self._settled:
+            self._checkpoint()  # before close() gives the partitions up
         if self._consumer is not None:
             # At-least-once, commits the stored offsets. A dynamic member leaves the group at
             # once; a static one keeps its partitions until session_timeout_ms, for its restart.

@@ -150,6 +150,11 @@ class StateStore:
         """Keys upgraded at restore (old and new): rewritten in the changelog with the next
         batch's changes."""
         self._parts: dict[int, Table] = {}
+        self._kept: dict[int, int] = {}
+        """Partitions kept on disk at a clean stop, with their changelog offsets (keep)."""
+        self.last_restore: dict[str, float] = {}
+        """What the last :meth:`restore` did: partitions, how many from a local checkpoint,
+        keys read from the changelog, seconds."""
         self._assigned_at: dict[int, float] = {}
         self._journal: list[tuple[int, str, Any]] = []
         self._sized: dict[tuple[int, str], tuple[Any, bytes]] = {}
@@ -187,9 +192,23 @@ class StateStore:
         return table
 
     def close(self) -> None:
-        """Release the disk (its content is a copy of the changelog's)."""
+        """Release the disk (its content is a copy of the changelog's): kept with a local
+        checkpoint of the partitions :meth:`keep` named, deleted otherwise."""
         if self._disk is not None:
-            self._disk.close()
+            self._disk.close(self._kept)
+            self._kept = {}
+
+    @property
+    def on_disk(self) -> bool:
+        return self._disk is not None
+
+    def keep(self, offsets: dict[int, int]) -> None:
+        """At a clean stop, every change committed: the owned partitions' entries are what the
+        changelog holds up to ``offsets`` (its end offset of each). On disk they are kept,
+        for the next restore on this disk to read only what comes after; a partition given
+        up after this keeps its entries."""
+        if self._disk is not None:
+            self._kept = {p: o for p, o in offsets.items() if p in self._parts}
 
     # -- used by the runtime -----------------------------------------------------------------
 
@@ -260,54 +279,77 @@ class StateStore:
     def drop(self, partitions: list[int]) -> None:
         for p in partitions:
             table = self._parts.pop(p, None)
-            if table is not None:
+            if table is not None and p not in self._kept:
                 table.clear_all()
             self._assigned_at.pop(p, None)
 
     def restore(self, consumer_config: dict[str, Any], partitions: list[int],
                 timeout: float) -> None:
-        """Rebuild the state of ``partitions`` from the changelog (read_committed, from the
-        start to the end), replacing what is in memory."""
+        """Rebuild the state of ``partitions`` from the changelog (read_committed, up to its
+        end), replacing what is in memory: from the start, or, for a partition the disk holds
+        as of a local checkpoint (:class:`~services.common.state_storage.DiskDatabase`), from
+        the checkpoint's offset on, over the entries it holds."""
         if not partitions:
             return
         started = time.monotonic()
         for p in partitions:  # what a partition held is replaced, whatever happens next
             self.drop([p])
-        fresh: dict[int, Table] = {p: self._table(p) for p in partitions}
-        ends = {p: high for p, (low, high) in high_watermarks(
-            consumer_config, self.changelog_topic, partitions, min(timeout, 30)).items()
-            if high > low}
+        marks = high_watermarks(consumer_config, self.changelog_topic, partitions,
+                                min(timeout, 30))
+        fresh: dict[int, Table] = {}
+        starts: dict[int, int] = {}
+        for p in partitions:
+            low, high = marks.get(p, (0, 0))
+            at = self._disk.take(p) if self._disk is not None else None
+            if self._disk is not None and at is not None and low <= at <= high:
+                fresh[p], starts[p] = self._disk.table(p), at  # kept: only what came after
+            else:
+                fresh[p], starts[p] = self._table(p), 0
+        ends = {p: high for p, (low, high) in marks.items() if high > max(low, starts[p])}
         consumer = Consumer(consumer_config | {
             "group.id": f"{self.changelog_topic}.restore",
             "isolation.level": "read_committed",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
         })
+        # Keys read, for a partition restored over its kept entries (only they can be in an
+        # older format); a count for one read whole (every entry is then looked at).
+        loaded: dict[int, set[str] | None] = {p: set() if starts[p] else None
+                                               for p in partitions}
+        counts = dict.fromkeys(partitions, 0)
         try:
             if ends:
-                consumer.assign([TopicPartition(self.changelog_topic, p, 0) for p in ends])
-                self._read(consumer, fresh, ends, started + timeout)
+                consumer.assign([TopicPartition(self.changelog_topic, p, starts[p])
+                                 for p in ends])
+                self._read(consumer, fresh, ends, started + timeout, loaded, counts)
         except KafkaException as exc:
             raise FatalRuntimeError(
                 f"cannot restore state from {self.changelog_topic}: {exc.args[0]}") from exc
         finally:
             consumer.close()
         for p, table in fresh.items():
-            if self._upgrade is not None:
-                self._upgraded(p, table)
+            if self._upgrade is not None:  # kept entries were read in this format already
+                self._upgraded(p, table, loaded[p])
             self._parts[p] = table
             self._assigned_at[p] = time.time()
-        entries = sum(len(fresh[p]) for p in partitions)
-        log.info("restored %d state entries of partitions %s from %s in %.2f s", entries,
-                 partitions, self.changelog_topic, time.monotonic() - started)
+        self._kept = {p: o for p, o in self._kept.items() if p not in partitions}
+        read = sum(counts.values())
+        kept = sorted(p for p in partitions if starts[p])
+        self.last_restore = {"partitions": len(partitions), "from_checkpoint": len(kept),
+                             "records_read": read, "seconds": time.monotonic() - started}
+        log.info("restored partitions %s from %s in %.2f s: %d changelog records read%s",
+                 partitions, self.changelog_topic, time.monotonic() - started, read,
+                 f", after the local checkpoint of {kept}" if kept else "")
 
-    def _upgraded(self, partition: int, data: Table) -> None:
-        """Read every entry of ``data`` in an older format into the current one, in place.
-        Where both formats hold a key (versions mixed in one group: not supported, but not
-        to be made worse), the current one wins."""
+    def _upgraded(self, partition: int, data: Table, keys: set[str] | None = None) -> None:
+        """Read every entry of ``data`` (of ``keys``, when given) in an older format into the
+        current one, in place. Where both formats hold a key (versions mixed in one group:
+        not supported, but not to be made worse), the current one wins."""
         assert self._upgrade is not None
         old: list[tuple[str, str, Any]] = []
-        for key, value in data.scan(""):  # only the old entries are collected
+        entries = data.scan("") if keys is None else \
+            ((k, data[k]) for k in sorted(keys) if k in data)
+        for key, value in entries:  # only the old entries are collected
             new = self._upgrade(key, value)
             if new is not None:
                 old.append((key, *new))
@@ -324,8 +366,9 @@ class StateStore:
             log.info("read %d state entries of partition %d in an older format; rewritten "
                      "with the next change", count, partition)
 
-    def _read(self, consumer: Consumer, fresh: dict[int, Table],
-              ends: dict[int, int], deadline: float) -> None:
+    def _read(self, consumer: Consumer, fresh: dict[int, Table], ends: dict[int, int],
+              deadline: float, loaded: dict[int, set[str] | None],
+              counts: dict[int, int]) -> None:
         """Consume until every partition's position reached its end offset. Under
         read_committed the position also moves past transaction markers and aborted
         records, which is why positions, not record offsets, are compared."""
@@ -343,8 +386,12 @@ class StateStore:
                     if err.code() != err._PARTITION_EOF:
                         raise KafkaException(err)
                     continue
-                fresh[cast(int, msg.partition())].load(cast(bytes, msg.key()).decode(),
-                                                        msg.value())
+                partition, key = cast(int, msg.partition()), cast(bytes, msg.key()).decode()
+                fresh[partition].load(key, msg.value())
+                counts[partition] += 1
+                keys = loaded[partition]
+                if keys is not None:
+                    keys.add(key)
             positions = consumer.position(
                 [TopicPartition(self.changelog_topic, p) for p in waiting])
             for tp in positions:

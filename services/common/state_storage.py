@@ -11,9 +11,11 @@ it changelog records as they are read.
   as objects, until the store has encoded them for the changelog; then they are written in one
   write batch (:meth:`DiskTable.settle`). RocksDB's own memory is bounded by
   ``StateSettings.memory_mb``: one write-buffer manager and one block cache for the whole
-  database. The changelog stays the source of truth: the database is wiped when the store
-  opens and whenever a partition is restored, so it is only ever a copy of what the changelog
-  holds (a restart restores from the changelog, as before).
+  database. The changelog stays the source of truth: the database is only ever a copy of
+  what it holds. A clean stop keeps the database with a local checkpoint (the changelog
+  offset of each partition), so a restart on the same disk reads only what the changelog
+  got after it; otherwise (a crash, another disk) the database is wiped when the store opens
+  and a partition is restored from the whole changelog.
 
 Keys of a disk table come back sorted (``keys_with``), those of a memory table in insertion
 order; no stage depends on either order.
@@ -22,8 +24,10 @@ order; no stage depends on either order.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,15 +82,40 @@ class MemoryTable(dict[str, Any]):
         self.clear()
 
 
+CHECKPOINT = "flywheel-checkpoint.json"
+"""In a database's folder: the changelog offset of each partition whose entries the database
+holds as of that offset (written by a clean stop, :meth:`DiskDatabase.close`)."""
+MAX_CHECKPOINT_AGE_SECONDS = 12 * 3600.0
+"""An older checkpoint is not trusted: the changelog is compacted, and the broker drops a
+delete's tombstone after ``delete.retention.ms`` (a day by default); a copy older than that
+could keep an entry the changelog deleted since."""
+
+
 class DiskDatabase:
-    """One RocksDB for every partition of one store, in a folder of its own that is wiped
-    when opened (its content is always rebuilt from the changelog)."""
+    """One RocksDB for every partition of one store, in a folder of its own.
+
+    Its content is a copy of the changelog's. A clean stop leaves it on disk with a local
+    checkpoint (:data:`CHECKPOINT`: each partition's changelog offset it is a copy as of); the
+    next open on the same disk keeps those partitions, so their restore reads only the
+    changelog written after (:meth:`take`). The checkpoint is deleted as the database opens:
+    after a crash there is none, and the folder is wiped, as it is without one."""
 
     def __init__(self, path: Path, memory_mb: int) -> None:
         self.path = path
-        if path.exists():
+        self.kept: dict[int, int] = {}
+        """Partitions held as of a local checkpoint, and its changelog offset of each."""
+        checkpoint = path / CHECKPOINT
+        if checkpoint.exists():
+            try:
+                saved = json.loads(checkpoint.read_text())
+                if time.time() - float(saved["written_at"]) < MAX_CHECKPOINT_AGE_SECONDS:
+                    self.kept = {int(p): int(o) for p, o in saved["offsets"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                self.kept = {}  # unreadable: the changelog alone, as after a crash
+            checkpoint.unlink()  # from here on, a crash leaves no checkpoint to trust
+        if path.exists() and not self.kept:
             shutil.rmtree(path)
-        path.mkdir(parents=True)
+        path.mkdir(parents=True, exist_ok=True)
         budget = memory_mb * 2**20
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
@@ -111,9 +140,27 @@ class DiskDatabase:
     def table(self, partition: int) -> DiskTable:
         return DiskTable(self.db, partition)
 
-    def close(self) -> None:
+    def take(self, partition: int) -> int | None:
+        """The changelog offset ``partition``'s entries are held as of, if the database was
+        opened with them from a local checkpoint; once (a later restore reads it all)."""
+        return self.kept.pop(partition, None)
+
+    def close(self, checkpoint: dict[int, int] | None = None) -> None:
+        """Close; with ``checkpoint`` (partition: changelog offset its entries are a copy as
+        of), keep the database for the next open on this disk, else delete it."""
+        if not checkpoint:
+            self.db.close()
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        self.db.flush(True)
         self.db.close()
-        shutil.rmtree(self.path, ignore_errors=True)
+        tmp = self.path / f"{CHECKPOINT}.tmp"
+        with tmp.open("w") as f:
+            json.dump({"written_at": time.time(),
+                       "offsets": {str(p): o for p, o in sorted(checkpoint.items())}}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / CHECKPOINT)
 
 
 class DiskTable:

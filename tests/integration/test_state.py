@@ -105,6 +105,68 @@ def test_state_is_restored_from_the_changelog_after_a_restart(
         assert sorted(seq) == list(range(1, len(seq) + 1))
 
 
+def test_a_restart_on_the_same_disk_reads_only_the_changelog_after_its_local_checkpoint(
+        kafka: Broker, uid: str, tmp_path: Path) -> None:
+    """A clean stop keeps the RocksDB with a checkpoint; meanwhile another instance (another
+    disk) counts on; the restart on the first disk reads only what that one wrote, and counts
+    on from it. Without a checkpoint (a crash: the store not closed) the next start reads the
+    whole changelog."""
+    from services.common.state_storage import CHECKPOINT
+
+    names = _topics(kafka, uid)
+    src, out, changelog = names[0], names[1], names[3]
+    mine, other = tmp_path / "mine", tmp_path / "other"
+
+    def produce(lo: int, hi: int) -> None:
+        kafka.produce(src, ((f"k{i}".encode(), factories.task(i).to_bytes())
+                            for i in range(lo, hi)))
+
+    def run(disk: Path, total: int) -> Tally:
+        runtime = _runtime(kafka, uid, names, disk)
+        with InThread(runtime) as r:
+            wait_until(lambda: sum(map(len, _numbers(kafka, out).values())) >= total
+                       or r.error, 60, f"{total} numbered")
+        assert r.error is None
+        assert isinstance(runtime.stage, Tally)
+        return runtime.stage
+
+    produce(0, 40)
+    first = run(mine, 40)
+    first.state.close()  # as serve() does at a clean stop
+    assert (mine / CHECKPOINT).exists()
+    kept_at = len(kafka.read_all(changelog))
+    produce(40, 60)
+    second = run(other, 60)  # another instance, another disk: the whole changelog
+    assert second.state.last_restore["from_checkpoint"] == 0
+    second.state.close()
+    written = len(kafka.read_all(changelog))
+    produce(60, 90)
+    again = _runtime(kafka, uid, names, mine)
+    assert not (mine / CHECKPOINT).exists()  # taken as the database opened
+    assert isinstance(again.stage, Tally)
+    with InThread(again) as r:
+        wait_until(lambda: sum(map(len, _numbers(kafka, out).values())) >= 90 or r.error, 60,
+                   "all 90 numbered")
+    assert r.error is None
+    restore = again.stage.state.last_restore
+    print("restart on the same disk:", restore)
+    assert restore["from_checkpoint"] == 2
+    assert restore["records_read"] == written - kept_at > 0  # what the other one wrote
+    numbers = _numbers(kafka, out)
+    assert sum(map(len, numbers.values())) == 90
+    for seq in numbers.values():  # each partition counted on, across the three
+        assert sorted(seq) == list(range(1, len(seq) + 1))
+
+    # As a crash leaves the folder: the database's files, no checkpoint. The whole changelog
+    # is read.
+    again.stage.state.close()
+    (mine / CHECKPOINT).unlink()
+    produce(90, 100)
+    crashed = run(mine, 100)
+    assert crashed.state.last_restore["from_checkpoint"] == 0
+    assert crashed.state.last_restore["records_read"] >= written
+
+
 def test_oversized_state_and_timer_outputs_are_dead_lettered_once(
         kafka: Broker, uid: str) -> None:
     names = _topics(kafka, uid)
