@@ -1,8 +1,9 @@
 """``bench quality``: trajectories per second through the scorer, the filter and the router,
 against a bare Kafka pass-through of the same records in the same run.
 
-N raw arithmetic trajectories (groups of 4 drawn for one task, half of them correct, keyed by
-task as generators write them) are seeded once. Then, per round, on fresh topics:
+N raw trajectories shaped like the real profile's (:mod:`bench.records`: groups of 8, each
+task drawn many times, 64-token completions with token ids and log-probs, keyed by task as
+generators write them) are seeded once. Then, per round, on fresh topics:
 
 - ``bare``: a plain consume -> produce copy of the raw records (``bench.runtime``'s loop);
 - ``scorer``: the scorer service's runtime and stage (default config: the arithmetic
@@ -18,8 +19,10 @@ task as generators write them) are seeded once. Then, per round, on fresh topics
   ``scorer``'s is what hostile input costs.
 
 Each stage runs alone over the full backlog; the clock starts at its first batch and stops
-when the batch holding its N-th input record is committed. Running the three stages as
-separate processes, as deployed, the pipeline goes as fast as its slowest stage
+when the batch holding its last input record is committed. Rates are of the records each was
+handed; ``share_of_time_in_the_stage`` is the part of that time spent in the stage's own code
+(the rest is the runtime: consuming, decoding, producing, committing). Running the three
+stages as separate processes, as deployed, the pipeline goes as fast as its slowest stage
 (``pipeline_rps``, reported), as long as there are cores for all three.
 """
 
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import statistics
 import time
 import uuid
@@ -37,9 +39,10 @@ from typing import Any
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from bench.records import GROUP as RECORDS_GROUP
+from bench.records import trajectories as realistic
 from bench.runtime import bare_pass_through, broker
 from schemas import Message, Task, Trajectory, Turn
-from services import envs
 from services.cluster import topics as topic_ops
 from services.common.config import KafkaSettings, ServiceSettings
 from services.common.produce import produce_when_room
@@ -59,20 +62,6 @@ RECORDS = int(os.environ.get("BENCH_QUALITY_RECORDS", "20000"))
 ROUNDS = int(os.environ.get("BENCH_QUALITY_ROUNDS", "3"))
 HOSTILE_EVERY = 20
 GROUP = 4
-
-
-def _trajectories(n: int) -> list[Trajectory]:
-    rng = random.Random(0)
-    env = envs.get("arithmetic")
-    out: list[Trajectory] = []
-    seen: set[str] = set()
-    while len(out) < n:
-        task = env.tasks(1, rng=rng, difficulty=3)[0]
-        if task.task_id in seen:
-            continue  # a repeated task would be a duplicate: every record must reach the router
-        seen.add(task.task_id)
-        out.extend(group_of(task, len(seen)))
-    return out[:n]
 
 
 def group_of(task: Task, g: int) -> list[Trajectory]:
@@ -134,6 +123,9 @@ class _Clock:
         self.inner, self.expected = inner, expected
         self.input_type = inner.input_type
         self.seen, self.started = 0, 0.0
+        self.accepted = 0  # outputs to an accepted topic (``filtered``): the router's input
+        self.inside = 0.0  # seconds inside the stage's own code
+        self.seconds = 0.0  # from the first batch to the commit of the last
         self.runtime: StreamRuntime | None = None
         if hasattr(inner, "state"):
             self.state: StateStore = inner.state
@@ -152,23 +144,31 @@ class _Clock:
 
     def _plain(self, batch: Sequence[Message]) -> list[Output]:
         self._count(len(batch))
+        began = time.perf_counter()
         result: list[Output] = self.inner.process(batch)
+        self.inside += time.perf_counter() - began
         return result
 
     def _partition(self, state: PartitionState, batch: Sequence[Message]) -> list[Output]:
         self._count(len(batch))
+        began = time.perf_counter()
         result: list[Output] = self.inner.process_partition(state, batch)
+        self.inside += time.perf_counter() - began
+        self.accepted += sum(1 for o in result if o.topic.endswith("filtered"))
         return result
 
 
-def _timed(settings: ServiceSettings, stage: Any, source: str, expected: int) -> float:
+def _timed(settings: ServiceSettings, stage: Any, source: str, expected: int) -> _Clock:
+    """The stage run until it was handed ``expected`` records; its clock (``seconds``: from
+    its first batch to the commit of the last)."""
     clock = _Clock(stage, expected)
     runtime = StreamRuntime(settings, clock, [source])
     clock.runtime = runtime
     runtime.run()
     if clock.seen < expected:
         raise RuntimeError(f"{settings.service}: saw {clock.seen} of {expected}")
-    return time.perf_counter() - clock.started
+    clock.seconds = time.perf_counter() - clock.started
+    return clock
 
 
 def _settings(cls: type, bootstrap: str, prefix: str, **extra: Any) -> Any:
@@ -177,7 +177,10 @@ def _settings(cls: type, bootstrap: str, prefix: str, **extra: Any) -> Any:
                metrics={"enabled": False}, runtime={"static_membership": False}, **extra)
 
 
-def _round(bootstrap: str, src: str, records: int, hostile_src: str) -> dict[str, float]:
+def _round(bootstrap: str, src: str, records: int, hostile_src: str
+           ) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
+    """Seconds of each, the share of each stage's time spent in the stage's own code, and
+    how many records each was handed."""
     prefix = f"bq{uuid.uuid4().hex[:8]}."
     kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=prefix)
     topic_ops.apply(topic_ops.admin_client(kafka), topic_ops.load(prefix=prefix))
@@ -188,24 +191,28 @@ def _round(bootstrap: str, src: str, records: int, hostile_src: str) -> dict[str
         fut.result()
     seconds = {"bare": bare_pass_through(bootstrap, src, copy, records)}
     ss = _settings(ServiceSettings, bootstrap, prefix, service="scorer")
-    seconds["scorer"] = _timed(ss, ScorerStage(ScoringConfig(), ss.topic("scored")), src,
-                               records)
+    clocks = {"scorer": _timed(ss, ScorerStage(ScoringConfig(), ss.topic("scored")), src,
+                               records)}
     fs = _settings(FilterSettings, bootstrap, prefix)
-    seconds["filter"] = _timed(fs, build_filter(fs), fs.topic("scored"), records)
+    clocks["filter"] = _timed(fs, build_filter(fs), fs.topic("scored"), records)
     rs = _settings(RouterSettings, bootstrap, prefix)
-    seconds["router"] = _timed(rs, build_router(rs), rs.topic("filtered"), records)
+    clocks["router"] = _timed(rs, build_router(rs), rs.topic("filtered"),
+                              clocks["filter"].accepted)
     hs = _settings(ServiceSettings, bootstrap, prefix, service="scorer-hostile")
-    seconds["scorer_hostile"] = _timed(
+    clocks["scorer_hostile"] = _timed(
         hs, ScorerStage(ScoringConfig(), f"{prefix}scored.hostile"), hostile_src, records)
+    seconds |= {k: c.seconds for k, c in clocks.items()}
+    share = {k: c.inside / c.seconds for k, c in clocks.items()}
+    handed = {"bare": records, **{k: c.seen for k, c in clocks.items()}}
     for fut in admin.delete_topics([copy, f"{prefix}scored.hostile",
                                     *(s.name for s in topic_ops.load(prefix=prefix))]
                                    ).values():
         fut.result()
-    return seconds
+    return seconds, share, handed
 
 
 def run() -> dict[str, Any]:
-    trajectories = _trajectories(RECORDS)
+    trajectories = realistic(RECORDS)
     n = len(trajectories)
     with broker() as bootstrap:
         admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -219,26 +226,30 @@ def run() -> dict[str, Any]:
             fut.result()
         hostile = _seed(bootstrap, hostile_src, trajectories, HOSTILE_EVERY)
         tune_gc()
-        # The default filter policy accepts every sample here (no task repeats, lengths in
-        # bounds), so the router reads all of them.
+        # The router reads what the filter accepted (tasks repeat: a few are duplicates).
         runs = []
         for r in range(-1, ROUNDS):  # round -1 warms the broker's JVM up, untimed
-            seconds = _round(bootstrap, src, n, hostile_src)
-            log.info("%s: %s", "warm-up" if r < 0 else f"round {r}",
-                     {k: f"{n / v:.0f}/s" for k, v in seconds.items()})
+            seconds, share, handed = _round(bootstrap, src, n, hostile_src)
+            rate = {k: handed[k] / v for k, v in seconds.items()}
+            log.info("%s: %s; share of the time in the stage: %s",
+                     "warm-up" if r < 0 else f"round {r}",
+                     {k: f"{v:.0f}/s" for k, v in rate.items()},
+                     {k: f"{v:.0%}" for k, v in share.items()})
             if r >= 0:
-                runs.append(seconds)
+                runs.append((rate, share))
         for fut in admin.delete_topics([src, hostile_src]).values():
             fut.result()
-    rates = {k: [n / s[k] for s in runs] for k in runs[0]}
+    rates = {k: [r[k] for r, _ in runs] for k in runs[0][0]}
     median = {k: statistics.median(v) for k, v in rates.items()}
+    shares = {k: round(statistics.median(s[k] for _, s in runs), 3) for k in runs[0][1]}
     pipeline = min(median[k] for k in ("scorer", "filter", "router"))
     return {
         "records": n,
-        "group_size": GROUP,
+        "group_size": RECORDS_GROUP,
         "rounds": ROUNDS,
         "records_per_second": {k: [round(x) for x in v] for k, v in rates.items()},
         "median_records_per_second": {k: round(v) for k, v in median.items()},
+        "share_of_time_in_the_stage": shares,
         "ratio_to_bare": {k: round(median[k] / median["bare"], 3)
                           for k in ("scorer", "filter", "router")},
         "summary": {

@@ -21,7 +21,7 @@ from typing import Any
 from services.common.logs import setup_logging
 
 BENCHMARKS = ("runtime", "generator", "quality", "trainer", "flywheel", "replay", "state",
-              "rollback", "precision")
+              "rollback", "precision", "restart")
 """Registered benchmarks; later issues add theirs."""
 
 
