@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from pydantic import BaseModel
 from rocksdict import (
     BlockBasedOptions,
@@ -44,6 +45,9 @@ from rocksdict import (
 
 from schemas.fast import Received
 
+_ENCODE = msgspec.json.Encoder().encode
+_DECODE = msgspec.json.Decoder().decode
+"""Plain JSON values (what ``json`` reads and writes), several times faster."""
 _MISSING = object()
 _GONE = object()
 
@@ -56,7 +60,7 @@ def encode(value: Any) -> bytes:
         return value.raw
     if isinstance(value, BaseModel):
         return value.__pydantic_serializer__.to_json(value)
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODE(value)
 
 
 class MemoryTable(dict[str, Any]):
@@ -73,7 +77,7 @@ class MemoryTable(dict[str, Any]):
         if raw is None:
             self.pop(key, None)
         else:
-            self[key] = json.loads(raw)
+            self[key] = _DECODE(raw)
 
     def settle(self, encoded: dict[str, bytes | None]) -> None:
         """Nothing to write: the dict is the state."""
@@ -181,7 +185,7 @@ class DiskTable:
         value = self._dirty.get(key, _MISSING)
         if value is _MISSING:
             raw = self._db.get(self._key(key))
-            return default if raw is None else json.loads(raw)
+            return default if raw is None else _DECODE(raw)
         return default if value is _GONE else value
 
     def __contains__(self, key: str) -> bool:
@@ -225,7 +229,7 @@ class DiskTable:
             key = raw_key[cut:].decode()
             value = changed.pop(key, _MISSING)
             if value is _MISSING:
-                yield key, json.loads(raw)
+                yield key, _DECODE(raw)
             elif value is not _GONE:
                 yield key, value
         for key, value in changed.items():  # new in this batch

@@ -196,3 +196,15 @@ def test_the_filter_policys_hash_covers_its_minhash(tmp_path: Any) -> None:
     router = tmp_path / "router.yaml"  # a policy with no implementation: its bytes alone
     router.write_text("name: strict\n")
     assert load_policy(RoutingPolicy, router)[1] == hashlib.sha256(b"name: strict\n").hexdigest()
+
+
+@settings(max_examples=500, derandomize=True, database=None)
+@given(st.text(alphabet=st.sampled_from(
+    [" ", "\t", "\n", "\r", "\v", "\f", "\xa0", "\u2003", "\u3000", "\x1c", "\x1f", "\x85",
+     "\u200b", "a", "B", "é", "ß", "İ"]), max_size=20))
+def test_normalize_collapses_what_the_regular_expression_collapsed(text: str) -> None:
+    import re
+
+    from services.common.text import normalize
+
+    assert normalize(text) == re.sub(r"\s+", " ", text.casefold()).strip()
