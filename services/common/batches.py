@@ -133,7 +133,7 @@ class BatchProcessor:
                 good.append(validate(value))
                 good_src.append(msg)
                 good_raw.append(value)
-            except (ValidationError, TypeError):
+            except (ValidationError, fast.Unrepresentable, TypeError):
                 try:
                     good.append(decode(model, value))  # raises DecodeFailure, with its kind
                     good_src.append(msg)

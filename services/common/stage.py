@@ -143,6 +143,8 @@ def decode(model: type[Any], value: bytes | None) -> Any:
     parse = fast.decoder(model) if fast.is_fast(model) else model.from_bytes
     try:
         return parse(value)
+    except fast.Unrepresentable as exc:
+        raise DecodeFailure("schema", str(exc), exc) from exc
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         bad_bytes = bool(errors) and errors[0]["type"] in {"json_invalid", "json_type"}

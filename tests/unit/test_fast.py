@@ -176,3 +176,18 @@ def test_uuid5_is_the_standard_librarys(namespace: Any, name: str) -> None:
     import uuid
 
     assert fast.uuid5(namespace, name) == str(uuid.uuid5(namespace, name))
+
+
+def test_a_mirror_out_of_step_dead_letters_the_record_instead_of_stopping(monkeypatch: Any
+                                                                          ) -> None:
+    """Were a Struct to refuse what its model accepts and writes (a bug), the record becomes a
+    'schema' dead letter naming both types; the service does not stop on it."""
+    decoder = fast.Decoder(fast.ScoredTrajectory)
+    failing = msgspec.json.Decoder(fast.FilterDecision).decode  # refuses every scored record
+    monkeypatch.setattr(decoder, "_decode", failing)
+    monkeypatch.setitem(fast._DECODERS, fast.ScoredTrajectory, decoder)
+    data = (GOLDEN / "ScoredTrajectory.json").read_bytes()
+    with pytest.raises(DecodeFailure) as refused:
+        decode(fast.ScoredTrajectory, data)
+    assert refused.value.kind == "schema"
+    assert "ScoredTrajectory refuses what ScoredTrajectory accepts" in str(refused.value)
