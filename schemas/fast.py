@@ -99,10 +99,7 @@ class Turn(Wire, kw_only=True):
     logprobs: list[float] | None = None
 
     def __post_init__(self) -> None:
-        ids, lps = self.token_ids, self.logprobs
-        if ids is not None and lps is not None and len(ids) != len(lps):
-            raise ValueError(
-                f"token_ids ({len(ids)}) and logprobs ({len(lps)}) must have the same length")
+        messages.check_turn(self)
 
 
 class SamplingParams(Wire, kw_only=True):
@@ -140,13 +137,7 @@ class Trajectory(Envelope, kw_only=True):
     timings: Timings = msgspec.field(default_factory=Timings)
 
     def __post_init__(self) -> None:
-        if self.sample_index >= self.group_size:
-            raise ValueError(f"sample_index {self.sample_index} >= group_size {self.group_size}")
-        ids, lps = self.completion_token_ids, self.completion_logprobs
-        if ids is not None and lps is not None and len(ids) != len(lps):
-            raise ValueError(
-                f"completion_token_ids ({len(ids)}) and completion_logprobs ({len(lps)}) "
-                "must have the same length")
+        messages.check_trajectory(self)
 
 
 class Score(Wire, kw_only=True):
@@ -184,8 +175,7 @@ class FilterDecision(Received, kw_only=True):
         record: ScoredTrajectory
 
     def __post_init__(self) -> None:
-        if not self.accepted and not self.reasons:
-            raise ValueError("a rejected decision must list at least one reason")
+        messages.check_decision(self)
 
 
 # -- outputs: encoded once, embedding what they carry -----------------------------------------

@@ -36,6 +36,33 @@ CheckpointStatus = Literal["candidate", "promoted", "rejected"]
 Rejection = Literal["regressed", "not_better", "invalid", "superseded"]
 
 
+# The checks across fields, shared with the hot path's types (schemas/fast.py): each takes
+# either kind of object and raises ValueError.
+
+
+def _same_length(ids: list[int] | None, ids_name: str, lps: list[float] | None,
+                 lps_name: str) -> None:
+    if ids is not None and lps is not None and len(ids) != len(lps):
+        raise ValueError(f"{ids_name} ({len(ids)}) and {lps_name} ({len(lps)}) must have the "
+                         "same length")
+
+
+def check_turn(turn: Any) -> None:
+    _same_length(turn.token_ids, "token_ids", turn.logprobs, "logprobs")
+
+
+def check_trajectory(traj: Any) -> None:
+    if traj.sample_index >= traj.group_size:
+        raise ValueError(f"sample_index {traj.sample_index} >= group_size {traj.group_size}")
+    _same_length(traj.completion_token_ids, "completion_token_ids", traj.completion_logprobs,
+                 "completion_logprobs")
+
+
+def check_decision(decision: Any) -> None:
+    if not decision.accepted and not decision.reasons:
+        raise ValueError("a rejected decision must list at least one reason")
+
+
 class VerifierSpec(WireModel):
     """How to check an answer: the environment's own check, or a declared one."""
 
@@ -78,11 +105,7 @@ class Turn(WireModel):
 
     @model_validator(mode="after")
     def _aligned(self) -> Turn:
-        ids, lps = self.token_ids, self.logprobs
-        if ids is not None and lps is not None and len(ids) != len(lps):
-            raise ValueError(
-                f"token_ids ({len(ids)}) and logprobs ({len(lps)}) must have the same length"
-            )
+        check_turn(self)
         return self
 
 
@@ -130,14 +153,7 @@ class Trajectory(Message):
 
     @model_validator(mode="after")
     def _consistent(self) -> Trajectory:
-        if self.sample_index >= self.group_size:
-            raise ValueError(f"sample_index {self.sample_index} >= group_size {self.group_size}")
-        ids, lps = self.completion_token_ids, self.completion_logprobs
-        if ids is not None and lps is not None and len(ids) != len(lps):
-            raise ValueError(
-                f"completion_token_ids ({len(ids)}) and completion_logprobs ({len(lps)}) "
-                "must have the same length"
-            )
+        check_trajectory(self)
         return self
 
     def partition_key(self) -> str:
@@ -194,8 +210,7 @@ class FilterDecision(Message):
 
     @model_validator(mode="after")
     def _rejection_has_reason(self) -> FilterDecision:
-        if not self.accepted and not self.reasons:
-            raise ValueError("a rejected decision must list at least one reason")
+        check_decision(self)
         return self
 
     def partition_key(self) -> str:
