@@ -87,11 +87,16 @@ def statement(event: CheckpointEvent) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+def key_paths(folder: Path) -> tuple[Path, Path]:
+    """The private and the public key of the pair in ``folder``."""
+    return folder / "gate.key", folder / "gate.pub"
+
+
 def create_keys(folder: Path) -> tuple[Path, Path]:
     """Write a new key pair into ``folder`` (``gate.key`` mode 0600, ``gate.pub``); refuses
     to overwrite a key."""
     folder.mkdir(parents=True, exist_ok=True)
-    private_path, public_path = folder / "gate.key", folder / "gate.pub"
+    private_path, public_path = key_paths(folder)
     for path in (private_path, public_path):
         if path.exists():
             raise FileExistsError(f"{path} exists; move it away to make a new key")
@@ -108,7 +113,7 @@ def create_keys(folder: Path) -> tuple[Path, Path]:
 
 def ensure_keys(folder: Path) -> tuple[Path, Path]:
     """The pair in ``folder``, made if there is none (``flywheel up``'s home)."""
-    private_path, public_path = folder / "gate.key", folder / "gate.pub"
+    private_path, public_path = key_paths(folder)
     if private_path.exists() and public_path.exists():
         return private_path, public_path
     return create_keys(folder)
@@ -210,7 +215,6 @@ def stack_keys(home: Path, *, make: bool = True) -> DecisionKeys:
     ``<home>/keys``, made on first use (with ``make``)."""
     if any(os.environ.get(f"FLYWHEEL_DECISIONS__{n}") for n in ("PUBLIC_KEY", "SIGNING_KEY")):
         return DecisionKeys.model_validate(DecisionKeysFromEnv().model_dump())
-    if make:
-        ensure_keys(home / "keys")
-    return DecisionKeys(public_key=home / "keys" / "gate.pub",
-                        signing_key=home / "keys" / "gate.key")
+    private_path, public_path = ensure_keys(home / "keys") if make \
+        else key_paths(home / "keys")
+    return DecisionKeys(public_key=public_path, signing_key=private_path)
