@@ -119,11 +119,9 @@ def steps(values: list[bytes], batch: int = 2000) -> dict[str, dict[str, float]]
 
     tune_gc()  # as every service does: the cyclic collector would dominate the decode
     timers = _Timers()
-    undo = [timers.wrap(filter_stage, name, label) for name, label in
-            (("fingerprints", "minhash"),)
-            if hasattr(filter_stage, name)]
-    undo += [timers.wrap(filter_stage.Memory, "match_many", "memory"),
-             timers.wrap(filter_stage.Memory, "add_many", "memory")]
+    undo = [timers.wrap(filter_stage, "fingerprints", "minhash"),
+            timers.wrap(filter_stage.Memory, "match_many", "memory"),
+            timers.wrap(filter_stage.Memory, "add_many", "memory")]
     try:
         fstore = StateStore("filter.state")
         fstore.adopt(0)
