@@ -34,9 +34,10 @@ from msgspec import Raw
 from schemas.fast import FilterDecisionOut, ScoredTrajectory, timestamp, uuid5
 from services.common.config import ServiceSettings
 from services.common.event_time import EventClock
-from services.common.metrics import labelled
+from services.common.groups import DECIDED, GROUP, MEMBER, Groups
+from services.common.metrics import Tally
 from services.common.stage import Output
-from services.common.state import PartitionState, Renames, StateStore, as_record, disk_for
+from services.common.state import PartitionState, Renames, StateStore, disk_for
 from services.common.text import REPETITION_MEASURE, repetition_ratio
 from services.filter import metrics as m
 from services.filter.dedup import (
@@ -52,15 +53,10 @@ from services.filter.policy import FilterPolicy
 NAMESPACE = uuid.UUID("0b5b8f2e-3c1d-4a8e-9f7a-5d6c2e1b9a40")
 """uuid5 namespace of decision ids: one per (scored trajectory, policy)."""
 
-GROUP = "group/"
-"""``group/<group id>``: a group assembling, ``{first_at, size, indexes}`` (event time of its
-first member, members expected, sample indexes arrived)."""
-MEMBER = "member/"
-"""``member/<group id>/<sample index>``: an arrived member, the scored trajectory."""
-DECIDED = "decided/"
-"""``decided/<group id>``: a decided group, ``{at, indexes}`` (the stream time it was decided
-at, the sample indexes decided since: a repeat of one is a duplicate by identity). Written
-before that by a bare stream time, still read (no indexes known)."""
+# The groups' state (group/, member/, decided/) is laid out as services.common.groups says;
+# the filter keeps in ``decided/<group id>`` ``{at, indexes}``: the stream time it was
+# decided at, and the sample indexes decided since (a repeat of one is a duplicate by
+# identity). Written before that as a bare stream time, still read (no indexes known).
 SEEN = "seen/"
 """``seen/<task id>``: the task's duplicate memory, ``{entries, minhash}``: the accepted
 fingerprints, each with its event time (entries written before times were kept have none),
@@ -104,60 +100,70 @@ class FilterStage:
         self.state = state
         self.latest_version = latest_version
         self.clock = EventClock()
+        self.groups = Groups(ScoredTrajectory, self.clock)
         self._pending_groups: dict[int, int] = {}
         self._memories = Memories()
+        self._tally = Tally()
 
     # -- the stage protocol -----------------------------------------------------------------
 
     def process_partition(self, state: PartitionState, batch: Sequence[ScoredTrajectory]
                           ) -> list[Output]:
+        with self._tally.batch():
+            return self._process(state, batch)
+
+    def _process(self, state: PartitionState, batch: Sequence[ScoredTrajectory]
+                 ) -> list[Output]:
         outputs: list[Output] = []
-        for scored in batch:
+        ats = [timestamp(scored.created_at) for scored in batch]
+        now = self.clock.observe(state, ats)  # the batch's stream time, once
+        groups = self.groups
+        for scored, at in zip(batch, ats, strict=True):
             traj = scored.trajectory
-            at = timestamp(scored.created_at)
-            now = self.clock.observe(state, [at])
-            gkey = f"{GROUP}{traj.group_id}"
-            group = state.get(gkey)
-            dkey = f"{DECIDED}{traj.group_id}"
-            if group is None and dkey in state:
-                decided = state.get(dkey)
-                known = decided.get("indexes") if isinstance(decided, dict) else None
-                if known is not None and traj.sample_index in known:
-                    # The same trajectory again (a generator's at-least-once repeat): however
-                    # long ago, and whether or not its content is still in the memory.
-                    outputs.append(self._decision(scored, ["duplicate"], ["late_member"], None))
-                    labelled(m.DUPLICATE_HITS, "trajectory_id").inc()
-                    continue
-                if known is not None:
-                    state.put(dkey, {**decided, "indexes": [*known, traj.sample_index]})
-                outputs.extend(self._decide_late(state, scored))
-                continue
+            gid = traj.group_id
+            group = groups.assembling(state, gid)
             if group is None:
-                group = {"first_at": at, "size": traj.group_size,
-                         "indexes": []}
-            if traj.sample_index in group["indexes"]:
+                decided = groups.decided(state, gid)
+                if decided is not None:
+                    outputs.extend(self._late(state, scored, decided))
+                    continue
+                group = groups.new(at, traj.group_size)
+            added = groups.add(state, gid, group, traj.sample_index, scored)
+            if added is None:
                 outputs.append(self._decision(scored, ["duplicate"], [], None))
-                labelled(m.DUPLICATE_HITS, "trajectory_id").inc()
-                continue
-            group = {**group, "indexes": [*group["indexes"], traj.sample_index]}
-            state.put(f"{MEMBER}{traj.group_id}/{traj.sample_index}", scored)
-            if len(group["indexes"]) >= group["size"]:
-                outputs.extend(self._decide(state, traj.group_id, group, now, complete=True))
-            else:
-                state.put(gkey, group)
+                self._tally.inc(m.DUPLICATE_HITS, "trajectory_id")
+            elif groups.complete(added):
+                outputs.extend(self._decide(state, gid, added, now, complete=True))
         return outputs
 
+    def _late(self, state: PartitionState, scored: ScoredTrajectory, decided: Any
+              ) -> list[Output]:
+        """A member of a group decided already."""
+        traj = scored.trajectory
+        known = decided.get("indexes") if isinstance(decided, dict) else None
+        if known is not None and traj.sample_index in known:
+            # The same trajectory again (a generator's at-least-once repeat): however long
+            # ago, and whether or not its content is still in the memory.
+            self._tally.inc(m.DUPLICATE_HITS, "trajectory_id")
+            return [self._decision(scored, ["duplicate"], ["late_member"], None)]
+        if known is not None:
+            self.groups.mark_decided(state, traj.group_id,
+                                     {**decided, "indexes": [*known, traj.sample_index]})
+        return self._decide_late(state, scored)
+
     def tick(self, state: PartitionState, now: float) -> list[Output]:
+        with self._tally.batch():
+            return self._tick(state, now)
+
+    def _tick(self, state: PartitionState, now: float) -> list[Output]:
         outputs: list[Output] = []
         rule = self.policy.groups
-        for gkey in state.keys(GROUP):
-            group = state.get(gkey)
-            if self.clock.due(state, group["first_at"], rule.timeout_seconds, now):
-                outputs.extend(self._decide(state, gkey[len(GROUP):], group,
-                                            max(now, self.clock.stream_time(state)),
-                                            complete=False))
-        self.clock.forget(state, DECIDED, rule.remember_seconds, now)  # old decided groups
-        self._pending_groups[state.partition] = len(state.keys(GROUP))
+        for group_id, group in self.groups.due(state, rule.timeout_seconds, now):
+            outputs.extend(self._decide(state, group_id, group,
+                                        max(now, self.clock.stream_time(state)),
+                                        complete=False))
+        self.groups.forget(state, rule.remember_seconds, now)
+        self._pending_groups[state.partition] = self.groups.pending(state)
         m.PENDING_GROUPS.set(sum(self._pending_groups.get(p, 0) for p in self.state.owned()))
         return outputs
 
@@ -165,14 +171,8 @@ class FilterStage:
 
     def _decide(self, state: PartitionState, group_id: str, group: dict[str, Any], now: float,
                 *, complete: bool) -> list[Output]:
-        members = []
-        for index in sorted(group["indexes"]):
-            key = f"{MEMBER}{group_id}/{index}"
-            members.append(as_record(ScoredTrajectory, state.get(key)))
-            state.delete(key)
-        state.delete(f"{GROUP}{group_id}")
-        state.put(f"{DECIDED}{group_id}", {"at": self.clock.stream_time(state),
-                                           "indexes": sorted(group["indexes"])})
+        members = self.groups.take(state, group_id, group, {
+            "at": self.clock.stream_time(state), "indexes": sorted(group["indexes"])})
         p = self.policy
         reasons = [self._rules(s) for s in members]
         fps: list[Fingerprint | None] = [None] * len(members)
@@ -256,7 +256,7 @@ class FilterStage:
                                  horizon=d.horizon_seconds)
         for hit in hits:
             if hit is not None:
-                labelled(m.DUPLICATE_HITS, hit[0]).inc()
+                self._tally.inc(m.DUPLICATE_HITS, hit[0])
         return [(fp, hit[0] if hit is not None else None)
                 for fp, hit in zip(fps, hits, strict=True)]
 
@@ -307,10 +307,11 @@ class FilterStage:
             group_accepted=group_accepted,
             latest_version=self.latest_version(s.trajectory.model),
         )
-        labelled(m.DECISIONS, "accepted" if not reasons else "rejected").inc()
+        tally = self._tally
+        tally.inc(m.DECISIONS, "accepted" if not reasons else "rejected")
         for r in reasons:
-            labelled(m.REJECTIONS, r).inc()
+            tally.inc(m.REJECTIONS, r)
         for f in flags:
-            labelled(m.FLAGS, f).inc()
+            tally.inc(m.FLAGS, f)
         return Output(self.accepted_topic if not reasons else self.rejected_topic, decision,
                       key=s.trajectory.task.task_id)

@@ -22,22 +22,19 @@ from schemas import TrainingStage
 from schemas.fast import FilterDecision, RoutedSampleOut, timestamp, uuid5
 from services.common.config import ServiceSettings
 from services.common.event_time import EventClock
-from services.common.metrics import labelled
+from services.common.groups import DECIDED, GROUP, MEMBER, Groups
+from services.common.metrics import Tally
 from services.common.stage import Output
-from services.common.state import PartitionState, Renames, StateStore, as_record, disk_for
+from services.common.state import PartitionState, Renames, StateStore, disk_for
 from services.router import metrics as m
 from services.router.policy import RoutingPolicy, SampleRoute
 
 NAMESPACE = uuid.UUID("a3d6f1c2-58b4-4e1f-8c7d-9e0b2a4f6d13")
 REASONS = {"sft": "verified_correct", "cpt": "clean_not_verified_correct"}
 
-GROUP = "group/"
-"""``group/<group id>``: an RL group assembling, ``{first_at, size, indexes}`` (event time of
-its first member, accepted members expected, sample indexes arrived)."""
-MEMBER = "member/"
-"""``member/<group id>/<sample index>``: an arrived member, the filter's decision."""
-DECIDED = "decided/"
-"""``decided/<group id>``: a group routed or timed out, with the stream time it was."""
+# The groups' state (group/, member/, decided/) is laid out as services.common.groups says:
+# RL groups of accepted decisions (size: the members the filter accepted); ``decided/<group
+# id>`` holds the bare stream time the group was routed or timed out at.
 MIX = "mix"
 """Samples routed per training stage so far, ``{cpt, sft, rl}``: what the mix caps read."""
 UPGRADE = Renames({"r/": GROUP, "rm/": MEMBER, "rx/": DECIDED, "c": MIX},
@@ -62,13 +59,20 @@ class RouterStage:
         self.topics = topics
         self.state = state
         self.clock = EventClock()
+        self.groups = Groups(FilterDecision, self.clock)
         self._pending: dict[int, int] = {}
+        self._tally = Tally()
 
     def process_partition(self, state: PartitionState, batch: Sequence[FilterDecision]
                           ) -> list[Output]:
+        with self._tally.batch():
+            return self._process(state, batch)
+
+    def _process(self, state: PartitionState, batch: Sequence[FilterDecision]
+                 ) -> list[Output]:
         outputs: list[Output] = []
+        now = self.clock.observe(state, [timestamp(d.created_at) for d in batch])  # once
         for decision in batch:
-            now = self.clock.observe(state, [timestamp(decision.created_at)])
             if not decision.accepted:
                 raise ValueError("the router reads accepted decisions only (the filtered "
                                  f"topic); decision {decision.event_id} is a rejection")
@@ -82,21 +86,21 @@ class RouterStage:
         return outputs
 
     def tick(self, state: PartitionState, now: float) -> list[Output]:
+        with self._tally.batch():
+            return self._tick(state, now)
+
+    def _tick(self, state: PartitionState, now: float) -> list[Output]:
         rl = self.policy.rl
         outputs: list[Output] = []
-        for gkey in state.keys(GROUP):
-            group = state.get(gkey)
-            if not self.clock.due(state, group["first_at"], rl.timeout_seconds, now):
-                continue
-            group_id = gkey[len(GROUP):]
-            members = self._take(state, group_id, group)
+        for group_id, group in self.groups.due(state, rl.timeout_seconds, now):
+            members = self.groups.take(state, group_id, group, self.clock.stream_time(state))
             if rl.on_timeout == "emit" and len(members) >= rl.min_group_size:
                 outputs.extend(self._emit_rl(state, group_id, members, group,
                                              max(now, self.clock.stream_time(state))))
             else:
-                labelled(m.RL_GROUPS, "timeout").inc()
-        self.clock.forget(state, DECIDED, rl.remember_seconds, now)  # old routed groups
-        self._pending[state.partition] = len(state.keys(GROUP))
+                self._tally.inc(m.RL_GROUPS, "timeout")
+        self.groups.forget(state, rl.remember_seconds, now)  # old routed groups
+        self._pending[state.partition] = self.groups.pending(state)
         m.PENDING_GROUPS.set(sum(self._pending.get(p, 0) for p in self.state.owned()))
         return outputs
 
@@ -106,52 +110,38 @@ class RouterStage:
         rl = self.policy.rl
         expected = d.group_accepted
         if expected:
-            labelled(m.GROUPS, str("no_rl_signal" not in d.flags).lower()).inc(1 / expected)
+            self._tally.inc(m.GROUPS, str("no_rl_signal" not in d.flags).lower(),
+                            amount=1 / expected)
         if not rl.enabled or expected is None:
             return []
         traj = d.record.trajectory
-        gkey = f"{GROUP}{traj.group_id}"
-        group = state.get(gkey)
-        if group is None and f"{DECIDED}{traj.group_id}" in state:
-            labelled(m.RL_SKIPPED, "group_closed").inc()
+        groups = self.groups
+        group = groups.assembling(state, traj.group_id)
+        if group is None and groups.decided(state, traj.group_id) is not None:
+            self._tally.inc(m.RL_SKIPPED, "group_closed")
             return []  # routed or timed out already
         if group is None:
             # Group-level facts are the same on every member: decide on the first one.
             if rl.require_signal and "no_rl_signal" in d.flags:
-                labelled(m.RL_SKIPPED, "no_signal").inc()
+                self._tally.inc(m.RL_SKIPPED, "no_signal")
                 return []
             if expected < rl.min_group_size:
-                labelled(m.RL_SKIPPED, "too_small").inc()
+                self._tally.inc(m.RL_SKIPPED, "too_small")
                 return []
-            group = {"first_at": timestamp(d.created_at), "size": expected, "indexes": []}
-        if traj.sample_index in group["indexes"]:
-            return []  # the same member again
-        group = {**group, "indexes": [*group["indexes"], traj.sample_index]}
-        state.put(f"{MEMBER}{traj.group_id}/{traj.sample_index}", d)
-        if len(group["indexes"]) < group["size"]:
-            state.put(gkey, group)
-            return []
-        members = self._take(state, traj.group_id, group)
-        return self._emit_rl(state, traj.group_id, members, group, now)
-
-    def _take(self, state: PartitionState, group_id: str, group: dict[str, Any]
-              ) -> list[FilterDecision]:
-        members = []
-        for index in sorted(group["indexes"]):
-            key = f"{MEMBER}{group_id}/{index}"
-            members.append(as_record(FilterDecision, state.get(key)))
-            state.delete(key)
-        state.delete(f"{GROUP}{group_id}")
-        state.put(f"{DECIDED}{group_id}", self.clock.stream_time(state))
-        return members
+            group = groups.new(timestamp(d.created_at), expected)
+        added = groups.add(state, traj.group_id, group, traj.sample_index, d)
+        if added is None or not groups.complete(added):
+            return []  # the same member again, or the group still waiting
+        members = groups.take(state, traj.group_id, added, self.clock.stream_time(state))
+        return self._emit_rl(state, traj.group_id, members, added, now)
 
     def _emit_rl(self, state: PartitionState, group_id: str, members: list[FilterDecision],
                  group: dict[str, Any], now: float) -> list[Output]:
         rl = self.policy.rl
         if not self._room(state, "rl", rl.max_share, len(members)):
-            labelled(m.RL_GROUPS, "capped").inc()
+            self._tally.inc(m.RL_GROUPS, "capped")
             return []
-        labelled(m.RL_GROUPS, "routed").inc()
+        self._tally.inc(m.RL_GROUPS, "routed")
         m.GROUP_ASSEMBLY_SECONDS.observe(max(0.0, now - group["first_at"]))
         return [self._routed("rl", group_id, members, rl.weight, "group_with_reward_variance")]
 
@@ -170,7 +160,7 @@ class RouterStage:
         total = sum(counts.values())
         if (max_share is not None and total >= self.policy.cap_warmup
                 and counts[stage] + k > max_share * (total + k)):
-            labelled(m.CAPPED, stage).inc(k)
+            self._tally.inc(m.CAPPED, stage, amount=k)
             return False
         state.put(MIX, {**counts, stage: counts[stage] + k})
         return True
@@ -185,5 +175,5 @@ class RouterStage:
             policy_name=self.policy.name, policy_hash=self.policy_hash,
             filter_policy_hash=decisions[0].policy_hash,
         )
-        labelled(m.ROUTED_SAMPLES, stage).inc(len(decisions))
+        self._tally.inc(m.ROUTED_SAMPLES, stage, amount=len(decisions))
         return Output(self.topics[stage], sample, key=group_id)

@@ -330,6 +330,27 @@ def test_decisions_and_routes_are_counted_in_metrics() -> None:
     assert value(rm.RL_GROUPS, "routed") - before["rl"] == expected.rl_groups
 
 
+def test_a_batch_that_fails_counts_nothing_and_its_retry_counts_once() -> None:
+    """Metrics are added up per batch: a batch whose transaction is aborted (here the router
+    refuses a rejection in its input) is not counted, and processing it again is counted
+    once."""
+    from services.router import metrics as rm
+
+    def sft() -> float:
+        return float(rm.ROUTED_SAMPLES.labels("sft")._value.get())
+
+    records, _ = planted.planted_mix(9)
+    decisions = run(make_filter(), records)
+    accepted, rejected = values(decisions, "filtered"), values(decisions, "rejected")
+    before = sft()
+    router = make_router()
+    with pytest.raises(ValueError, match="accepted decisions only"):
+        run(router, [*accepted, rejected[0]])
+    assert sft() == before
+    routed = values(run(make_router(), accepted), "accepted.sft")
+    assert routed and sft() - before == len(routed)
+
+
 def test_the_repetition_rule_reuses_the_scorers_ratio_of_the_same_measure() -> None:
     from schemas import Score
     from services.common.text import REPETITION_MEASURE
