@@ -79,7 +79,8 @@ def scored(raw: list[Trajectory]) -> list[ScoredTrajectory]:
     stage = ScorerStage(ScoringConfig(), "scored")
     out: list[ScoredTrajectory] = []
     for i in range(0, len(raw), 1000):
-        out += [o.value for o in stage.process(raw[i:i + 1000])]  # type: ignore[misc]
+        out += [ScoredTrajectory.from_bytes(o.value.to_bytes())
+                for o in stage.process(raw[i:i + 1000])]
     return out
 
 

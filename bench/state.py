@@ -48,6 +48,7 @@ def _one(backend: str, records: int, folder: str, out: Any) -> None:
     import gc
 
     from bench.quality import GROUP, group_of
+    from schemas import fast
     from services.common.service import tune_gc
     from services.envs.arithmetic import Arithmetic
     from services.filter.main import FilterSettings, build_stage
@@ -61,6 +62,7 @@ def _one(backend: str, records: int, folder: str, out: Any) -> None:
     for p in range(PARTITIONS):
         store.adopt(p)
     scorer = ScorerStage(ScoringConfig(), "scored")
+    read = fast.decoder(fast.ScoredTrajectory)  # as the runtime hands records to the filter
     tune_gc()
     warm = records // 2
     seconds, done, rss_warm = 0.0, 0, 0
@@ -71,12 +73,12 @@ def _one(backend: str, records: int, folder: str, out: Any) -> None:
         end = min(start + BATCH * 10, records)
         chunk = [t for g in range(start // GROUP, end // GROUP)
                  for t in group_of(env.task(100 + g // 900, "+", 100 + g % 900), g)]
-        scored = [o.value for o in scorer.process(chunk)]
+        scored = [read(o.value.to_bytes()) for o in scorer.process(chunk)]
         for i in range(0, len(scored), BATCH):
             batch = scored[i:i + BATCH]
             parts: dict[int, list[Any]] = {}
             for s in batch:
-                key = s.partition_key().encode()
+                key = s.trajectory.task.task_id.encode()
                 parts.setdefault(zlib.crc32(key) % PARTITIONS, []).append(s)
             began = time.perf_counter()
             store.begin()

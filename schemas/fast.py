@@ -6,7 +6,7 @@ thousands of records a second (scorer, filter, router) declares one of the types
 ``input_type`` instead: the runtime decodes each record into it once, with the same
 constraints, and keeps the bytes it was read as (:attr:`Received.raw`), so that an output that
 carries the input record embeds those bytes as they came instead of encoding them again
-(:class:`FilterDecisionOut`, :class:`RoutedSampleOut`).
+(:class:`ScoredTrajectoryOut`, :class:`FilterDecisionOut`, :class:`RoutedSampleOut`).
 
 ``tests/unit/test_fast.py`` checks every Struct against its pydantic model field by field
 (names, order, requiredness, defaults), and that every golden file, a corpus of varied
@@ -17,6 +17,10 @@ included, byte for byte (pydantic's ``extra="allow"`` kept them by re-encoding).
 (``"3"`` for an int, a naive or date-only datetime, NaN inside free-form details) are not a
 difference: the fast decode is strict and hands what it refuses to the model
 (:class:`Decoder`).
+
+Over 300 lines: a Struct for each wire type the hot path reads or writes (each a few lines,
+beside the model it mirrors in :mod:`schemas.messages`), and the decoder that falls back to
+the models.
 """
 
 from __future__ import annotations
@@ -140,6 +144,10 @@ class Trajectory(Envelope, kw_only=True):
         messages.check_trajectory(self)
 
 
+class TrajectoryRecord(Trajectory, Received, kw_only=True):
+    """:class:`schemas.Trajectory` as the scorer reads it from ``trajectories``."""
+
+
 class Score(Wire, kw_only=True):
     scorer: str
     version: str
@@ -207,6 +215,17 @@ class Output(Wire, kw_only=True):
     def partition_key(self) -> str:
         raise TypeError(f"{type(self).__name__} has no key of its own: give the stage's Output "
                         "one")
+
+
+class ScoredTrajectoryOut(Output, kw_only=True):
+    """Encodes as :class:`schemas.ScoredTrajectory`, with ``trajectory`` the input's bytes.
+    ``scores`` and ``reward`` must be finite (checked by the scorer: JSON has no NaN)."""
+
+    trajectory: Raw
+    scores: list[Score]
+    reward: float
+    verdict: Verdict
+    reward_rule: str
 
 
 class FilterDecisionOut(Output, kw_only=True):
@@ -289,7 +308,8 @@ class Decoder:
 
 
 MODELS: dict[type[Received], type[messages.Message]] = {
-    ScoredTrajectory: messages.ScoredTrajectory, FilterDecision: messages.FilterDecision}
+    TrajectoryRecord: messages.Trajectory, ScoredTrajectory: messages.ScoredTrajectory,
+    FilterDecision: messages.FilterDecision}
 """The pydantic model each record type mirrors: its source of truth."""
 
 _DECODERS: dict[type[Received], Decoder] = {}

@@ -1,6 +1,7 @@
 """The scorers a scorer config composes, and the declared rule that turns scores into a reward.
 
-A scorer looks at a batch of trajectories and gives each one a :class:`~schemas.Score`, or
+A scorer looks at a batch of trajectories (the hot path's Structs, :mod:`schemas.fast`, or
+the pydantic models: the same fields) and gives each one a :class:`~schemas.fast.Score`, or
 None where it does not apply (the code verifier on a task without unit tests). Every score
 carries the scorer's name and version; a version is a hash of what decides the score (the
 scorer's config, and for a reward model its weights), so two scores with the same name and
@@ -23,16 +24,22 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas import Score, Trajectory, Verdict
+from schemas import Score as ScoreModel
+from schemas import Task, Turn, Verdict, fast
+from schemas import Trajectory as TrajectoryModel
+from schemas.fast import Score
 from services import envs
 from services.common.errors import ConfigError, DependencyError
 from services.common.text import REPETITION_MEASURE, repetition_ratio
 from services.scorer.metrics import SANDBOX_KILLS
 from services.scorer.sandbox import NO_NETNS, SandboxLimits, isolation_plan, run_python_tests
+
+Trajectory = TrajectoryModel | fast.Trajectory
+"""What a scorer reads: the scorer stage's Structs, or the models (tests, benchmarks)."""
 
 
 class _Config(BaseModel):
@@ -154,8 +161,10 @@ class VerifierScorer:
                 env = envs.get(traj.task.env)
             except ConfigError as exc:
                 raise ValueError(f"unknown environment {traj.task.env!r}") from exc
-            result = env.verify(traj.task, traj.turns)
-            out.append(Score(scorer=self.name, version=self.version, value=result.score,
+            # An environment reads a task's and the turns' fields, which the Structs share
+            # with the models (Environment.verify).
+            result = env.verify(cast(Task, traj.task), cast(list[Turn], traj.turns))
+            out.append(Score(scorer=self.name, version=self.version, value=float(result.score),
                              passed=result.passed, details=_jsonable(result.details)))
         return out
 
@@ -274,7 +283,7 @@ class RewardModelScorer:
                 values.extend(logits[:, 0].tolist())
             else:
                 values.extend(logits.softmax(-1)[:, self.config.positive_label].tolist())
-        return [Score(scorer=self.name, version=self.version, value=v) for v in values]
+        return [Score(scorer=self.name, version=self.version, value=float(v)) for v in values]
 
 
 class LengthScorer:
@@ -302,7 +311,7 @@ class RepetitionScorer:
         out: list[Score | None] = []
         for t in batch:
             ratio = repetition_ratio(t.completion, c.ngram)
-            out.append(Score(scorer=self.name, version=self.version, value=ratio,
+            out.append(Score(scorer=self.name, version=self.version, value=float(ratio),
                              passed=ratio <= c.max_ratio,
                              details={"measure": REPETITION_MEASURE, "ngram": c.ngram}))
         return out
@@ -363,7 +372,7 @@ class RewardRule(_Config):
         return (f"reward = {terms}{req}; verdict = all({', '.join(self.verdict_from)})"
                 f" [{self.digest()}]")
 
-    def apply(self, scores: Sequence[Score]) -> tuple[float, Verdict]:
+    def apply(self, scores: Sequence[Score | ScoreModel]) -> tuple[float, Verdict]:
         by_name = {s.scorer: s for s in scores}
         if any(by_name[n].passed is False for n in self.require if n in by_name):
             reward = self.fail_reward

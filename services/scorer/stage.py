@@ -1,19 +1,28 @@
-"""The scorer's stage: every scorer over the batch, then the reward rule, per trajectory."""
+"""The scorer's stage: every scorer over the batch, then the reward rule, per trajectory.
+
+It reads trajectories as the hot path's Structs (:class:`~schemas.fast.TrajectoryRecord`) and
+writes each scored trajectory once, embedding the trajectory's bytes as they came
+(:class:`~schemas.fast.ScoredTrajectoryOut`). A score or reward that is not finite (a reward
+model's NaN) fails the batch with a clear error, as the model's validation did: JSON has no
+NaN, and a null where a number belongs is read by no one."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
+from msgspec import Raw
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from schemas import ScoredTrajectory, Trajectory
+from schemas import Trajectory
+from schemas.fast import Received, ScoredTrajectoryOut, TrajectoryRecord, uuid5
 from services.common.errors import ConfigError
-from services.common.metrics import labelled
+from services.common.metrics import Tally, labelled
 from services.common.stage import Output
 from services.scorer import metrics as m
 from services.scorer.scorers import (
@@ -68,7 +77,7 @@ class ScoringConfig(BaseModel):
 
 
 class ScorerStage:
-    input_type = Trajectory
+    input_type = TrajectoryRecord
 
     def __init__(self, config: ScoringConfig, output_topic: str,
                  scorers: Sequence[Scorer] | None = None) -> None:
@@ -79,30 +88,38 @@ class ScorerStage:
         self.rule = config.reward
         self.rule_text = config.reward.text()
         self._digest = config.digest()
+        self._tally = Tally()
 
-    def process(self, batch: Sequence[Trajectory]) -> list[Output]:
+    def process(self, batch: Sequence[TrajectoryRecord | Trajectory]) -> list[Output]:
+        """``batch`` as the runtime decodes it; the pydantic models are taken too (tests,
+        benchmarks), and encoded for embedding."""
+        with self._tally.batch():
+            return self._process(batch)
+
+    def _process(self, batch: Sequence[TrajectoryRecord | Trajectory]) -> list[Output]:
         per_scorer = [scorer.score(batch) for scorer in self.scorers]
         outputs = []
+        tally = self._tally
         for i, traj in enumerate(batch):
             scores = [s[i] for s in per_scorer if s[i] is not None]
             reward, verdict = self.rule.apply(scores)  # type: ignore[arg-type]
-            scored = ScoredTrajectory(
-                event_id=uuid.uuid5(NAMESPACE, f"{traj.event_id}:{self._digest}"),
-                trajectory=traj, scores=scores, reward=reward, verdict=verdict,
-                reward_rule=self.rule_text,
-            )
-            outputs.append(Output(self.output_topic, scored))
-        for score_list in per_scorer:
-            for score in score_list:
-                if score is not None:
-                    labelled(m.SCORES, score.scorer).observe(score.value)
-        for out in outputs:
-            value = out.value
-            assert isinstance(value, ScoredTrajectory)
-            task = value.trajectory.task
+            for value, what in [*((s.value, f"scorer {s.scorer!r}") for s in scores),  # type: ignore[union-attr]
+                                (reward, "the reward rule")]:
+                if not math.isfinite(value):
+                    raise ValueError(f"{what} gave {value} for trajectory {traj.event_id}: "
+                                     "scores and rewards must be finite numbers")
+            task = traj.task
+            raw = traj.raw if isinstance(traj, Received) else traj.to_bytes()
+            scored = ScoredTrajectoryOut(
+                event_id=uuid5(NAMESPACE, f"{traj.event_id}:{self._digest}"),
+                trajectory=Raw(raw), scores=scores, reward=reward,  # type: ignore[arg-type]
+                verdict=verdict, reward_rule=self.rule_text)
+            outputs.append(Output(self.output_topic, scored, key=task.task_id))
+            for score in scores:
+                labelled(m.SCORES, score.scorer).observe(score.value)  # type: ignore[union-attr]
             level = m.difficulty_label(task.difficulty)
-            labelled(m.REWARD, task.env, level).observe(value.reward)
-            labelled(m.REWARD_POSITIVE, task.env, level).inc(max(0.0, value.reward))
-            labelled(m.REWARD_NEGATIVE, task.env, level).inc(max(0.0, -value.reward))
-            labelled(m.VERDICTS, value.verdict, task.env, level).inc()
+            labelled(m.REWARD, task.env, level).observe(reward)
+            tally.inc(m.REWARD_POSITIVE, task.env, level, amount=max(0.0, reward))
+            tally.inc(m.REWARD_NEGATIVE, task.env, level, amount=max(0.0, -reward))
+            tally.inc(m.VERDICTS, verdict, task.env, level)
         return outputs

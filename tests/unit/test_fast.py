@@ -22,14 +22,18 @@ PAIRS: list[tuple[type[BaseModel], type[msgspec.Struct]]] = [
     (schemas.ProducerInfo, fast.ProducerInfo), (schemas.VerifierSpec, fast.VerifierSpec),
     (schemas.Task, fast.Task), (schemas.Turn, fast.Turn),
     (schemas.SamplingParams, fast.SamplingParams), (schemas.Timings, fast.Timings),
-    (schemas.Trajectory, fast.Trajectory), (schemas.Score, fast.Score),
+    (schemas.Trajectory, fast.Trajectory), (schemas.Trajectory, fast.TrajectoryRecord),
+    (schemas.Score, fast.Score), (schemas.ScoredTrajectory, fast.ScoredTrajectoryOut),
     (schemas.ScoredTrajectory, fast.ScoredTrajectory),
     (schemas.FilterDecision, fast.FilterDecision),
     (schemas.FilterDecision, fast.FilterDecisionOut),
     (schemas.RoutedSample, fast.RoutedSampleOut),
 ]
 GOLDEN = Path(schemas.__file__).parent / "compat" / "v1"
-RECORDS = {"scored": fast.ScoredTrajectory, "filtered": fast.FilterDecision}
+RECORDS = {"raw": fast.TrajectoryRecord, "scored": fast.ScoredTrajectory,
+           "filtered": fast.FilterDecision}
+BY_MODEL = {"Trajectory": fast.TrajectoryRecord, "ScoredTrajectory": fast.ScoredTrajectory,
+            "FilterDecision": fast.FilterDecision}
 ALWAYS_SET = {"event_id", "created_at"}  # fresh per message: defaults of their own
 
 
@@ -60,7 +64,7 @@ def _same(model: type[BaseModel], data: bytes) -> None:
         expected: Any = model.model_validate_json(data)
     except ValidationError:
         expected = None
-    type_ = RECORDS["scored" if model is schemas.ScoredTrajectory else "filtered"]
+    type_ = BY_MODEL[model.__name__]
     if expected is None:
         with pytest.raises(DecodeFailure) as theirs:
             decode(model, data)
@@ -69,23 +73,24 @@ def _same(model: type[BaseModel], data: bytes) -> None:
         assert (ours.value.kind, str(ours.value)) == (theirs.value.kind, str(theirs.value))
         return
     record = decode(type_, data)
-    # What the old path wrote on (the model, re-encoded) is what the fast record encodes to.
+    # The same values as the old path (the model) read, apart from unknown fields, which the
+    # Struct does not keep (they travel in the raw bytes): its encoding read by the Struct.
     assert model.model_validate_json(msgspec.json.encode(record)).to_bytes() == \
-        model.model_validate_json(expected.to_bytes()).to_bytes()
+        model.model_validate_json(msgspec.json.encode(
+            msgspec.json.decode(expected.to_bytes(), type=type_))).to_bytes()
     if type_ is fast.FilterDecision:
         assert schemas.ScoredTrajectory.model_validate_json(record.record.raw) == \
             schemas.ScoredTrajectory.model_validate_json(expected.scored.to_bytes())
 
 
-@pytest.mark.parametrize("name", ["ScoredTrajectory", "FilterDecision"])
+@pytest.mark.parametrize("name", list(BY_MODEL))
 def test_the_golden_files_decode_to_the_same_values(name: str) -> None:
     model = getattr(schemas, name)
     data = (GOLDEN / f"{name}.json").read_bytes()
     _same(model, data)
     doc = json.loads(data)
     doc["from_a_newer_producer"] = {"kept": True}
-    record = decode(fast.ScoredTrajectory if name == "ScoredTrajectory"
-                    else fast.FilterDecision, json.dumps(doc).encode())
+    record = decode(BY_MODEL[name], json.dumps(doc).encode())
     assert json.loads(record.raw)["from_a_newer_producer"] == {"kept": True}  # forwarded
 
 
@@ -125,7 +130,7 @@ def _variant(doc: Any, path: tuple[Any, ...], value: Any, action: str) -> bytes:
     return json.dumps(out, allow_nan=True).encode()
 
 
-@pytest.mark.parametrize("name", ["ScoredTrajectory", "FilterDecision"])
+@pytest.mark.parametrize("name", list(BY_MODEL))
 @settings(max_examples=400, derandomize=True, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
 @given(data=st.data())
@@ -145,7 +150,7 @@ def test_varied_records_decode_the_same_or_are_refused_the_same(name: str, data:
     _same(model, value)
 
 
-@pytest.mark.parametrize("topic", ["scored", "filtered"])
+@pytest.mark.parametrize("topic", list(RECORDS))
 @settings(max_examples=150, derandomize=True, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
 @given(data=st.data())
@@ -153,6 +158,9 @@ def test_every_hostile_record_gets_the_same_dead_letter_both_ways(topic: str, da
                                                                    ) -> None:
     _kind, value = data.draw(hostile.hostile(topic))
     model = hostile.TYPES[topic]
+    if not hostile.invalid(topic, value):
+        _same(model, value)  # type: ignore[arg-type]  # hostile to the stage (an unknown environment), not the schema
+        return
     with pytest.raises(DecodeFailure) as theirs:
         decode(model, value)
     with pytest.raises(DecodeFailure) as ours:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from schemas import Score, ScoredTrajectory, Task, Trajectory, Turn, VerifierSpec
@@ -195,4 +195,4 @@ def test_a_reward_model_folder_scores_in_batches(tmp_path: Path) -> None:
     for a, b in zip(scores, one_by_one, strict=True):  # padding does not change a score
         assert a is not None and b is not None and abs(a.value - b.value) < 1e-4
     assert len({s.value for s in scores if s is not None}) > 1
-    assert json.loads(json.dumps(scores[0].model_dump()))  # type: ignore[union-attr]
+    assert Score.model_validate_json(msgspec.json.encode(scores[0])).value == scores[0].value  # type: ignore[union-attr]
