@@ -96,14 +96,41 @@ class Task(Envelope, kw_only=True):
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+# Token ids and log-probs are most of a record's bytes (about 60 % of a scored record with
+# 64-token completions) and no stage reads them one by one: they stay the JSON they came as
+# (``Raw``, a view of the record's bytes) once checked. The check decodes them into the model's
+# types and lets go of the lists at once, which costs a third of keeping them.
+_IDS = msgspec.json.Decoder(list[int] | None).decode
+_LOGPROBS = msgspec.json.Decoder(list[float] | None).decode  # finite: JSON has no NaN
+
+
+def _null() -> Raw:
+    return Raw(b"null")
+
+
+def count(tokens: Raw | list[Any] | None) -> int | None:
+    """How many ids (or log-probs) ``tokens`` holds, None when absent: a Struct's checked JSON
+    list (counted by its commas, a list of numbers having no other), or a model's list."""
+    if not isinstance(tokens, Raw):
+        return None if tokens is None else len(tokens)
+    data = bytes(tokens)
+    if data == b"null":
+        return None
+    commas = data.count(b",")
+    return commas + 1 if commas or data[1:-1].strip() else 0
+
+
 class Turn(Wire, kw_only=True):
     role: Role
     content: str
-    token_ids: list[int] | None = None
-    logprobs: list[float] | None = None
+    token_ids: Raw = msgspec.field(default_factory=_null)
+    """``list[int] | None``, as its JSON."""
+    logprobs: Raw = msgspec.field(default_factory=_null)
+    """``list[float] | None``, as its JSON."""
 
     def __post_init__(self) -> None:
-        messages.check_turn(self)
+        messages.check_tokens(_IDS(self.token_ids), "token_ids", _LOGPROBS(self.logprobs),
+                              "logprobs")
 
 
 class SamplingParams(Wire, kw_only=True):
@@ -131,9 +158,10 @@ class Trajectory(Envelope, kw_only=True):
     group_size: Annotated[int, Meta(ge=1)]
     turns: list[Turn]
     completion: str
-    prompt_token_ids: list[int] | None = None
-    completion_token_ids: list[int] | None = None
-    completion_logprobs: list[float] | None = None
+    prompt_token_ids: Raw = msgspec.field(default_factory=_null)
+    """``list[int] | None``, as its JSON (and the two below: :func:`count`)."""
+    completion_token_ids: Raw = msgspec.field(default_factory=_null)
+    completion_logprobs: Raw = msgspec.field(default_factory=_null)
     finish_reason: str | None = None
     policy_version: NonNegInt
     model: str
@@ -141,7 +169,10 @@ class Trajectory(Envelope, kw_only=True):
     timings: Timings = msgspec.field(default_factory=Timings)
 
     def __post_init__(self) -> None:
-        messages.check_trajectory(self)
+        messages.check_sample_index(self.sample_index, self.group_size)
+        _IDS(self.prompt_token_ids)
+        messages.check_tokens(_IDS(self.completion_token_ids), "completion_token_ids",
+                              _LOGPROBS(self.completion_logprobs), "completion_logprobs")
 
 
 class TrajectoryRecord(Trajectory, Received, kw_only=True):

@@ -40,7 +40,7 @@ Rejection = Literal["regressed", "not_better", "invalid", "superseded"]
 # either kind of object and raises ValueError.
 
 
-def _same_length(ids: list[int] | None, ids_name: str, lps: list[float] | None,
+def check_tokens(ids: list[int] | None, ids_name: str, lps: list[float] | None,
                  lps_name: str) -> None:
     if ids is not None and lps is not None and len(ids) != len(lps):
         raise ValueError(f"{ids_name} ({len(ids)}) and {lps_name} ({len(lps)}) must have the "
@@ -48,13 +48,17 @@ def _same_length(ids: list[int] | None, ids_name: str, lps: list[float] | None,
 
 
 def check_turn(turn: Any) -> None:
-    _same_length(turn.token_ids, "token_ids", turn.logprobs, "logprobs")
+    check_tokens(turn.token_ids, "token_ids", turn.logprobs, "logprobs")
+
+
+def check_sample_index(index: int, size: int) -> None:
+    if index >= size:
+        raise ValueError(f"sample_index {index} >= group_size {size}")
 
 
 def check_trajectory(traj: Any) -> None:
-    if traj.sample_index >= traj.group_size:
-        raise ValueError(f"sample_index {traj.sample_index} >= group_size {traj.group_size}")
-    _same_length(traj.completion_token_ids, "completion_token_ids", traj.completion_logprobs,
+    check_sample_index(traj.sample_index, traj.group_size)
+    check_tokens(traj.completion_token_ids, "completion_token_ids", traj.completion_logprobs,
                  "completion_logprobs")
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from msgspec import Raw
 
-from schemas.fast import FilterDecisionOut, ScoredTrajectory, timestamp, uuid5
+from schemas.fast import FilterDecisionOut, ScoredTrajectory, count, timestamp, uuid5
 from services.common.config import ServiceSettings
 from services.common.event_time import EventClock
 from services.common.groups import DECIDED, GROUP, MEMBER, Groups
@@ -276,9 +276,8 @@ class FilterStage:
             reasons.append("low_reward")
         if s.verdict not in p.verdicts:
             reasons.append("verdict")
-        if p.length.unit == "tokens" and t.completion_token_ids is not None:
-            n = len(t.completion_token_ids)
-        else:
+        n = count(t.completion_token_ids) if p.length.unit == "tokens" else None
+        if n is None:
             n = len(t.completion)
         if n < p.length.min:
             reasons.append("too_short")

@@ -295,7 +295,7 @@ class LengthScorer:
         out: list[Score | None] = []
         for t in batch:
             n = (len(t.completion) if c.unit == "chars"
-                 else len(t.completion_token_ids or ()))
+                 else fast.count(t.completion_token_ids) or 0)
             ok = n >= c.min and (c.max is None or n <= c.max)
             out.append(Score(scorer=self.name, version=self.version, value=float(n), passed=ok,
                              details={"unit": c.unit}))

@@ -51,6 +51,8 @@ def test_every_struct_has_its_models_fields_in_order_with_the_same_defaults(
         if f.required or f.name in ALWAYS_SET:
             continue
         ours = f.default_factory() if f.default is msgspec.NODEFAULT else f.default
+        if isinstance(ours, msgspec.Raw):  # token ids and log-probs: kept as their JSON
+            ours = msgspec.json.decode(ours)
         theirs = field.get_default(call_default_factory=True)
         if isinstance(theirs, BaseModel):
             theirs = json.loads(theirs.model_dump_json())
@@ -199,3 +201,19 @@ def test_a_mirror_out_of_step_dead_letters_the_record_instead_of_stopping(monkey
         decode(fast.ScoredTrajectory, data)
     assert refused.value.kind == "schema"
     assert "ScoredTrajectory refuses what ScoredTrajectory accepts" in str(refused.value)
+
+
+@settings(max_examples=300, derandomize=True, database=None)
+@given(ids=st.none() | st.lists(st.integers(-2**40, 2**40)),
+       spaces=st.sampled_from(["", " ", "\n "]))
+def test_count_of_token_ids_kept_as_json_is_the_lists_length(ids: list[int] | None,
+                                                             spaces: str) -> None:
+    text = "null" if ids is None else \
+        "[" + spaces + f"{spaces},{spaces}".join(map(str, ids)) + spaces + "]"
+    doc = json.loads((GOLDEN / "Trajectory.json").read_bytes())
+    doc["completion_token_ids"], doc["completion_logprobs"] = None, None
+    data = json.dumps(doc).replace('"completion_token_ids": null',
+                                   f'"completion_token_ids": {text}')
+    record = decode(fast.TrajectoryRecord, data.encode())
+    assert fast.count(record.completion_token_ids) == (None if ids is None else len(ids))
+    assert fast.count(ids) == (None if ids is None else len(ids))  # a model's list
