@@ -53,7 +53,9 @@ class Environment(ABC):
 
     @abstractmethod
     def verify(self, task: Task, turns: Sequence[Turn]) -> Verification:
-        """Judge a finished episode."""
+        """Judge a finished episode. The scorer passes the hot path's Structs
+        (:mod:`schemas.fast`): read the fields, which are the models', not pydantic's
+        methods."""
 
     @property
     def levels(self) -> list[float]:
