@@ -77,10 +77,11 @@ def scored(raw: list[Trajectory]) -> list[ScoredTrajectory]:
     from services.scorer.stage import ScorerStage, ScoringConfig
 
     stage = ScorerStage(ScoringConfig(), "scored")
+    read = fast.decoder(fast.TrajectoryRecord)  # as the runtime hands records to the stage
     out: list[ScoredTrajectory] = []
     for i in range(0, len(raw), 1000):
         out += [ScoredTrajectory.from_bytes(o.value.to_bytes())
-                for o in stage.process(raw[i:i + 1000])]
+                for o in stage.process([read(t.to_bytes()) for t in raw[i:i + 1000]])]
     return out
 
 

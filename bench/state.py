@@ -62,7 +62,8 @@ def _one(backend: str, records: int, folder: str, out: Any) -> None:
     for p in range(PARTITIONS):
         store.adopt(p)
     scorer = ScorerStage(ScoringConfig(), "scored")
-    read = fast.decoder(fast.ScoredTrajectory)  # as the runtime hands records to the filter
+    # Records as the runtime hands them to the scorer and to the filter.
+    generated, read = fast.decoder(fast.TrajectoryRecord), fast.decoder(fast.ScoredTrajectory)
     tune_gc()
     warm = records // 2
     seconds, done, rss_warm = 0.0, 0, 0
@@ -73,7 +74,8 @@ def _one(backend: str, records: int, folder: str, out: Any) -> None:
         end = min(start + BATCH * 10, records)
         chunk = [t for g in range(start // GROUP, end // GROUP)
                  for t in group_of(env.task(100 + g // 900, "+", 100 + g % 900), g)]
-        scored = [read(o.value.to_bytes()) for o in scorer.process(chunk)]
+        scored = [read(o.value.to_bytes())
+                  for o in scorer.process([generated(t.to_bytes()) for t in chunk])]
         for i in range(0, len(scored), BATCH):
             batch = scored[i:i + BATCH]
             parts: dict[int, list[Any]] = {}

@@ -36,8 +36,9 @@ CheckpointStatus = Literal["candidate", "promoted", "rejected"]
 Rejection = Literal["regressed", "not_better", "invalid", "superseded"]
 
 
-# The checks across fields, shared with the hot path's types (schemas/fast.py): each takes
-# either kind of object and raises ValueError.
+# The checks across fields, written once: the models call them, and so do the hot path's
+# types (schemas/fast.py), with the token lists they keep as JSON decoded. Each raises
+# ValueError.
 
 
 def check_tokens(ids: list[int] | None, ids_name: str, lps: list[float] | None,

@@ -86,25 +86,34 @@ def labelled(metric: Any, *values: str) -> Any:
 
 
 class Tally:
-    """Increments of labelled counters added up over a batch and handed to prometheus_client
-    once per series when the batch is done (:meth:`batch`): a lock and a call per series and
-    batch instead of per record. A batch that raises is not counted (its outputs are aborted
-    with its transaction, and the batch is processed again)."""
+    """What a batch adds to counters and histograms, handed to prometheus_client when the
+    batch is done (:meth:`batch`): counter increments added up, a lock and a call per series
+    and batch instead of per record. A batch that raises is not counted, neither its
+    increments nor its observations (its outputs are aborted with its transaction, and the
+    batch is processed again)."""
 
     def __init__(self) -> None:
         self._counts: dict[tuple[Any, tuple[str, ...]], float] = {}
+        self._observed: list[tuple[Any, tuple[str, ...], float]] = []
 
     def inc(self, metric: Any, *values: str, amount: float = 1.0) -> None:
         key = (metric, values)
         self._counts[key] = self._counts.get(key, 0.0) + amount
 
+    def observe(self, metric: Any, *values: str, value: float) -> None:
+        self._observed.append((metric, values, value))
+
     @contextmanager
     def batch(self) -> Iterator[None]:
         self._counts.clear()
+        self._observed.clear()
         yield
         for (metric, values), amount in self._counts.items():
             labelled(metric, *values).inc(amount)
+        for metric, values, value in self._observed:
+            (labelled(metric, *values) if values else metric).observe(value)
         self._counts.clear()
+        self._observed.clear()
 
 
 class HealthServer:

@@ -207,7 +207,7 @@ class FilterStage:
             group_flags.append("no_rl_signal")
         if not complete:
             group_flags.append("incomplete_group")
-        m.GROUP_ASSEMBLY_SECONDS.observe(max(0.0, now - group["first_at"]))
+        self._tally.observe(m.GROUP_ASSEMBLY_SECONDS, value=max(0.0, now - group["first_at"]))
         if members:
             m.ACCEPT_RATIO.set(len(accepted) / len(members))
         return [

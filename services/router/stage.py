@@ -142,7 +142,7 @@ class RouterStage:
             self._tally.inc(m.RL_GROUPS, "capped")
             return []
         self._tally.inc(m.RL_GROUPS, "routed")
-        m.GROUP_ASSEMBLY_SECONDS.observe(max(0.0, now - group["first_at"]))
+        self._tally.observe(m.GROUP_ASSEMBLY_SECONDS, value=max(0.0, now - group["first_at"]))
         return [self._routed("rl", group_id, members, rl.weight, "group_with_reward_variance")]
 
     # -- shared -----------------------------------------------------------------------------

@@ -19,10 +19,9 @@ import yaml
 from msgspec import Raw
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from schemas import Trajectory
-from schemas.fast import Received, ScoredTrajectoryOut, TrajectoryRecord, uuid5
+from schemas.fast import ScoredTrajectoryOut, TrajectoryRecord, uuid5
 from services.common.errors import ConfigError
-from services.common.metrics import Tally, labelled
+from services.common.metrics import Tally
 from services.common.stage import Output
 from services.scorer import metrics as m
 from services.scorer.scorers import (
@@ -90,35 +89,32 @@ class ScorerStage:
         self._digest = config.digest()
         self._tally = Tally()
 
-    def process(self, batch: Sequence[TrajectoryRecord | Trajectory]) -> list[Output]:
-        """``batch`` as the runtime decodes it; the pydantic models are taken too (tests,
-        benchmarks), and encoded for embedding."""
+    def process(self, batch: Sequence[TrajectoryRecord]) -> list[Output]:
         with self._tally.batch():
             return self._process(batch)
 
-    def _process(self, batch: Sequence[TrajectoryRecord | Trajectory]) -> list[Output]:
+    def _process(self, batch: Sequence[TrajectoryRecord]) -> list[Output]:
         per_scorer = [scorer.score(batch) for scorer in self.scorers]
         outputs = []
         tally = self._tally
         for i, traj in enumerate(batch):
-            scores = [s[i] for s in per_scorer if s[i] is not None]
-            reward, verdict = self.rule.apply(scores)  # type: ignore[arg-type]
-            for value, what in [*((s.value, f"scorer {s.scorer!r}") for s in scores),  # type: ignore[union-attr]
+            scores = [score for s in per_scorer if (score := s[i]) is not None]
+            reward, verdict = self.rule.apply(scores)
+            for value, what in [*((s.value, f"scorer {s.scorer!r}") for s in scores),
                                 (reward, "the reward rule")]:
                 if not math.isfinite(value):
                     raise ValueError(f"{what} gave {value} for trajectory {traj.event_id}: "
                                      "scores and rewards must be finite numbers")
             task = traj.task
-            raw = traj.raw if isinstance(traj, Received) else traj.to_bytes()
             scored = ScoredTrajectoryOut(
                 event_id=uuid5(NAMESPACE, f"{traj.event_id}:{self._digest}"),
-                trajectory=Raw(raw), scores=scores, reward=reward,  # type: ignore[arg-type]
-                verdict=verdict, reward_rule=self.rule_text)
+                trajectory=Raw(traj.raw), scores=scores, reward=reward, verdict=verdict,
+                reward_rule=self.rule_text)
             outputs.append(Output(self.output_topic, scored, key=task.task_id))
             for score in scores:
-                labelled(m.SCORES, score.scorer).observe(score.value)  # type: ignore[union-attr]
+                tally.observe(m.SCORES, score.scorer, value=score.value)
             level = m.difficulty_label(task.difficulty)
-            labelled(m.REWARD, task.env, level).observe(reward)
+            tally.observe(m.REWARD, task.env, level, value=reward)
             tally.inc(m.REWARD_POSITIVE, task.env, level, amount=max(0.0, reward))
             tally.inc(m.REWARD_NEGATIVE, task.env, level, amount=max(0.0, -reward))
             tally.inc(m.VERDICTS, verdict, task.env, level)

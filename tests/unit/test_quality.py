@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from schemas import FilterDecision, RoutedSample, ScoredTrajectory, fast
 from services.common.errors import ConfigError
@@ -339,16 +340,22 @@ def test_a_batch_that_fails_counts_nothing_and_its_retry_counts_once() -> None:
     def sft() -> float:
         return float(rm.ROUTED_SAMPLES.labels("sft")._value.get())
 
+    def rl_groups_timed() -> float:  # a histogram: observations count as increments do
+        return float(REGISTRY.get_sample_value("flywheel_router_group_assembly_seconds_count")
+                     or 0.0)
+
     records, _ = planted.planted_mix(9)
     decisions = run(make_filter(), records)
     accepted, rejected = values(decisions, "filtered"), values(decisions, "rejected")
-    before = sft()
+    before, timed = sft(), rl_groups_timed()
     router = make_router()
     with pytest.raises(ValueError, match="accepted decisions only"):
         run(router, [*accepted, rejected[0]])
-    assert sft() == before
-    routed = values(run(make_router(), accepted), "accepted.sft")
+    assert (sft(), rl_groups_timed()) == (before, timed)
+    outputs = run(make_router(), accepted)
+    routed = values(outputs, "accepted.sft")
     assert routed and sft() - before == len(routed)
+    assert rl_groups_timed() - timed == len(values(outputs, "accepted.rl")) > 0
 
 
 def test_the_repetition_rule_reuses_the_scorers_ratio_of_the_same_measure() -> None:

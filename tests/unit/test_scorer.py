@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from schemas import Score, ScoredTrajectory, Task, Trajectory, Turn, VerifierSpec
+from schemas import Score, ScoredTrajectory, Task, Trajectory, Turn, VerifierSpec, fast
 from services import envs
 from services.common.errors import ConfigError
 from services.envs.verify import check
@@ -43,7 +43,8 @@ def score(scored: ScoredTrajectory, name: str) -> Score:
 
 
 def run(config: ScoringConfig, batch: list[Trajectory]) -> list[ScoredTrajectory]:
-    outputs = ScorerStage(config, "scored").process(batch)
+    read = fast.decoder(fast.TrajectoryRecord)  # as the runtime hands records to the stage
+    outputs = ScorerStage(config, "scored").process([read(t.to_bytes()) for t in batch])
     assert {o.topic for o in outputs} == {"scored"}
     return [o.value for o in outputs]  # type: ignore[misc]
 
