@@ -8,7 +8,11 @@ module imports itself through others (no cycle, imports inside functions include
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import itertools
+import re
+import sys
+import tomllib
 from pathlib import Path
 
 SERVICES = ("feeder", "generator", "scorer", "filter", "router", "trainer", "gate", "relay")
@@ -181,3 +185,44 @@ def test_a_long_module_says_why_it_is_long_at_its_top() -> None:
             if "Over 300 lines:" not in doc:
                 silent.append(f"{path.relative_to(top)} ({source.count(chr(10))} lines)")
     assert silent == []
+
+
+# What the stream image (deploy/Dockerfile's `stream`: the core dependencies, no extra) runs:
+# the stream stages, with what they share and the CLI that starts them.
+STREAM = ("schemas", "services/common", "services/envs", "services/feeder",
+          "services/scorer", "services/filter", "services/router", "services/cluster",
+          "services/cli.py", "services/registry.py")
+
+
+def _module_level_imports(source: str) -> set[str]:
+    """Top-level names imported by statements run at import (not inside a function)."""
+    names: set[str] = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_the_stream_stages_import_only_core_dependencies() -> None:
+    """A module a stream stage imports on start is in pyproject's dependencies, else the
+    stream image fails on it (seen: tenacity and numpy, in the model extra or none)."""
+    top = ROOT.parent
+    project = tomllib.loads((top / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    core = {_requirement_name(r) for r in project["dependencies"]}
+    owners = importlib.metadata.packages_distributions()
+    missing = {}
+    for part in STREAM:
+        for path in sorted((top / part).rglob("*.py")) if (top / part).is_dir() else [top / part]:
+            for name in _module_level_imports(path.read_text(encoding="utf-8")):
+                if name in sys.stdlib_module_names or name in ("schemas", "services", "bench"):
+                    continue
+                dists = {d.lower().replace("_", "-") for d in owners.get(name, [name])}
+                if not dists & core:
+                    missing[f"{path.relative_to(top)}: {name}"] = sorted(dists)
+    assert missing == {}
