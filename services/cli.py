@@ -336,11 +336,18 @@ def model_import_gguf(
 
 def _run_command(service: registry.Service) -> Callable[..., None]:
     """`flywheel run NAME`: the service with its settings from `FLYWHEEL_*` variables, and
-    its policy or config file from `--policy`/`--config` when it has one."""
+    its policy or config file from `--policy`/`--config` when it has one; with `--profile`,
+    from a profile as `flywheel up` would run it (the variables set still win)."""
 
-    def run(policy: Path | None = None) -> None:
+    def run(policy: Path | None = None, profile: Path | None = None) -> None:
         from services.cluster.access import preflight
 
+        if profile is not None:
+            from services.up.environment import profile_env
+            from services.up.profile import load_profile
+
+            for key, value in profile_env(load_profile(profile), service.name).items():
+                os.environ.setdefault(key, value)
         cls = service.settings_class()
         settings = cls.with_overrides(**{service.policy_field: policy}) \
             if service.policy_field else cls()
@@ -349,19 +356,26 @@ def _run_command(service: registry.Service) -> Callable[..., None]:
             preflight(settings.kafka, service, settings.group_id)
         raise typer.Exit(service.run(settings))
 
+    from_profile = typer.Option("--profile", help="Settings from this profile's section for "
+                                "the service, as `flywheel up` gives them; FLYWHEEL_* variables "
+                                "set override them (docker-compose.yml, deploy/k8s).")
     if service.policy_field is None:
-        def plain() -> None:
-            run()
+        def plain(profile: Path | None = None) -> None:
+            run(profile=profile)
+        plain.__annotations__ = {"profile": Annotated[Path | None, from_profile],
+                                 "return": None}
         command: Callable[..., None] = plain
     else:
         option = typer.Option(f"--{service.policy_option}",
                               help=f"{service.name.capitalize()} {service.policy_option} "
                               "(YAML).")
 
-        def with_policy(policy: Path | None = None) -> None:
-            run(policy)
+        def with_policy(policy: Path | None = None, profile: Path | None = None) -> None:
+            run(policy, profile)
         # Made here, per service: typer reads the option from the annotation.
-        with_policy.__annotations__ = {"policy": Annotated[Path | None, option], "return": None}
+        with_policy.__annotations__ = {"policy": Annotated[Path | None, option],
+                                       "profile": Annotated[Path | None, from_profile],
+                                       "return": None}
         command = with_policy
     command.__doc__ = service.summary
     return command

@@ -32,7 +32,8 @@ from services.common.config import KafkaSettings
 from services.common.errors import ConfigError
 from services.common.signing import DecisionKeys, Verifier, stack_keys
 from services.up import control, monitor, prepare
-from services.up.profile import POLICY_FIELD, SECRETS, SERVICES, Profile, kafka_from_env, public
+from services.up.environment import service_fields, settings_env
+from services.up.profile import SECRETS, SERVICES, Profile, kafka_from_env, public
 from services.up.supervisor import ProcessSpec, Supervisor
 from services.up.view import Snapshot, Versions, read_checkpoints
 
@@ -149,23 +150,11 @@ class Stack:
     # -- processes ------------------------------------------------------------------------
 
     def specs(self) -> list[ProcessSpec]:
-        p = self.profile
         assert self.base_path is not None, "prepare() first"
-        root = str(Path(p.checkpoint_url).resolve()) if "://" not in p.checkpoint_url \
-            else p.checkpoint_url
-        model = {
-            "generator": {"model_path": str(self.base_path), "model_name": p.model_name,
-                          "base_version": 0, "checkpoint_root": root},
-            "trainer": {"base_model_path": str(self.base_path), "model_name": p.model_name,
-                        "base_version": 0, "checkpoint_url": p.checkpoint_url},
-            "gate": {"base_model_path": str(self.base_path), "model_name": p.model_name,
-                     "base_version": 0, "checkpoint_root": root},
-        }
+        p = self.profile
         out, port = [], p.metrics_port
         for service in SERVICES:
-            fields = {**prepare.section(self.profile, service), **model.get(service, {})}
-            if service in self.policy_files:
-                fields[POLICY_FIELD[service]] = str(self.policy_files[service])
+            fields = service_fields(p, service, self.base_path, self.policy_files)
             replicas = p.generators if service == "generator" else 1
             for i in range(replicas):
                 name = f"{service}-{i}" if service == "generator" else service
@@ -179,17 +168,11 @@ class Stack:
 
     def _env(self, fields: dict[str, Any], *, instance: str, port: int) -> dict[str, str]:
         threads = str(self.profile.threads)
-        env = {}
-        for key, value in fields.items():
-            if value is None:  # the setting's default
-                continue
-            env[f"FLYWHEEL_{key.upper()}"] = (json.dumps(value, default=str)
-                                              if isinstance(value, dict | list) else str(value))
         # The stack's own keys last: one cluster, distinct instance ids and ports.
-        env |= {"FLYWHEEL_KAFKA": json.dumps(self.kafka), "FLYWHEEL_INSTANCE_ID": instance,
-                "FLYWHEEL_METRICS__PORT": str(port), "OMP_NUM_THREADS": threads,
-                "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
-        return env
+        return settings_env(fields) | {
+            "FLYWHEEL_KAFKA": json.dumps(self.kafka), "FLYWHEEL_INSTANCE_ID": instance,
+            "FLYWHEEL_METRICS__PORT": str(port), "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
 
     def _keys_env(self, service: str) -> dict[str, str]:
         """Every service trusts the gate's public key; only the gate has its signing key."""

@@ -5,7 +5,6 @@ names exists in the code: each service's environment is loaded by its real setti
 from __future__ import annotations
 
 import importlib.resources
-import itertools
 import json
 import re
 from pathlib import Path
@@ -15,14 +14,16 @@ import jsonschema
 import pytest
 import yaml
 
-from services.common.config import ServiceSettings
 from services.registry import SERVICES
+from services.up.environment import profile_env, service_fields, settings_env
+from services.up.profile import POLICY_FIELD, Profile, load_profile
 from tests.deployment import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 IMAGES = {"flywheel-stream": "stream", "flywheel-model": "model"}
 METRICS_PORT = 9400
+PROFILE = "/app/deploy/profiles/compose.yaml"
 
 
 def _compose() -> dict[str, Any]:
@@ -71,11 +72,15 @@ def test_every_long_running_service_is_a_flywheel_service_with_its_image() -> No
     assert set(runs) == set(SERVICES), "compose runs every service of `flywheel up`"
     model = {"generator", "trainer", "gate"}  # the ones that import torch
     for name, service in runs.items():
-        assert service["command"] == [name]
+        assert service["command"] == [name, "--profile", PROFILE]
         assert service["image"] == ("flywheel-model" if name in model else "flywheel-stream")
         assert service["restart"] == "unless-stopped"
         probe = " ".join(service["healthcheck"]["test"])
         assert f":{METRICS_PORT}/healthz" in probe
+        # The image's files are read-only; /tmp a tmpfs; /data the one volume written.
+        assert service["read_only"] is True and service["tmpfs"] == ["/tmp"]
+        writable = {v.split(":")[1] for v in service["volumes"] if not v.endswith(":ro")}
+        assert writable <= {"/data"}, (name, writable)
 
 
 def test_every_image_target_exists_in_the_dockerfile() -> None:
@@ -96,18 +101,22 @@ def test_one_shot_commands_exist() -> None:
     from services.cli import app
 
     cli = get_command(app)
-    services = _compose()["services"]
-    for name in ("topics", "seed"):
-        words = services[name]["entrypoint"]
-        assert words[0] == "flywheel"
-        command: Any = cli
-        for word in words[1:]:
-            if word.startswith("--"):
-                break
-            command = command.commands[word]  # type: ignore[attr-defined]
-        for flag, value in itertools.pairwise(words):
-            if flag == "--profile":
-                assert _in_repo(value).is_file(), value
+    words = _compose()["services"]["seed"]["entrypoint"]
+    assert words == ["flywheel", "seed-model", "--profile", PROFILE]
+    assert words[1] in cli.commands  # type: ignore[attr-defined]
+    assert _in_repo(PROFILE).is_file()
+
+
+def _container_settings(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Service ``name``'s settings in its container: the profile's (``flywheel run NAME
+    --profile``), under the variables compose sets."""
+    service = _flywheel()[name]
+    environment = {k: str(v) for k, v in service["environment"].items()}
+    for variable, value in environment.items():
+        if value.startswith("/app/"):
+            assert _in_repo(value).exists(), f"{name}: {variable}={value}"
+    from_profile = profile_env(load_profile(_in_repo(PROFILE)), name)
+    return load_settings(name, from_profile | environment, monkeypatch)
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -115,20 +124,48 @@ def test_each_service_environment_loads_into_its_settings(
         name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every FLYWHEEL_* variable is a field of the service's settings (a typo would be
     silently ignored, settings allow extras), and the values validate."""
-    service = _flywheel()[name]
-    environment = {k: str(v) for k, v in service["environment"].items()}
-    for variable, value in environment.items():
-        if value.startswith("/app/"):
-            assert _in_repo(value).exists(), f"{name}: {variable}={value}"
-    settings = load_settings(name, environment, monkeypatch)
+    settings = _container_settings(name, monkeypatch)
     assert settings.kafka.bootstrap_servers == "kafka:19092"
     assert settings.metrics.port == METRICS_PORT
 
 
-def test_the_topics_job_reads_the_same_broker(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in _compose()["services"]["topics"]["environment"].items():
-        monkeypatch.setenv(key, str(value))
-    assert ServiceSettings(service="cli").kafka.bootstrap_servers == "kafka:19092"
+# What a deployment sets for itself: where the broker, the keys, the model and the store are.
+DEPLOYMENT = {"kafka", "instance_id", "metrics", "decisions", "model_path", "base_model_path",
+              "checkpoint_root", "checkpoint_url", *POLICY_FIELD.values()}
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_compose_runs_what_flywheel_up_runs(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One source of truth: each container's settings are those `flywheel up` gives the
+    service (the embedded profile), held-out suite and policy included, but for where things
+    are. Drift fails here: a section in the compose profile, a variable in compose."""
+    embedded = Profile()
+    base = "/store/v000000"
+    up_env = settings_env(service_fields(embedded, name, base, {}))
+    if name in POLICY_FIELD:
+        up_env |= profile_env(embedded, name)  # the embedded policy, as a file
+    up = load_settings(name, up_env, monkeypatch)
+    mine = _container_settings(name, monkeypatch)
+    assert mine.model_dump(exclude=DEPLOYMENT) == up.model_dump(exclude=DEPLOYMENT)
+    if name in POLICY_FIELD:
+        assert _policy(mine, POLICY_FIELD[name]) == _policy(up, POLICY_FIELD[name])
+
+
+def _policy(settings: Any, field: str) -> Any:
+    path = getattr(settings, field)
+    return None if path is None else yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+def test_the_seed_job_reads_the_services_profile() -> None:
+    """The seed model, the topics (the seed job applies them) and the services: one profile,
+    one broker."""
+    profile = load_profile(_in_repo(PROFILE))
+    assert profile.kafka["bootstrap_servers"] == "kafka:19092"
+    assert profile.metrics_port == METRICS_PORT
+    assert profile.model_dump(exclude={"name", "kafka", "checkpoint_url", "home",
+                                       "metrics_port"}) == \
+        Profile().model_dump(exclude={"name", "kafka", "checkpoint_url", "home",
+                                      "metrics_port"})
 
 
 def test_prometheus_and_grafana_mount_what_exists() -> None:
@@ -147,9 +184,8 @@ def test_prometheus_and_grafana_mount_what_exists() -> None:
     assert scrape["rule_files"] == ["alerts.yml"]
 
 
-def test_the_feeder_keeps_the_gates_held_out_tasks_off_tasks() -> None:
+def test_the_feeder_keeps_the_gates_held_out_tasks_off_tasks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Held-out hygiene as `flywheel up` has it: the feeder gets the gate's suite."""
-    services = _compose()["services"]
-    held_out = services["gate"]["environment"]["FLYWHEEL_HELD_OUT"]
-    assert json.loads(held_out)
-    assert services["feeder"]["environment"]["FLYWHEEL_HELD_OUT"] == held_out
+    gate = _container_settings("gate", monkeypatch).held_out
+    assert gate and _container_settings("feeder", monkeypatch).held_out == gate
