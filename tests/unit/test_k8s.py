@@ -14,6 +14,8 @@ import yaml
 from kubernetes_validate.utils import ValidationError
 
 from services.registry import SERVICES
+from services.up.environment import profile_env
+from services.up.profile import load_profile
 from tests.deployment import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,6 +23,10 @@ K8S = ROOT / "deploy" / "k8s"
 VERSION = "1.37.0"
 MODEL = {"generator", "trainer", "gate"}  # the services that import torch
 METRICS_PORT = 9400
+PROFILE = "/etc/flywheel/profile/profile.yaml"  # profile.yaml, from its ConfigMap
+# What a pod's own variables may set: where the broker, the keys and the state are. Every
+# other setting is profile.yaml's.
+DEPLOYMENT = {"kafka", "metrics", "decisions", "state", "instance_id"}
 
 
 def _kustomization() -> dict[str, Any]:
@@ -79,7 +85,9 @@ def test_the_validation_can_fail() -> None:
 
 
 def test_every_file_is_listed_and_every_listed_file_exists() -> None:
-    listed = set(_kustomization()["resources"])
+    kustomization = _kustomization()
+    listed = set(kustomization["resources"]) | {
+        f for g in kustomization["configMapGenerator"] for f in g["files"]}
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == on_disk
 
@@ -93,7 +101,12 @@ def test_workload_kinds_images_commands_and_probes() -> None:
     services = _by_kind("Service")
     for name, workload in workloads.items():
         container = _container(workload)
-        assert container["args"] == [name] and "command" not in container  # the ENTRYPOINT
+        # The ENTRYPOINT (`flywheel run`), the service, and the profile from its ConfigMap.
+        assert container["args"] == [name, "--profile", PROFILE] and "command" not in container
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        assert volumes[mounts[str(Path(PROFILE).parent)]]["configMap"] == {
+            "name": "flywheel-profile"}
         assert container["image"] == ("flywheel-model" if name in MODEL else "flywheel-stream")
         assert container["ports"] == [{"name": "metrics", "containerPort": METRICS_PORT}]
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
@@ -125,18 +138,46 @@ def test_each_workload_environment_loads_into_its_settings(
         if value.startswith("/data/"):
             volume = volumes[mounts["/data"]]
             assert volume["persistentVolumeClaim"]["claimName"] in claims
-    settings = load_settings(name, environment, monkeypatch)
+    settings = _pod_settings(name, monkeypatch)
     assert settings.metrics.port == METRICS_PORT
     assert settings.kafka.bootstrap_servers == environment["FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS"]
 
 
-def test_the_feeder_and_the_gate_share_one_held_out_suite() -> None:
-    workloads = _workloads()
-    sources = [{s["configMapRef"]["name"] for s in _container(workloads[n])["envFrom"]
-                if "configMapRef" in s} for n in ("feeder", "gate")]
-    assert "flywheel-held-out" in sources[0] & sources[1]
-    assert not any(e["name"] == "FLYWHEEL_HELD_OUT" for n in ("feeder", "gate")
-                   for e in _container(workloads[n]).get("env", []))
+def _pod_settings(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Service ``name``'s settings in its pod: profile.yaml's (``flywheel run NAME
+    --profile``), under the pod's variables; relative paths from /app, the image's working
+    directory (this checkout's top here)."""
+    monkeypatch.chdir(ROOT)
+    from_profile = profile_env(load_profile(K8S / "profile.yaml"), name)
+    return load_settings(name, from_profile | _environment(_container(_workloads()[name])),
+                         monkeypatch)
+
+
+def test_one_source_of_truth_the_pods_set_only_where_things_are() -> None:
+    """Held-out suite, policies and settings come from profile.yaml alone: a variable of a
+    pod (its own, or a ConfigMap's) that sets anything else is drift and fails here."""
+    for name, workload in _workloads().items():
+        for variable in _environment(_container(workload)):
+            top = variable.removeprefix("FLYWHEEL_").lower().split("__")[0]
+            assert top in DEPLOYMENT, f"{name}: {variable} belongs in profile.yaml"
+
+
+def test_the_feeder_and_the_gate_share_one_held_out_suite(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = _pod_settings("gate", monkeypatch).held_out
+    assert gate and _pod_settings("feeder", monkeypatch).held_out == gate
+
+
+def test_flywheel_up_runs_the_same_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`flywheel up --profile deploy/k8s/profile.yaml` accepts it: every service's settings,
+    policy and held-out set check out before anything would start."""
+    from services.up import prepare
+
+    monkeypatch.chdir(ROOT)
+    profile = load_profile(K8S / "profile.yaml")
+    checked = prepare.validate(profile, {}, prepare.write_policies(profile))
+    assert set(checked) == set(SERVICES)
+    assert checked["trainer"].optim.device == "cuda"  # what the GPU pods train with
 
 
 def test_the_topics_job_runs_an_existing_command() -> None:
