@@ -1,6 +1,7 @@
 # The two commands a new machine needs: `make up` (set up and run) and `make test`.
 # Both set up what is missing first: a virtualenv with the project, and the Kafka jars; `make
-# test` also the programs the tests run beside it (kcat, prometheus: tests/tools.sh).
+# test` also the programs the tests run beside it (kcat, prometheus, docker.io, docker-compose,
+# mmdebstrap: tests/tools.sh).
 
 PYTHON ?= python3
 VENV ?= .venv

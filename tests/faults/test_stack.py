@@ -32,7 +32,7 @@ import json
 import os
 import signal
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +44,6 @@ from confluent_kafka import Producer
 from schemas import (
     CheckpointEvent,
     FileDigest,
-    FilterDecision,
-    RoutedSample,
-    ScoredTrajectory,
     Trajectory,
 )
 from services.cluster import local_broker as local_kafka
@@ -57,6 +54,7 @@ from services.up.profile import Profile
 from services.up.stack import Stack
 from services.up.view import Snapshot
 from tests import hostile
+from tests.accounting import Accounting, account, header
 from tests.integration.runners import ready
 from tests.kafka import Broker
 from tests.signing import sign
@@ -343,44 +341,6 @@ class Faults:
         assert producer.flush(60) == 0
 
 
-# -- the accounting --------------------------------------------------------------------------
-
-
-def _header(msg: Any, name: str) -> str:
-    return next((v.decode() for k, v in msg.headers() or [] if k == name), "")
-
-
-class Accounting:
-    def __init__(self, kafka: Broker, prefix: str) -> None:
-        self.kafka, self.prefix = kafka, prefix
-        self.checked = 0
-        self.dead: dict[tuple[str, int, int], list[Any]] = defaultdict(list)
-        for m in kafka.read_all(prefix + "dlq"):
-            where = (_header(m, "flywheel-source-topic"),
-                     int(_header(m, "flywheel-source-partition")),
-                     int(_header(m, "flywheel-source-offset")))
-            self.dead[where].append(m)
-
-    def read(self, topic: str) -> list[Any]:
-        records = self.kafka.read_all(self.prefix + topic)
-        self.checked += len(records)
-        return records
-
-    def before_committed(self, topic: str, group: str) -> list[Any]:
-        """The records of ``topic`` the group has committed past, dead letters left out."""
-        committed = self.kafka.committed(self.prefix + group, self.prefix + topic)
-        return [m for m in self.read(topic) if m.offset() < committed[m.partition()]
-                and (m.topic(), m.partition(), m.offset()) not in self.dead]
-
-    def pending_in_filter(self) -> Counter[str]:
-        """Trajectories waiting in the filter's open groups (the changelog's latest values)."""
-        latest: dict[bytes, bytes | None] = {}
-        for m in self.kafka.read_all(self.prefix + "filter.state"):
-            latest[m.key()] = m.value()
-        return Counter(json.loads(v)["trajectory"]["event_id"] for k, v in latest.items()
-                       if v is not None and k.startswith(b"member/"))
-
-
 @pytest.mark.timeout(BUDGET_SECONDS + 900)
 def test_every_service_killed_and_the_broker_restarted_lose_and_repeat_nothing(
         tmp_path: Path) -> None:
@@ -420,8 +380,8 @@ def _account(kafka: Broker, prefix: str, faults: Faults) -> None:
             missing.append((topic, h.kind))
             continue
         for m in letters:
-            assert _header(m, "flywheel-service") == hostile.CONSUMER[topic], (topic, h.kind)
-            assert _header(m, "flywheel-error-message"), (topic, h.kind)
+            assert header(m, "flywheel-service") == hostile.CONSUMER[topic], (topic, h.kind)
+            assert header(m, "flywheel-error-message"), (topic, h.kind)
         if len(letters) > 1 and topic != "tasks":  # the generator alone is at-least-once
             twice.append((topic, h.kind))
     print(f"hostile records: {len(faults.injected)}; kinds "
@@ -429,77 +389,6 @@ def _account(kafka: Broker, prefix: str, faults: Faults) -> None:
     assert not missing, f"not dead-lettered: {missing}"
     assert not twice, f"dead-lettered twice by an exactly-once service: {twice}"
 
-    # raw -> scored: each raw record the scorer committed past is scored exactly once.
-    raw = Counter(str(Trajectory.from_bytes(m.value()).event_id)
-                  for m in books.before_committed("raw", "scorer"))
-    scored_records = books.read("scored")
-    scored = Counter(str(ScoredTrajectory.from_bytes(m.value()).trajectory.event_id)
-                     for m in scored_records
-                     if (m.topic(), m.partition(), m.offset()) not in books.dead)
-    assert raw == scored, (f"raw {sum(raw.values())} vs scored {sum(scored.values())}; "
-                           f"differ on {len(set(raw) ^ set(scored))} ids")
-
-    # scored -> exactly one of filtered, rejected, dlq (or still in an open group).
-    expected = Counter(str(ScoredTrajectory.from_bytes(m.value()).trajectory.event_id)
-                       for m in books.before_committed("scored", "filter"))
-    decisions = [FilterDecision.from_bytes(m.value())
-                 for topic in ("filtered", "rejected") for m in books.read(topic)
-                 if (m.topic(), m.partition(), m.offset()) not in books.dead]
-    decided = Counter(str(d.scored.trajectory.event_id) for d in decisions)
-    pending = books.pending_in_filter()
-    assert decided + pending == expected, (
-        f"decided {sum(decided.values())} + pending {sum(pending.values())} vs "
-        f"{sum(expected.values())} scored")
-    accepted = Counter(str(d.scored.trajectory.event_id) for d in decisions if d.accepted)
-    assert max(accepted.values()) == 1
-    repeats = {i for i, _ in faults.repeated}
-    for ident in repeats:
-        mine = [d for d in decisions if str(d.scored.trajectory.event_id) == ident]
-        if len(mine) > 1:  # the repeat decided too: rejected as a duplicate
-            assert sum(d.accepted for d in mine) <= 1
-            assert any("duplicate" in d.reasons for d in mine), [d.reasons for d in mine]
-    repeated_decided = sum(1 for i in repeats if decided[i] + pending[i] > 1)
-    assert repeated_decided == len(repeats), (repeated_decided, len(repeats))
-
-    # No trajectory twice in one accepted stage.
-    routed_total = 0
-    for stage in ("cpt", "sft", "rl"):
-        ids = Counter(str(s.trajectory.event_id)
-                      for m in books.read(f"accepted.{stage}")
-                      if (m.topic(), m.partition(), m.offset()) not in books.dead
-                      for s in RoutedSample.from_bytes(m.value()).samples)
-        routed_total += sum(ids.values())
-        assert not ids or max(ids.values()) == 1, (stage, ids.most_common(3))
-
-    # Candidates 1..N; trained_on tiles each partition from 0 to the committed offset.
-    events = [CheckpointEvent.from_bytes(m.value()) for m in books.read("checkpoints")
-              if (m.topic(), m.partition(), m.offset()) not in books.dead]
-    candidates = [e for e in events if e.status == "candidate"
-                  and e.producer is not None and e.producer.service == "trainer"]
-    assert [e.version for e in candidates] == list(range(1, len(candidates) + 1))
-    tiles: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
-    for e in candidates:
-        for r in e.trained_on:
-            tiles[r.topic, r.partition].append((r.start, r.end))
-    for stage in ("cpt", "sft", "rl"):
-        topic = f"{prefix}accepted.{stage}"
-        committed = kafka.committed(f"{prefix}trainer", topic)
-        first = {}  # the first committed record of each partition (aborted ones come before)
-        for m in kafka.read_all(topic):
-            first.setdefault(m.partition(), m.offset())
-        for partition, end in committed.items():
-            spans = tiles.get((topic, partition), [])
-            if not spans:
-                assert end == 0 or end <= first.get(partition, end), (topic, partition, end)
-                continue
-            assert spans[0][0] <= first.get(partition, spans[0][0]), (topic, partition, spans)
-            position = spans[0][0]
-            for start, stop in spans:
-                assert start == position, (topic, partition, spans)  # no gap, no overlap
-                position = stop
-            assert position == end, (topic, partition, position, end)
-    print(f"records checked: {books.checked}; raw scored {sum(raw.values())}; decided "
-          f"{sum(decided.values())} (+{sum(pending.values())} pending); routed samples "
-          f"{routed_total}; candidates {len(candidates)}; repeats decided as duplicates "
-          f"{repeated_decided} of {len(repeats)}; dead letters "
-          f"{sum(map(len, books.dead.values()))}")
+    # The chain: nothing lost, nothing twice, repeats decided as duplicates.
+    counts = account(books, {i for i, _ in faults.repeated})
+    print("accounting:", json.dumps(counts))
