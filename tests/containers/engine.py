@@ -29,6 +29,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,10 +175,7 @@ def base_image(image: str, pull: bool) -> Built:
 
 def base_images() -> list[Built]:
     """Both bases, built at once: the Dockerfile's (pulled if it can be) and the JRE."""
-    with contextlib.ExitStack() as stack:
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = stack.enter_context(ThreadPoolExecutor(2))
+    with ThreadPoolExecutor(2) as pool:
         jobs = [pool.submit(base_image, BASE, True), pool.submit(base_image, JRE, False)]
         return [j.result() for j in jobs]
 
